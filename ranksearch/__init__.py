@@ -1,0 +1,30 @@
+"""ranksearch: automated per-layer rank search for compressing CNNs with low-rank approximation."""
+
+from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.errors import CompressionError, RanksearchError
+from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
+from ranksearch.techniques.cache import FactorStore, set_default_store
+from ranksearch.techniques.spec import Cost
+
+__all__ = [
+    "CompressedLayer",
+    "CompressionConfig",
+    "CompressionError",
+    "Cost",
+    "CostReport",
+    "FactorStore",
+    "LayerChoice",
+    "RanksearchError",
+    "Technique",
+    "apply_config",
+    "compress_layer",
+    "cost_report",
+    "get_technique",
+    "layer_cost",
+    "list_techniques",
+    "register_technique",
+    "set_default_store",
+]
+
+__version__ = "0.1.0"

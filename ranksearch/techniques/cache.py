@@ -1,0 +1,157 @@
+"""Decompositions computed once per layer: an in-memory LRU backed by an on-disk store.
+
+Keys hold a digest of the layer's weights (and of calibration inputs for data-aware
+factorizations), so a changed weight never hits a stale entry. Disk entries are written to a
+temporary file and renamed, so a kill never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Factors = dict[str, torch.Tensor]
+
+_DIGESTS: weakref.WeakKeyDictionary[torch.Tensor, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A content hash of ``tensor`` (memoized while the tensor is unchanged)."""
+    version = tensor._version
+    hit = _DIGESTS.get(tensor)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    data = tensor.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(data.shape)}{data.dtype}".encode())
+    h.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    _DIGESTS[tensor] = (version, digest)
+    return digest
+
+
+def default_cache_dir() -> Path:
+    """``$RANKSEARCH_CACHE_DIR`` or ``~/.cache/ranksearch``; factors live under ``factors/``."""
+    root = os.environ.get("RANKSEARCH_CACHE_DIR") or Path.home() / ".cache" / "ranksearch"
+    return Path(root) / "factors"
+
+
+class FactorStore:
+    """Memory LRU (bounded in bytes) over a directory of ``torch.save`` files.
+
+    Only factorizations that took longer than ``persist_after_s`` to compute are written to
+    disk; cheaper ones are faster to recompute than to load.
+    """
+
+    def __init__(
+        self, *, directory: Path | None = None, max_bytes: int = 4 << 30, persist_after_s: float = 0.02
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.persist_after_s = persist_after_s
+        self._memory: OrderedDict[str, Factors] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.disk_hits = self.misses = 0
+
+    def get(self, key: str, compute: Callable[[], Factors]) -> Factors:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return self._memory[key]
+        factors = self._load(key)
+        if factors is not None:
+            self.disk_hits += 1
+        else:
+            self.misses += 1
+            start = time.perf_counter()
+            factors = {name: t.detach() for name, t in compute().items()}
+            if time.perf_counter() - start >= self.persist_after_s:
+                self._save(key, factors)
+        self._remember(key, factors)
+        return factors
+
+    def clear(self) -> None:
+        """Forget the in-memory entries (disk entries stay)."""
+        with self._lock:
+            self._memory.clear()
+            self._bytes = 0
+
+    def _remember(self, key: str, factors: Factors) -> None:
+        size = sum(t.numel() * t.element_size() for t in factors.values())
+        with self._lock:
+            if key in self._memory:
+                return
+            self._memory[key] = factors
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._memory) > 1:
+                _, old = self._memory.popitem(last=False)
+                self._bytes -= sum(t.numel() * t.element_size() for t in old.values())
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key}.pt"
+
+    def _load(self, key: str) -> Factors | None:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a corrupt entry is recomputed and overwritten
+            return None
+
+    def _save(self, key: str, factors: Factors) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                torch.save({k: v.cpu() for k, v in factors.items()}, handle)
+            os.replace(tmp, path)
+        except OSError:  # a read-only or full cache directory only costs speed
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+
+_default_store: FactorStore | None = None
+
+
+def default_store() -> FactorStore:
+    """The process-wide store, on disk under :func:`default_cache_dir`."""
+    global _default_store
+    if _default_store is None:
+        _default_store = FactorStore(directory=default_cache_dir())
+    return _default_store
+
+
+def set_default_store(store: FactorStore) -> None:
+    """Replace the process-wide store (e.g. to move the cache or turn the disk off)."""
+    global _default_store
+    _default_store = store
+
+
+@dataclass(frozen=True)
+class FactorCache:
+    """The view of a store that one layer's decomposition sees: keys are prefixed by the layer."""
+
+    store: FactorStore
+    prefix: str
+    device: torch.device
+
+    def __call__(self, tag: str, compute: Callable[[], Factors]) -> Factors:
+        factors = self.store.get(f"{self.prefix}-{tag}", compute)
+        return {k: v.to(self.device) for k, v in factors.items()}
