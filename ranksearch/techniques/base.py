@@ -82,9 +82,9 @@ class Technique(ABC):
     ) -> tuple[int, ...]:
         """Integer ranks from a rank spec.
 
-        Fractions are rounded to the nearest multiple of ``multiple`` where the dimension's full
-        rank allows it (never for channel multipliers) and clamped to ``[1, full]``; integers are
-        taken as given and must lie in ``[1, full]``.
+        Fractions are rounded to the nearest of the multiples of ``multiple`` and the full rank,
+        where the full rank is at least ``multiple`` (never for channel multipliers), and clamped
+        to ``[1, full]``; integers are taken as given and must lie in ``[1, full]``.
         """
         dims = len(self.rank_names)
         values = list(rank) if isinstance(rank, Sequence) and not isinstance(rank, str) else [rank] * dims
@@ -113,7 +113,8 @@ def _resolve_one(name: str, value: object, full: int, multiple: int) -> int:
         raise CompressionError(f"{name} fraction {value} must be in (0, 1]; pass an int for an absolute rank")
     target = value * full
     if multiple > 1 and full >= multiple:
-        return min(full, max(multiple, multiple * round(target / multiple)))
+        nearest = min(full, max(multiple, multiple * round(target / multiple)))
+        return full if abs(full - target) < abs(nearest - target) else nearest
     return min(full, max(1, round(target)))
 
 

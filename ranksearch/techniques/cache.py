@@ -12,17 +12,17 @@ import os
 import tempfile
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 Factors = dict[str, torch.Tensor]
 
-_DIGESTS: weakref.WeakKeyDictionary[torch.Tensor, tuple[int, str]] = weakref.WeakKeyDictionary()
+_DIGESTS = WeakIdKeyDictionary()  # tensor -> (version, digest), by identity
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -107,9 +107,14 @@ def _hosvd(weight: torch.Tensor) -> Factors:
     """Full HOSVD over the output and input modes, and the full core (truncations are slices)."""
     w = weight.to(work_dtype(weight))
     n, c = w.shape[:2]
-    u_out = torch.linalg.svd(w.reshape(n, -1), full_matrices=False)[0]
-    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(c, -1), full_matrices=False)[0]
+    u_out = _mode_basis(w.reshape(n, -1))
+    u_in = _mode_basis(w.transpose(0, 1).reshape(c, -1))
     return {"u_out": u_out, "u_in": u_in, "core": _core(w, u_out, u_in)}
+
+
+def _mode_basis(unfolding: torch.Tensor) -> torch.Tensor:
+    """A complete orthonormal basis of the unfolding's column space, leading directions first."""
+    return top_eigenvectors(unfolding @ unfolding.T).to(unfolding.dtype)
 
 
 def _core(weight: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
@@ -123,9 +128,9 @@ def _hooi(weight: torch.Tensor, r_out: int, r_in: int, iterations: int, start: F
     u_out, u_in = start["u_out"][:, :r_out], start["u_in"][:, :r_in]
     for _ in range(iterations):
         proj_in = torch.einsum("ncij,cs->nsij", w, u_in).reshape(n, -1)
-        u_out = torch.linalg.svd(proj_in, full_matrices=False)[0][:, :r_out]
+        u_out = _mode_basis(proj_in)[:, :r_out]
         proj_out = torch.einsum("ncij,nr->crij", w, u_out).reshape(c, -1)
-        u_in = torch.linalg.svd(proj_out, full_matrices=False)[0][:, :r_in]
+        u_in = _mode_basis(proj_out)[:, :r_in]
     return {"u_out": u_out, "u_in": u_in, "core": _core(w, u_out, u_in)}
 
 
