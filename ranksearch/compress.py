@@ -69,7 +69,12 @@ def describe(layer: nn.Module) -> str:
 
 
 def _prepare(
-    layer: nn.Module, technique: str, rank: RankSpec | None, options: Mapping[str, object], rank_multiple: int, where: str
+    layer: nn.Module,
+    technique: str,
+    rank: RankSpec | None,
+    options: Mapping[str, object],
+    rank_multiple: int,
+    where: str,
 ) -> tuple[Technique, dict[str, object], Plan]:
     t = get_technique(technique)
     try:
@@ -86,7 +91,13 @@ def _prepare(
 
 
 def layer_cost(
-    layer: nn.Module, technique: str, rank: RankSpec | None, input_shape: tuple[int, ...], *, rank_multiple: int = 8, **options: object
+    layer: nn.Module,
+    technique: str,
+    rank: RankSpec | None,
+    input_shape: tuple[int, ...],
+    *,
+    rank_multiple: int = 8,
+    **options: object,
 ) -> Cost:
     """``(params, macs)`` of the replacement, from shapes alone (nothing is built or decomposed).
 
@@ -97,7 +108,13 @@ def layer_cost(
 
 
 def cost_report(
-    layer: nn.Module, technique: str, rank: RankSpec | None, input_shape: tuple[int, ...], *, rank_multiple: int = 8, **options: object
+    layer: nn.Module,
+    technique: str,
+    rank: RankSpec | None,
+    input_shape: tuple[int, ...],
+    *,
+    rank_multiple: int = 8,
+    **options: object,
 ) -> CostReport:
     """The replacement's cost beside the dense layer's; ``.larger`` flags ranks not worth building."""
     _, _, plan = _prepare(layer, technique, rank, options, rank_multiple, describe(layer))
@@ -117,7 +134,9 @@ def _check_input_shape(layer: nn.Module, shape: tuple[int, ...], technique: str)
 
 
 def _bad_shape(layer: nn.Module, shape: tuple[int, ...], technique: str, want: str) -> tuple[int, ...]:
-    raise CompressionError(f"layer {describe(layer)}: technique {technique!r}: input_shape {shape} does not fit; pass {want}")
+    raise CompressionError(
+        f"layer {describe(layer)}: technique {technique!r}: input_shape {shape} does not fit; pass {want}"
+    )
 
 
 def compress_layer(
@@ -159,7 +178,9 @@ def compress_layer(
         like = layer.weight
         modules = [spec.build().to(device=like.device, dtype=like.dtype) for spec in plan.specs]
     else:
-        modules = _decomposed_modules(layer, t, plan, opts, store or default_store(), calib_inputs if data_aware else None)
+        modules = _decomposed_modules(
+            layer, t, plan, opts, store or default_store(), calib_inputs if data_aware else None
+        )
     if t.name == "keep":
         module: nn.Module = modules[0]
     else:
@@ -226,7 +247,13 @@ def apply_config(
 
 
 def _compress_choice(
-    layer: nn.Module, name: str, choice: LayerChoice, config: CompressionConfig, calib: torch.Tensor | None, init: Init, store: FactorStore | None
+    layer: nn.Module,
+    name: str,
+    choice: LayerChoice,
+    config: CompressionConfig,
+    calib: torch.Tensor | None,
+    init: Init,
+    store: FactorStore | None,
 ) -> nn.Module:
     return compress_layer(
         layer,

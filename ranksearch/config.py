@@ -45,9 +45,8 @@ class LayerChoice:
             raise RanksearchError(f"layer {name!r}: expected a mapping with a 'technique' key, got {raw!r}")
         unknown = sorted(set(raw) - {"technique", "rank", "int8", "data_aware", "options"})
         if unknown:
-            raise RanksearchError(
-                f"layer {name!r}: unknown key(s) {', '.join(unknown)} (allowed: technique, rank, int8, data_aware, options)"
-            )
+            allowed = "technique, rank, int8, data_aware, options"
+            raise RanksearchError(f"layer {name!r}: unknown key(s) {', '.join(unknown)} (allowed: {allowed})")
         rank = raw.get("rank")
         return cls(
             technique=str(raw["technique"]),
@@ -104,7 +103,9 @@ class CompressionConfig:
                 raw = json.loads(text)
         except Exception as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RanksearchError(f"config {path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}") from None
+            raise RanksearchError(
+                f"config {path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}"
+            ) from None
         return cls.from_dict(raw)
 
     def save(self, path: str | Path) -> Path:

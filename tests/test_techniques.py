@@ -23,7 +23,9 @@ CONV_CASES = {
     "no_bias": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1, bias=False),
     "groups2": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1, groups=2),
     "reflect": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1, padding_mode="reflect"),
-    "circular_stride": dict(in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=1, padding_mode="circular"),
+    "circular_stride": dict(
+        in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=1, padding_mode="circular"
+    ),
     "replicate": dict(in_channels=8, out_channels=12, kernel_size=(3, 5), padding=(1, 2), padding_mode="replicate"),
     "pointwise": dict(in_channels=16, out_channels=24, kernel_size=1),
     "depthwise": dict(in_channels=16, out_channels=16, kernel_size=3, padding=1, groups=16),
@@ -238,7 +240,9 @@ def test_hooi_refines_tucker2() -> None:
     errors = []
     for iterations in (0, 5):
         module = rs.compress_layer(layer, "tucker2", (6, 6), hooi_iterations=iterations)
-        effective = module[2].weight[:, :, 0, 0] @ torch.einsum("rsij,sc->rcij", module[1].weight, module[0].weight[:, :, 0, 0]).flatten(1)
+        effective = module[2].weight[:, :, 0, 0] @ torch.einsum(
+            "rsij,sc->rcij", module[1].weight, module[0].weight[:, :, 0, 0]
+        ).flatten(1)
         errors.append((effective - layer.weight.flatten(1)).norm().item())
     assert errors[1] <= errors[0] + 1e-9
 
@@ -258,14 +262,18 @@ def test_data_aware_preserves_outputs_better(technique: str) -> None:
     torch.manual_seed(3)
     layer = nn.Conv2d(16, 24, 3, padding=1).double()
     mixing = torch.randn(16, 16, dtype=torch.float64) * torch.logspace(0, -2, 16, dtype=torch.float64)
+
     def inputs(n: int) -> torch.Tensor:
         return torch.einsum("dc,bchw->bdhw", mixing, torch.randn(n, 16, 10, 10, dtype=torch.float64))
+
     calib, held_out = inputs(32), inputs(16)
     rank = (4, 6) if technique == "tucker2" else 6
     plain = rs.compress_layer(layer, technique, rank, rank_multiple=1)
     aware = rs.compress_layer(layer, technique, rank, rank_multiple=1, data_aware=True, calib_inputs=calib)
+
     def error(m: nn.Module) -> float:
         return ((m(held_out) - layer(held_out)).norm() / layer(held_out).norm()).item()
+
     assert error(aware) < error(plain)
     full = full_rank(technique, layer)
     exact = rs.compress_layer(layer, technique, full, data_aware=True, calib_inputs=calib)

@@ -128,7 +128,9 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach()
 
 
-def pointwise(in_ch: int, out_ch: int, layer: nn.Module, *, bias: bool = False, groups: int = 1) -> ConvSpec | LinearSpec:
+def pointwise(
+    in_ch: int, out_ch: int, layer: nn.Module, *, bias: bool = False, groups: int = 1
+) -> ConvSpec | LinearSpec:
     """A 1x1 conv (or a Linear, when replacing a Linear) between factors."""
     if isinstance(layer, nn.Linear):
         return LinearSpec(in_ch, out_ch, bias)

@@ -66,7 +66,7 @@ def output_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_channel_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Uncentred second moment of the input channels, ``(C, C)``."""
     channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-    z = (x.reshape(-1, channels) if isinstance(layer, nn.Linear) else x.transpose(0, 1).reshape(channels, -1).T)
+    z = x.reshape(-1, channels) if isinstance(layer, nn.Linear) else x.transpose(0, 1).reshape(channels, -1).T
     z = z.to(layer.weight.dtype)
     return z.T @ z
 

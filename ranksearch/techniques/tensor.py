@@ -19,7 +19,7 @@ from ranksearch.techniques.base import (
     same_geometry,
     split_geometry,
 )
-from ranksearch.techniques.cache import Factors, FactorCache
+from ranksearch.techniques.cache import FactorCache, Factors
 from ranksearch.techniques.linalg import (
     column_patch_gram,
     input_channel_gram,
@@ -51,7 +51,9 @@ def to_spatial_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return per_group.permute(0, 2, 3, 1, 4).reshape(groups, cg * kh, n // groups * kw)
 
 
-def from_spatial_factors(left: torch.Tensor, right: torch.Tensor, kh: int, kw: int) -> tuple[torch.Tensor, torch.Tensor]:
+def from_spatial_factors(
+    left: torch.Tensor, right: torch.Tensor, kh: int, kw: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``left (g, C/g*kh, r)`` and ``right (g, r, N/g*kw)`` -> the ``kh x 1`` and ``1 x kw`` kernels."""
     g, rows, r = left.shape
     vertical = left.transpose(1, 2).reshape(g * r, rows // kh, kh, 1)
@@ -135,7 +137,12 @@ def _hooi(weight: torch.Tensor, r_out: int, r_in: int, iterations: int, start: F
 
 
 def tucker_factors(
-    layer: nn.Module, r_in: int, r_out: int, options: Mapping[str, object], cache: FactorCache, calib: torch.Tensor | None
+    layer: nn.Module,
+    r_in: int,
+    r_out: int,
+    options: Mapping[str, object],
+    cache: FactorCache,
+    calib: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(u_in (C, r_in), core (r_out, r_in, kh, kw), u_out (N, r_out))`` of a Tucker-2 decomposition."""
     weight = conv_weight(layer)
@@ -191,10 +198,8 @@ class Tucker2(Technique):
     def plan(self, layer, ranks, options):
         r_in, r_out = ranks
         c, n = _channels(layer)
-        if isinstance(layer, nn.Linear):
-            middle = pointwise(r_in, r_out, layer)
-        else:
-            middle = same_geometry(layer, r_in, r_out)
+        linear = isinstance(layer, nn.Linear)
+        middle = pointwise(r_in, r_out, layer) if linear else same_geometry(layer, r_in, r_out)
         return Plan([pointwise(c, r_in, layer), middle, pointwise(r_out, n, layer, bias=layer.bias is not None)], ranks)
 
     def decompose(self, layer, plan, options, cache, calib=None):
@@ -225,14 +230,19 @@ class SpatialTucker2(Technique):
         r_in, r_out, r_s = ranks
         vertical, horizontal = split_geometry(layer, r_in, r_s, r_out)
         c, n = layer.in_channels, layer.out_channels
-        return Plan([pointwise(c, r_in, layer), vertical, horizontal, pointwise(r_out, n, layer, bias=layer.bias is not None)], ranks)
+        return Plan(
+            [pointwise(c, r_in, layer), vertical, horizontal, pointwise(r_out, n, layer, bias=layer.bias is not None)],
+            ranks,
+        )
 
     def decompose(self, layer, plan, options, cache, calib=None):
         r_in, r_out, r_s = plan.ranks
         kh, kw = layer.kernel_size
         u_in, core, u_out = tucker_factors(layer, r_in, r_out, options, cache, None)
         matrix = to_spatial_matrix(core, 1)
-        left, right = split_svd(cache(f"core-svd-{r_in}-{r_out}-{options['hooi_iterations']}", lambda: svd(matrix)), r_s)
+        left, right = split_svd(
+            cache(f"core-svd-{r_in}-{r_out}-{options['hooi_iterations']}", lambda: svd(matrix)), r_s
+        )
         vertical, horizontal = from_spatial_factors(left, right, kh, kw)
         return [
             (u_in.T[:, :, None, None], None),
@@ -267,7 +277,9 @@ class CP(Technique):
         vertical, horizontal = split_geometry(layer, r, r, r)
         vertical, horizontal = replace(vertical, groups=r), replace(horizontal, groups=r)
         c, n = layer.in_channels, layer.out_channels
-        return Plan([pointwise(c, r, layer), vertical, horizontal, pointwise(r, n, layer, bias=layer.bias is not None)], ranks)
+        return Plan(
+            [pointwise(c, r, layer), vertical, horizontal, pointwise(r, n, layer, bias=layer.bias is not None)], ranks
+        )
 
     def decompose(self, layer, plan, options, cache, calib=None):
         (r,) = plan.ranks
@@ -291,8 +303,13 @@ def _parafac(weight: torch.Tensor, rank: int, options: Mapping[str, object]) -> 
         warnings.simplefilter("ignore")
         try:
             cp = td.parafac(
-                array, rank, init="svd", n_iter_max=int(options["n_iter_max"]),
-                tol=float(options["tol"]), random_state=int(options["seed"]), normalize_factors=True,
+                array,
+                rank,
+                init="svd",
+                n_iter_max=int(options["n_iter_max"]),
+                tol=float(options["tol"]),
+                random_state=int(options["seed"]),
+                normalize_factors=True,
             )
         except Exception as exc:  # tensorly raises plain errors for degenerate inputs
             raise CompressionError(f"CP-ALS failed at rank {rank}: {exc}") from exc
