@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,9 @@ def _layer(channels: int, factorized: bool) -> nn.Module:
         return nn.Conv2d(channels, channels, 3, padding=1)
     rank = channels // 4
     return nn.Sequential(
-        nn.Conv2d(channels, rank, 1, bias=False), nn.Conv2d(rank, rank, 3, padding=1, bias=False), nn.Conv2d(rank, channels, 1)
+        nn.Conv2d(channels, rank, 1, bias=False),
+        nn.Conv2d(rank, rank, 3, padding=1, bias=False),
+        nn.Conv2d(rank, channels, 1),
     )
 
 
@@ -63,7 +67,9 @@ def _ort_runners(
     fp32_path, int8_path = tmp / "fp32.onnx", tmp / "int8.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (x,), fp32_path, input_names=["x"], output_names=["y"], external_data=False, verbose=False)
+        torch.onnx.export(
+            layer, (x,), fp32_path, input_names=["x"], output_names=["y"], external_data=False, verbose=False
+        )
     quantize_static(
         str(fp32_path),
         str(int8_path),
@@ -116,9 +122,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's "consider pre-processing" advice
     torch.manual_seed(0)
-    print(f"torch {torch.__version__} (quantized engine x86, CPU {torch.backends.cpu.get_cpu_capability()}), "
-          f"onnxruntime {ort.__version__}, threads={args.threads}, batch 1, "
-          f"median of {args.repeats} x {args.inner} calls, times in ms")
+    print(
+        f"torch {torch.__version__} (quantized engine x86, CPU {torch.backends.cpu.get_cpu_capability()}), "
+        f"onnxruntime {ort.__version__}, threads={args.threads}, batch 1, "
+        f"median of {args.repeats} x {args.inner} calls, times in ms, load average {os.getloadavg()[0]:.2f}"
+    )
     header = (
         f"{'layer':<34}{'fp32':>8}{'int8':>8}{'speedup':>9}{'err':>7}"
         f"{'ort fp32':>10}{'ort int8':>10}{'speedup':>9}{'err':>7}{'ort8/int8':>11}"
@@ -135,7 +143,12 @@ def main() -> None:
                 ort_fp32, ort_int8 = _ort_runners(layer, x, calib, args.threads, Path(tmp))
             with torch.inference_mode():
                 ref = layer(x)
-                runs = {"fp32": lambda: layer(x), "int8": lambda: qlayer(x), "ort_fp32": ort_fp32, "ort_int8": ort_int8}
+                runs = {
+                    "fp32": partial(layer, x),
+                    "int8": partial(qlayer, x),
+                    "ort_fp32": ort_fp32,
+                    "ort_int8": ort_int8,
+                }
                 ms = _median_ms(runs, args.warmup, args.repeats, args.inner)
                 err, ort_err = _rel_error(qlayer(x), ref), _rel_error(ort_int8(), ref)
             shape = f"{channels}x{channels}x3x3 @{size}x{size}"
@@ -145,6 +158,7 @@ def main() -> None:
                 f"{ms['ort_fp32']:>10.3f}{ms['ort_int8']:>10.3f}{ms['ort_fp32'] / ms['ort_int8']:>8.2f}x{ort_err:>7.3f}"
                 f"{ms['ort_int8'] / ms['int8']:>10.2f}x"
             )
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes on the CPU skew the timings)")
 
 
 if __name__ == "__main__":

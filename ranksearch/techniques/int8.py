@@ -56,8 +56,8 @@ def int8_available() -> bool:
     return _ENGINE in torch.backends.quantized.supported_engines
 
 
-def quantize_int8(module: nn.Module, calib_inputs: torch.Tensor) -> nn.Module:
-    """An :class:`Int8Module` computing ``module`` with int8 kernels.
+def quantize_int8(module: nn.Module, calib_inputs: torch.Tensor) -> Int8Module:
+    """An :class:`Int8Module` computing ``module`` with int8 kernels on CPU.
 
     ``module`` is a Conv2d, a Linear, or an nn.Sequential of those; ``calib_inputs`` is a batch of
     real inputs to it, used to set the activation scales.
@@ -80,7 +80,7 @@ def quantize_int8(module: nn.Module, calib_inputs: torch.Tensor) -> nn.Module:
             chain.qconfig = tq.get_default_qconfig(_ENGINE)
             tq.prepare(chain, inplace=True)
             with torch.no_grad():
-                chain(calib_inputs.detach().float())
+                chain(calib_inputs.detach().float().cpu())
             tq.convert(chain, inplace=True)
         finally:
             torch.backends.quantized.engine = previous_engine
@@ -96,8 +96,9 @@ def _float_copy(layer: nn.Module) -> list[nn.Module]:
     if not isinstance(layer, nn.Conv2d):
         raise CompressionError(f"int8 supports only Conv2d and Linear layers, not {type(layer).__name__}")
     if layer.padding_mode not in _QCONV_PADDING_MODES:
+        supported = " and ".join(repr(m) for m in _QCONV_PADDING_MODES)
         raise CompressionError(
-            f"int8 does not support padding_mode={layer.padding_mode!r} (quantized Conv2d supports 'zeros' and 'reflect')"
+            f"int8 does not support padding_mode={layer.padding_mode!r} (quantized Conv2d supports {supported})"
         )
     pad: nn.Module | None = None
     padding, padding_mode = layer.padding, layer.padding_mode

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from ranksearch.errors import CompressionError
@@ -160,7 +159,3 @@ class DepthwiseSeparable(Technique):
         second = left.transpose(0, 1).reshape(n, c * r, 1, 1)
         return [(first, None), (second, bias_of(layer))]
 
-
-def cast_weights(weights: Weights, dtype: torch.dtype) -> Weights:
-    """Weights in the dtype of the layer they replace."""
-    return [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in weights]

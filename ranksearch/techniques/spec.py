@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
+
+M = TypeVar("M", bound=nn.Module)
 
 Pair = tuple[int, int]
 
@@ -55,7 +59,9 @@ class ConvSpec:
 
     def build(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Conv2d:
         """The conv, holding ``weight``/``bias`` (default initialisation when ``weight`` is None)."""
-        conv = nn.Conv2d(
+        conv = _construct(
+            nn.Conv2d,
+            weight,
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -65,7 +71,6 @@ class ConvSpec:
             groups=self.groups,
             bias=self.bias,
             padding_mode=self.padding_mode,
-            **_placement(weight),
         )
         _assign(conv, weight, bias)
         return conv
@@ -91,7 +96,7 @@ class LinearSpec:
 
     def build(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Linear:
         """The Linear, holding ``weight``/``bias`` (default initialisation when ``weight`` is None)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias, **_placement(weight))
+        linear = _construct(nn.Linear, weight, self.in_features, self.out_features, bias=self.bias)
         _assign(linear, weight, bias)
         return linear
 
@@ -148,8 +153,11 @@ def spec_of(layer: nn.Module) -> LayerSpec:
     raise TypeError(f"no spec for {type(layer).__name__}")
 
 
-def _placement(weight: torch.Tensor | None) -> dict[str, object]:
-    return {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+def _construct(cls: type[M], weight: torch.Tensor | None, *args: object, **kwargs: object) -> M:
+    """A fresh module; its default initialisation is skipped when ``weight`` will overwrite it."""
+    if weight is None:
+        return cls(*args, **kwargs)
+    return skip_init(cls, *args, device=weight.device, dtype=weight.dtype, **kwargs)
 
 
 def _assign(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:

@@ -1,0 +1,38 @@
+# One command runs the main job (`make run`), one runs the tests (`make test`); each sets up what it needs.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+SYSTEM_PACKAGES = dataset-fashion-mnist
+ARGS   ?= --model resnet18 --budget 50
+
+.PHONY: setup system test run lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev,plot,onnx]"
+	touch $@
+
+# Debian packages: the offline Fashion-MNIST files (and, for later features, servers and a browser).
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+
+test: setup system
+	$(PY) -m pytest -q
+
+run: setup system
+	$(VENV)/bin/ranksearch run $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check ranksearch tests benchmarks
+	$(VENV)/bin/ruff format --check ranksearch tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/compress_speed.py
