@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -282,11 +282,15 @@ def _capture_inputs(model: nn.Module, names: list[str], calib_inputs: torch.Tens
         raise CompressionError(f"layer {names[0]!r}: int8/data_aware needs calib_inputs (a batch of model inputs)")
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        modules[n].register_forward_pre_hook(lambda _m, args, n=n: captured.setdefault(n, args[0].detach()))
-        for n in names
-    ]
-    was_training = model.training
+
+    def keep_first_input(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured.setdefault(name, args[0].detach())
+
+        return hook
+
+    hooks = [modules[n].register_forward_pre_hook(keep_first_input(n)) for n in names]
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
@@ -294,7 +298,8 @@ def _capture_inputs(model: nn.Module, names: list[str], calib_inputs: torch.Tens
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return captured
 
 
@@ -302,3 +307,72 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Whole-model cost: parameters, MACs for one pass, and weight storage in bytes."""
+
+    params: int
+    macs: int
+    size_bytes: int
+
+
+def dense_model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
+    """The uncompressed model's cost, counted on the module (MACs via torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelCost(params, counter.get_total_flops() // 2, size)
+
+
+def model_cost(
+    model: nn.Module, config: CompressionConfig, input_shapes: Mapping[str, tuple[int, ...]], *, dense: ModelCost
+) -> ModelCost:
+    """The cost of ``model`` compressed by ``config``, from the cost model (nothing is built).
+
+    ``dense`` is :func:`dense_model_cost` of ``model``; ``input_shapes`` holds each configured
+    layer's input shape. An int8 layer stores one byte per parameter.
+    """
+    modules = dict(model.named_modules())
+    params, macs, size = dense.params, dense.macs, dense.size_bytes
+    for name, choice in config.layers.items():
+        layer = modules[name]
+        report = cost_report(
+            layer,
+            choice.technique,
+            choice.rank,
+            input_shapes[name],
+            rank_multiple=config.rank_multiple,
+            **choice.options,
+        )
+        element = layer.weight.element_size()
+        params += report.cost.params - report.dense.params
+        macs += report.cost.macs - report.dense.macs
+        size += report.cost.params * (1 if choice.int8 else element) - report.dense.params * element
+    return ModelCost(params, macs, size)
+
+
+def quantize_layers(model: nn.Module, names: list[str], calib_inputs: torch.Tensor) -> nn.Module:
+    """Replace the named (possibly already factorized) layers of ``model`` in place by int8 versions.
+
+    Activation scales come from each layer's inputs on ``calib_inputs`` (model inputs), captured
+    in one pass; this is post-training quantization, to be done after fine-tuning.
+    """
+    from ranksearch.techniques.int8 import quantize_int8
+
+    captured = _capture_inputs(model, names, calib_inputs)
+    for name in names:
+        try:
+            _replace(model, name, quantize_int8(model.get_submodule(name), captured[name]))
+        except CompressionError as exc:
+            raise CompressionError(f"layer {name}: int8: {exc}") from None
+    return model

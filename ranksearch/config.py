@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,12 @@ class CompressionConfig:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write_text(path, text)
         return path
+
+    def split_int8(self) -> tuple[CompressionConfig, list[str]]:
+        """This config without int8, and the layers to quantize after fine-tuning."""
+        float_layers = {name: replace(choice, int8=False) for name, choice in self.layers.items()}
+        int8_layers = [name for name, choice in self.layers.items() if choice.int8]
+        return replace(self, layers=float_layers), int8_layers
 
     @classmethod
     def coerce(cls, config: CompressionConfig | Mapping[str, Any] | str | Path) -> CompressionConfig:

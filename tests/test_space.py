@@ -47,6 +47,15 @@ def isolated_store(tmp_path):
     rs.set_default_store(FactorStore(directory=tmp_path / "factors"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def family_slots():
     """Per family: its shipped space, a shape-only (meta) torchvision model, and the model's slots."""

@@ -354,7 +354,7 @@ class _Reader:
 
     def mapping(self, value: object, key: str, allowed: tuple[str, ...], example: str) -> Mapping[str, object]:
         if not isinstance(value, Mapping):
-            raise self.fail(key, f"expected a mapping, got {value!r}", f"write it like {example}")
+            raise self.fail(key or "top level", f"expected a mapping, got {value!r}", f"write it like {example}")
         for name in value:
             if name not in allowed:
                 close = difflib.get_close_matches(str(name), allowed, n=1)
@@ -421,7 +421,7 @@ class _Reader:
             for i, name in enumerate(out[kind]):
                 reason = get_technique(name).unsupported_reason(probe)
                 if reason:
-                    raise self.fail(f"{key}[{i}]", f"{name} cannot replace a {kind} layer ({reason})", "remove it")
+                    raise self.fail(f"{key}[{i}]", f"{name} cannot replace a {kind} layer: {reason}", "remove it")
         return out
 
     def ranks(self, value: object, kinds: list[str]) -> dict[str, tuple[Rank, ...]]:

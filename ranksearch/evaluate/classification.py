@@ -1,0 +1,111 @@
+"""The default evaluator: compress, recalibrate BatchNorm, distil briefly, then measure accuracy and latency."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ranksearch.compress import apply_config, quantize_layers
+from ranksearch.config import CompressionConfig
+from ranksearch.data import DataSplits, make_loader
+from ranksearch.evaluate.base import BaseEvaluator, Split
+from ranksearch.evaluate.latency import measure_latency
+from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
+
+
+class ClassificationEvaluator(BaseEvaluator):
+    """Top-1 accuracy after a short knowledge-distillation fine-tune, and measured latency.
+
+    For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware
+    layers calibrated on ``calib_batches`` training batches) -> recalibrate BatchNorm statistics
+    -> fine-tune ``finetune_steps`` steps, distilling from the uncompressed model -> quantize the
+    int8 layers (post-training, scales from the calibration batches) -> accuracy on
+    the validation split (at most ``eval_batches`` batches) -> median latency of batch
+    ``latency_batch`` on ``device``. Data order and initial state are seeded, so the same
+    configuration gives the same model on ``split="test"`` as it did on ``"val"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        splits: DataSplits,
+        device: torch.device,
+        finetune_steps: int = 100,
+        finetune_lr: float = 0.01,
+        batch_size: int = 128,
+        calib_batches: int = 4,
+        eval_batches: int | None = None,
+        latency_batch: int = 1,
+        latency_threads: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.splits = splits
+        self.device = device
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = finetune_lr
+        self.batch_size = batch_size
+        self.calib_batches = calib_batches
+        self.eval_batches = eval_batches
+        self.latency_threads = latency_threads
+        self.seed = seed
+        self._calib = self._calibration_inputs()
+        self.example = self._calib[:latency_batch].clone()
+
+    def _calibration_inputs(self) -> torch.Tensor:
+        loader = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
+        batches = []
+        for images, _ in loader:
+            batches.append(images)
+            if len(batches) == self.calib_batches:
+                break
+        return torch.cat(batches).to(self.device)
+
+    def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Mapping[str, float]:
+        phases: dict[str, float] = {}
+        torch.manual_seed(self.seed)
+        float_config, int8_layers = config.split_int8()
+        with _phase(phases, "apply"):
+            model = apply_config(self.model, float_config, calib_inputs=self._calib).to(self.device)
+        if any(choice.technique != "keep" for choice in config.layers.values()):
+            train = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
+            with _phase(phases, "recalibrate"):
+                recalibrate_batchnorm(model, train, device=self.device, batches=self.calib_batches)
+            if self.finetune_steps > 0 and _trainable(model):
+                with _phase(phases, "finetune"):
+                    finetune(model, self.model, train, device=self.device, steps=self.finetune_steps, lr=self.finetune_lr)
+        if int8_layers:
+            with _phase(phases, "quantize"):
+                quantize_layers(model.eval(), int8_layers, self._calib)
+        dataset = self.splits.val if split == "val" else self.splits.test
+        with _phase(phases, "accuracy"):
+            loader = make_loader(dataset, batch_size=256, shuffle=False)
+            accuracy = evaluate_accuracy(model, loader, device=self.device, max_batches=self.eval_batches)
+        with _phase(phases, "latency"):
+            latency = measure_latency(model, self.example, device=self.device, threads=self.latency_threads)
+        return {
+            "accuracy": accuracy,
+            "latency_ms": latency.median_ms,
+            "latency_p10_ms": latency.p10_ms,
+            "latency_p90_ms": latency.p90_ms,
+            "latency_spread": latency.spread,
+            **{f"time_{name}_s": seconds for name, seconds in phases.items()},
+        }
+
+
+def _trainable(model: nn.Module) -> bool:
+    return any(p.requires_grad for p in model.parameters())
+
+
+@contextmanager
+def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,140 @@
+"""Wall-clock latency of a model on the target device: fixed threads, warm-up, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ranksearch.errors import RanksearchError
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency measurement: the median and the spread of repeated timed runs."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    attempts: int
+    device: str
+    threads: int
+
+    @property
+    def spread(self) -> float:
+        """``(p90 - p10) / median``: how noisy the measurement was."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {**asdict(self), "spread": self.spread}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for where there is none is a user error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RanksearchError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type not in {"cpu", "cuda"}:
+        raise RanksearchError(f"--device {name!r} is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RanksearchError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` intra-op threads (unchanged when None), restoring the setting after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    warmup: int = 5,
+    min_runs: int = 10,
+    max_runs: int = 200,
+    target_seconds: float = 0.5,
+    max_spread: float = 0.15,
+    max_attempts: int = 3,
+) -> Latency:
+    """Median forward latency of ``model`` on ``example`` (batch included) in eval mode.
+
+    Each attempt warms up, then times as many runs as fit in ``target_seconds`` (between
+    ``min_runs`` and ``max_runs``). An attempt whose spread exceeds ``max_spread`` is repeated,
+    up to ``max_attempts``; the least noisy attempt is reported. CUDA runs are timed with events
+    after a synchronisation.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    example = example.to(device)
+    try:
+        with torch_threads(threads) as used, torch.inference_mode():
+            best: list[float] | None = None
+            attempts = 0
+            while attempts < max_attempts:
+                attempts += 1
+                timings = _timed_runs(model, example, device, warmup, min_runs, max_runs, target_seconds)
+                if best is None or _spread(timings) < _spread(best):
+                    best = timings
+                if _spread(best) <= max_spread:
+                    break
+    finally:
+        model.train(was_training)
+    deciles = statistics.quantiles(best, n=10)
+    return Latency(
+        median_ms=statistics.median(best),
+        p10_ms=deciles[0],
+        p90_ms=deciles[-1],
+        runs=len(best),
+        attempts=attempts,
+        device=str(device),
+        threads=used,
+    )
+
+
+def _spread(timings: list[float]) -> float:
+    deciles = statistics.quantiles(timings, n=10)
+    median = statistics.median(timings)
+    return (deciles[-1] - deciles[0]) / median if median > 0 else 0.0
+
+
+def _timed_runs(
+    model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, min_runs: int, max_runs: int, target: float
+) -> list[float]:
+    for _ in range(warmup):
+        model(example)
+    timings = [_time_once(model, example, device) for _ in range(min_runs)]
+    runs = min(max_runs, max(min_runs, int(target * 1000 / max(statistics.median(timings), 1e-3))))
+    timings += [_time_once(model, example, device) for _ in range(runs - min_runs)]
+    return timings
+
+
+def _time_once(model: nn.Module, example: torch.Tensor, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        model(example)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter_ns()
+    model(example)
+    return (time.perf_counter_ns() - begin) / 1e6
