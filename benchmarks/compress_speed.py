@@ -31,12 +31,17 @@ def convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
+def applies(technique: str, layer: nn.Conv2d) -> bool:
+    try:
+        rs.cost_report(layer, technique, rank_for(technique, 0.5), (layer.in_channels, 8, 8))
+    except rs.CompressionError:
+        return False
+    return True
+
+
 def choices(layers: dict[str, nn.Conv2d]) -> dict[str, list[str]]:
-    """The techniques that support each layer."""
-    return {
-        name: [t for t in rs.list_techniques() if rs.get_technique(t).unsupported_reason(layer) is None]
-        for name, layer in layers.items()
-    }
+    """The techniques that apply to each layer (e.g. grouped_svd needs channels its groups divide)."""
+    return {name: [t for t in rs.list_techniques() if applies(t, layer)] for name, layer in layers.items()}
 
 
 def rank_for(technique: str, fraction: float) -> float | None:

@@ -3,11 +3,18 @@
 from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError
+from ranksearch.evaluate import BaseEvaluator, Latency, measure_latency
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
 from ranksearch.techniques.cache import FactorStore, set_default_store
 from ranksearch.techniques.spec import Cost
 
 __all__ = [
+    "BaseEvaluator",
+    "Latency",
+    "RunSettings",
+    "SearchResult",
+    "measure_latency",
+    "run_search",
     "CompressedLayer",
     "CompressionConfig",
     "CompressionError",
@@ -28,3 +35,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_STUDY = {"RunSettings", "SearchResult", "run_search"}
+
+
+def __getattr__(name: str) -> object:
+    """The search API is imported on first use, so compressing layers does not load optuna and data code."""
+    if name in _STUDY:
+        from ranksearch import study
+
+        return getattr(study, name)
+    raise AttributeError(f"module 'ranksearch' has no attribute {name!r}")

@@ -59,7 +59,9 @@ def test_does_not_mutate_input_unless_asked() -> None:
 
 def test_full_rank_config_keeps_the_outputs() -> None:
     model = fresh_model().double()
-    config = {"layers": {"layer2.0.conv1": {"technique": "svd", "rank": 1.0}, "fc": {"technique": "tucker2", "rank": 1.0}}}
+    config = {
+        "layers": {"layer2.0.conv1": {"technique": "svd", "rank": 1.0}, "fc": {"technique": "tucker2", "rank": 1.0}}
+    }
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(rs.apply_config(model, config)(x), model(x))
 

@@ -143,6 +143,32 @@ def test_cp_error_falls_with_rank() -> None:
     assert errors[-2] < 0.1
 
 
+def test_cp_als_matches_tensorly_parafac() -> None:
+    tensorly = pytest.importorskip("tensorly.decomposition")
+    weight = low_rank_plus_noise(16, 12, rank=6, noise=0.1)
+    reference = tensorly.parafac(weight.numpy(), 6, init="svd", n_iter_max=100, tol=1e-6, random_state=0)
+    reference_error = (torch.from_numpy(tensorly_to_tensor(reference)) - weight).norm() / weight.norm()
+    layer = nn.Conv2d(12, 16, 3, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    module = rs.compress_layer(layer, "cp", 6)
+    ours = torch.einsum(
+        "nr,rc,ri,rj->ncij",
+        module[3].weight[:, :, 0, 0],
+        module[0].weight[:, :, 0, 0],
+        module[1].weight[:, 0, :, 0],
+        module[2].weight[:, 0, 0, :],
+    )
+    error = (ours - weight).norm() / weight.norm()
+    assert error <= reference_error * 1.05 + 1e-6, (error, reference_error)
+
+
+def tensorly_to_tensor(cp: object):
+    import tensorly
+
+    return tensorly.cp_to_tensor(cp)
+
+
 @pytest.mark.parametrize(
     ("technique", "rank", "reason"),
     [

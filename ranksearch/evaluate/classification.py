@@ -78,7 +78,9 @@ class ClassificationEvaluator(BaseEvaluator):
                 recalibrate_batchnorm(model, train, device=self.device, batches=self.calib_batches)
             if self.finetune_steps > 0 and _trainable(model):
                 with _phase(phases, "finetune"):
-                    finetune(model, self.model, train, device=self.device, steps=self.finetune_steps, lr=self.finetune_lr)
+                    finetune(
+                        model, self.model, train, device=self.device, steps=self.finetune_steps, lr=self.finetune_lr
+                    )
         if int8_layers:
             with _phase(phases, "quantize"):
                 quantize_layers(model.eval(), int8_layers, self._calib)

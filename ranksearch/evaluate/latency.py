@@ -116,7 +116,13 @@ def _spread(timings: list[float]) -> float:
 
 
 def _timed_runs(
-    model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, min_runs: int, max_runs: int, target: float
+    model: nn.Module,
+    example: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    min_runs: int,
+    max_runs: int,
+    target: float,
 ) -> list[float]:
     for _ in range(warmup):
         model(example)

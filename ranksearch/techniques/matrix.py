@@ -158,4 +158,3 @@ class DepthwiseSeparable(Technique):
         first = right.reshape(c * r, 1, kh, kw)
         second = left.transpose(0, 1).reshape(n, c * r, 1, 1)
         return [(first, None), (second, bias_of(layer))]
-

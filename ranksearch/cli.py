@@ -1,0 +1,107 @@
+"""The ``ranksearch`` command line: each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from ranksearch.errors import RanksearchError
+
+app = typer.Typer(
+    help="Automated per-layer rank search for compressing CNNs with low-rank approximation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def user_errors(command: F) -> F:
+    """Bad input -> one line on stderr and exit code 2; Ctrl-C -> exit code 130; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except RanksearchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted: completed trials are kept; rerun the same command to resume", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def run(
+    model: Annotated[
+        str, typer.Option(help="torchvision name, path/file.py:factory or package.module:factory")
+    ] = "resnet18",
+    dataset: Annotated[
+        str, typer.Option(help="fashion_mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
+    ] = "fashion_mnist",
+    budget: Annotated[int, typer.Option(help="completed trials to reach (a rerun resumes and tops up)")] = 50,
+    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds of searching")] = None,
+    space: Annotated[Path | None, typer.Option(help="search space YAML (default: the model family's)")] = None,
+    sampler: Annotated[str, typer.Option(help="tpe, nsga2, random or gp")] = "tpe",
+    seed: Annotated[int, typer.Option(help="seed for data split, sampler and fine-tuning")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda: where models run and latency is measured")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+    latency_batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,
+    finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = 60,
+    finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,
+    calib_batches: Annotated[int, typer.Option(help="batches for BatchNorm/int8/data-aware calibration")] = 4,
+    eval_subset: Annotated[int | None, typer.Option(help="validation images per trial")] = 5000,
+    train_subset: Annotated[int | None, typer.Option(help="use only this many training images")] = None,
+    val_fraction: Annotated[float, typer.Option(help="share of the training set held out for validation")] = 0.1,
+    baseline_epochs: Annotated[int | None, typer.Option(help="override the baseline recipe's epochs")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="constraint: accuracy drop in points")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")] = None,
+    study_name: Annotated[str | None, typer.Option(help="default: <model>-<dataset>-<space>")] = None,
+    results_dir: Annotated[Path, typer.Option(help="where results/<study>/ goes")] = Path("results"),
+    checkpoint: Annotated[Path | None, typer.Option(help="trained weights (state_dict or whole model)")] = None,
+    weights: Annotated[str | None, typer.Option(help="torchvision pretrained weights name (online)")] = None,
+    data_root: Annotated[Path, typer.Option(help="dataset directory")] = Path("data"),
+    download: Annotated[bool, typer.Option(help="download the dataset when online")] = False,
+    evaluator: Annotated[str | None, typer.Option(help="custom evaluator, package.module:Class")] = None,
+) -> None:
+    """Search per-layer compression configurations; write the Pareto front under results/<study>/."""
+    from ranksearch.study import RunSettings, run_search
+
+    settings = RunSettings(**{k: v for k, v in locals().items() if k in RunSettings.field_names()})
+    run_search(settings)
+
+
+@app.command()
+@user_errors
+def techniques() -> None:
+    """List the registered compression techniques."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ranksearch.techniques import get_technique, list_techniques
+
+    table = Table("technique", "replacement", "rank", "exact at full rank", "data-aware")
+    for name in list_techniques():
+        t = get_technique(name)
+        table.add_row(
+            name,
+            t.summary,
+            ", ".join(t.rank_names) or "—",
+            "yes" if t.exact_at_full_rank else "no",
+            "yes" if t.data_aware_capable else "no",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,299 @@
+"""Build classification models for a dataset: torchvision models adapted to small images, or custom factories."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from ranksearch.errors import RanksearchError
+
+__all__ = ["build_model", "list_model_names", "load_checkpoint", "model_family"]
+
+SMALL_IMAGE_SIZE = 64
+_FAMILIES = (("resnet", ("resnet", "resnext", "wide_resnet")), ("mobilenet", ("mobilenet",)))
+
+
+def list_model_names() -> list[str]:
+    """The torchvision classification model names ``build_model`` accepts."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def model_family(spec: str) -> str:
+    """The architecture family of ``spec`` ("resnet", "mobilenet", "vgg", "efficientnet", ... or "custom")."""
+    if ":" in spec:
+        return "custom"
+    _check_name(spec)
+    for family, prefixes in _FAMILIES:
+        if spec.startswith(prefixes):
+            return family
+    return re.match(r"[a-z]+", spec).group(0)
+
+
+def build_model(
+    spec: str, *, num_classes: int, in_channels: int, image_size: int, weights: str | None = None
+) -> nn.Module:
+    """Build ``spec`` for ``num_classes`` classes of ``in_channels`` x ``image_size`` x ``image_size`` images.
+
+    ``spec`` is a torchvision classification model name, ``path/to/file.py:factory`` or
+    ``package.module:factory``; a factory gets ``num_classes`` and ``in_channels`` when its signature
+    accepts them. ``weights`` names torchvision pretrained weights ("DEFAULT", "IMAGENET1K_V1", ...).
+
+    Torchvision models are adapted: the first convolution takes ``in_channels`` (pretrained RGB
+    filters are averaged over colour), the classifier head outputs ``num_classes``, and VGG keeps
+    only the max-pools that leave at least a 1x1 map, with its 7x7 adaptive pool replaced by a global
+    pool (pretrained first classifier weights are summed over the 7x7 positions, which is exact for
+    a 1x1 map). ResNet and MobileNet/EfficientNet stems are kept as they are, chosen by measurement
+    on 28x28 Fashion-MNIST with 2 CPU threads (see ``benchmarks/baseline_recipe.py``): ResNet-18 with
+    its stride-4 stem costs 33 MMACs/image and trains at ~290 images/s; a 3x3 stride-1 stem keeping
+    the max-pool costs 122 MMACs (4x) and trains ~3x slower, and also dropping the max-pool is 16x;
+    the standard stem already reaches the accuracy target (>= 92 %) within the training budget.
+    Every model is checked with one forward pass on a dummy batch.
+    """
+    if ":" in spec:
+        if weights is not None:
+            raise RanksearchError(f"--weights applies to torchvision models, not {spec!r}; use --checkpoint instead")
+        model = _build_custom(spec, num_classes=num_classes, in_channels=in_channels)
+    else:
+        model = _build_torchvision(
+            spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size, weights=weights
+        )
+    _check_forward(model, spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict (bare, or under "state_dict"/"model") or a whole pickled model from ``path`` into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RanksearchError(f"checkpoint {path} does not exist; pass the path of a saved model to --checkpoint")
+    try:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RanksearchError(
+            f"checkpoint {path} is unreadable ({_first_line(exc)}); save it with torch.save(model.state_dict(), path)"
+        ) from None
+    state = _unwrap_state_dict(raw)
+    if state is None:
+        raise RanksearchError(
+            f"checkpoint {path} holds no state_dict (got {type(raw).__name__}); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    expected = model.state_dict()
+    problem = _first_mismatch(state, expected)
+    if problem is not None:
+        raise RanksearchError(
+            f"checkpoint {path} does not fit the model: {problem}; "
+            "build the model with the --model/--dataset the checkpoint was trained with"
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _check_name(name: str) -> None:
+    names = list_model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `ranksearch models` to list them"
+        raise RanksearchError(f"unknown model {name!r}; pass a torchvision model name or file.py:factory ({hint})")
+
+
+def _build_torchvision(
+    name: str, *, num_classes: int, in_channels: int, image_size: int, weights: str | None
+) -> nn.Module:
+    _check_name(name)
+    if weights is None:
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+    else:
+        model = _pretrained(name, weights)
+        _replace_head(model, num_classes)
+    pretrained = weights is not None
+    _adapt_first_conv(model, in_channels, pretrained=pretrained)
+    if image_size < SMALL_IMAGE_SIZE and model_family(name) == "vgg":
+        _adapt_vgg(model, image_size, pretrained=pretrained)
+    return model
+
+
+def _pretrained(name: str, weights: str) -> nn.Module:
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        resolved = enum[weights.upper()]
+    except KeyError:
+        known = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise RanksearchError(f"unknown weights {weights!r} for {name}; use one of {known}") from None
+    try:
+        return torchvision.models.get_model(name, weights=resolved)
+    except Exception as exc:
+        raise RanksearchError(
+            f"could not download {name} weights {resolved.name} ({type(exc).__name__}: {_first_line(exc)}); "
+            "when offline pass a local checkpoint with --checkpoint instead"
+        ) from None
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last 1000-way Linear (or 1x1 Conv2d, as in SqueezeNet) for a fresh ``num_classes``-way one."""
+    heads = [
+        (name, module)
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) and module.out_features == 1000)
+        or (isinstance(module, nn.Conv2d) and module.out_channels == 1000)
+    ]
+    if num_classes == 1000:
+        return
+    name, old = heads[-1]
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+    model.set_submodule(name, new)
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int, *, pretrained: bool) -> None:
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels == in_channels:
+        return
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
+    if pretrained:
+        with torch.no_grad():
+            new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    model.set_submodule(name, new)
+
+
+def _adapt_vgg(model: nn.Module, image_size: int, *, pretrained: bool) -> None:
+    size = image_size
+    for i, layer in enumerate(model.features):
+        if isinstance(layer, nn.MaxPool2d):
+            if size // 2 < 1:
+                model.features[i] = nn.Identity()
+            else:
+                size //= 2
+    pooled = model.avgpool.output_size
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    old = model.classifier[0]
+    new = nn.Linear(old.in_features // (pooled[0] * pooled[1]), old.out_features)
+    if pretrained:
+        with torch.no_grad():
+            new.weight.copy_(old.weight.view(old.out_features, new.in_features, -1).sum(-1))
+            new.bias.copy_(old.bias)
+    model.classifier[0] = new
+
+
+def _build_custom(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or Path(target).is_file():
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise RanksearchError(f"model file {file} does not exist; pass an existing path/to/file.py:factory")
+        module_name = f"ranksearch_custom_{file.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[module_name]
+            raise RanksearchError(
+                f"importing model file {file} failed ({type(exc).__name__}: {_first_line(exc)}); fix that file"
+            ) from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise RanksearchError(
+                f"cannot import module {target!r} ({exc}); check the package.module:factory spelling"
+            ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise RanksearchError(f"{target} has no factory {attr!r}; pick one of: {', '.join(found) or '(none)'}")
+    kwargs = _factory_kwargs(factory, num_classes=num_classes, in_channels=in_channels)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise RanksearchError(f"factory {spec!r} returned {type(model).__name__}; it must return a torch.nn.Module")
+    return model
+
+
+def _factory_kwargs(factory: Any, **available: int) -> dict[str, int]:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return available
+    return {k: v for k, v in available.items() if k in params}
+
+
+def _check_forward(model: nn.Module, spec: str, *, num_classes: int, in_channels: int, image_size: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, image_size, image_size))
+    except Exception as exc:
+        raise RanksearchError(
+            f"model {spec!r} fails on {in_channels}x{image_size}x{image_size} inputs ({_first_line(exc)}); "
+            "pick a model that handles small images, e.g. resnet18"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RanksearchError(f"model {spec!r} outputs {shape} for one image; it must output (1, {num_classes}) logits")
+
+
+def _unwrap_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
+    if isinstance(raw, nn.Module):
+        return raw.state_dict()
+    if isinstance(raw, Mapping):
+        for key in ("state_dict", "model"):
+            if key in raw and isinstance(raw[key], Mapping | nn.Module):
+                return _unwrap_state_dict(raw[key])
+        if raw and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+            prefix = "module."
+            if all(k.startswith(prefix) for k in raw):
+                return {k[len(prefix) :]: v for k, v in raw.items()}
+            return dict(raw)
+    return None
+
+
+def _first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    for key, tensor in expected.items():
+        if key not in state:
+            if key.endswith("num_batches_tracked"):
+                continue
+            return f"missing key {key!r}"
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return f"key {key!r} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
+    extra = next((key for key in state if key not in expected), None)
+    return None if extra is None else f"unexpected key {extra!r}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,151 @@
+"""A study's results as rows (computed once) and the files written from them.
+
+Every table, file and plot is rendered from :func:`trial_rows` / :func:`front_rows`, so they
+never disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from ranksearch.config import CompressionConfig, atomic_write_text
+
+BASELINE_KEY = "baseline"
+TEST_ACCURACY_KEY = "test_accuracy"
+
+
+def choice_label(choice: Mapping[str, Any]) -> str:
+    """``svd@0.5``, ``tucker2@0.25+int8``, ``keep`` ..."""
+    label = choice["technique"]
+    if "rank" in choice:
+        rank = choice["rank"]
+        label += "@" + (",".join(map(str, rank)) if isinstance(rank, list) else str(rank))
+    if choice.get("data_aware"):
+        label += "+data"
+    if choice.get("int8"):
+        label += "+int8"
+    return label
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    return all(value <= 0 for value in trial.constraints)
+
+
+def baseline(study: optuna.Study) -> dict[str, float]:
+    return dict(study.user_attrs.get(BASELINE_KEY, {}))
+
+
+def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per trial: its state, metrics, costs, time per phase and per-layer choices."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            "state": trial.state.name,
+            "anchor": attrs.get("anchor", ""),
+            "accuracy": attrs.get("accuracy"),
+            "latency_ms": attrs.get("latency_ms"),
+            "speedup": attrs.get("speedup"),
+            "accuracy_drop_pp": attrs.get("accuracy_drop_pp"),
+            "params": attrs.get("params"),
+            "macs": attrs.get("macs"),
+            "size_mb": None if attrs.get("size_bytes") is None else attrs["size_bytes"] / 1e6,
+            "feasible": is_feasible(trial) if trial.state == TrialState.COMPLETE else None,
+            "duration_s": None if trial.duration is None else trial.duration.total_seconds(),
+        }
+        row.update({k: v for k, v in attrs.items() if k.startswith("time_") or k.startswith("latency_")})
+        row["fail_reason"] = attrs.get("fail_reason", "")
+        layers = attrs.get("config", {}).get("layers", {})
+        for name in layer_names or list(layers):
+            row[f"layer:{name}"] = choice_label(layers.get(name, {"technique": "keep"}))
+        rows.append(row)
+    return rows
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The feasible Pareto front, fastest first."""
+    try:
+        front = study.best_trials
+    except ValueError:
+        return []
+    return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
+
+
+def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
+    tests = study.user_attrs.get(TEST_ACCURACY_KEY, {})
+    rows = []
+    for trial in front_trials(study):
+        attrs = trial.user_attrs
+        techniques = Counter(c["technique"] for c in attrs.get("config", {}).get("layers", {}).values())
+        rows.append(
+            {
+                "trial": trial.number,
+                "anchor": attrs.get("anchor", ""),
+                "accuracy": attrs["accuracy"],
+                "test_accuracy": tests.get(str(trial.number)),
+                "accuracy_drop_pp": attrs.get("accuracy_drop_pp"),
+                "latency_ms": attrs["latency_ms"],
+                "speedup": attrs.get("speedup"),
+                "params": attrs.get("params"),
+                "macs": attrs.get("macs"),
+                "size_mb": attrs.get("size_bytes", 0) / 1e6,
+                "techniques": " ".join(f"{t}x{n}" for t, n in techniques.most_common() if t != "keep") or "none",
+                "int8_layers": sum(bool(c.get("int8")) for c in attrs.get("config", {}).get("layers", {}).values()),
+            }
+        )
+    return rows
+
+
+def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
+    return {t.number: CompressionConfig.from_dict(t.user_attrs["config"]) for t in front_trials(study)}
+
+
+def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float | None:
+    """The best measured speedup among complete trials whose accuracy drop is within ``max_drop_pp``."""
+    best = None
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        drop, speedup = trial.user_attrs.get("accuracy_drop_pp"), trial.user_attrs.get("speedup")
+        if speedup is None or drop is None or (max_drop_pp is not None and drop > max_drop_pp):
+            continue
+        best = speedup if best is None else max(best, speedup)
+    return best
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    pd.DataFrame(rows).to_csv(buffer, index=False)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str] | None = None) -> None:
+    """``trials.csv``, ``pareto.csv`` and ``pareto.json`` under ``directory``, each written atomically."""
+    write_csv(trial_rows(study, layer_names), directory / "trials.csv")
+    front = front_rows(study)
+    write_csv(front, directory / "pareto.csv")
+    configs = front_configs(study)
+    members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
+    document = {"study": study.study_name, "baseline": baseline(study), "front": members}
+    atomic_write_text(directory / "pareto.json", json.dumps(_finite(document), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,95 @@
+"""Bad input on the command line: one line naming the culprit and the fix, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ranksearch.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(tmp_path: Path, *args: str) -> tuple[int, str]:
+    results = tmp_path / "results"
+    base = ["run", "--results-dir", str(results), "--data-root", str(tmp_path / "data")]
+    result = runner.invoke(app, [*base, *args], env={"RANKSEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    return result.exit_code, result.stderr
+
+
+def no_results(tmp_path: Path) -> bool:
+    results = tmp_path / "results"
+    return not results.exists() or not any(p.is_file() for p in results.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "0"], "--budget 0: must be a positive"),
+        (["--sampler", "bayes"], "--sampler 'bayes' is unknown; choose one of tpe, nsga2, random, gp"),
+        (["--device", "cuda"], "CUDA is not available here; use --device cpu"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--model", "resnet1800"], "resnet1800"),
+        (["--dataset", "imagenet22k"], "imagenet22k"),
+        (["--space", "missing.yaml"], "missing.yaml"),
+        (["--study-name", "bad name!"], "--study-name 'bad name!'"),
+        (["--max-accuracy-drop", "-1"], "--max-accuracy-drop -1.0: must be >= 0"),
+        (["--evaluator", "nowhere.module:Thing"], "--evaluator 'nowhere.module:Thing': cannot be loaded"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    if args[0] == "--device" and args[1] == "cuda":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    code, stderr = run_cli(tmp_path, *args)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert no_results(tmp_path)
+
+
+def test_unreadable_checkpoint(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    code, stderr = run_cli(tmp_path, "--checkpoint", str(checkpoint))
+    assert code == 2 and "weights.pt" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert no_results(tmp_path)
+
+
+def test_malformed_space(tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("techniques:\n  spatial_conv: []\n")
+    code, stderr = run_cli(tmp_path, "--space", str(space))
+    assert code == 2 and "space.yaml" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert no_results(tmp_path)
+
+
+def test_unwritable_results_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["run", "--results-dir", str(blocker / "results")])
+    assert result.exit_code == 2 and "not writable" in result.stderr and "a-file" in result.stderr
+
+
+def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("ranksearch")
+    done = subprocess.run(
+        [str(exe), "run", "--budget", "-3", "--results-dir", str(tmp_path / "r")], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --budget -3: must be a positive number of completed trials"
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_techniques_lists_the_registry() -> None:
+    result = runner.invoke(app, ["techniques"])
+    assert result.exit_code == 0
+    for name in ("svd", "tucker2", "cp", "spatial_tucker2"):
+        assert name in result.stdout

@@ -1,0 +1,158 @@
+"""The end-to-end search on a tiny problem: real Fashion-MNIST subset, real training, real latency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+import ranksearch as rs
+from ranksearch.models import build_model
+from ranksearch.study import RunSettings, run_search
+
+SPACE = """
+layers:
+  include: ["layer*"]
+  types: [Conv2d]
+techniques:
+  spatial_conv: [keep, svd, tucker2, spatial_svd]
+  pointwise_conv: [keep, svd]
+ranks: [0.25, 0.5]
+int8: true
+data_aware: true
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("study")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(workdir, monkeypatch) -> None:
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
+    rs.set_default_store(rs.FactorStore())
+
+
+def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
+    space = workdir / "tiny.yaml"
+    space.write_text(SPACE)
+    values = dict(
+        model="resnet18",
+        budget=7,
+        space=space,
+        train_subset=512,
+        eval_subset=256,
+        baseline_epochs=1,
+        finetune_steps=3,
+        batch_size=64,
+        calib_batches=1,
+        threads=1,
+        results_dir=workdir / "results",
+        data_root=workdir / "data",
+        seed=0,
+    )
+    values.update(changes)
+    return RunSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    settings = tiny_settings(workdir)
+    return settings, run_search(settings)
+
+
+def test_study_reaches_the_budget(first_run) -> None:
+    settings, result = first_run
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == settings.budget
+    anchors = [t.user_attrs.get("anchor") for t in result.study.trials[:3]]
+    assert anchors[0] == "baseline" and all(anchors)
+    baseline_trial = result.study.trials[0]
+    assert baseline_trial.user_attrs["config"]["layers"] == {} or all(
+        c["technique"] == "keep" for c in baseline_trial.user_attrs["config"]["layers"].values()
+    )
+
+
+def test_results_files_agree_with_the_storage(first_run) -> None:
+    _, result = first_run
+    trials = pd.read_csv(result.directory / "trials.csv")
+    assert list(trials["trial"]) == [t.number for t in result.study.trials]
+    pareto = json.loads((result.directory / "pareto.json").read_text())
+    front = {t.number for t in result.study.best_trials}
+    assert {m["trial"] for m in pareto["front"]} == front
+    assert all(m["test_accuracy"] is not None for m in pareto["front"])
+    assert pareto["baseline"]["params"] > 0
+    assert not list(result.directory.glob(".*.tmp"))
+
+
+def test_every_front_config_reapplies_to_a_fresh_model(first_run) -> None:
+    _, result = first_run
+    pareto = json.loads((result.directory / "pareto.json").read_text())
+    for member in pareto["front"]:
+        model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
+        compressed = rs.apply_config(model, rs.CompressionConfig.from_dict(member["config"]).split_int8()[0])
+        assert sum(p.numel() for p in compressed.parameters()) == member["params"]
+
+
+def test_rerun_resumes_and_tops_up(first_run, workdir) -> None:
+    settings, result = first_run
+    more = tiny_settings(workdir, budget=settings.budget + 2)
+    again = run_search(more)
+    assert again.study.study_name == result.study.study_name
+    assert len(again.study.get_trials(states=(TrialState.COMPLETE,))) == settings.budget + 2
+
+
+def test_study_with_other_settings_is_refused(first_run, workdir) -> None:
+    with pytest.raises(rs.RanksearchError, match="exists with finetune_steps=3, not 5"):
+        run_search(tiny_settings(workdir, finetune_steps=5))
+
+
+def test_constraints_mark_infeasible_trials(workdir) -> None:
+    settings = tiny_settings(workdir, budget=6, max_latency_ms=1e-6, study_name="constrained")
+    result = run_search(settings)
+    assert result.study.best_trials == []
+    assert all(t.constraints for t in result.study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+class RaisingEvaluator(rs.BaseEvaluator):
+    def __init__(self, *, fail_every: int) -> None:
+        self.calls = 0
+        self.fail_every = fail_every
+
+    def evaluate(self, config, *, split="val"):
+        self.calls += 1
+        if self.calls % self.fail_every == 0:
+            raise FloatingPointError("loss diverged (nan)")
+        return {"accuracy": 0.5, "latency_ms": 1.0 + len(config.layers) / 100}
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(workdir) -> None:
+    settings = tiny_settings(workdir, budget=5, study_name="failing")
+    result = run_search(settings, evaluator=RaisingEvaluator(fail_every=3))
+    failed = result.study.get_trials(states=(TrialState.FAIL,))
+    assert failed and all("diverged" in t.user_attrs["fail_reason"] for t in failed)
+    assert len(result.study.get_trials(states=(TrialState.COMPLETE,))) == 5
+
+
+class WrongKeysEvaluator(rs.BaseEvaluator):
+    def evaluate(self, config, *, split="val"):
+        return {"acc": 1.0}
+
+
+def test_evaluator_with_wrong_keys_is_a_user_error(workdir) -> None:
+    with pytest.raises(rs.RanksearchError, match="without \\['accuracy', 'latency_ms'\\]"):
+        run_search(tiny_settings(workdir, study_name="wrong-keys"), evaluator=WrongKeysEvaluator())
+
+
+def test_storage_url_is_used(workdir) -> None:
+    url = f"sqlite:///{workdir / 'elsewhere.db'}"
+    result = run_search(
+        tiny_settings(workdir, budget=2, storage=url, study_name="remote"), evaluator=RaisingEvaluator(fail_every=99)
+    )
+    assert optuna.load_study(study_name="remote", storage=url).user_attrs["baseline"]
+    assert len(result.study.trials) >= 2

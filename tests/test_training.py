@@ -1,0 +1,183 @@
+"""Baseline training cache, accuracy, BatchNorm recalibration, distillation and the CPU conv-gradient path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranksearch.data import DataSplits, load_dataset, make_loader
+from ranksearch.training import (
+    DEFAULT_RECIPE,
+    CpuConvGrads,
+    DivergedError,
+    Recipe,
+    distillation_loss,
+    evaluate_accuracy,
+    finetune,
+    recalibrate_batchnorm,
+    train_baseline,
+)
+
+TINY_RECIPE = Recipe(epochs=2, batch_size=32, lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> DataSplits:
+    return load_dataset("fashion_mnist", root=tmp_path_factory.mktemp("data"), train_subset=512, eval_subset=256)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+def test_recipe_key_is_stable_and_covers_every_field() -> None:
+    assert Recipe().key() == DEFAULT_RECIPE.key() == Recipe(**vars(DEFAULT_RECIPE)).key()
+    assert len({DEFAULT_RECIPE.key(), DEFAULT_RECIPE.with_epochs(1).key(), Recipe(label_smoothing=0).key()}) == 3
+
+
+def test_baseline_is_cached_and_reused(splits: DataSplits, tmp_path: Path) -> None:
+    parts = {"model": "small_cnn", "dataset": "fashion_mnist"}
+    model, meta = train_baseline(
+        small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
+    )
+    assert not meta["cached"] and not model.training
+    assert 0.5 < meta["val_accuracy"] <= 1 and 0.5 < meta["test_accuracy"] <= 1
+    assert meta["recipe"]["epochs"] == 2 and meta["train_time_s"] > 0
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert len(list(tmp_path.glob("baseline-*.pt"))) == 1
+
+    again, meta2 = train_baseline(
+        small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
+    )
+    assert meta2["cached"] and meta2["test_accuracy"] == meta["test_accuracy"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value)
+
+    other = TINY_RECIPE.with_epochs(1)
+    _, meta3 = train_baseline(
+        small_cnn(), splits, other, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
+    )
+    assert not meta3["cached"] and len(list(tmp_path.glob("baseline-*.pt"))) == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupt_cache_entry_is_retrained(splits: DataSplits, tmp_path: Path) -> None:
+    parts = {"model": "small_cnn"}
+    train_baseline(small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False)
+    (entry,) = tmp_path.glob("baseline-*.pt")
+    entry.write_bytes(entry.read_bytes()[:100])
+    _, meta = train_baseline(
+        small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
+    )
+    assert not meta["cached"]
+    _, meta = train_baseline(
+        small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
+    )
+    assert meta["cached"]
+
+
+def test_evaluate_accuracy_restores_mode(splits: DataSplits) -> None:
+    model = small_cnn().train()
+    loader = make_loader(splits.val, batch_size=64, shuffle=False)
+    accuracy = evaluate_accuracy(model, loader, device="cpu", max_batches=2)
+    assert 0.0 <= accuracy <= 1.0 and model.training
+    perfect = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images, labels = next(iter(loader))
+    with torch.no_grad():
+        perfect[1].weight.zero_()
+        perfect[1].bias.copy_(F.one_hot(labels[0], 10).float())
+    assert evaluate_accuracy(perfect, [(images[:1], labels[:1])], device="cpu") == 1.0
+
+
+def test_recalibrate_batchnorm_resets_stats_and_restores_modes(splits: DataSplits) -> None:
+    model = small_cnn().eval()
+    norm = model[1]
+    norm.momentum = 0.3
+    before = norm.running_mean.clone()
+    loader = make_loader(splits.val, batch_size=64, shuffle=False)
+    recalibrate_batchnorm(model, loader, device="cpu", batches=3)
+    assert not torch.allclose(norm.running_mean, before)
+    assert norm.momentum == 0.3 and not model.training and not norm.training
+    assert norm.num_batches_tracked.item() == 3
+    images = torch.cat([images for images, _ in list(loader)[:3]])
+    expected = F.conv2d(images, model[0].weight, model[0].bias, 2, 1).mean((0, 2, 3))
+    torch.testing.assert_close(norm.running_mean, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_reduces_distillation_loss(splits: DataSplits) -> None:
+    teacher = small_cnn()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    images, labels = next(iter(make_loader(splits.val, batch_size=256, shuffle=False)))
+
+    def kd() -> float:
+        with torch.no_grad():
+            return distillation_loss(student.eval()(images), teacher.eval()(images), labels).item()
+
+    before = kd()
+    loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
+    result = finetune(student, teacher, loader, device="cpu", steps=40, lr=0.05)
+    assert result["steps"] == 40 and result["loss"] < before
+    assert kd() < 0.5 * before
+    assert not teacher.training
+
+
+def test_finetune_divergence_raises(splits: DataSplits) -> None:
+    loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
+    with pytest.raises(DivergedError, match=r"exploded past .*; lower the learning rate"):
+        finetune(small_cnn(), small_cnn(), loader, device="cpu", steps=50, lr=1e6)
+    student = small_cnn()
+    with torch.no_grad():
+        student[-1].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 1: loss is nan"):
+        finetune(student, small_cnn(), loader, device="cpu", steps=5, lr=0.01)
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "size", "kernel", "stride", "padding", "routed"),
+    [
+        (512, 64, 1, 3, 1, 1, True),
+        (32, 64, 2, 3, 2, 1, True),
+        (1, 16, 28, 7, 2, 3, True),
+        (8, 4, 2, 1, 1, 0, True),
+        (8, 4, 7, 3, 1, 1, False),
+    ],
+)
+def test_cpu_conv_grads_match_autograd(
+    channels: int, out: int, size: int, kernel: int, stride: int, padding: int, routed: bool
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, channels, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out, channels, kernel, kernel, dtype=torch.float64)
+    b = torch.randn(out, dtype=torch.float64)
+    grads = []
+    for mode in (None, CpuConvGrads()):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        if mode is None:
+            y = F.conv2d(*leaves, stride, padding)
+        else:
+            with mode:
+                y = F.conv2d(*leaves, stride=stride, padding=padding)
+            assert (type(y.grad_fn).__name__ == "_MatmulWeightGradConv2dBackward") == routed
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([y, *(t.grad for t in leaves)])
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected)
