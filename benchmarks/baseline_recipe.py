@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
         f"epochs {recipe.epochs}  time/epoch {per_epoch:.1f} s  train time {meta['train_time_s']:.1f} s  "
         f"wall {wall:.1f} s  val acc {meta['val_accuracy']:.4f}  test acc {meta['test_accuracy']:.4f}"
     )
+    print("load average (1/5/15 min): {:.2f} {:.2f} {:.2f}; CPUs: {}".format(*os.getloadavg(), os.cpu_count()))
 
 
 if __name__ == "__main__":

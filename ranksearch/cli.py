@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 
@@ -36,6 +38,11 @@ def user_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _console(*, stderr: bool) -> Console:
+    """As wide as the terminal (or 160 columns when piped to a file)."""
+    return Console(stderr=stderr, width=shutil.get_terminal_size((160, 24)).columns)
 
 
 @app.command()
@@ -78,14 +85,13 @@ def run(
     from ranksearch.study import RunSettings, run_search
 
     settings = RunSettings(**{k: v for k, v in locals().items() if k in RunSettings.field_names()})
-    run_search(settings)
+    run_search(settings, console=_console(stderr=True))
 
 
 @app.command()
 @user_errors
 def techniques() -> None:
     """List the registered compression techniques."""
-    from rich.console import Console
     from rich.table import Table
 
     from ranksearch.techniques import get_technique, list_techniques
@@ -100,7 +106,7 @@ def techniques() -> None:
             "yes" if t.exact_at_full_rank else "no",
             "yes" if t.data_aware_capable else "no",
         )
-    Console().print(table)
+    _console(stderr=False).print(table)
 
 
 if __name__ == "__main__":

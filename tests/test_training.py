@@ -40,9 +40,8 @@ def small_cnn() -> nn.Module:
         nn.Conv2d(8, 16, 3, stride=2, padding=1),
         nn.BatchNorm2d(16),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(16, 10),
+        nn.Linear(16 * 7 * 7, 10),
     )
 
 
@@ -57,7 +56,7 @@ def test_baseline_is_cached_and_reused(splits: DataSplits, tmp_path: Path) -> No
         small_cnn(), splits, TINY_RECIPE, device="cpu", cache_dir=tmp_path, key_parts=parts, progress=False
     )
     assert not meta["cached"] and not model.training
-    assert 0.5 < meta["val_accuracy"] <= 1 and 0.5 < meta["test_accuracy"] <= 1
+    assert 0.4 < meta["val_accuracy"] <= 1 and 0.4 < meta["test_accuracy"] <= 1
     assert meta["recipe"]["epochs"] == 2 and meta["train_time_s"] > 0
     assert all(p.is_contiguous() for p in model.parameters())
     assert len(list(tmp_path.glob("baseline-*.pt"))) == 1
@@ -155,6 +154,7 @@ def test_finetune_divergence_raises(splits: DataSplits) -> None:
     ("channels", "out", "size", "kernel", "stride", "padding", "routed"),
     [
         (512, 64, 1, 3, 1, 1, True),
+        (16, 8, 1, 3, 2, 1, True),
         (32, 64, 2, 3, 2, 1, True),
         (1, 16, 28, 7, 2, 3, True),
         (8, 4, 2, 1, 1, 0, True),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -26,8 +29,15 @@ from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.evaluate.latency import resolve_device, torch_threads
 from ranksearch.models import build_model, load_checkpoint, model_family
 from ranksearch.results import BASELINE_KEY, TEST_ACCURACY_KEY, front_trials, write_results
-from ranksearch.search import LayerSlot, SearchSpace, config_to_params, default_space_path, record_input_shapes
-from ranksearch.search import sample_config, uniform_config
+from ranksearch.search import (
+    LayerSlot,
+    SearchSpace,
+    config_to_params,
+    default_space_path,
+    record_input_shapes,
+    sample_config,
+    uniform_config,
+)
 from ranksearch.study.report import SearchProgress, print_summary
 from ranksearch.study.settings import RunSettings, file_digest
 from ranksearch.training import DEFAULT_RECIPE, train_baseline
@@ -67,18 +77,19 @@ def run_search(
     device = resolve_device(settings.device)
     space_path = settings.space or default_space_path(model_family(settings.model))
     space = SearchSpace.load(space_path)
-    settings = _with(settings, space=Path(space_path), space_digest=file_digest(Path(space_path)))
+    settings = replace(settings, space=Path(space_path), space_digest=file_digest(Path(space_path)))
     directory = settings.results_dir / settings.name()
+    custom = _import_object(settings.evaluator, "--evaluator") if settings.evaluator and evaluator is None else None
     _check_writable(settings.results_dir)
     phases: dict[str, float] = {}
-    with torch_threads(settings.threads):
+    with torch_threads(settings.threads), _quiet_optuna():
         start = time.perf_counter()
         context = _load_problem(settings, device, console, phases)
         phases["load"] = time.perf_counter() - start - phases.get("baseline_training", 0.0)
         slots = space.layers(context.model, context.input_shapes)
         if not slots:
             raise RanksearchError(f"search space {space_path}: no searchable layer in {settings.model}; widen 'layers'")
-        evaluator = evaluator or _make_evaluator(settings, context)
+        evaluator = evaluator or _make_evaluator(settings, context, custom)
         directory.mkdir(parents=True, exist_ok=True)
         study = _open_study(settings, directory)
         dense = dense_model_cost(context.model, context.example)
@@ -99,10 +110,17 @@ def run_search(
     return result
 
 
-def _with(settings: RunSettings, **changes: object) -> RunSettings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """The progress bar reports trials; Optuna's per-trial log lines and experimental warnings would bury it."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _check_writable(results_dir: Path) -> None:
@@ -148,7 +166,14 @@ def _load_problem(
             recipe,
             device=device,
             cache_dir=_cache_dir() / "baselines",
-            key_parts={"model": settings.model, "dataset": settings.dataset, "weights": settings.weights},
+            key_parts={
+                "model": settings.model,
+                "dataset": settings.dataset,
+                "weights": settings.weights,
+                "train_subset": settings.train_subset,
+                "val_fraction": settings.val_fraction,
+                "seed": settings.seed,
+            },
         )
         phases["baseline_training"] = time.perf_counter() - start
         if info.get("cached"):
@@ -170,11 +195,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("RANKSEARCH_CACHE_DIR") or Path.home() / ".cache" / "ranksearch")
 
 
-def _make_evaluator(settings: RunSettings, context: RunContext) -> BaseEvaluator:
-    if settings.evaluator:
-        cls = _import_object(settings.evaluator, "--evaluator")
+def _make_evaluator(settings: RunSettings, context: RunContext, custom: type | None) -> BaseEvaluator:
+    if custom is not None:
         try:
-            evaluator = cls(context=context)
+            evaluator = custom(context=context)
         except Exception as exc:
             raise RanksearchError(f"--evaluator {settings.evaluator}: construction failed: {exc}") from None
         if not isinstance(evaluator, BaseEvaluator):
@@ -194,7 +218,7 @@ def _make_evaluator(settings: RunSettings, context: RunContext) -> BaseEvaluator
     )
 
 
-def _import_object(spec: str, option: str) -> Callable[..., object]:
+def _import_object(spec: str, option: str) -> type:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise RanksearchError(f"{option} {spec!r}: expected 'package.module:Name' or 'path/file.py:Name'")
