@@ -38,7 +38,7 @@ def choice_label(choice: Mapping[str, Any]) -> str:
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    return all(value <= 0 for value in trial.constraints)
+    return all(value <= 0 for value in trial.constraints.values())
 
 
 def baseline(study: optuna.Study) -> dict[str, float]:
