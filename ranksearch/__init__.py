@@ -10,19 +10,17 @@ from ranksearch.techniques.spec import Cost
 
 __all__ = [
     "BaseEvaluator",
-    "Latency",
-    "RunSettings",
-    "SearchResult",
-    "measure_latency",
-    "run_search",
     "CompressedLayer",
     "CompressionConfig",
     "CompressionError",
     "Cost",
     "CostReport",
     "FactorStore",
+    "Latency",
     "LayerChoice",
     "RanksearchError",
+    "RunSettings",
+    "SearchResult",
     "Technique",
     "apply_config",
     "compress_layer",
@@ -30,7 +28,9 @@ __all__ = [
     "get_technique",
     "layer_cost",
     "list_techniques",
+    "measure_latency",
     "register_technique",
+    "run_search",
     "set_default_store",
 ]
 

@@ -84,7 +84,7 @@ def run_search(
     phases: dict[str, float] = {}
     with torch_threads(settings.threads), _quiet_optuna():
         start = time.perf_counter()
-        context = _load_problem(settings, device, console, phases)
+        context = load_problem(settings, device, console, phases)
         phases["load"] = time.perf_counter() - start - phases.get("baseline_training", 0.0)
         slots = space.layers(context.model, context.input_shapes)
         if not slots:
@@ -134,9 +134,10 @@ def _check_writable(results_dir: Path) -> None:
         ) from None
 
 
-def _load_problem(
-    settings: RunSettings, device: torch.device, console: Console, phases: dict[str, float]
+def load_problem(
+    settings: RunSettings, device: torch.device, console: Console, phases: dict[str, float] | None = None
 ) -> RunContext:
+    """The data splits and the trained model (from ``--checkpoint`` or the cached baseline) of a run."""
     splits = load_dataset(
         settings.dataset,
         root=settings.data_root,
@@ -175,7 +176,8 @@ def _load_problem(
                 "seed": settings.seed,
             },
         )
-        phases["baseline_training"] = time.perf_counter() - start
+        if phases is not None:
+            phases["baseline_training"] = time.perf_counter() - start
         if info.get("cached"):
             console.print(f"baseline: reusing the trained {settings.model} from the cache")
     model = model.to(device).eval()
