@@ -48,12 +48,19 @@ def rank_for(technique: str, fraction: float) -> float | None:
     return None if technique == "keep" else fraction
 
 
+def options_for(technique: str, cp_iterations: int) -> dict[str, int]:
+    return {"n_iter_max": cp_iterations} if technique == "cp" else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", type=int, default=20, help="random configurations timed after the first pass")
     parser.add_argument("--checkpoint", type=Path, help="trained ResNet-18 state_dict (10 classes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cp-iterations", type=int, default=25, help="CP-ALS sweeps (the default search spaces use 25)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -73,14 +80,20 @@ def main() -> None:
             start = time.perf_counter()
             for fraction in GRID:
                 for name in targets:
-                    rs.compress_layer(layers[name], technique, rank_for(technique, fraction), name=name)
+                    rank = rank_for(technique, fraction)
+                    rs.compress_layer(
+                        layers[name], technique, rank, name=name, **options_for(technique, args.cp_iterations)
+                    )
             first = time.perf_counter() - start
             timings = []
             for _ in range(5):
                 fraction = random.choice(GRID)
                 start = time.perf_counter()
                 for name in targets:
-                    rs.compress_layer(layers[name], technique, rank_for(technique, fraction), name=name)
+                    rank = rank_for(technique, fraction)
+                    rs.compress_layer(
+                        layers[name], technique, rank, name=name, **options_for(technique, args.cp_iterations)
+                    )
                 timings.append(time.perf_counter() - start)
             cached = statistics.median(timings)
             print(f"{technique:<22}{len(targets):>7}{first:>14.2f}{cached:>16.3f}{1000 * cached / len(targets):>17.2f}")
@@ -91,7 +104,11 @@ def main() -> None:
             config = {"layers": {}}
             for name in layers:
                 technique = rng.choice(allowed[name])
-                config["layers"][name] = {"technique": technique, "rank": rank_for(technique, rng.choice(GRID))}
+                config["layers"][name] = {
+                    "technique": technique,
+                    "rank": rank_for(technique, rng.choice(GRID)),
+                    "options": options_for(technique, args.cp_iterations),
+                }
             start = time.perf_counter()
             rs.apply_config(model, config)
             timings.append(time.perf_counter() - start)
