@@ -51,14 +51,16 @@ def build_model(
     accepts them. ``weights`` names torchvision pretrained weights ("DEFAULT", "IMAGENET1K_V1", ...).
 
     Torchvision models are adapted: the first convolution takes ``in_channels`` (pretrained RGB
-    filters are averaged over colour), the classifier head outputs ``num_classes``, and VGG keeps
-    only the max-pools that leave at least a 1x1 map, with its 7x7 adaptive pool replaced by a global
-    pool (pretrained first classifier weights are summed over the 7x7 positions, which is exact for
-    a 1x1 map). ResNet and MobileNet/EfficientNet stems are kept as they are, chosen by measurement
-    on 28x28 Fashion-MNIST with 2 CPU threads (see ``benchmarks/baseline_recipe.py``): ResNet-18 with
-    its stride-4 stem costs 33 MMACs/image and trains at ~290 images/s; a 3x3 stride-1 stem keeping
-    the max-pool costs 122 MMACs (4x) and trains ~3x slower, and also dropping the max-pool is 16x;
-    the standard stem already reaches the accuracy target (>= 92 %) within the training budget.
+    filters are averaged over colour), the classifier head outputs ``num_classes``, and for images
+    under 64 px VGG keeps only the max-pools that leave at least a 1x1 map, with its 7x7 adaptive pool
+    replaced by a global pool (pretrained first classifier weights are summed over the 7x7 positions,
+    which is exact for a 1x1 map). ResNet, MobileNet and EfficientNet keep their stems, chosen by
+    measurement for ResNet-18 on 28x28 Fashion-MNIST (training throughput per CPU thread, with
+    ``ranksearch.training``'s CPU path): the standard 7x7/2 conv + max-pool stem costs 33 MMACs/image
+    and trains at ~165 images/s; a 3x3/1 conv keeping the max-pool (layer1 at 14x14) costs 122 MMACs
+    and trains 5x slower; also dropping the max-pool costs 456 MMACs, 15x slower. Only the standard
+    stem leaves room for a 50-trial search with fine-tuning on 2 cores. MobileNetV2 costs 5.6 and
+    EfficientNet-B0 7.9 MMACs/image at 28x28.
     Every model is checked with one forward pass on a dummy batch.
     """
     if ":" in spec:
