@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ class SearchProgress:
             transient=False,
         )
         self.task = self.progress.add_task("search", total=settings.budget, status="")
+        self.console = console
+        self.started = time.monotonic()
+        self.reported = -1
 
     def __enter__(self) -> SearchProgress:
         self.progress.start()
@@ -55,6 +59,10 @@ class SearchProgress:
         status += f" · best {best:.2f}x within {budget:g} pp" if best else ""
         status += f" · {failed} failed" if failed else ""
         self.progress.update(self.task, completed=min(done, self.settings.budget), status=status)
+        if not self.console.is_terminal and done != self.reported:  # logs get a line per completed trial
+            self.reported = done
+            elapsed = time.monotonic() - self.started
+            self.console.print(f"trials {done}/{self.settings.budget} · {elapsed / 60:.1f} min · {status}")
 
 
 def phase_seconds(study: optuna.Study) -> dict[str, float]:
