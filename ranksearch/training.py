@@ -60,8 +60,8 @@ class Recipe:
     """
 
     epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int = 256
+    lr: float = 0.15
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     schedule: Literal["onecycle", "cosine"] = "onecycle"
