@@ -280,6 +280,14 @@ def _missing_layer_message(name: str, modules: Mapping[str, nn.Module], model_na
 def _capture_inputs(model: nn.Module, names: list[str], calib_inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
     if calib_inputs is None:
         raise CompressionError(f"layer {names[0]!r}: int8/data_aware needs calib_inputs (a batch of model inputs)")
+    return layer_inputs(model, names, calib_inputs)
+
+
+def layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each named module receives on one eval-mode, no-grad pass of ``inputs`` (its first call).
+
+    Every module's training flag is restored afterwards, so BatchNorm statistics are untouched.
+    """
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
 
@@ -294,7 +302,7 @@ def _capture_inputs(model: nn.Module, names: list[str], calib_inputs: torch.Tens
     try:
         model.eval()
         with torch.no_grad():
-            model(calib_inputs)
+            model(inputs)
     finally:
         for hook in hooks:
             hook.remove()

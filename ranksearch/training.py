@@ -13,8 +13,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
+from ranksearch.config import atomic_open
 from ranksearch.data import DataSplits, make_loader
 
 __all__ = [
@@ -450,15 +449,6 @@ def _load_entry(model: nn.Module, entry: Path) -> dict[str, Any] | None:
 
 
 def _save_entry(model: nn.Module, meta: dict[str, Any], entry: Path) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"state_dict": state, "meta": meta}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, entry)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(entry, "wb") as handle:
+        torch.save({"state_dict": state, "meta": meta}, handle)

@@ -41,7 +41,7 @@ import torch
 import yaml
 from torch import nn
 
-from ranksearch.compress import cost_report
+from ranksearch.compress import cost_report, layer_inputs
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError
 from ranksearch.techniques import get_technique, list_techniques
@@ -210,27 +210,8 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[s
 
     Each module's training flag is restored afterwards.
     """
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str, args: tuple[torch.Tensor, ...]) -> None:
-        shapes.setdefault(name, tuple(args[0].shape))
-
-    hooks = [
-        module.register_forward_pre_hook(lambda _m, args, name=name: record(name, args))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    return shapes
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    return {name: tuple(x.shape) for name, x in layer_inputs(model, names, example_input).items()}
 
 
 def sample_config(

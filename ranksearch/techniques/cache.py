@@ -7,9 +7,9 @@ temporary file and renamed, so a kill never leaves a half-written entry behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from ranksearch.config import atomic_open
 
 Factors = dict[str, torch.Tensor]
 
@@ -115,16 +117,8 @@ class FactorStore:
         path = self._path(key)
         if path is None:
             return
-        tmp: str | None = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({k: v.cpu() for k, v in factors.items()}, handle)
-            os.replace(tmp, path)
-        except OSError:  # a read-only or full cache directory only costs speed
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError), atomic_open(path, "wb") as handle:  # a read-only cache only costs speed
+            torch.save({k: v.cpu() for k, v in factors.items()}, handle)
 
 
 _default_store: FactorStore | None = None
