@@ -45,12 +45,12 @@ def main() -> None:
     macs = dense_model_cost(model, example).macs
     print(f"model {args.model}: {macs / 1e6:.1f} MMACs/image; {args.dataset}: {len(splits.train)} train images")
     print(f"recipe {recipe}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as cache:
         _, meta = train_baseline(
             model, splits, recipe, device="cpu", cache_dir=Path(cache), key_parts={"model": args.model}
         )
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     for row in meta["history"]:
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f}  val acc {row['val_accuracy']:.4f}")
     per_epoch = meta["train_time_s"] / recipe.epochs
@@ -58,6 +58,7 @@ def main() -> None:
         f"epochs {recipe.epochs}  time/epoch {per_epoch:.1f} s  train time {meta['train_time_s']:.1f} s  "
         f"wall {wall:.1f} s  val acc {meta['val_accuracy']:.4f}  test acc {meta['test_accuracy']:.4f}"
     )
+    print(f"process CPU time {cpu:.1f} s over {wall:.1f} s wall with {args.threads} thread(s)")
     print("load average (1/5/15 min): {:.2f} {:.2f} {:.2f}; CPUs: {}".format(*os.getloadavg(), os.cpu_count()))
 
 
