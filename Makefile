@@ -2,32 +2,35 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
-SYSTEM_PACKAGES = dataset-fashion-mnist
+RUN_PACKAGES  = dataset-fashion-mnist
+TEST_PACKAGES = $(RUN_PACKAGES) chromium postgresql
 ARGS   ?= --model resnet18 --budget 50
 
-.PHONY: setup system test run lint bench
+.PHONY: setup system-run system-test test run lint bench
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,plot,onnx]"
+	$(PY) -m pip install -q -e ".[dev,plot,onnx,dist]"
 	touch $@
 
-# Debian packages: the offline Fashion-MNIST files (and, for later features, servers and a browser).
-system:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# Debian packages: the offline Fashion-MNIST files; the tests also need a browser (report) and PostgreSQL (workers).
+system-run: PACKAGES = $(RUN_PACKAGES)
+system-test: PACKAGES = $(TEST_PACKAGES)
+system-run system-test:
+	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
 	fi
 
-test: setup system
+test: setup system-test
 	$(PY) -m pytest -q
 
-run: setup system
+run: setup system-run
 	$(VENV)/bin/ranksearch run $(ARGS)
 
 lint: setup

@@ -30,7 +30,11 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     for field in dataclasses.fields(DEFAULT_RECIPE):
         default = getattr(DEFAULT_RECIPE, field.name)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = dataclasses.replace(

@@ -61,6 +61,9 @@ def run(
     seed: Annotated[int, typer.Option(help="seed for data split, sampler and fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda: where models run and latency is measured")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+    latency_backend: Annotated[
+        str, typer.Option(help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU)")
+    ] = "torch",
     latency_batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,
     finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = 60,
     finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
@@ -73,6 +76,12 @@ def run(
     max_accuracy_drop: Annotated[float | None, typer.Option(help="constraint: accuracy drop in points")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")] = None,
+    workers: Annotated[
+        int, typer.Option(help="local worker processes sharing the study (threads split among them)")
+    ] = 1,
+    heartbeat: Annotated[
+        int, typer.Option(help="seconds between a trial's heartbeats; one silent for 3 is failed and retried")
+    ] = 10,
     study_name: Annotated[str | None, typer.Option(help="default: <model>-<dataset>-<space>")] = None,
     results_dir: Annotated[Path, typer.Option(help="where results/<study>/ goes")] = Path("results"),
     checkpoint: Annotated[Path | None, typer.Option(help="trained weights (state_dict or whole model)")] = None,
@@ -107,6 +116,140 @@ def techniques() -> None:
             "yes" if t.data_aware_capable else "no",
         )
     _console(stderr=False).print(table)
+
+
+StudyRef = Annotated[str, typer.Argument(help="study name (under --results-dir or in --storage) or its results/ dir")]
+ResultsDir = Annotated[Path, typer.Option(help="where results/<study>/ is")]
+Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding the study")]
+
+
+@app.command()
+@user_errors
+def show(
+    study: StudyRef,
+    all_trials: Annotated[bool, typer.Option("--all", help="every trial, not only the Pareto front")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json (csv/json on stdout)")] = "table",
+    results_dir: ResultsDir = Path("results"),
+    storage: Storage = None,
+) -> None:
+    """Show a study's Pareto front (or every trial): accuracy, drop and speedup against the baseline."""
+    from ranksearch.results import load_study
+    from ranksearch.results.export import show_study
+
+    loaded = load_study(study, results_dir=results_dir, storage=storage)
+    show_study(loaded, all_trials=all_trials, fmt=fmt, console=_console(stderr=False))
+
+
+@app.command()
+@user_errors
+def export(
+    study: StudyRef,
+    trial: Annotated[int | None, typer.Option(help="the trial with this number")] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="the fastest trial within this val accuracy drop (points)")
+    ] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="the most accurate trial within this latency")] = None,
+    out: Annotated[Path | None, typer.Option(help=".yaml/.yml/.json (default: <study>-trial<N>.yaml)")] = None,
+    results_dir: ResultsDir = Path("results"),
+    storage: Storage = None,
+) -> None:
+    """Export one trial's config with its model spec and provenance (both rules: fastest within both)."""
+    from ranksearch.results import load_study
+    from ranksearch.results.export import export_trial
+
+    loaded = load_study(study, results_dir=results_dir, storage=storage)
+    export_trial(
+        loaded,
+        trial=trial,
+        max_accuracy_drop=max_accuracy_drop,
+        max_latency_ms=max_latency_ms,
+        out=out,
+        console=_console(stderr=True),
+    )
+
+
+@app.command()
+@user_errors
+def apply(
+    config: Annotated[Path, typer.Option(help="an exported config (`ranksearch export`)")],
+    out: Annotated[Path, typer.Option(help="the compressed model, whole (torch.load(path, weights_only=False))")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="the uncompressed model's weights (default: the config's)")
+    ] = None,
+    onnx: Annotated[Path | None, typer.Option(help="also write a single-file ONNX model here")] = None,
+    threads: Annotated[int | None, typer.Option(help="threads of the latency measurement")] = None,
+    batch: Annotated[int, typer.Option(help="batch size of the ONNX check and latency measurement")] = 1,
+    dataset: Annotated[str | None, typer.Option(help="int8/data-aware calibration data (default: the study's)")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="dataset directory (default: the study's)")] = None,
+) -> None:
+    """Compress trained weights as a config says; save the model (and ONNX); time it in torch and ONNX Runtime."""
+    from ranksearch.deploy import apply_to_checkpoint
+
+    apply_to_checkpoint(
+        config,
+        checkpoint,
+        out,
+        onnx=onnx,
+        threads=threads,
+        batch=batch,
+        dataset=dataset,
+        data_root=data_root,
+        console=_console(stderr=False),
+    )
+
+
+@app.command()
+@user_errors
+def worker(
+    study: Annotated[str, typer.Argument(help="the study's name, as `ranksearch run` printed it")],
+    storage: Annotated[str | None, typer.Option(help="the study's storage URL (default: SQLite under results)")] = None,
+    results_dir: ResultsDir = Path("results"),
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: the study's)")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="this machine's dataset directory (default: the study's)")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="this machine's copy of the study's trained weights (default: its path)")
+    ] = None,
+    space: Annotated[Path | None, typer.Option(help="this machine's copy of the study's search space")] = None,
+) -> None:
+    """Join a study from this machine: run its trials (its model, data, space, baseline) until the budget is met."""
+    from ranksearch.study.workers import join_study
+
+    join_study(
+        study,
+        storage=storage,
+        results_dir=results_dir,
+        threads=threads,
+        data_root=data_root,
+        checkpoint=checkpoint,
+        space=space,
+        console=_console(stderr=True),
+    )
+
+
+@app.command()
+@user_errors
+def plot(study: StudyRef, results_dir: ResultsDir = Path("results"), storage: Storage = None) -> None:
+    """(Re)write a study's plots (Pareto front, per-layer choices, progress) as PNG and offline HTML."""
+    from ranksearch.results.plots import plot_study
+
+    for path in plot_study(study, results_dir=results_dir, storage=storage):
+        print(path)
+
+
+@app.command()
+@user_errors
+def report(
+    study: StudyRef,
+    out: Annotated[Path | None, typer.Option(help="the HTML file (default: report.html in the study's dir)")] = None,
+    results_dir: ResultsDir = Path("results"),
+    storage: Storage = None,
+) -> None:
+    """Write one self-contained HTML report: settings, baseline, front, plots, per-layer choices, time."""
+    from ranksearch.results.report import report_study
+
+    print(report_study(study, results_dir=results_dir, storage=storage, out=out))
 
 
 if __name__ == "__main__":

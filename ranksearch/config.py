@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,6 +15,8 @@ from typing import IO, Any
 from ranksearch.errors import RanksearchError
 
 FORMAT_VERSION = 1
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""Errors of a write that found no room: the disk is full, a quota or the file size limit is reached."""
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,23 @@ class LayerChoice:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Per-layer choices for a whole model, plus how ranks were rounded and where it came from."""
+    """Per-layer choices for a whole model, plus how ranks were rounded and where it came from.
+
+    ``model`` (optional) says how to rebuild the uncompressed model (``name``, ``num_classes``,
+    ``in_channels``, ``image_size``, ``checkpoint``; see :func:`ranksearch.results.export.build_from_config`);
+    ``meta`` (optional) is provenance: the study, trial, measured metrics, settings and versions.
+    """
 
     layers: Mapping[str, LayerChoice]
     rank_multiple: int = 8
     meta: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
             "rank_multiple": self.rank_multiple,
+            **({"model": dict(self.model)} if self.model else {}),
             "layers": {name: choice.to_dict() for name, choice in self.layers.items()},
             **({"meta": dict(self.meta)} if self.meta else {}),
         }
@@ -81,10 +91,14 @@ class CompressionConfig:
         version = raw.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise RanksearchError(f"config: format version {version} is not supported (expected {FORMAT_VERSION})")
+        for key in ("model", "meta"):
+            if not isinstance(raw.get(key) or {}, Mapping):
+                raise RanksearchError(f"config: '{key}' must be a mapping, got {raw[key]!r}")
         return cls(
             layers={str(n): LayerChoice.from_dict(str(n), c) for n, c in raw["layers"].items()},
             rank_multiple=int(raw.get("rank_multiple", 8)),
             meta=dict(raw.get("meta") or {}),
+            model=dict(raw.get("model") or {}),
         )
 
     @classmethod
@@ -136,19 +150,31 @@ class CompressionConfig:
         return cls.from_dict(config)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A handle on a temporary file beside ``path`` that replaces ``path`` only if the block succeeds."""
+    """A handle on a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
+
+    A full disk (or file size limit) is a :class:`RanksearchError` naming ``path``; ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise RanksearchError(
+                f"{path}: cannot be written ({exc.strerror}); free disk space or write to another disk"
+            ) from None
         raise
 
 

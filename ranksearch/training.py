@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 from ranksearch.config import atomic_open
-from ranksearch.data import DataSplits, make_loader
+from ranksearch.data import DataSplits, TensorImageDataset, make_loader
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -56,18 +56,20 @@ class Recipe:
 
     ``schedule`` "onecycle" warms up linearly over ``warmup_fraction`` of the steps to ``lr`` then
     anneals (cosine) to ~0; "cosine" starts at ``lr`` and anneals to 0. ``optimizer`` "sgd" uses
-    Nesterov momentum ``momentum``; "adamw" uses (``momentum``, 0.999) betas.
+    Nesterov momentum ``momentum``; "adamw" uses (``momentum``, 0.999) betas. ``augment`` applies the
+    dataset's random crops/flips (they slow convergence in a schedule of a few epochs).
     """
 
     epochs: int = 3
-    batch_size: int = 256
-    lr: float = 0.15
+    batch_size: int = 128
+    lr: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     warmup_fraction: float = 0.2
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    augment: bool = False
     seed: int = 0
 
     def key(self) -> str:
@@ -98,18 +100,21 @@ def train_baseline(
     Entries live in ``cache_dir`` keyed by ``key_parts`` (e.g. model and dataset) plus the recipe key;
     they are written atomically, and an unreadable or mismatching entry is retrained. Returns the model
     (eval mode, on ``device``) and metadata: val/test accuracy, train time, recipe, and whether it
-    came from the cache ("cached").
+    came from the cache ("cached") and the entry's path ("path", loadable with ``ranksearch.models.load_checkpoint``).
     """
     device = torch.device(device)
     parts = {**{k: str(v) for k, v in key_parts.items()}, "recipe": recipe.key()}
     entry = Path(cache_dir) / f"baseline-{_digest(parts)}.pt"
     meta = _load_entry(model, entry)
     if meta is not None:
-        return model.to(device).eval(), {**meta, "cached": True}
+        return model.to(device).eval(), {**meta, "cached": True, "path": str(entry)}
 
     torch.manual_seed(recipe.seed)
     model.to(device)
-    loader = make_loader(splits.train, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed)
+    train = splits.train
+    if isinstance(train, TensorImageDataset) and train.augment != recipe.augment:
+        train = train.subset(torch.arange(len(train)), augment=recipe.augment)
+    loader = make_loader(train, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed)
     steps = recipe.epochs * len(loader)
     optimizer = _optimizer(model, recipe)
     scheduler = _scheduler(optimizer, recipe, steps)
@@ -151,7 +156,7 @@ def train_baseline(
         "device": str(device),
     }
     _save_entry(model, meta, entry)
-    return model.eval(), {**meta, "cached": False}
+    return model.eval(), {**meta, "cached": False, "path": str(entry)}
 
 
 @torch.no_grad()
@@ -286,7 +291,8 @@ class CpuConvGrads(TorchFunctionMode):
 class _MatmulWeightGradConv2d(torch.autograd.Function):
     """conv2d whose weight gradient is one (out, N*L) @ (N*L, in*k*k) matrix product over unfolded inputs.
 
-    A 1x1 input to a 1x1 output (a 3x3 conv on ResNet's last stage at 28x28) needs only (out, N) @ (N, in).
+    A 1x1 input to a 1x1 output (a 3x3 conv on ResNet's last stage at 28x28) meets one kernel tap, so its
+    forward and both gradients are (N, in) x (in, out) matrix products, skipping the 8 zero-padded taps.
     """
 
     @staticmethod
@@ -300,21 +306,28 @@ class _MatmulWeightGradConv2d(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        tap = _single_tap(x, weight, stride, padding)
+        if tap is not None:  # a 1x1 map to a 1x1 output: a matrix product with one kernel tap
+            return F.linear(x.flatten(1), weight[:, :, tap[0], tap[1]], bias)[:, :, None, None]
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        n, out = grad.shape[:2]
+        tap = _single_tap(x, weight, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1, [True, False, False]
-            )[0]
+            if tap is not None:
+                grad_x = (grad.reshape(n, out) @ weight[:, :, tap[0], tap[1]]).view_as(x)
+            else:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1, [True, False, False]
+                )[0]
         if ctx.needs_input_grad[1]:
-            n, out = grad.shape[:2]
-            if x.shape[2:] == grad.shape[2:] == (1, 1):  # a 1x1 map meets only the kernel tap at `padding`
+            if tap is not None:
                 grad_w = weight.new_zeros(weight.shape)
-                grad_w[:, :, ctx.padding[0], ctx.padding[1]] = grad.reshape(n, out).t() @ x.reshape(n, -1)
+                grad_w[:, :, tap[0], tap[1]] = grad.reshape(n, out).t() @ x.reshape(n, -1)
             else:
                 cols = F.unfold(x, weight.shape[2:], padding=ctx.padding, stride=ctx.stride)
                 grad_rows = grad.reshape(n, out, -1).transpose(0, 1).reshape(out, -1)
@@ -322,6 +335,18 @@ class _MatmulWeightGradConv2d(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
+
+
+def _single_tap(
+    x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[int, int] | None:
+    """The one kernel tap a 1x1 input meets when the output is 1x1 too, else None."""
+    if x.shape[2:] != (1, 1):
+        return None
+    size = [(1 + 2 * p - k) // s + 1 for p, k, s in zip(padding, weight.shape[2:], stride)]
+    if size != [1, 1] or not all(p < k for p, k in zip(padding, weight.shape[2:])):
+        return None
+    return padding[0], padding[1]
 
 
 def _matmul_conv_call(

@@ -84,7 +84,9 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
         [str(exe), "run", "--budget", "-3", "--results-dir", str(tmp_path / "r")], capture_output=True, text=True
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: --budget -3: must be a positive number of completed trials"
+    assert done.stderr.strip() == (
+        "error: --budget -3: must be a positive number of completed trials; pass e.g. --budget 50"
+    )
     assert "Traceback" not in done.stderr + done.stdout
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -29,13 +30,16 @@ data_aware: true
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("study")
+def workdir(tmp_path_factory) -> Iterator[Path]:
+    """The module's directory; its cache (baselines, factors) is set before any module-scoped run uses it."""
+    path = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKSEARCH_CACHE_DIR", str(path / "cache"))
+        yield path
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(workdir, monkeypatch) -> None:
-    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
+def fresh_factor_store() -> None:
     rs.set_default_store(rs.FactorStore())
 
 
@@ -79,6 +83,14 @@ def test_study_reaches_the_budget(first_run) -> None:
     )
 
 
+def test_speedup_is_measured_against_the_dense_model_timed_beside_it(first_run) -> None:
+    _, result = first_run
+    for trial in result.study.get_trials(states=(TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        assert attrs["reference_latency_ms"] > 0
+        assert attrs["speedup"] == pytest.approx(attrs["reference_latency_ms"] / attrs["latency_ms"])
+
+
 def test_results_files_agree_with_the_storage(first_run) -> None:
     _, result = first_run
     trials = pd.read_csv(result.directory / "trials.csv")
@@ -107,6 +119,18 @@ def test_rerun_resumes_and_tops_up(first_run, workdir) -> None:
     again = run_search(more)
     assert again.study.study_name == result.study.study_name
     assert len(again.study.get_trials(states=(TrialState.COMPLETE,))) == settings.budget + 2
+
+
+def test_study_recorded_before_a_setting_existed_resumes_with_its_default(first_run, workdir) -> None:
+    _, result = first_run
+    identity = dict(result.study.user_attrs["identity"])
+    del identity["latency_backend"]
+    result.study.set_user_attr("identity", identity)
+    complete = len(result.study.get_trials(states=(TrialState.COMPLETE,)))
+    again = run_search(tiny_settings(workdir, budget=complete))
+    assert len(again.study.get_trials(states=(TrialState.COMPLETE,))) == complete
+    with pytest.raises(rs.RanksearchError, match="exists with latency_backend='torch', not 'onnxruntime'"):
+        run_search(tiny_settings(workdir, budget=complete, latency_backend="onnxruntime"))
 
 
 def test_study_with_other_settings_is_refused(first_run, workdir) -> None:

@@ -158,6 +158,7 @@ def test_finetune_divergence_raises(splits: DataSplits) -> None:
         (32, 64, 2, 3, 2, 1, True),
         (1, 16, 28, 7, 2, 3, True),
         (8, 4, 2, 1, 1, 0, True),
+        (8, 4, 1, 1, 2, 0, True),
         (8, 4, 7, 3, 1, 1, False),
     ],
 )

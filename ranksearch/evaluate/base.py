@@ -19,7 +19,9 @@ class BaseEvaluator(ABC):
 
     :meth:`evaluate` returns at least ``accuracy`` (a fraction in [0, 1], higher is better) and
     ``latency_ms`` (lower is better); any other numeric entries are recorded with the trial
-    (``time_<phase>_s`` entries make up the time-per-phase breakdown). The search calls it with
+    (``time_<phase>_s`` entries make up the time-per-phase breakdown; ``reference_latency_ms``, the
+    uncompressed model's latency measured right beside the compressed one's, makes the speedup a
+    ratio of two measurements taken under the same machine load). The search calls it with
     ``split="val"``; ``split="test"`` is used once at the end, for the Pareto front only, and
     must rebuild the same model as the ``"val"`` call did for that config. Raise an exception
     to fail a trial (its message is recorded as the reason); the search goes on.

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, make_loader
+from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.base import BaseEvaluator, Split
-from ranksearch.evaluate.latency import measure_latency
+from ranksearch.evaluate.latency import LATENCY_BACKENDS, Latency, measure_latency
 from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
 
 
@@ -25,8 +29,12 @@ class ClassificationEvaluator(BaseEvaluator):
     -> fine-tune ``finetune_steps`` steps, distilling from the uncompressed model -> quantize the
     int8 layers (post-training, scales from the calibration batches) -> accuracy on
     the validation split (at most ``eval_batches`` batches) -> median latency of batch
-    ``latency_batch`` on ``device``. Data order and initial state are seeded, so the same
-    configuration gives the same model on ``split="test"`` as it did on ``"val"``.
+    ``latency_batch`` on ``device``, or with ``latency_backend="onnxruntime"`` of the model exported
+    to a temporary ONNX file, in ONNX Runtime on CPU (the export's max abs error against torch is
+    returned as ``onnx_max_abs_error``); the uncompressed model is timed right before it
+    (``reference_latency_ms``), so the speedup compares two measurements under the same load. Data
+    order and initial state are seeded, so the same configuration gives the same model on
+    ``split="test"`` as it did on ``"val"``.
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class ClassificationEvaluator(BaseEvaluator):
         eval_batches: int | None = None,
         latency_batch: int = 1,
         latency_threads: int | None = None,
+        latency_backend: str = "torch",
         seed: int = 0,
     ) -> None:
         self.model = model.to(device).eval()
@@ -53,18 +62,15 @@ class ClassificationEvaluator(BaseEvaluator):
         self.calib_batches = calib_batches
         self.eval_batches = eval_batches
         self.latency_threads = latency_threads
+        self.latency_backend = latency_backend
         self.seed = seed
-        self._calib = self._calibration_inputs()
+        if latency_backend not in LATENCY_BACKENDS:
+            raise RanksearchError(
+                f"latency backend {latency_backend!r} is unknown; use {' or '.join(LATENCY_BACKENDS)}"
+            )
+        calib = calibration_batch(splits.train, batch_size=batch_size, batches=calib_batches, seed=seed)
+        self._calib = calib.to(device)
         self.example = self._calib[:latency_batch].clone()
-
-    def _calibration_inputs(self) -> torch.Tensor:
-        loader = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
-        batches = []
-        for images, _ in loader:
-            batches.append(images)
-            if len(batches) == self.calib_batches:
-                break
-        return torch.cat(batches).to(self.device)
 
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Mapping[str, float]:
         phases: dict[str, float] = {}
@@ -89,15 +95,49 @@ class ClassificationEvaluator(BaseEvaluator):
             loader = make_loader(dataset, batch_size=256, shuffle=False)
             accuracy = evaluate_accuracy(model, loader, device=self.device, max_batches=self.eval_batches)
         with _phase(phases, "latency"):
-            latency = measure_latency(model, self.example, device=self.device, threads=self.latency_threads)
+            reference, _ = self._latency(self.model)
+            latency, extra = self._latency(model)
         return {
             "accuracy": accuracy,
             "latency_ms": latency.median_ms,
+            "reference_latency_ms": reference.median_ms,
             "latency_p10_ms": latency.p10_ms,
             "latency_p90_ms": latency.p90_ms,
             "latency_spread": latency.spread,
+            **extra,
             **{f"time_{name}_s": seconds for name, seconds in phases.items()},
         }
+
+    def _latency(self, model: nn.Module) -> tuple[Latency, dict[str, float]]:
+        """The latency, and with ONNX Runtime the export's max abs error against torch (``onnx_max_abs_error``)."""
+        if self.latency_backend == "torch":
+            return measure_latency(model, self.example, device=self.device, threads=self.latency_threads), {}
+        from ranksearch.deploy import export_onnx, onnxruntime_latency
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
+                exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
+                latency = onnxruntime_latency(exported.path, self.example, threads=self.latency_threads)
+        except RanksearchError as exc:  # a wrong export fails this trial, not the search
+            raise RuntimeError(str(exc)) from None
+        return latency, {"onnx_max_abs_error": exported.max_abs_error}
+
+
+def calibration_batch(dataset: Dataset, *, batch_size: int, batches: int, seed: int) -> torch.Tensor:
+    """The first ``batches`` shuffled (seeded) training batches as one tensor: calibration and latency inputs.
+
+    Augmentation draws from the global torch RNG, so it is seeded too (in a forked RNG): the batch is
+    the same whatever ran before, and an exported trial re-evaluates to its recorded accuracy.
+    """
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
+    images = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch, _ in loader:
+            images.append(batch)
+            if len(images) == batches:
+                break
+    return torch.cat(images)
 
 
 def _trainable(model: nn.Module) -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 from ranksearch.errors import RanksearchError
+
+LATENCY_BACKENDS = ("torch", "onnxruntime")
+"""Where latency is measured: torch itself, or ONNX Runtime (CPU) running the model's ONNX export."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class Latency:
     attempts: int
     device: str
     threads: int
+    backend: str = "torch"
 
     @property
     def spread(self) -> float:
@@ -75,9 +80,7 @@ def measure_latency(
 ) -> Latency:
     """Median forward latency of ``model`` on ``example`` (batch included) in eval mode.
 
-    Each attempt warms up, then times as many runs as fit in ``target_seconds`` (between
-    ``min_runs`` and ``max_runs``). An attempt whose spread exceeds ``max_spread`` is repeated,
-    up to ``max_attempts``; the least noisy attempt is reported. CUDA runs are timed with events
+    Timed by :func:`time_repeatedly` (its docstring says how); CUDA runs are timed with events
     after a synchronisation.
     """
     device = torch.device(device)
@@ -86,17 +89,50 @@ def measure_latency(
     example = example.to(device)
     try:
         with torch_threads(threads) as used, torch.inference_mode():
-            best: list[float] | None = None
-            attempts = 0
-            while attempts < max_attempts:
-                attempts += 1
-                timings = _timed_runs(model, example, device, warmup, min_runs, max_runs, target_seconds)
-                if best is None or _spread(timings) < _spread(best):
-                    best = timings
-                if _spread(best) <= max_spread:
-                    break
+            return time_repeatedly(
+                functools.partial(_time_once, model, example, device),
+                device=str(device),
+                threads=used,
+                warmup=warmup,
+                min_runs=min_runs,
+                max_runs=max_runs,
+                target_seconds=target_seconds,
+                max_spread=max_spread,
+                max_attempts=max_attempts,
+            )
     finally:
         model.train(was_training)
+
+
+def time_repeatedly(
+    time_once: Callable[[], float],
+    *,
+    device: str,
+    threads: int,
+    backend: str = "torch",
+    warmup: int = 5,
+    min_runs: int = 10,
+    max_runs: int = 200,
+    target_seconds: float = 0.5,
+    max_spread: float = 0.15,
+    max_attempts: int = 3,
+) -> Latency:
+    """The timing loop every backend shares; ``time_once`` runs one forward pass and returns its milliseconds.
+
+    Each attempt warms up, then times as many runs as fit in ``target_seconds`` (between
+    ``min_runs`` and ``max_runs``). An attempt whose spread exceeds ``max_spread`` is repeated,
+    up to ``max_attempts``; the least noisy attempt is reported. ``device``, ``threads`` and
+    ``backend`` only label the result.
+    """
+    best: list[float] | None = None
+    attempts = 0
+    while attempts < max_attempts:
+        attempts += 1
+        timings = _timed_runs(time_once, warmup, min_runs, max_runs, target_seconds)
+        if best is None or _spread(timings) < _spread(best):
+            best = timings
+        if _spread(best) <= max_spread:
+            break
     deciles = statistics.quantiles(best, n=10)
     return Latency(
         median_ms=statistics.median(best),
@@ -104,8 +140,9 @@ def measure_latency(
         p90_ms=deciles[-1],
         runs=len(best),
         attempts=attempts,
-        device=str(device),
-        threads=used,
+        device=device,
+        threads=threads,
+        backend=backend,
     )
 
 
@@ -116,19 +153,13 @@ def _spread(timings: list[float]) -> float:
 
 
 def _timed_runs(
-    model: nn.Module,
-    example: torch.Tensor,
-    device: torch.device,
-    warmup: int,
-    min_runs: int,
-    max_runs: int,
-    target: float,
+    time_once: Callable[[], float], warmup: int, min_runs: int, max_runs: int, target: float
 ) -> list[float]:
     for _ in range(warmup):
-        model(example)
-    timings = [_time_once(model, example, device) for _ in range(min_runs)]
+        time_once()
+    timings = [time_once() for _ in range(min_runs)]
     runs = min(max_runs, max(min_runs, int(target * 1000 / max(statistics.median(timings), 1e-3))))
-    timings += [_time_once(model, example, device) for _ in range(runs - min_runs)]
+    timings += [time_once() for _ in range(runs - min_runs)]
     return timings
 
 

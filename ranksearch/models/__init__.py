@@ -87,7 +87,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise RanksearchError(
-            f"checkpoint {path} is unreadable ({_first_line(exc)}); save it with torch.save(model.state_dict(), path)"
+            f"checkpoint {path} is unreadable ({_first_line(exc).split('. ')[0]}); "
+            "save it with torch.save(model.state_dict(), path)"
         ) from None
     state = _unwrap_state_dict(raw)
     if state is None:

@@ -19,9 +19,15 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.config import CompressionConfig, atomic_write_text
+from ranksearch.errors import RanksearchError
 
 BASELINE_KEY = "baseline"
+MODEL_KEY = "model"
 TEST_ACCURACY_KEY = "test_accuracy"
+STORAGE_FILE = "study.db"
+SETTINGS_KEY = "settings"
+PHASES_KEY = "phase_seconds"
+"""Seconds per phase of the last run outside the trials (load, baseline training, test of the front)."""
 
 
 def choice_label(choice: Mapping[str, Any]) -> str:
@@ -130,7 +136,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str] | None = None) -> None:
-    """``trials.csv``, ``pareto.csv`` and ``pareto.json`` under ``directory``, each written atomically."""
+    """``trials.csv``, ``pareto.csv``, ``pareto.json`` and ``settings.json`` in ``directory``, written atomically."""
     write_csv(trial_rows(study, layer_names), directory / "trials.csv")
     front = front_rows(study)
     write_csv(front, directory / "pareto.csv")
@@ -138,6 +144,8 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
     document = {"study": study.study_name, "baseline": baseline(study), "front": members}
     atomic_write_text(directory / "pareto.json", json.dumps(_finite(document), indent=2) + "\n")
+    settings = study.user_attrs.get(SETTINGS_KEY, {})
+    atomic_write_text(directory / "settings.json", json.dumps(_finite(settings), indent=2) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -149,3 +157,26 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage: str | None = None) -> optuna.Study:
+    """Open a finished or running study read-write: ``ref`` is a study name (under ``results_dir``, or in
+    ``storage`` when given) or the path of a ``results/<study>/`` directory."""
+    path = Path(ref)
+    if storage is None:
+        directory = path if (path / STORAGE_FILE).is_file() else results_dir / str(ref)
+        if not (directory / STORAGE_FILE).is_file():
+            raise RanksearchError(
+                f"study {str(ref)!r}: no {STORAGE_FILE} in {directory}; pass a study name under --results-dir, "
+                "a results/<study>/ directory, or --storage URL"
+            )
+        storage, name = f"sqlite:///{(directory / STORAGE_FILE).resolve()}", directory.name
+    else:
+        name = path.name if (path / STORAGE_FILE).is_file() else str(ref)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise RanksearchError(f"study {name!r} is not in {storage}; check the name with `optuna studies`") from None
+    except Exception as exc:  # sqlalchemy errors for unreachable or malformed URLs
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RanksearchError(f"storage {storage}: cannot open study {name!r} ({first_line})") from None

@@ -135,19 +135,8 @@ class SearchSpace:
         MACs) and it resolves to integer ranks no earlier choice did; a layer left with nothing
         but ``keep`` is not searchable.
         """
-        candidates = {
-            name: layer
-            for name, layer in model.named_modules()
-            if any(isinstance(layer, LAYER_TYPES[t]) for t in self.types)
-        }
-        for pattern in self.include:
-            if not any(fnmatchcase(name, pattern) for name in candidates):
-                close = difflib.get_close_matches(pattern, list(candidates), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else "use globs such as 'layer1.*'"
-                raise RanksearchError(
-                    f"search space {self.source}: layers.include: pattern {pattern!r} matches no "
-                    f"{'/'.join(self.types)} layer of {type(model).__name__}; {hint}"
-                )
+        self.check_layers(model)
+        candidates = self._candidates(model)
         slots: dict[str, LayerSlot] = {}
         for name, layer in candidates.items():
             kind = layer_kind(layer)
@@ -166,6 +155,26 @@ class SearchSpace:
             if slot is not None:
                 slots[name] = slot
         return slots
+
+    def check_layers(self, model: nn.Module) -> None:
+        """Every ``layers.include`` pattern matches a layer of ``model`` (weights play no part, so an untrained
+        model can be checked before a long training)."""
+        candidates = list(self._candidates(model))
+        for pattern in self.include:
+            if not any(fnmatchcase(name, pattern) for name in candidates):
+                close = difflib.get_close_matches(pattern, candidates, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "use globs such as 'layer1.*'"
+                raise RanksearchError(
+                    f"search space {self.source}: layers.include: pattern {pattern!r} matches no "
+                    f"{'/'.join(self.types)} layer of {type(model).__name__}; {hint}"
+                )
+
+    def _candidates(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {
+            name: layer
+            for name, layer in model.named_modules()
+            if any(isinstance(layer, LAYER_TYPES[t]) for t in self.types)
+        }
 
     def _slot(self, name: str, layer: nn.Module, kind: str, shape: tuple[int, ...]) -> LayerSlot | None:
         cost_report(layer, "keep", None, shape)  # a shape that does not fit the layer fails here, loudly

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import logging
 import math
 import os
 import tempfile
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import TrialState
 from rich.console import Console
 from torch import nn
 
@@ -24,11 +25,21 @@ from ranksearch.compress import ModelCost, dense_model_cost, model_cost
 from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, load_dataset
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate.base import BaseEvaluator, checked_metrics
+from ranksearch.evaluate.base import BaseEvaluator, Split, checked_metrics
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.evaluate.latency import resolve_device, torch_threads
 from ranksearch.models import build_model, load_checkpoint, model_family
-from ranksearch.results import BASELINE_KEY, TEST_ACCURACY_KEY, front_trials, write_results
+from ranksearch.results import (
+    BASELINE_KEY,
+    MODEL_KEY,
+    PHASES_KEY,
+    SETTINGS_KEY,
+    STORAGE_FILE,
+    TEST_ACCURACY_KEY,
+    front_trials,
+    write_results,
+)
+from ranksearch.results.plots import write_plots_or_warn
 from ranksearch.search import (
     LayerSlot,
     SearchSpace,
@@ -40,6 +51,7 @@ from ranksearch.search import (
 )
 from ranksearch.study.report import SearchProgress, print_summary
 from ranksearch.study.settings import RunSettings, file_digest
+from ranksearch.study.storage import check_fingerprint, open_storage, optimize_to_budget, problem_fingerprint
 from ranksearch.training import DEFAULT_RECIPE, train_baseline
 
 ANCHORS = (("keep", None), ("svd", 0.5), ("tucker2", 0.5), ("svd", 0.25), ("tucker2", 0.25))
@@ -56,6 +68,18 @@ class RunContext:
     device: torch.device
     example: torch.Tensor
     input_shapes: dict[str, tuple[int, ...]]
+    checkpoint: Path | None = None
+    """The file holding ``model``'s trained weights: ``--checkpoint`` or the cached baseline."""
+
+    def model_spec(self) -> dict[str, object]:
+        """How to rebuild ``model``: the ``build_model`` arguments and its weights file (an export's ``model``)."""
+        return {
+            "name": self.settings.model,
+            "num_classes": self.splits.num_classes,
+            "in_channels": self.splits.in_channels,
+            "image_size": self.splits.image_size,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        }
 
 
 @dataclass
@@ -74,6 +98,10 @@ def run_search(
     """Run (or resume and top up) the study ``settings`` describe; see the README for the pipeline."""
     console = console or Console(stderr=True)
     settings.validate()
+    if evaluator is not None and settings.workers > 1:
+        raise RanksearchError("--workers: worker processes cannot share an evaluator object; pass --evaluator NAME")
+    if settings.workers > 1 and settings.threads is None:  # the workers share the cores; the baseline is timed alike
+        settings = replace(settings, threads=max(1, len(os.sched_getaffinity(0)) // settings.workers))
     device = resolve_device(settings.device)
     space_path = settings.space or default_space_path(model_family(settings.model))
     space = SearchSpace.load(space_path)
@@ -81,10 +109,11 @@ def run_search(
     directory = settings.results_dir / settings.name()
     custom = _import_object(settings.evaluator, "--evaluator") if settings.evaluator and evaluator is None else None
     _check_writable(settings.results_dir)
+    _check_existing_study(settings, directory)
     phases: dict[str, float] = {}
     with torch_threads(settings.threads), _quiet_optuna():
         start = time.perf_counter()
-        context = load_problem(settings, device, console, phases)
+        context = load_problem(settings, device, console, phases, space=space)
         phases["load"] = time.perf_counter() - start - phases.get("baseline_training", 0.0)
         slots = space.layers(context.model, context.input_shapes)
         if not slots:
@@ -92,6 +121,8 @@ def run_search(
         evaluator = evaluator or _make_evaluator(settings, context, custom)
         directory.mkdir(parents=True, exist_ok=True)
         study = _open_study(settings, directory)
+        check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
+        study.set_user_attr(MODEL_KEY, context.model_spec())
         dense = dense_model_cost(context.model, context.example)
         baseline = _baseline(study, evaluator, dense, console)
         if not study.trials:
@@ -99,12 +130,14 @@ def run_search(
         objective = _objective(settings, evaluator, context, slots, space.rank_multiple, dense, baseline)
         layer_names = list(slots)
         try:
-            _optimize(study, objective, settings, directory, layer_names, console)
+            _optimize(study, objective, settings, context, directory, layer_names, console)
             start = time.perf_counter()
             _test_front(study, evaluator, console)
             phases["test_front"] = time.perf_counter() - start
         finally:
             write_results(study, directory, layer_names=layer_names)
+            study.set_user_attr(PHASES_KEY, phases)
+            write_plots_or_warn(study, directory, console)
     result = SearchResult(study, directory, baseline, phases)
     print_summary(result, settings, console)
     return result
@@ -112,15 +145,26 @@ def run_search(
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """The progress bar reports trials; Optuna's per-trial log lines and experimental warnings would bury it."""
+    """The progress bar reports trials; Optuna's per-trial log lines and experimental warnings would bury it.
+
+    Its "Trial N failed" warnings repeat the line printed per failed trial (with a traceback after Ctrl-C).
+    """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    optimize_logger.addFilter(_not_a_failed_trial)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
+        optimize_logger.removeFilter(_not_a_failed_trial)
         optuna.logging.set_verbosity(verbosity)
+
+
+def _not_a_failed_trial(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Trial ") and " failed with " in message)
 
 
 def _check_writable(results_dir: Path) -> None:
@@ -135,9 +179,17 @@ def _check_writable(results_dir: Path) -> None:
 
 
 def load_problem(
-    settings: RunSettings, device: torch.device, console: Console, phases: dict[str, float] | None = None
+    settings: RunSettings,
+    device: torch.device,
+    console: Console,
+    phases: dict[str, float] | None = None,
+    *,
+    space: SearchSpace | None = None,
 ) -> RunContext:
-    """The data splits and the trained model (from ``--checkpoint`` or the cached baseline) of a run."""
+    """The data splits and the trained model (from ``--checkpoint`` or the cached baseline) of a run.
+
+    ``space``'s layer patterns are checked on the built model before any weights are loaded or trained.
+    """
     splits = load_dataset(
         settings.dataset,
         root=settings.data_root,
@@ -154,8 +206,11 @@ def load_problem(
         image_size=splits.image_size,
         weights=settings.weights,
     )
+    if space is not None:
+        space.check_layers(model)
     if settings.checkpoint is not None:
         model = load_checkpoint(model, settings.checkpoint)
+        checkpoint = Path(settings.checkpoint)
     else:
         recipe = (
             DEFAULT_RECIPE if settings.baseline_epochs is None else DEFAULT_RECIPE.with_epochs(settings.baseline_epochs)
@@ -180,10 +235,13 @@ def load_problem(
             phases["baseline_training"] = time.perf_counter() - start
         if info.get("cached"):
             console.print(f"baseline: reusing the trained {settings.model} from the cache")
+        checkpoint = Path(info["path"])
     model = model.to(device).eval()
     _check_weights(model, settings)
     example = splits.val[0][0].unsqueeze(0).repeat(settings.latency_batch, 1, 1, 1).to(device)
-    return RunContext(settings, model, splits, device, example, record_input_shapes(model, example))
+    return RunContext(
+        settings, model, splits, device, example, record_input_shapes(model, example), checkpoint.resolve()
+    )
 
 
 def _check_weights(model: nn.Module, settings: RunSettings) -> None:
@@ -202,9 +260,14 @@ def _make_evaluator(settings: RunSettings, context: RunContext, custom: type | N
         try:
             evaluator = custom(context=context)
         except Exception as exc:
-            raise RanksearchError(f"--evaluator {settings.evaluator}: construction failed: {exc}") from None
+            raise RanksearchError(
+                f"--evaluator {settings.evaluator}: construction failed ({_reason(exc)}); "
+                "make Class(*, context) build without raising"
+            ) from None
         if not isinstance(evaluator, BaseEvaluator):
-            raise RanksearchError(f"--evaluator {settings.evaluator}: must subclass ranksearch.BaseEvaluator")
+            raise RanksearchError(
+                f"--evaluator {settings.evaluator}: not a ranksearch.BaseEvaluator; derive the class from it"
+            )
         return evaluator
     return ClassificationEvaluator(
         model=context.model,
@@ -216,6 +279,7 @@ def _make_evaluator(settings: RunSettings, context: RunContext, custom: type | N
         calib_batches=settings.calib_batches,
         latency_batch=settings.latency_batch,
         latency_threads=settings.threads,
+        latency_backend=settings.latency_backend,
         seed=settings.seed,
     )
 
@@ -223,7 +287,7 @@ def _make_evaluator(settings: RunSettings, context: RunContext, custom: type | N
 def _import_object(spec: str, option: str) -> type:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise RanksearchError(f"{option} {spec!r}: expected 'package.module:Name' or 'path/file.py:Name'")
+        raise RanksearchError(f"{option} {spec!r}: no ':Name'; pass 'package.module:Name' or 'path/file.py:Name'")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
@@ -235,45 +299,99 @@ def _import_object(spec: str, option: str) -> type:
         else:
             module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as exc:
-        raise RanksearchError(f"{option} {spec!r}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # the module is user code: whatever its import raises is reported, not raised
+        raise RanksearchError(
+            f"{option} {spec!r}: cannot be loaded ({_reason(exc)}); check that the module imports "
+            "(on PYTHONPATH, or a path ending in .py) and defines the name"
+        ) from None
 
 
-def _storage(settings: RunSettings, directory: Path) -> str | optuna.storages.BaseStorage:
-    return settings.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+def _storage_url(settings: RunSettings, directory: Path) -> str:
+    return settings.storage or f"sqlite:///{(directory / STORAGE_FILE).resolve()}"
+
+
+def _check_existing_study(settings: RunSettings, directory: Path) -> None:
+    """Before anything is loaded: ``--storage`` opens (an unreachable server fails now), and a study of this
+    name there was run with the same settings."""
+    if settings.storage is None and not (directory / STORAGE_FILE).is_file():
+        return
+    try:
+        storage = open_storage(_storage_url(settings, directory), heartbeat=settings.heartbeat)
+        study_id = storage.get_study_id_from_name(settings.name())
+    except KeyError:
+        return
+    except Exception as exc:  # sqlalchemy and driver errors: malformed or unreachable URLs, unreadable files
+        raise _storage_error(settings, directory, exc) from None
+    _check_identity(settings, storage.get_study_user_attrs(study_id).get("identity"))
 
 
 def _open_study(settings: RunSettings, directory: Path) -> optuna.Study:
-    sampler = _sampler(settings)
+    database = directory / STORAGE_FILE
+    new_database = settings.storage is None and not database.exists()
     try:
         study = optuna.create_study(
-            storage=_storage(settings, directory),
-            sampler=sampler,
+            storage=open_storage(_storage_url(settings, directory), heartbeat=settings.heartbeat),
+            sampler=_sampler(settings),
             study_name=settings.name(),
             directions=["maximize", "minimize"],
             load_if_exists=True,
         )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(
-            f"--storage {settings.storage or directory}: cannot open the study ({first_line})"
-        ) from None
-    except Exception as exc:  # sqlalchemy errors for unreachable or malformed URLs
-        first_line = str(exc).splitlines()[0]
-        raise RanksearchError(f"--storage {settings.storage}: cannot open the study ({first_line})") from None
+    except Exception as exc:  # sqlalchemy and driver errors: malformed or unreachable URLs, a full disk
+        if new_database:
+            _remove_database(database)
+        raise _storage_error(settings, directory, exc) from None
     recorded = study.user_attrs.get("identity")
-    identity = settings.identity()
+    _check_identity(settings, recorded)
     if recorded is None:
         study.set_metric_names(["accuracy", "latency_ms"])
-        study.set_user_attr("identity", identity)
-        study.set_user_attr("settings", settings.to_dict())
-    elif recorded != identity:
-        key = next(k for k in identity if recorded.get(k) != identity[k])
-        raise RanksearchError(
-            f"study {settings.name()!r} exists with {key}={recorded.get(key)!r}, not {identity[key]!r}; "
-            "rerun with the same settings or pass --study-name for a new study"
-        )
+        study.set_user_attr("identity", settings.identity())
+    study.set_user_attr(SETTINGS_KEY, settings.to_dict())  # the latest budget and timeout, for workers to follow
     return study
+
+
+def _check_identity(settings: RunSettings, recorded: dict[str, object] | None) -> None:
+    identity = settings.identity()
+    if recorded is None:
+        return
+    recorded = {**RunSettings.default_identity(), **recorded}  # keys added since the study was made
+    if recorded == identity:
+        return
+    key = next(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
+    raise RanksearchError(
+        f"study {settings.name()!r} exists with {key}={recorded.get(key)!r}, not {identity.get(key)!r}; "
+        "rerun with the same settings or pass --study-name for a new study"
+    )
+
+
+def _storage_error(settings: RunSettings, directory: Path, exc: Exception) -> RanksearchError:
+    if settings.storage is None:
+        return RanksearchError(
+            f"{directory / STORAGE_FILE}: cannot be opened or written ({_reason(exc.__cause__ or exc)}); "
+            "check that its disk has room and is writable, or pass another --results-dir"
+        )
+    if isinstance(exc, ImportError):
+        return RanksearchError(
+            f"--storage {settings.storage}: no database driver for it ({_reason(exc.__cause__ or exc)}); "
+            "install one (pip install 'ranksearch[dist]' for postgresql+psycopg2://) and name it in the URL"
+        )
+    return RanksearchError(
+        f"--storage {settings.storage}: cannot be opened ({_reason(exc)}); "
+        "check the URL (dialect+driver://user:password@host:port/database) and that the server is up"
+    )
+
+
+def _remove_database(database: Path) -> None:
+    """A SQLite database this run created but could not set up (a full disk), with its folder if left empty."""
+    for path in (database, *(database.with_name(database.name + s) for s in ("-wal", "-shm", "-journal"))):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        database.parent.rmdir()
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: message``, first line only."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _sampler(settings: RunSettings) -> optuna.samplers.BaseSampler:
@@ -292,8 +410,7 @@ def _baseline(study: optuna.Study, evaluator: BaseEvaluator, dense: ModelCost, c
     if recorded:
         return dict(recorded)
     console.print("baseline: measuring the uncompressed model")
-    metrics = checked_metrics(evaluator, evaluator.evaluate(CompressionConfig(layers={})))
-    test = checked_metrics(evaluator, evaluator.evaluate(CompressionConfig(layers={}), split="test"))
+    metrics, test = (_baseline_metrics(evaluator, split) for split in ("val", "test"))
     baseline = {
         "accuracy": metrics["accuracy"],
         "test_accuracy": test["accuracy"],
@@ -304,6 +421,19 @@ def _baseline(study: optuna.Study, evaluator: BaseEvaluator, dense: ModelCost, c
     }
     study.set_user_attr(BASELINE_KEY, baseline)
     return baseline
+
+
+def _baseline_metrics(evaluator: BaseEvaluator, split: Split) -> dict[str, float]:
+    """The uncompressed model's metrics: an evaluator failing on it can score nothing, so the run stops."""
+    try:
+        return checked_metrics(evaluator, evaluator.evaluate(CompressionConfig(layers={}), split=split))
+    except (RanksearchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise RanksearchError(
+            f"evaluator {type(evaluator).__name__} failed on the uncompressed model ({_reason(exc)}); "
+            "fix the evaluator or its settings, then rerun"
+        ) from None
 
 
 def _enqueue_anchors(study: optuna.Study, slots: dict[str, LayerSlot], rank_multiple: int) -> None:
@@ -343,7 +473,7 @@ def _objective(
             trial.set_user_attr("fail_reason", reason)
             return math.nan
         drop_pp = 100.0 * (baseline["accuracy"] - metrics["accuracy"])
-        speedup = baseline["latency_ms"] / metrics["latency_ms"]
+        speedup = metrics.get("reference_latency_ms", baseline["latency_ms"]) / metrics["latency_ms"]
         for key, value in {**metrics, "accuracy_drop_pp": drop_pp, "speedup": speedup}.items():
             trial.set_user_attr(key, value)
         if settings.max_accuracy_drop is not None:
@@ -355,39 +485,37 @@ def _objective(
     return objective
 
 
-def completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
 def _optimize(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], tuple[float, float] | float],
     settings: RunSettings,
+    context: RunContext,
     directory: Path,
     layer_names: list[str],
     console: Console,
 ) -> None:
-    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
-    failures_in_a_row = 0
+    """Run trials here (or in ``settings.workers`` local processes) until the budget is complete."""
     with SearchProgress(study, settings, console) as progress:
-        while completed(study) < settings.budget:
-            if deadline is not None and time.monotonic() >= deadline:
-                console.print(f"--timeout {settings.timeout:g}s reached after {completed(study)} completed trials")
-                break
-            study.optimize(objective, n_trials=1)
-            last = study.trials[-1]
-            if last.state == TrialState.FAIL:
-                failures_in_a_row += 1
-                console.print(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the log')}")
-                if failures_in_a_row >= max(10, settings.budget // 2):
-                    raise RanksearchError(
-                        f"{failures_in_a_row} trials failed in a row (last: {last.user_attrs.get('fail_reason')}); "
-                        "fix the cause and rerun to resume"
-                    )
-            else:
-                failures_in_a_row = 0
+
+        def refresh() -> None:
             write_results(study, directory, layer_names=layer_names)
             progress.update()
+
+        if settings.workers == 1:
+            optimize_to_budget(
+                study, objective, budget=settings.budget, timeout=settings.timeout, after_trial=refresh, console=console
+            )
+            return
+        from ranksearch.study.workers import run_local_workers  # workers.py builds on this module
+
+        run_local_workers(
+            study,
+            settings,
+            storage=_storage_url(settings, directory),
+            checkpoint=context.checkpoint,
+            refresh=refresh,
+            console=console,
+        )
 
 
 def _test_front(study: optuna.Study, evaluator: BaseEvaluator, console: Console) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from ranksearch.errors import RanksearchError
@@ -18,6 +18,7 @@ IDENTITY = (
     "weights",
     "space_digest",
     "device",
+    "latency_backend",
     "latency_batch",
     "finetune_steps",
     "finetune_lr",
@@ -45,6 +46,7 @@ class RunSettings:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    latency_backend: str = "torch"
     latency_batch: int = 1
     finetune_steps: int = 60
     finetune_lr: float = 0.01
@@ -57,6 +59,8 @@ class RunSettings:
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     storage: str | None = None
+    workers: int = 1
+    heartbeat: int = 10
     study_name: str | None = None
     results_dir: Path = Path("results")
     checkpoint: Path | None = None
@@ -69,12 +73,17 @@ class RunSettings:
     def validate(self) -> None:
         """Cheap checks of the values alone (files and names are checked when loaded)."""
         if self.budget <= 0:
-            raise RanksearchError(f"--budget {self.budget}: must be a positive number of completed trials")
+            raise RanksearchError(
+                f"--budget {self.budget}: must be a positive number of completed trials; pass e.g. --budget 50"
+            )
         if self.sampler not in SAMPLERS:
             raise RanksearchError(f"--sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        self._validate_latency_backend()
         positive = {
             "--timeout": self.timeout,
             "--threads": self.threads,
+            "--workers": self.workers,
+            "--heartbeat": self.heartbeat,
             "--latency-batch": self.latency_batch,
             "--batch-size": self.batch_size,
             "--calib-batches": self.calib_batches,
@@ -86,15 +95,37 @@ class RunSettings:
         }
         for option, value in positive.items():
             if value is not None and value <= 0:
-                raise RanksearchError(f"{option} {value}: must be positive")
+                raise RanksearchError(f"{option} {value}: must be positive; pass a number above 0 or leave it out")
         if self.finetune_steps < 0:
-            raise RanksearchError(f"--finetune-steps {self.finetune_steps}: must be 0 or more")
+            raise RanksearchError(
+                f"--finetune-steps {self.finetune_steps}: must be 0 or more; pass 0 to skip fine-tuning, e.g. 60"
+            )
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
-            raise RanksearchError(f"--max-accuracy-drop {self.max_accuracy_drop}: must be >= 0 percentage points")
+            raise RanksearchError(
+                f"--max-accuracy-drop {self.max_accuracy_drop}: must be >= 0 percentage points; pass e.g. 1.0"
+            )
         if not 0 < self.val_fraction < 1:
-            raise RanksearchError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+            raise RanksearchError(
+                f"--val-fraction {self.val_fraction}: must be between 0 and 1 (exclusive); pass e.g. 0.1"
+            )
         if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.study_name):
             raise RanksearchError(f"--study-name {self.study_name!r}: use letters, digits, '.', '_' and '-' only")
+
+    def _validate_latency_backend(self) -> None:
+        from ranksearch.evaluate.latency import LATENCY_BACKENDS
+
+        backend = self.latency_backend
+        if backend not in LATENCY_BACKENDS:
+            raise RanksearchError(f"--latency-backend {backend!r} is unknown; choose {' or '.join(LATENCY_BACKENDS)}")
+        if backend == "onnxruntime":
+            if not self.device.startswith("cpu"):
+                raise RanksearchError(
+                    f"--latency-backend onnxruntime times on CPU, not --device {self.device}; "
+                    "use --device cpu or --latency-backend torch"
+                )
+            from ranksearch.deploy import require_onnxruntime
+
+            require_onnxruntime()
 
     def name(self) -> str:
         """The study name: given, or ``<model>-<dataset>-<space>``."""
@@ -107,12 +138,26 @@ class RunSettings:
     def identity(self) -> dict[str, object]:
         return {key: _jsonable(getattr(self, key)) for key in IDENTITY}
 
+    @classmethod
+    def default_identity(cls) -> dict[str, object]:
+        """The identity entries of fields that have defaults (what a study recorded before a field existed)."""
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return {key: _jsonable(defaults[key]) for key in IDENTITY if key in defaults}
+
     def to_dict(self) -> dict[str, object]:
         return {key: _jsonable(value) for key, value in asdict(self).items()}
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, recorded: dict[str, object], **changes: object) -> RunSettings:
+        """Settings recorded by :meth:`to_dict` (keys this version lacks are dropped), with ``changes`` applied."""
+        values = {f.name: recorded[f.name] for f in fields(cls) if f.name in recorded}
+        values.update(changes)
+        paths = {f.name for f in fields(cls) if "Path" in str(f.type)}
+        return cls(**{k: Path(v) if k in paths and isinstance(v, str) else v for k, v in values.items()})
 
 
 def file_digest(path: Path) -> str:

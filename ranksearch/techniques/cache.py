@@ -21,6 +21,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ranksearch.config import atomic_open
+from ranksearch.errors import RanksearchError
 
 Factors = dict[str, torch.Tensor]
 
@@ -117,7 +118,7 @@ class FactorStore:
         path = self._path(key)
         if path is None:
             return
-        with contextlib.suppress(OSError), atomic_open(path, "wb") as handle:  # a read-only cache only costs speed
+        with contextlib.suppress(OSError, RanksearchError), atomic_open(path, "wb") as handle:  # costs only speed
             torch.save({k: v.cpu() for k, v in factors.items()}, handle)
 
 

@@ -1,0 +1,196 @@
+"""Workers: processes, on this machine or any other, that run an existing study's trials until its budget is complete.
+
+``ranksearch worker STUDY --storage URL`` joins a study from any machine; ``ranksearch run --workers N``
+starts N local worker processes. Optuna's storage hands out the trials; :mod:`ranksearch.study.storage`
+keeps the budget exact and retries the trials of workers that died.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from ranksearch.compress import dense_model_cost
+from ranksearch.errors import RanksearchError
+from ranksearch.evaluate.latency import resolve_device, torch_threads
+from ranksearch.results import BASELINE_KEY, MODEL_KEY, SETTINGS_KEY, STORAGE_FILE, load_study
+from ranksearch.search import SearchSpace
+from ranksearch.study.runner import _import_object, _make_evaluator, _objective, _quiet_optuna, load_problem
+from ranksearch.study.settings import RunSettings, file_digest
+from ranksearch.study.storage import (
+    POLL_S,
+    check_fingerprint,
+    fail_stale_trials,
+    open_storage,
+    optimize_to_budget,
+    problem_fingerprint,
+    trial_counts,
+    worker_label,
+)
+
+STOP_GRACE_S = 10.0
+"""Seconds a local worker gets to mark its trial failed after Ctrl-C before it is terminated."""
+
+
+def join_study(
+    study_name: str,
+    *,
+    storage: str | None = None,
+    results_dir: Path = Path("results"),
+    threads: int | None = None,
+    data_root: Path | None = None,
+    checkpoint: Path | None = None,
+    space: Path | None = None,
+    console: Console | None = None,
+) -> int:
+    """Run trials of an existing study until its budget is complete; return how many this worker completed.
+
+    Model, dataset, space, evaluator, budget, heartbeat and baseline are the study's (recorded by
+    ``ranksearch run``); ``data_root``, ``checkpoint`` and ``space`` point at this machine's copies
+    (default: the paths the study recorded), which must match the study's digests. ``threads``
+    defaults to the study's. Without ``storage`` the study is ``results_dir/<study>/study.db``.
+    """
+    console = console or Console(stderr=True)
+    study = load_study(study_name, results_dir=results_dir, storage=storage)
+    url = storage or f"sqlite:///{(results_dir / study_name / STORAGE_FILE).resolve()}"
+    recorded = study.user_attrs.get(SETTINGS_KEY)
+    if recorded is None:
+        raise RanksearchError(f"study {study_name!r} has no recorded settings; start it with `ranksearch run` first")
+    baseline = study.user_attrs.get(BASELINE_KEY)
+    if baseline is None:
+        raise RanksearchError(
+            f"study {study_name!r} has no baseline yet; start workers once `ranksearch run` has measured it"
+        )
+    changes: dict[str, object] = {"storage": storage, "workers": 1}
+    local = {"threads": threads, "data_root": data_root, "space": space}
+    changes.update({k: v for k, v in local.items() if v is not None})
+    changes["checkpoint"] = (
+        checkpoint or recorded.get("checkpoint") or study.user_attrs.get(MODEL_KEY, {}).get("checkpoint")
+    )
+    settings = RunSettings.from_dict(recorded, **changes)
+    settings.validate()
+    _check_local_files(settings, recorded)
+    device = resolve_device(settings.device)
+    custom = _import_object(settings.evaluator, "--evaluator") if settings.evaluator else None
+    label = worker_label()
+    with torch_threads(settings.threads), _quiet_optuna():
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(url, heartbeat=settings.heartbeat))
+        context = load_problem(settings, device, console)
+        check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
+        search_space = SearchSpace.load(settings.space)
+        slots = search_space.layers(context.model, context.input_shapes)
+        evaluator = _make_evaluator(settings, context, custom)
+        dense = dense_model_cost(context.model, context.example)
+        objective = _objective(settings, evaluator, context, slots, search_space.rank_multiple, dense, baseline)
+        console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, settings.budget)})")
+        done = optimize_to_budget(study, objective, budget=settings.budget, timeout=settings.timeout, console=console)
+    console.print(
+        f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, settings.budget)}"
+    )
+    return done
+
+
+def _check_local_files(settings: RunSettings, recorded: dict[str, object]) -> None:
+    """The study's trained weights and search space must be on this machine, the space unchanged."""
+    if settings.checkpoint is None or not settings.checkpoint.is_file():
+        raise RanksearchError(
+            f"checkpoint {settings.checkpoint}: the study's trained weights are not on this machine; "
+            "copy that file here and pass --checkpoint PATH"
+        )
+    if settings.space is None or not settings.space.is_file():
+        raise RanksearchError(
+            f"search space {settings.space}: not on this machine; copy the study's space file and pass --space PATH"
+        )
+    if file_digest(settings.space) != recorded.get("space_digest"):
+        raise RanksearchError(
+            f"--space {settings.space}: differs from the search space the study was started with; pass that file"
+        )
+
+
+def _progress(study: optuna.Study, budget: int) -> str:
+    counts = trial_counts(study)
+    return f"{counts[TrialState.COMPLETE]}/{budget} complete, {counts[TrialState.RUNNING]} running"
+
+
+def run_local_workers(
+    study: optuna.Study,
+    settings: RunSettings,
+    *,
+    storage: str,
+    checkpoint: Path | None,
+    refresh: Callable[[], None],
+    console: Console,
+) -> None:
+    """Start ``settings.workers`` worker processes on ``study`` (at ``storage``) and wait for them.
+
+    Each runs with ``settings.threads`` threads. While they run, ``refresh`` runs whenever the study's
+    trials change, and stale trials are failed for retry.
+    Raises when every worker stopped with an error before the budget was complete.
+    """
+    context = multiprocessing.get_context("spawn")
+    kwargs = {
+        "study_name": study.study_name,
+        "storage": storage,
+        "threads": settings.threads,
+        "data_root": settings.data_root,
+        "checkpoint": checkpoint,
+        "space": settings.space,
+    }
+    processes = [
+        context.Process(target=_worker_process, kwargs=kwargs, name=f"ranksearch-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    console.print(f"starting {settings.workers} workers with {settings.threads or 'all'} thread(s) each")
+    for process in processes:
+        process.start()
+    seen = None
+    try:
+        while alive := [p for p in processes if p.is_alive()]:
+            counts = trial_counts(study)
+            if counts != seen:
+                refresh()
+                seen = counts
+            fail_stale_trials(study)
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=POLL_S)
+    finally:
+        _stop(processes)
+    refresh()
+    codes = [p.exitcode for p in processes]
+    complete = trial_counts(study)[TrialState.COMPLETE]
+    if complete < settings.budget and all(code != 0 for code in codes):
+        raise RanksearchError(
+            f"all {len(processes)} workers stopped with {complete}/{settings.budget} trials complete "
+            f"(exit codes {codes}); fix the cause named above and rerun to resume"
+        )
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Interrupt running workers (their trial is marked failed), then terminate those that linger."""
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGINT)
+    for process in processes:
+        process.join(STOP_GRACE_S)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+
+
+def _worker_process(**kwargs: object) -> None:
+    """A local worker's entry point: one line and exit code 2 for a user error, 130 for Ctrl-C."""
+    try:
+        join_study(**kwargs)  # type: ignore[arg-type]
+    except RanksearchError as exc:
+        print(f"worker {worker_label()}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,213 @@
+"""Deployable models: single-file ONNX export checked in real ONNX Runtime, its latency, `ranksearch apply`, and
+a search timed in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+import ranksearch as rs
+from ranksearch.cli import app
+from ranksearch.deploy import FLOAT_TOLERANCE, INT8_TOLERANCE, export_onnx, onnxruntime_latency
+from ranksearch.models import build_model
+from ranksearch.study import RunSettings, run_search
+from ranksearch.techniques.int8 import int8_available
+
+SPEC = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "image_size": 28}
+LAYERS = ("layer1.0.conv1", "layer2.0.conv2")
+FAST_TIMING = {"warmup": 2, "min_runs": 5, "max_runs": 20, "target_seconds": 0.05, "max_attempts": 1}
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="no x86 (fbgemm) quantized engine")
+SPACE = """
+layers: {include: ["layer*"], types: [Conv2d]}
+techniques: {spatial_conv: [keep, svd, tucker2], pointwise_conv: [keep, svd]}
+ranks: [0.25, 0.5]
+int8: true
+"""
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_cache(tmp_path_factory) -> Iterator[None]:
+    """Factors in memory only (shared by this module's tests), never in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        rs.set_default_store(rs.FactorStore())
+        yield
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=10, in_channels=1, image_size=28).eval()
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def compressed(model: torch.nn.Module, technique: str, *, int8: bool) -> torch.nn.Module:
+    rank = {} if technique == "keep" else {"rank": 0.25}
+    layers = {name: {"technique": technique, **rank, "int8": int8} for name in LAYERS}
+    if int8:  # an int8 classifier too: its output is the model's, rounded as int8 (the loosest case)
+        layers["fc"] = {"technique": "keep", "int8": True}
+    config = {"layers": layers}
+    return rs.apply_config(model, config, calib_inputs=images(16, seed=1)).eval()
+
+
+def ort_output(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=needs_int8)], ids=["float", "int8"])
+@pytest.mark.parametrize("technique", rs.list_techniques())
+def test_export_is_one_file_matching_torch(model, technique: str, int8: bool, tmp_path: Path) -> None:
+    net = compressed(model, technique, int8=int8)
+    path = tmp_path / "model.onnx"
+    exported = export_onnx(net, images(1, seed=2), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # weights inside: no .onnx.data sidecar
+    assert exported.size_bytes == path.stat().st_size > 1_000_000
+    assert 0 <= exported.max_abs_error <= exported.tolerance
+    x = images(3, seed=3)  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        expected = net(x).numpy()
+    error = np.abs(ort_output(path, x) - expected).max()
+    assert error <= (INT8_TOLERANCE if int8 else FLOAT_TOLERANCE) * max(1.0, np.abs(expected).max())
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ({"QuantizeLinear", "DequantizeLinear"} <= ops) == int8  # int8 layers stay int8 in ONNX Runtime
+
+
+def test_export_over_tolerance_raises_and_writes_nothing(model, tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    with pytest.raises(rs.RanksearchError, match=r"differs from torch's by .* over the tolerance"):
+        export_onnx(compressed(model, "svd", int8=False), images(1, seed=2), path, tolerance=1e-12)
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnxruntime_latency_stats(model, tmp_path: Path) -> None:
+    path = export_onnx(model, images(1, seed=2), tmp_path / "dense.onnx").path
+    latency = onnxruntime_latency(path, images(1, seed=2), threads=1, **FAST_TIMING)
+    assert latency.backend == "onnxruntime" and latency.threads == 1 and latency.device == "cpu"
+    assert 0 < latency.p10_ms <= latency.median_ms <= latency.p90_ms
+    assert latency.spread >= 0 and 5 <= latency.runs <= 20 and latency.to_dict()["spread"] == latency.spread
+    torch_latency = rs.measure_latency(model, images(1, seed=2), threads=1, **FAST_TIMING)
+    assert torch_latency.backend == "torch" and torch_latency.median_ms > 0
+
+
+@pytest.fixture(scope="module")
+def apply_files(model, tmp_path_factory) -> Path:
+    """A trained-weights checkpoint and an exported-style config with a float and an int8 layer."""
+    root = tmp_path_factory.mktemp("apply")
+    torch.save(model.state_dict(), root / "weights.pt")
+    layers = {"layer1.0.conv1": {"technique": "svd", "rank": 0.5}}
+    if int8_available():
+        layers["layer2.0.conv2"] = {"technique": "tucker2", "rank": 0.5, "int8": True}
+    config = {"model": SPEC, "layers": layers, "meta": {"settings": {"dataset": "fashion_mnist", "seed": 0}}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_apply_cli_end_to_end(apply_files: Path, tmp_path: Path) -> None:
+    out, onnx = tmp_path / "compressed.pt", tmp_path / "compressed.onnx"
+    args = ["apply", "--config", str(apply_files / "config.json"), "--checkpoint", str(apply_files / "weights.pt")]
+    args += ["--out", str(out), "--onnx", str(onnx), "--threads", "1", "--data-root", str(apply_files / "data")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.stdout and "uncompressed" in result.stdout and "compressed.onnx" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed.onnx", "compressed.pt"]
+    loaded = torch.load(out, weights_only=False)  # the documented one-line load-back
+    x = images(2, seed=4)
+    with torch.no_grad():
+        got = loaded(x)
+    rebuilt = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
+    rebuilt.load_state_dict(torch.load(apply_files / "weights.pt"))
+    assert not torch.equal(got, rebuilt.eval()(x))  # it is the compressed model, not the dense one
+    assert isinstance(loaded.get_submodule("layer1.0.conv1"), rs.CompressedLayer)
+    assert torch.equal(got, loaded(x))
+    np.testing.assert_allclose(ort_output(onnx, x), got.detach().numpy(), atol=INT8_TOLERANCE * 2)
+
+
+def bad_apply(tmp_path: Path, config: Path, checkpoint: Path) -> tuple[int, str]:
+    out = tmp_path / "out.pt"
+    result = runner.invoke(app, ["apply", "--config", str(config), "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert not out.exists()
+    return result.exit_code, result.stderr
+
+
+def test_apply_missing_config_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:
+    code, stderr = bad_apply(tmp_path, tmp_path / "missing.yaml", apply_files / "weights.pt")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "missing.yaml" in lines[0] and "cannot be read" in lines[0], stderr
+
+
+def test_apply_checkpoint_of_another_architecture_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:
+    other = tmp_path / "mobilenet.pt"
+    torch.save(build_model("mobilenet_v2", num_classes=10, in_channels=1, image_size=28).state_dict(), other)
+    code, stderr = bad_apply(tmp_path, apply_files / "config.json", other)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "mobilenet.pt does not fit the model" in lines[0], stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--latency-backend", "tvm"], "--latency-backend 'tvm' is unknown; choose torch or onnxruntime"),
+        (["--latency-backend", "onnxruntime", "--device", "cuda"], "use --device cpu or --latency-backend torch"),
+    ],
+)
+def test_bad_latency_backend_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    results = tmp_path / "results"
+    result = runner.invoke(app, ["run", "--results-dir", str(results), *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not results.exists()
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    rs.set_default_store(rs.FactorStore())
+    return tmp_path
+
+
+def tiny_settings(root: Path, checkpoint: Path, **changes: object) -> RunSettings:
+    """The tiny search of tests/test_study.py, from given weights (no baseline training)."""
+    (root / "tiny.yaml").write_text(SPACE)
+    values = dict(
+        budget=3,
+        space=root / "tiny.yaml",
+        checkpoint=checkpoint,
+        train_subset=512,
+        eval_subset=256,
+        finetune_steps=2,
+        batch_size=64,
+        calib_batches=1,
+        threads=1,
+        results_dir=root / "results",
+        data_root=root / "data",
+        study_name="ort",
+    )
+    return RunSettings(**{**values, **changes})
+
+
+def test_search_timed_in_onnxruntime(study_dir: Path, apply_files: Path) -> None:
+    weights = apply_files / "weights.pt"
+    settings = tiny_settings(study_dir, weights, latency_backend="onnxruntime")
+    result = run_search(settings)
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3
+    for trial in complete:  # each trial's model went through an export checked in ONNX Runtime, then timed there
+        assert trial.user_attrs["latency_ms"] > 0 and trial.values[1] == trial.user_attrs["latency_ms"]
+        assert 0 <= trial.user_attrs["onnx_max_abs_error"] <= 1e-3  # float anchors: baseline, svd, tucker2
+    assert result.study.user_attrs["settings"]["latency_backend"] == "onnxruntime"
+    with pytest.raises(rs.RanksearchError, match="exists with latency_backend='onnxruntime', not 'torch'"):
+        run_search(tiny_settings(study_dir, weights))

@@ -1,0 +1,132 @@
+"""The HTML report: self-contained, complete, escaped, and rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_plots import decoded_png, external_references, synthetic_study
+from test_study import tiny_settings
+from typer.testing import CliRunner
+
+import ranksearch as rs
+from ranksearch.cli import app
+from ranksearch.results import front_rows
+from ranksearch.results.report import render_report, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real 5-trial search (the baseline and uniform anchors) on the tiny problem of test_study.py."""
+    workdir = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
+        rs.set_default_store(rs.FactorStore())
+        return rs.run_search(tiny_settings(workdir, budget=5, study_name="report"))
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run) -> Path:
+    return write_report(tiny_run.study, tiny_run.directory)
+
+
+def test_report_holds_the_front_baseline_plots_layers_and_time(tiny_run, report) -> None:
+    html = report.read_text()
+    assert report == tiny_run.directory / "report.html"
+    front = front_rows(tiny_run.study)
+    assert front
+    for row in front:
+        assert f'<td class="text">{row["trial"]}' in html  # the front table
+        assert f"<summary>trial {row['trial']}" in html  # its per-layer details
+        assert f"{100 * row['test_accuracy']:.2f}%" in html
+    assert f"{tiny_run.baseline['params']:,}" in html and f"{tiny_run.baseline['macs']:,}" in html
+    assert html.count('class="plot"') == 3 and html.count("Plotly.newPlot") == 3
+    assert "all trials (wall clock)" in html and "run: load" in html  # trial phases and the run's phases
+    assert "layer1.0.conv1" in html
+
+
+def test_report_references_nothing_outside_itself(report) -> None:
+    html = report.read_text()
+    assert external_references(html) == []
+    assert "<link" not in html and "@import" not in html
+
+
+def test_report_escapes_text_from_the_study() -> None:
+    study = synthetic_study()
+    study.set_user_attr("settings", {**study.user_attrs["settings"], "model": "</td><script>alert(1)</script>"})
+    html = render_report(study)
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;/td&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert external_references(html) == []
+
+
+def test_report_command_writes_where_asked(tiny_run, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere" / "r.html"
+    args = ["report", "report", "--results-dir", str(tiny_run.directory.parent), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out) and out.stat().st_size > 1_000_000
+
+
+def chromium_or_skip() -> None:
+    """Skip without a browser only outside CI: under CI a missing browser is a failure."""
+    try:
+        import playwright.sync_api  # noqa: F401
+
+        reason = None if CHROMIUM.exists() else f"{CHROMIUM} is missing (apt-get install chromium)"
+    except ImportError:
+        reason = "the playwright package is missing (pip install -e '.[dev]')"
+    if reason and os.environ.get("CI"):
+        pytest.fail(reason)
+    if reason:
+        pytest.skip(reason)
+
+
+def test_report_renders_in_headless_chromium(tiny_run, report, tmp_path: Path) -> None:
+    chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    pages = [report] + [tiny_run.directory / f"{name}.html" for name in ("pareto", "layers", "progress")]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            for path in pages:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                errors: list[str] = []
+                requests: list[str] = []
+                page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                page.on("request", lambda r, requests=requests: requests.append(r.url))
+                page.goto(path.as_uri(), wait_until="load")
+                expected = 3 if path == report else 1
+                page.wait_for_function(
+                    f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}", timeout=30_000
+                )
+                drawn = page.evaluate(
+                    "Array.from(document.querySelectorAll('.js-plotly-plot')).map("
+                    "p => p.querySelectorAll('.scatterlayer .trace, .heatmaplayer image').length)"
+                )
+                assert len(drawn) == expected and all(n > 0 for n in drawn), (path.name, drawn)
+                assert errors == [], (path.name, errors)
+                assert all(url.startswith(("file:", "data:", "blob:")) for url in requests), requests
+                if path == report:
+                    shot = tmp_path / "report.png"
+                    page.screenshot(path=str(shot), full_page=True)
+                page.close()
+        finally:
+            browser.close()
+    image = decoded_png(shot)
+    assert image.width == 1280 and image.height > 2000
+    assert len(Image.Image.getcolors(image, maxcolors=1 << 20) or []) > 100  # not blank

@@ -1,0 +1,250 @@
+"""Workers and faults on a real tiny study: a real PostgreSQL server, real processes, real SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from pgcluster import postgres_bindir, throwaway_postgres
+from rich.console import Console
+
+from ranksearch.errors import RanksearchError
+from ranksearch.models import build_model
+from ranksearch.study.storage import open_storage, optimize_to_budget
+from ranksearch.study.workers import join_study
+
+SPACE = """
+layers:
+  include: ["layer*"]
+  types: [Conv2d]
+techniques:
+  spatial_conv: [keep, svd, spatial_svd]
+  pointwise_conv: [keep, svd]
+ranks: [0.25, 0.5]
+int8: false
+data_aware: false
+"""
+BUDGET = 6
+HEARTBEAT = 3
+WAIT_S = 900.0
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server; missing PostgreSQL fails under CI (CI=true) and skips elsewhere."""
+    if postgres_bindir() is None:
+        reason = "PostgreSQL server not installed (apt-get install postgresql)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with throwaway_postgres() as url:
+        optuna.storages.RDBStorage(url)  # Optuna's tables, created once before processes race to create them
+        yield url
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("workers")
+    (workdir / "tiny.yaml").write_text(SPACE)
+    return workdir
+
+
+def cli(workdir: Path, command: str, *args: str) -> list[str]:
+    """A ``ranksearch`` command line on the tiny problem of tests/test_study.py."""
+    common = ["--results-dir", str(workdir / "results"), "--data-root", str(workdir / "data")]
+    if command == "run":
+        common += [
+            *("--model", "resnet18", "--space", str(workdir / "tiny.yaml"), "--budget", str(BUDGET)),
+            *("--train-subset", "512", "--eval-subset", "256", "--baseline-epochs", "1", "--finetune-steps", "3"),
+            *("--batch-size", "64", "--calib-batches", "1", "--threads", "1", "--sampler", "random"),
+            *("--heartbeat", str(HEARTBEAT)),
+        ]
+    return [sys.executable, "-m", "ranksearch.cli", command, *args, *common]
+
+
+def start(workdir: Path, command: list[str], log: str) -> subprocess.Popen:
+    env = {**os.environ, "RANKSEARCH_CACHE_DIR": str(workdir / "cache")}
+    with open(workdir / log, "ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition: Callable[[], object], what: str, *processes: subprocess.Popen) -> object:
+    """Poll ``condition`` until it returns something truthy; fail if a process exits first or time runs out."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        for process in processes:
+            assert process.poll() is None, f"{process.args[3]} exited with {process.returncode} before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def load(name: str, storage: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def complete_trials(database: Path) -> int:
+    """COMPLETE trials in an embedded study, read without creating anything (0 while the run sets it up)."""
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            return connection.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def running_trial(name: str, storage: str) -> FrozenTrial | None:
+    """A trial some worker is evaluating (its config is recorded, so the kill lands mid-trial)."""
+    study = load(name, storage)
+    running = [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return next((t for t in running if "config" in t.user_attrs and "worker" in t.user_attrs), None)
+
+
+def kill_worker_of(trial: FrozenTrial) -> int:
+    pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def check_outcome(study: optuna.Study, killed: FrozenTrial, directory: Path) -> None:
+    """Exactly the budget complete, unique numbers, the killed trial failed and retried with its params,
+    and the results files agree with the storage."""
+    trials = study.trials
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == BUDGET
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert [t.state for t in retries].count(TrialState.COMPLETE) == 1
+    assert all(t.params == trials[killed.number].params for t in retries)
+    rows = pd.read_csv(directory / "trials.csv")
+    assert list(rows["trial"]) == [t.number for t in trials]
+    assert list(rows["state"]) == [t.state.name for t in trials]
+    pareto = json.loads((directory / "pareto.json").read_text())
+    assert {m["trial"] for m in pareto["front"]} == {t.number for t in study.best_trials}
+    assert len(pd.read_csv(directory / "pareto.csv")) == len(study.best_trials)
+    assert not list(directory.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def resumed(workdir: Path) -> tuple[FrozenTrial, dict[int, list[float]]]:
+    """kill -9 of the single-process run mid-trial, then the same command again, which must succeed.
+
+    Returns the killed trial and the values of the trials complete at the kill."""
+    command = cli(workdir, "run", "--study-name", "resume")
+    url = f"sqlite:///{workdir / 'results' / 'resume' / 'study.db'}"
+    run = start(workdir, command, "resume.log")
+
+    def two_complete_and_one_running() -> FrozenTrial | None:
+        # read-only SQL first: opening a half-created database with Optuna would race the run creating its tables
+        done = complete_trials(workdir / "results" / "resume" / "study.db") >= 2
+        return running_trial("resume", url) if done else None
+
+    killed = wait_for(two_complete_and_one_running, "two complete trials and a running one", run)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    before = {t.number: t.values for t in load("resume", url).get_trials(states=(TrialState.COMPLETE,))}
+    rerun = start(workdir, command, "resume.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (workdir / "resume.log").read_text()[-3000:]
+    return killed, before
+
+
+def test_killed_run_resumes_with_every_completed_trial(workdir: Path, resumed) -> None:
+    killed, before = resumed
+    study = load("resume", f"sqlite:///{workdir / 'results' / 'resume' / 'study.db'}")
+    assert {n: study.trials[n].values for n in before} == before
+    check_outcome(study, killed, workdir / "results" / "resume")
+
+
+def test_workers_share_the_budget_and_retry_a_killed_workers_trial(workdir: Path, postgres_url: str) -> None:
+    """`run --workers 2` plus a `worker` on PostgreSQL; one of the three is killed mid-trial."""
+    run = start(
+        workdir, cli(workdir, "run", "--study-name", "pg", "--storage", postgres_url, "--workers", "2"), "pg.log"
+    )
+    wait_for(lambda: (study := load("pg", postgres_url)) and "baseline" in study.user_attrs, "the baseline", run)
+    worker = start(workdir, cli(workdir, "worker", "pg", "--storage", postgres_url, "--threads", "1"), "pg.log")
+    killed = wait_for(lambda: running_trial("pg", postgres_url), "a running trial", run)
+    pid = kill_worker_of(killed)
+    if pid == worker.pid:
+        worker.wait()
+    assert run.wait(timeout=WAIT_S) == 0, (workdir / "pg.log").read_text()[-3000:]
+    if pid != worker.pid:
+        assert worker.wait(timeout=WAIT_S) == 0
+    check_outcome(load("pg", postgres_url), killed, workdir / "results" / "pg")
+
+
+def test_worker_joins_a_complete_study_and_runs_nothing(workdir: Path, resumed) -> None:
+    assert join_study("resume", results_dir=workdir / "results", data_root=workdir / "data", threads=1) == 0
+
+
+def test_worker_refuses_another_search_space(workdir: Path, resumed) -> None:
+    other = workdir / "other.yaml"
+    other.write_text(SPACE.replace("ranks: [0.25, 0.5]", "ranks: [0.5]"))
+    with pytest.raises(RanksearchError, match=r"other\.yaml: differs from the search space the study was started with"):
+        join_study("resume", results_dir=workdir / "results", space=other)
+
+
+def test_worker_refuses_other_weights(workdir: Path, resumed) -> None:
+    checkpoint = workdir / "untrained.pt"
+    torch.save(build_model("resnet18", num_classes=10, in_channels=1, image_size=28).state_dict(), checkpoint)
+    with pytest.raises(RanksearchError, match=r"untrained\.pt\) differ from the study's; pass --checkpoint"):
+        join_study("resume", results_dir=workdir / "results", data_root=workdir / "data", checkpoint=checkpoint)
+
+
+def test_worker_refuses_a_missing_study(workdir: Path) -> None:
+    with pytest.raises(RanksearchError, match=r"study 'nope': no study\.db"):
+        join_study("nope", results_dir=workdir / "results")
+
+
+def racing_objective(trial: optuna.Trial) -> tuple[float, float]:
+    x = trial.suggest_float("x", 0.0, 1.0)
+    time.sleep(0.02)
+    return x, 1.0 - x
+
+
+def race_to_budget(url: str, budget: int) -> None:
+    study = optuna.load_study(study_name="race", storage=open_storage(url, heartbeat=HEARTBEAT))
+    optimize_to_budget(study, racing_objective, budget=budget, console=Console(quiet=True))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_racing_workers_complete_exactly_the_budget(backend: str, tmp_path: Path, request) -> None:
+    """Four processes with 20 ms trials race for the last slots: never more than the budget complete."""
+    url = f"sqlite:///{tmp_path / 'race.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    budget = 24
+    study = optuna.create_study(
+        study_name="race", storage=open_storage(url, heartbeat=HEARTBEAT), directions=["maximize"] * 2
+    )
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"x": x})
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=race_to_budget, args=(url, budget)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(WAIT_S)
+    assert [p.exitcode for p in processes] == [0] * 4
+    trials = optuna.load_study(study_name="race", storage=url).trials
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == budget
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    if backend == "postgresql":
+        optuna.delete_study(study_name="race", storage=url)
