@@ -3,6 +3,7 @@ one line naming the culprit and the fix, no traceback, and nothing half-written 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -361,7 +362,9 @@ def test_evaluator_with_wrong_keys(ws: Workspace, tmp_path: Path, evaluators: st
 
 def test_ctrl_c_mid_trial_keeps_completed_trials(ws: Workspace, tmp_path: Path, study: Path) -> None:
     results = tmp_path / "results"
-    proc = run_process(ws, ws.args(results, "--budget", "50", "--study-name", "interrupted"))
+    # As at a terminal: a job started in the background of a non-interactive shell (CI) inherits SIGINT ignored.
+    default_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = run_process(ws, ws.args(results, "--budget", "50", "--study-name", "interrupted"), preexec_fn=default_sigint)
     lines = []
     for line in proc.stderr:  # a line per completed trial, as stderr is not a terminal
         lines.append(line)
