@@ -11,14 +11,17 @@ The budget counts COMPLETE trials in the whole study; :func:`optimize_to_budget`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -143,12 +146,49 @@ def optimize_to_budget(
     evaluated. ``after_trial`` runs whenever the study's trials change. Returns how many trials this
     process completed.
     """
+    with _remember_sigint() as interrupted:
+        return _optimize_loop(study, objective, budget, timeout, after_trial, console, interrupted)
+
+
+@contextlib.contextmanager
+def _remember_sigint() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python swallows an interrupt that
+    lands inside a finalizer ("Exception ignored in ..."), and the loop must still stop after that trial."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield interrupted
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _optimize_loop(
+    study: optuna.Study,
+    objective: Objective,
+    budget: int,
+    timeout: float | None,
+    after_trial: Callable[[], None] | None,
+    console: Console,
+    interrupted: threading.Event,
+) -> int:
     guard = BudgetGuard(study=study, objective=objective, budget=budget)
     deadline = None if timeout is None else time.monotonic() + timeout
     completed = failures_in_a_row = 0
     seen: Counter[TrialState] | None = None
     finished: list[FrozenTrial] = []
     while True:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
         counts = trial_counts(study)
         if counts != seen and seen is not None and after_trial is not None:
             after_trial()
