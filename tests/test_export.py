@@ -329,18 +329,8 @@ def test_exported_config_rebuilds_the_trial(real, tmp_path, which) -> None:
     assert sum(p.numel() for p in float_model.parameters()) == trial.user_attrs["params"]
 
     # the trial's evaluator pipeline (recalibrate, fine-tune, int8, evaluate), same seed, on the fresh baseline
-    evaluator = ClassificationEvaluator(
-        model=fresh,
-        splits=context.splits,
-        device=torch.device("cpu"),
-        finetune_steps=settings.finetune_steps,
-        finetune_lr=settings.finetune_lr,
-        batch_size=settings.batch_size,
-        calib_batches=settings.calib_batches,
-        latency_batch=settings.latency_batch,
-        latency_threads=settings.threads,
-        latency_backend=settings.latency_backend,
-        seed=settings.seed,
+    evaluator = ClassificationEvaluator.from_settings(
+        settings, model=fresh, splits=context.splits, device=torch.device("cpu")
     )
     with torch_threads(settings.threads):
         metrics = evaluator.evaluate(config)

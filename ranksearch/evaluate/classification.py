@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.base import BaseEvaluator, Split
 from ranksearch.evaluate.latency import LATENCY_BACKENDS, Latency, measure_latency
 from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
+
+if TYPE_CHECKING:
+    from ranksearch.study.settings import RunSettings
 
 
 class ClassificationEvaluator(BaseEvaluator):
@@ -71,6 +75,25 @@ class ClassificationEvaluator(BaseEvaluator):
         calib = calibration_batch(splits.train, batch_size=batch_size, batches=calib_batches, seed=seed)
         self._calib = calib.to(device)
         self.example = self._calib[:latency_batch].clone()
+
+    @classmethod
+    def from_settings(
+        cls, settings: RunSettings, *, model: nn.Module, splits: DataSplits, device: torch.device
+    ) -> ClassificationEvaluator:
+        """The evaluator a run with ``settings`` uses, on ``model`` and ``splits``."""
+        return cls(
+            model=model,
+            splits=splits,
+            device=device,
+            finetune_steps=settings.finetune_steps,
+            finetune_lr=settings.finetune_lr,
+            batch_size=settings.batch_size,
+            calib_batches=settings.calib_batches,
+            latency_batch=settings.latency_batch,
+            latency_threads=settings.threads,
+            latency_backend=settings.latency_backend,
+            seed=settings.seed,
+        )
 
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Mapping[str, float]:
         phases: dict[str, float] = {}

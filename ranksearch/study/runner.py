@@ -269,18 +269,8 @@ def _make_evaluator(settings: RunSettings, context: RunContext, custom: type | N
                 f"--evaluator {settings.evaluator}: not a ranksearch.BaseEvaluator; derive the class from it"
             )
         return evaluator
-    return ClassificationEvaluator(
-        model=context.model,
-        splits=context.splits,
-        device=context.device,
-        finetune_steps=settings.finetune_steps,
-        finetune_lr=settings.finetune_lr,
-        batch_size=settings.batch_size,
-        calib_batches=settings.calib_batches,
-        latency_batch=settings.latency_batch,
-        latency_threads=settings.threads,
-        latency_backend=settings.latency_backend,
-        seed=settings.seed,
+    return ClassificationEvaluator.from_settings(
+        settings, model=context.model, splits=context.splits, device=context.device
     )
 
 
