@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,plot,onnx,dist]"
+	$(PY) -m pip install -q -e ".[dev,plot,onnx,dist,dashboard]"
 	touch $@
 
 # Debian packages: the offline Fashion-MNIST files; the tests also need a browser (report) and PostgreSQL (workers).

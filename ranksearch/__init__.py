@@ -4,6 +4,7 @@ from ranksearch.compress import CompressedLayer, CostReport, apply_config, compr
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError
 from ranksearch.evaluate import BaseEvaluator, Latency, measure_latency
+from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
 from ranksearch.techniques.cache import FactorStore, set_default_store
 from ranksearch.techniques.spec import Cost
@@ -18,6 +19,7 @@ __all__ = [
     "FactorStore",
     "Latency",
     "LayerChoice",
+    "NuclearNormPenalty",
     "RanksearchError",
     "RunSettings",
     "SearchResult",

@@ -73,6 +73,9 @@ def run(
     train_subset: Annotated[int | None, typer.Option(help="use only this many training images")] = None,
     val_fraction: Annotated[float, typer.Option(help="share of the training set held out for validation")] = 0.1,
     baseline_epochs: Annotated[int | None, typer.Option(help="override the baseline recipe's epochs")] = None,
+    baseline_nuclear_norm: Annotated[
+        float, typer.Option(help="train the baseline with this low-rank (nuclear-norm) penalty; 0 is off")
+    ] = 0.0,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="constraint: accuracy drop in points")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")] = None,
@@ -225,6 +228,23 @@ def worker(
         checkpoint=checkpoint,
         space=space,
         console=_console(stderr=True),
+    )
+
+
+@app.command()
+@user_errors
+def dashboard(
+    study: StudyRef,
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    results_dir: ResultsDir = Path("results"),
+    storage: Storage = None,
+) -> None:
+    """Serve optuna-dashboard, a live view of the study (needs the dashboard extra)."""
+    from ranksearch.results.dashboard import serve_dashboard
+
+    serve_dashboard(
+        study, results_dir=results_dir, storage=storage, host=host, port=port, console=_console(stderr=True)
     )
 
 

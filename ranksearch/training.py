@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ranksearch.config import atomic_open
 from ranksearch.data import DataSplits, TensorImageDataset, make_loader
+from ranksearch.regularize import NuclearNormPenalty
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -44,6 +45,7 @@ __all__ = [
 
 CACHE_FORMAT = 1
 EXPLODED = 100.0
+NUCLEAR_NORM_EVERY = 8
 
 
 class DivergedError(FloatingPointError):
@@ -58,9 +60,12 @@ class Recipe:
     anneals (cosine) to ~0; "cosine" starts at ``lr`` and anneals to 0. ``optimizer`` "sgd" uses
     Nesterov momentum ``momentum``; "adamw" uses (``momentum``, 0.999) betas. ``augment`` applies the
     dataset's random crops/flips (they slow convergence in a schedule of a few epochs).
+    ``nuclear_norm`` > 0 adds :class:`ranksearch.regularize.NuclearNormPenalty` of that strength to the
+    loss (computed every ``NUCLEAR_NORM_EVERY`` steps), to train a baseline whose factorizations lose
+    less accuracy.
     """
 
-    epochs: int = 3
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -70,11 +75,16 @@ class Recipe:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment: bool = False
+    nuclear_norm: float = 0.0
     seed: int = 0
 
     def key(self) -> str:
-        """A stable 16-hex-digit hash of all fields, for cache keys."""
-        return _digest(asdict(self))
+        """A stable 16-hex-digit hash of all fields, for cache keys (``nuclear_norm`` only when used, so
+        recipes from before it keep their keys)."""
+        fields = asdict(self)
+        if not self.nuclear_norm:
+            del fields["nuclear_norm"]
+        return _digest(fields)
 
     def with_epochs(self, epochs: int) -> Recipe:
         """This recipe trained for ``epochs`` epochs."""
@@ -118,6 +128,11 @@ def train_baseline(
     steps = recipe.epochs * len(loader)
     optimizer = _optimizer(model, recipe)
     scheduler = _scheduler(optimizer, recipe, steps)
+    penalty = (
+        NuclearNormPenalty(model, strength=recipe.nuclear_norm, every=NUCLEAR_NORM_EVERY)
+        if recipe.nuclear_norm
+        else None
+    )
     history = []
     started = time.perf_counter()
     with _progress(progress) as bar:
@@ -129,6 +144,8 @@ def train_baseline(
                 for images, labels in loader:
                     images, labels = _to(images, device), labels.to(device)
                     loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
+                    if penalty is not None:
+                        loss = loss + penalty()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -95,3 +95,73 @@ def test_techniques_lists_the_registry() -> None:
     assert result.exit_code == 0
     for name in ("svd", "tucker2", "cp", "spatial_tucker2"):
         assert name in result.stdout
+
+
+def _demo_study(results: Path) -> None:
+    """results/demo/study.db holding one COMPLETE two-objective trial."""
+    import optuna
+
+    directory = results / "demo"
+    directory.mkdir(parents=True)
+    storage = f"sqlite:///{directory / 'study.db'}"
+    study = optuna.create_study(study_name="demo", storage=storage, directions=["maximize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 3.0]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_dashboard_serves_the_study(tmp_path: Path) -> None:
+    import json
+    import time
+    import urllib.request
+
+    _demo_study(tmp_path / "results")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("ranksearch")
+    args = [str(exe), "dashboard", "demo", "--results-dir", str(tmp_path / "results"), "--port", str(port)]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while body is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    body = json.load(response)
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, server.stderr.read() if server.poll() is not None else "no answer in 60 s"
+        (summary,) = body["study_summaries"]
+        assert summary["study_name"] == "demo"
+        assert len(summary["directions"]) == 2
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/dashboard/studies/" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_dashboard_on_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    _demo_study(tmp_path / "results")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(
+            app, ["dashboard", "demo", "--results-dir", str(tmp_path / "results"), "--port", str(port)]
+        )
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: dashboard at 127.0.0.1:") and "pass a free --port" in line, result.stderr
+
+
+def test_dashboard_of_a_missing_study(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["dashboard", "nowhere", "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: study 'nowhere': no study.db"), result.stderr

@@ -159,9 +159,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage: str | None = None) -> optuna.Study:
-    """Open a finished or running study read-write: ``ref`` is a study name (under ``results_dir``, or in
-    ``storage`` when given) or the path of a ``results/<study>/`` directory."""
+def locate_study(
+    ref: str | Path, *, results_dir: Path = Path("results"), storage: str | None = None
+) -> tuple[str, str]:
+    """The storage URL and study name of ``ref``: a study name (under ``results_dir``, or in ``storage``
+    when given) or the path of a ``results/<study>/`` directory."""
     path = Path(ref)
     if storage is None:
         directory = path if (path / STORAGE_FILE).is_file() else results_dir / str(ref)
@@ -170,9 +172,13 @@ def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage:
                 f"study {str(ref)!r}: no {STORAGE_FILE} in {directory}; pass a study name under --results-dir, "
                 "a results/<study>/ directory, or --storage URL"
             )
-        storage, name = f"sqlite:///{(directory / STORAGE_FILE).resolve()}", directory.name
-    else:
-        name = path.name if (path / STORAGE_FILE).is_file() else str(ref)
+        return f"sqlite:///{(directory / STORAGE_FILE).resolve()}", directory.name
+    return storage, path.name if (path / STORAGE_FILE).is_file() else str(ref)
+
+
+def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage: str | None = None) -> optuna.Study:
+    """Open a finished or running study read-write (``ref``, ``results_dir``, ``storage``: see :func:`locate_study`)."""
+    storage, name = locate_study(ref, results_dir=results_dir, storage=storage)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

@@ -212,8 +212,10 @@ def load_problem(
         model = load_checkpoint(model, settings.checkpoint)
         checkpoint = Path(settings.checkpoint)
     else:
-        recipe = (
-            DEFAULT_RECIPE if settings.baseline_epochs is None else DEFAULT_RECIPE.with_epochs(settings.baseline_epochs)
+        recipe = replace(
+            DEFAULT_RECIPE,
+            epochs=settings.baseline_epochs or DEFAULT_RECIPE.epochs,
+            nuclear_norm=settings.baseline_nuclear_norm,
         )
         start = time.perf_counter()
         model, info = train_baseline(

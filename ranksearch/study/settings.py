@@ -29,6 +29,7 @@ IDENTITY = (
     "val_fraction",
     "evaluator",
     "seed",
+    "baseline_nuclear_norm",
 )
 """Settings that define what a study measures: a study resumed with other values is refused."""
 
@@ -56,6 +57,7 @@ class RunSettings:
     train_subset: int | None = None
     val_fraction: float = 0.1
     baseline_epochs: int | None = None
+    baseline_nuclear_norm: float = 0.0
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     storage: str | None = None
@@ -99,6 +101,10 @@ class RunSettings:
         if self.finetune_steps < 0:
             raise RanksearchError(
                 f"--finetune-steps {self.finetune_steps}: must be 0 or more; pass 0 to skip fine-tuning, e.g. 60"
+            )
+        if self.baseline_nuclear_norm < 0:
+            raise RanksearchError(
+                f"--baseline-nuclear-norm {self.baseline_nuclear_norm}: must be 0 (off) or more; pass e.g. 1e-4"
             )
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise RanksearchError(
