@@ -454,7 +454,8 @@ class LayersInfo(PlotInfo):
             spine.set_visible(False)
         bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
         bar.set_label(self.measure, fontsize=FONT_SIZE - 1)
-        ax.set_xlabel(f"front member (trial, speedup), fastest first\n{self.key()}", fontsize=FONT_SIZE - 1)
+        key = textwrap.fill(self.key(), width=max(40, int(9 * width)))  # ~9 characters an inch at this size
+        ax.set_xlabel(f"front member (trial, speedup), fastest first\n{key}", fontsize=FONT_SIZE - 1)
         ax.set_title(self.title(), fontsize=FONT_SIZE + 1, pad=12)
         return fig
 
