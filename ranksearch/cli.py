@@ -65,6 +65,14 @@ def run(
         str, typer.Option(help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU)")
     ] = "torch",
     latency_batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,
+    latency_table: Annotated[
+        bool,
+        typer.Option(
+            "--latency-table/--no-latency-table",
+            help="time each layer variant once; reject configs predicted slower than the dense model "
+            "or over --max-latency-ms before evaluating them",
+        ),
+    ] = True,
     finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = 60,
     finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,

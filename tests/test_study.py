@@ -13,8 +13,10 @@ import torch
 from optuna.trial import TrialState
 
 import ranksearch as rs
+from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
 from ranksearch.study import RunSettings, run_search
+from ranksearch.study.report import latency_prediction
 
 SPACE = """
 layers:
@@ -139,10 +141,34 @@ def test_study_with_other_settings_is_refused(first_run, workdir) -> None:
 
 
 def test_constraints_mark_infeasible_trials(workdir) -> None:
-    settings = tiny_settings(workdir, budget=6, max_latency_ms=1e-6, study_name="constrained")
+    settings = tiny_settings(workdir, budget=6, max_latency_ms=1e-6, study_name="constrained", latency_table=False)
     result = run_search(settings)
     assert result.study.best_trials == []
     assert all(t.constraints for t in result.study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_latency_table_predicts_every_trial_and_rejects_slow_configs(first_run) -> None:
+    _, result = first_run
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert all(t.user_attrs["predicted_latency_ms"] > 0 for t in complete)
+    dense_ms = result.study.trials[0].user_attrs["predicted_latency_ms"]  # the baseline anchor
+    for trial in result.study.get_trials(states=(TrialState.PRUNED,)):
+        assert trial.user_attrs["fail_reason"].startswith("rejected before evaluation: predicted")
+        assert trial.user_attrs["predicted_latency_ms"] > dense_ms
+    sampled = [t for t in complete if "anchor" not in t.user_attrs]
+    assert all(t.user_attrs["predicted_latency_ms"] <= dense_ms for t in sampled)
+    prediction = latency_prediction(result.study)
+    assert prediction is not None and prediction["count"] == len(complete)
+    assert 0 <= prediction["median_pct"] <= prediction["max_pct"]
+    assert list((result.directory.parent / "latency-tables").glob("latency-cpu-threads1-torch*.json"))
+    trials = pd.read_csv(result.directory / "trials.csv")
+    assert trials["predicted_latency_ms"].notna().sum() >= len(complete)
+
+
+def test_latency_bound_below_every_config_stops_with_one_line(workdir) -> None:
+    settings = tiny_settings(workdir, budget=3, max_latency_ms=1e-6, study_name="impossible")
+    with pytest.raises(RanksearchError, match=r"configs in a row rejected before evaluation.*--max-latency-ms 1e-06"):
+        run_search(settings)
 
 
 class RaisingEvaluator(rs.BaseEvaluator):

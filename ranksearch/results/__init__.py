@@ -62,6 +62,7 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
             "anchor": attrs.get("anchor", ""),
             "accuracy": attrs.get("accuracy"),
             "latency_ms": attrs.get("latency_ms"),
+            "predicted_latency_ms": attrs.get("predicted_latency_ms"),
             "speedup": attrs.get("speedup"),
             "accuracy_drop_pp": attrs.get("accuracy_drop_pp"),
             "params": attrs.get("params"),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ranksearch.evaluate.latency_table import prediction_errors
 from ranksearch.results import best_speedup_within, front_rows, front_trials
 from ranksearch.study.settings import RunSettings
 
@@ -53,11 +54,13 @@ class SearchProgress:
     def update(self) -> None:
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         failed = len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        rejected = len(self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         budget = self.settings.max_accuracy_drop if self.settings.max_accuracy_drop is not None else 1.0
         best = best_speedup_within(self.study, budget)
         status = f"front {len(front_trials(self.study))}"
         status += f" · best {best:.2f}x within {budget:g} pp" if best else ""
         status += f" · {failed} failed" if failed else ""
+        status += f" · {rejected} pruned" if rejected else ""
         self.progress.update(self.task, completed=min(done, self.settings.budget), status=status)
         if not self.console.is_terminal and done != self.reported:  # logs get a line per completed trial
             self.reported = done
@@ -117,4 +120,28 @@ def print_summary(result: SearchResult, settings: RunSettings, console: Console)
     for phase, seconds in {**result.phase_seconds, **phase_seconds(result.study)}.items():
         times.add_row(phase, f"{seconds:.1f}")
     console.print(times)
+    prediction = latency_prediction(result.study)
+    if prediction is not None:
+        console.print(
+            f"latency table: predicted vs measured latency, median error {prediction['median_pct']:.1f} %, "
+            f"max {prediction['max_pct']:.1f} % over {prediction['count']:.0f} trials; "
+            f"{prediction['rejected']:.0f} configs rejected before evaluation"
+        )
     console.print(f"results: {result.directory}")
+
+
+def latency_prediction(study: optuna.Study) -> dict[str, float] | None:
+    """The latency table's prediction error over the complete trials, and how many configs it rejected
+    (None when the study has no predictions)."""
+    pairs = [
+        (t.user_attrs["predicted_latency_ms"], t.user_attrs["latency_ms"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "predicted_latency_ms" in t.user_attrs and "latency_ms" in t.user_attrs
+    ]
+    if not pairs:
+        return None
+    rejected = sum(
+        t.user_attrs.get("fail_reason", "").startswith("rejected before evaluation")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    )
+    return {**prediction_errors(*map(list, zip(*pairs))), "rejected": float(rejected)}

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ranksearch.compress import ModelCost, dense_model_cost, model_cost
@@ -28,6 +31,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.base import BaseEvaluator, Split, checked_metrics
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.evaluate.latency import resolve_device, torch_threads
+from ranksearch.evaluate.latency_table import LatencyTable, cache_name
 from ranksearch.models import build_model, load_checkpoint, model_family
 from ranksearch.results import (
     BASELINE_KEY,
@@ -125,9 +129,10 @@ def run_search(
         study.set_user_attr(MODEL_KEY, context.model_spec())
         dense = dense_model_cost(context.model, context.example)
         baseline = _baseline(study, evaluator, dense, console)
+        table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console, phases)
         if not study.trials:
             _enqueue_anchors(study, slots, space.rank_multiple)
-        objective = _objective(settings, evaluator, context, slots, space.rank_multiple, dense, baseline)
+        objective = _objective(settings, evaluator, context, slots, space.rank_multiple, dense, baseline, table)
         layer_names = list(slots)
         try:
             _optimize(study, objective, settings, context, directory, layer_names, console)
@@ -441,6 +446,50 @@ def _enqueue_anchors(study: optuna.Study, slots: dict[str, LayerSlot], rank_mult
         study.enqueue_trial(params, user_attrs={"anchor": label})
 
 
+def latency_table(
+    settings: RunSettings,
+    context: RunContext,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    evaluator: BaseEvaluator,
+    console: Console,
+    phases: dict[str, float] | None = None,
+) -> LatencyTable | None:
+    """The per-layer latency table (built once per device, threads and torch version, cached under
+    ``results/latency-tables/``) when ``--latency-table`` is on and the built-in evaluator times models in
+    torch on this machine; otherwise None (a custom evaluator may time them anywhere)."""
+    if not (
+        settings.latency_table
+        and isinstance(evaluator, ClassificationEvaluator)
+        and evaluator.latency_backend == "torch"
+    ):
+        return None
+    start = time.perf_counter()
+    columns = (TextColumn("latency table"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("latency table", total=None)
+        table = LatencyTable.build(
+            context.model,
+            slots,
+            context.input_shapes,
+            context.example,
+            device=context.device,
+            threads=settings.threads,
+            rank_multiple=rank_multiple,
+            cache_file=settings.results_dir / "latency-tables" / cache_name(context.device, settings.threads),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    seconds = time.perf_counter() - start
+    if phases is not None:
+        phases["latency_table"] = seconds
+    variants = sum(len(times) for times in table.layer_ms.values())
+    console.print(f"latency table: {variants} layer variants of {len(slots)} layers ready in {seconds:.0f} s")
+    return table
+
+
+MAX_REJECTED_IN_A_ROW = 100
+
+
 def _objective(
     settings: RunSettings,
     evaluator: BaseEvaluator,
@@ -449,13 +498,52 @@ def _objective(
     rank_multiple: int,
     dense: ModelCost,
     baseline: dict[str, float],
+    table: LatencyTable | None = None,
 ) -> Callable[[optuna.Trial], tuple[float, float] | float]:
+    rejected_in_a_row = 0
+
+    def reject_early(trial: optuna.Trial, config: CompressionConfig) -> None:
+        """Prune a config the table predicts over --max-latency-ms, or (anchors aside) slower than the dense model.
+
+        The table's overhead is recalibrated on the median of the dense model's latencies measured beside
+        every complete trial so far (``reference_latency_ms``), which follows the machine's state.
+        """
+        nonlocal rejected_in_a_row
+        if table is None:
+            return
+        references = [
+            t.user_attrs["reference_latency_ms"]
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "reference_latency_ms" in t.user_attrs
+        ]
+        current = table.calibrated(statistics.median(references)) if references else table
+        dense_ms = current.predict(CompressionConfig(layers={}))
+        predicted = current.predict(config)
+        trial.set_user_attr("predicted_latency_ms", predicted)
+        reason = None
+        if settings.max_latency_ms is not None and predicted > settings.max_latency_ms:
+            reason = f"predicted {predicted:.3f} ms, over --max-latency-ms {settings.max_latency_ms:g}"
+        elif predicted > dense_ms and "anchor" not in trial.user_attrs:
+            reason = f"predicted {predicted:.3f} ms, slower than the uncompressed model's {dense_ms:.3f} ms"
+        if reason is None:
+            rejected_in_a_row = 0
+            return
+        rejected_in_a_row += 1
+        if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+            raise RanksearchError(
+                f"{rejected_in_a_row} configs in a row rejected before evaluation (last: {reason}); "
+                "raise --max-latency-ms, widen the search space, or pass --no-latency-table"
+            )
+        trial.set_user_attr("fail_reason", f"rejected before evaluation: {reason}")
+        raise optuna.TrialPruned(reason)
+
     def objective(trial: optuna.Trial) -> tuple[float, float] | float:
         config = sample_config(trial, slots, rank_multiple=rank_multiple)
         cost = model_cost(context.model, config, context.input_shapes, dense=dense)
         trial.set_user_attr("config", config.to_dict())
         for key, value in {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes}.items():
             trial.set_user_attr(key, value)
+        reject_early(trial, config)
         try:
             metrics = checked_metrics(evaluator, evaluator.evaluate(config, split="val"))
         except (RanksearchError, KeyboardInterrupt):

@@ -49,6 +49,7 @@ class RunSettings:
     threads: int | None = None
     latency_backend: str = "torch"
     latency_batch: int = 1
+    latency_table: bool = True
     finetune_steps: int = 60
     finetune_lr: float = 0.01
     batch_size: int = 128

@@ -24,7 +24,14 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.latency import resolve_device, torch_threads
 from ranksearch.results import BASELINE_KEY, MODEL_KEY, SETTINGS_KEY, STORAGE_FILE, load_study
 from ranksearch.search import SearchSpace
-from ranksearch.study.runner import _import_object, _make_evaluator, _objective, _quiet_optuna, load_problem
+from ranksearch.study.runner import (
+    _import_object,
+    _make_evaluator,
+    _objective,
+    _quiet_optuna,
+    latency_table,
+    load_problem,
+)
 from ranksearch.study.settings import RunSettings, file_digest
 from ranksearch.study.storage import (
     POLL_S,
@@ -90,7 +97,8 @@ def join_study(
         slots = search_space.layers(context.model, context.input_shapes)
         evaluator = _make_evaluator(settings, context, custom)
         dense = dense_model_cost(context.model, context.example)
-        objective = _objective(settings, evaluator, context, slots, search_space.rank_multiple, dense, baseline)
+        table = latency_table(settings, context, slots, search_space.rank_multiple, evaluator, console)
+        objective = _objective(settings, evaluator, context, slots, search_space.rank_multiple, dense, baseline, table)
         console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, settings.budget)})")
         done = optimize_to_budget(study, objective, budget=settings.budget, timeout=settings.timeout, console=console)
     console.print(

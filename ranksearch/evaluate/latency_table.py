@@ -1,0 +1,177 @@
+"""Per-layer latency lookup table: each searched layer's variants timed once, in isolation, on its real input.
+
+A configuration's latency is predicted as the sum of its layers' variant times plus an overhead term
+measured once (the dense model's latency minus the sum of its searched layers' dense times: the
+layers that are never searched, activations, pooling and Python dispatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ranksearch.compress import compress_layer
+from ranksearch.config import CompressionConfig, LayerChoice, atomic_write_text
+from ranksearch.errors import RanksearchError
+from ranksearch.evaluate.latency import measure_latency
+from ranksearch.search.space import LayerSlot
+
+__all__ = ["LatencyTable", "prediction_errors"]
+
+TIMING = {"warmup": 3, "min_runs": 10, "target_seconds": 0.05, "max_attempts": 2}
+"""A layer runs in well under a millisecond: short timing loops keep a table of ~600 distinct variants to ~20 s."""
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Milliseconds per (layer, variant), and the overhead that the searched layers do not explain."""
+
+    layer_ms: Mapping[str, Mapping[str, float]]
+    overhead_ms: float
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        slots: Mapping[str, LayerSlot],
+        input_shapes: Mapping[str, tuple[int, ...]],
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        threads: int | None,
+        rank_multiple: int,
+        cache_file: Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LatencyTable:
+        """Time every variant the slots offer (technique x rank x int8) of each layer of ``model``.
+
+        Timings are kept in ``cache_file`` (JSON, keyed by the layer's geometry and the variant),
+        so a table for the same device, threads and torch version is built once; pick a file per
+        device, threads and torch version (:func:`cache_name`). ``progress(done, total)`` is
+        called after each variant.
+        """
+        cache = _read_cache(cache_file)
+        modules = dict(model.named_modules())
+        jobs = [(name, choice) for name, slot in slots.items() for choice in variants(slot)]
+        layer_ms: dict[str, dict[str, float]] = {name: {} for name in slots}
+        fresh = 0
+        for done, (name, choice) in enumerate(jobs, start=1):
+            layer, shape = modules[name], input_shapes[name]
+            key = _cache_key(layer, shape, choice, rank_multiple)
+            if key not in cache:
+                cache[key] = _time_variant(layer, shape, choice, rank_multiple, device=device, threads=threads)
+                fresh += 1
+            layer_ms[name][variant_key(choice)] = cache[key]
+            if progress is not None:
+                progress(done, len(jobs))
+        if cache_file is not None and fresh:
+            atomic_write_text(cache_file, json.dumps(cache, sort_keys=True))
+        dense = measure_latency(model, example, device=device, threads=threads).median_ms
+        return cls(layer_ms=layer_ms, overhead_ms=0.0).calibrated(dense)
+
+    @property
+    def dense_layers_ms(self) -> float:
+        """The searched layers' dense times, summed."""
+        return sum(times[variant_key(LayerChoice("keep"))] for times in self.layer_ms.values())
+
+    def calibrated(self, dense_ms: float) -> LatencyTable:
+        """This table with the overhead that makes the dense model's prediction ``dense_ms`` (a fresher or
+        more robust measurement of it: a single one on a busy machine can be off by 20 %)."""
+        return replace(self, overhead_ms=dense_ms - self.dense_layers_ms)
+
+    def predict(self, config: CompressionConfig) -> float:
+        """The predicted latency (ms) of the model compressed by ``config`` (layers it leaves out: keep)."""
+        total = self.overhead_ms
+        for name, times in self.layer_ms.items():
+            choice = config.layers.get(name, LayerChoice("keep"))
+            key = variant_key(choice)
+            if key not in times:
+                raise RanksearchError(
+                    f"layer {name!r}: {choice.to_dict()} is not in the latency table; "
+                    "build the table from the search space the config was drawn from"
+                )
+            total += times[key]
+        return total
+
+
+def variants(slot: LayerSlot) -> list[LayerChoice]:
+    """Every structurally different replacement a slot offers (data-aware factors have the same shapes)."""
+    out = []
+    for technique in slot.techniques:
+        for rank in slot.ranks[technique] or (None,):
+            for int8 in (False, True) if slot.int8 else (False,):
+                out.append(LayerChoice(technique, rank, int8, False, dict(slot.options[technique])))
+    return out
+
+
+def variant_key(choice: LayerChoice) -> str:
+    """A variant within one search space: technique, rank, int8 (a space gives each technique one set of options)."""
+    return json.dumps([choice.technique, choice.rank, choice.int8])
+
+
+def cache_name(device: torch.device, threads: int | None) -> str:
+    """A table file name for this device, thread count and torch version."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in where).strip("-").lower()
+    return f"latency-{slug}-threads{threads or torch.get_num_threads()}-torch{torch.__version__}.json"
+
+
+def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
+    """Median and max absolute error of predictions, in percent of the measured values."""
+    errors = [100.0 * abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
+    return {"median_pct": statistics.median(errors), "max_pct": max(errors), "count": float(len(errors))}
+
+
+def _time_variant(
+    layer: nn.Module,
+    input_shape: tuple[int, ...],
+    choice: LayerChoice,
+    rank_multiple: int,
+    *,
+    device: torch.device,
+    threads: int | None,
+) -> float:
+    """Median ms of the variant built with random factors (latency does not depend on the values)."""
+    inputs = torch.randn(input_shape)
+    if choice.technique == "keep" and not choice.int8:
+        module = layer
+    else:
+        module = compress_layer(
+            layer,
+            choice.technique,
+            choice.rank,
+            int8=choice.int8,
+            calib_inputs=inputs,
+            rank_multiple=rank_multiple,
+            init="random",
+            **choice.options,
+        )
+    return measure_latency(module.to(device), inputs, device=device, threads=threads, **TIMING).median_ms
+
+
+def _cache_key(layer: nn.Module, input_shape: tuple[int, ...], choice: LayerChoice, rank_multiple: int) -> str:
+    geometry = [
+        list(layer.weight.shape),
+        *(str(getattr(layer, attr, None)) for attr in ("stride", "padding", "dilation", "groups")),
+        layer.bias is not None,
+    ]
+    variant = [variant_key(choice), dict(choice.options)]
+    text = json.dumps([type(layer).__name__, geometry, list(input_shape), variant, rank_multiple], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _read_cache(path: Path | None) -> dict[str, float]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # an unreadable table is rebuilt
+    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}

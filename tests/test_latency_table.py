@@ -1,0 +1,137 @@
+"""The per-layer latency lookup table: every variant timed, predictions add up, the cache is reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.errors import RanksearchError
+from ranksearch.evaluate import latency_table
+from ranksearch.evaluate.latency_table import LatencyTable, cache_name, prediction_errors, variant_key, variants
+from ranksearch.search import SearchSpace
+from ranksearch.search.space import record_input_shapes
+
+SPACE = {
+    "layers": {"include": ["1", "3", "4"], "types": ["Conv2d"]},
+    "techniques": {"spatial_conv": ["keep", "svd", "tucker2"], "pointwise_conv": ["keep", "svd"]},
+    "ranks": [0.25, 0.5],
+    "int8": True,
+}
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.Conv2d(32, 32, 3, padding=1),  # 1: searched
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),  # 3: same geometry and input as 1
+        nn.Conv2d(32, 64, 1),  # 4: pointwise
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[nn.Module, dict, dict, torch.Tensor]:
+    model, example = net(), torch.randn(1, 1, 16, 16)
+    shapes = record_input_shapes(model, example)
+    space = SearchSpace.from_dict(SPACE)
+    return model, space.layers(model, shapes), shapes, example
+
+
+def build(problem, cache_file: Path | None = None, **kwargs) -> LatencyTable:
+    model, slots, shapes, example = problem
+    return LatencyTable.build(
+        model,
+        slots,
+        shapes,
+        example,
+        device=torch.device("cpu"),
+        threads=1,
+        rank_multiple=8,
+        cache_file=cache_file,
+        **kwargs,
+    )
+
+
+def test_variants_cover_technique_rank_and_int8(problem) -> None:
+    _, slots, _, _ = problem
+    keys = {variant_key(v) for v in variants(slots["1"])}
+    techniques_and_ranks = {(v.technique, v.rank) for v in variants(slots["1"])}
+    assert ("keep", None) in techniques_and_ranks and ("tucker2", 0.25) in techniques_and_ranks
+    assert len(keys) == 2 * len(techniques_and_ranks)  # each with and without int8
+    assert {v.technique for v in variants(slots["4"])} == {"keep", "svd"}
+
+
+def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path) -> None:
+    _, slots, _, _ = problem
+    calls: list[int] = []
+    table = build(problem, tmp_path / "table.json", progress=lambda done, total: calls.append(total))
+    for name, slot in slots.items():
+        assert set(table.layer_ms[name]) == {variant_key(v) for v in variants(slot)}
+        assert all(ms > 0 for ms in table.layer_ms[name].values())
+    assert calls and calls[0] == sum(len(variants(s)) for s in slots.values())
+    svd = LayerChoice("svd", 0.25, True, False, {})
+    config = CompressionConfig(layers={"1": svd, "4": LayerChoice("svd", 0.5)})
+    expected = (
+        table.overhead_ms
+        + table.layer_ms["1"][variant_key(svd)]
+        + table.layer_ms["3"][variant_key(LayerChoice("keep"))]
+        + table.layer_ms["4"][variant_key(LayerChoice("svd", 0.5))]
+    )
+    assert table.predict(config) == pytest.approx(expected)
+    data_aware = CompressionConfig(layers={"1": LayerChoice("svd", 0.25, True, True, {"ignored": 1})})
+    assert table.predict(data_aware) == table.predict(CompressionConfig(layers={"1": svd}))
+
+
+def test_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / cache_name(torch.device("cpu"), 1)
+    timed: list[str] = []
+    real = latency_table._time_variant
+
+    def counting(layer, shape, choice, *args, **kwargs):
+        timed.append(variant_key(choice))
+        return real(layer, shape, choice, *args, **kwargs)
+
+    monkeypatch.setattr(latency_table, "_time_variant", counting)
+    first = build(problem, cache)
+    _, slots, _, _ = problem
+    # layers 1 and 3 share geometry and input shape: timed once for both
+    assert len(timed) == len(variants(slots["1"])) + len(variants(slots["4"]))
+    assert first.layer_ms["1"] == first.layer_ms["3"]
+    timed.clear()
+    second = build(problem, cache)
+    assert timed == [] and second.layer_ms == first.layer_ms
+    cache.write_text("{ not json")
+    build(problem, cache)
+    assert len(timed) == len(variants(slots["1"])) + len(variants(slots["4"]))  # a corrupt cache is rebuilt
+
+
+def test_choice_outside_the_table_is_named(problem) -> None:
+    table = build(problem)
+    with pytest.raises(RanksearchError, match=r"layer '1'.*cp.*not in the latency table"):
+        table.predict(CompressionConfig(layers={"1": LayerChoice("cp", 0.25)}))
+
+
+def test_cache_name_and_errors() -> None:
+    name = cache_name(torch.device("cpu"), 2)
+    assert name.startswith("latency-cpu-threads2-torch") and name.endswith(".json")
+    errors = prediction_errors([1.1, 2.0, 2.7], [1.0, 2.0, 3.0])
+    assert errors["median_pct"] == pytest.approx(10.0) and errors["max_pct"] == pytest.approx(10.0)
+
+
+def test_calibration_moves_only_the_overhead(problem) -> None:
+    table = build(problem)
+    config = CompressionConfig(layers={"1": LayerChoice("svd", 0.25)})
+    recalibrated = table.calibrated(7.5)
+    assert recalibrated.predict(CompressionConfig(layers={})) == pytest.approx(7.5)
+    assert recalibrated.predict(config) - table.predict(config) == pytest.approx(
+        7.5 - table.predict(CompressionConfig(layers={}))
+    )
+    assert recalibrated.layer_ms == table.layer_ms
