@@ -2,7 +2,7 @@
 
     python benchmarks/latency_table.py [--model resnet18] [--configs 30] [--threads 2] [--seed 0]
 
-Builds (or loads from results/latency-tables/) the table for the model's default search space on
+Builds (or loads from <results-dir>/latency-tables/) the table for the model's default search space on
 this CPU, then for the baseline, the uniform anchors and ``--configs`` random configurations
 (technique, rank and int8 drawn uniformly per layer, as the sampler's random start does) builds
 the compressed model with random factors (latency does not depend on their values), measures
@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 import ranksearch as rs
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.evaluate.latency_table import LatencyTable, cache_name, prediction_errors
+from ranksearch.evaluate.latency_table import prediction_errors
 from ranksearch.models import model_family
 from ranksearch.search import SearchSpace, default_space_path, uniform_config
 from ranksearch.search.space import LayerSlot
 from ranksearch.study import RunSettings, load_problem
-from ranksearch.study.runner import ANCHORS
+from ranksearch.study.runner import ANCHORS, build_latency_table
 
 
 def main() -> None:
@@ -39,28 +38,17 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tables", type=Path, default=Path("results/latency-tables"))
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="its latency-tables/ is the cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
     device = torch.device("cpu")
-    context = load_problem(RunSettings(model=args.model), device, console)
+    settings = RunSettings(model=args.model, threads=args.threads, results_dir=args.results_dir)
+    context = load_problem(settings, device, console)
     space = SearchSpace.load(default_space_path(model_family(args.model)))
     slots = space.layers(context.model, context.input_shapes)
     start = time.perf_counter()
-    with Progress(console=console) as bar:
-        task = bar.add_task("latency table", total=None)
-        table = LatencyTable.build(
-            context.model,
-            slots,
-            context.input_shapes,
-            context.example,
-            device=device,
-            threads=args.threads,
-            rank_multiple=space.rank_multiple,
-            cache_file=args.tables / cache_name(device, args.threads),
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    table = build_latency_table(settings, context, slots, space.rank_multiple, console)
     variant_count = sum(len(times) for times in table.layer_ms.values())
     console.print(
         f"table: {variant_count} variants of {len(slots)} layers in {time.perf_counter() - start:.0f} s; "

@@ -465,10 +465,24 @@ def latency_table(
     ):
         return None
     start = time.perf_counter()
+    table = build_latency_table(settings, context, slots, rank_multiple, console)
+    seconds = time.perf_counter() - start
+    if phases is not None:
+        phases["latency_table"] = seconds
+    variants = sum(len(times) for times in table.layer_ms.values())
+    console.print(f"latency table: {variants} layer variants of {len(slots)} layers ready in {seconds:.0f} s")
+    return table
+
+
+def build_latency_table(
+    settings: RunSettings, context: RunContext, slots: dict[str, LayerSlot], rank_multiple: int, console: Console
+) -> LatencyTable:
+    """:meth:`LatencyTable.build` for a run's model and slots, with a progress bar, cached under
+    ``settings.results_dir / "latency-tables"``."""
     columns = (TextColumn("latency table"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("latency table", total=None)
-        table = LatencyTable.build(
+        return LatencyTable.build(
             context.model,
             slots,
             context.input_shapes,
@@ -479,12 +493,6 @@ def latency_table(
             cache_file=settings.results_dir / "latency-tables" / cache_name(context.device, settings.threads),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    seconds = time.perf_counter() - start
-    if phases is not None:
-        phases["latency_table"] = seconds
-    variants = sum(len(times) for times in table.layer_ms.values())
-    console.print(f"latency table: {variants} layer variants of {len(slots)} layers ready in {seconds:.0f} s")
-    return table
 
 
 MAX_REJECTED_IN_A_ROW = 100
