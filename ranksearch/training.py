@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,10 +85,6 @@ class Recipe:
         if not self.nuclear_norm:
             del fields["nuclear_norm"]
         return _digest(fields)
-
-    def with_epochs(self, epochs: int) -> Recipe:
-        """This recipe trained for ``epochs`` epochs."""
-        return replace(self, epochs=epochs)
 
 
 DEFAULT_RECIPE = Recipe()
