@@ -6,7 +6,7 @@ RUN_PACKAGES  = dataset-fashion-mnist
 TEST_PACKAGES = $(RUN_PACKAGES) chromium postgresql
 ARGS   ?= --model resnet18 --budget 50
 
-.PHONY: setup system-run system-test test run lint bench
+.PHONY: setup system-run system-test test run lint bench compare
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/compress_speed.py
+
+# the search against uniform, random and greedy baselines at equal budget (~40 min here; see README)
+compare: setup system-run
+	$(PY) benchmarks/compare.py

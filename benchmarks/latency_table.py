@@ -5,16 +5,16 @@
 Builds (or loads from <results-dir>/latency-tables/) the table for the model's default search space on
 this CPU, then for the baseline, the uniform anchors and ``--configs`` random configurations
 (technique, rank and int8 drawn uniformly per layer, as the sampler's random start does) builds
-the compressed model with random factors (latency does not depend on their values), measures
-its latency as the search does (the dense model timed beside it, the table's overhead calibrated
-on the median of those timings), and prints predicted vs measured ms and the error.
+the compressed model with random factors (latency does not depend on their values), predicts its
+latency as the search does (the table refitted on the configs measured before it) and measures it
+(the dense model timed beside it), and prints predicted vs measured ms and the error, also of the
+predicted speedup applied to the dense timing beside it (the table's error without the machine's drift).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from rich.table import Table
 
 import ranksearch as rs
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.evaluate.latency_table import prediction_errors
+from ranksearch.evaluate.latency_table import Observation, prediction_errors
 from ranksearch.models import model_family
 from ranksearch.search import SearchSpace, default_space_path, uniform_config
 from ranksearch.search.space import LayerSlot
@@ -52,7 +52,7 @@ def main() -> None:
     variant_count = sum(len(times) for times in table.layer_ms.values())
     console.print(
         f"table: {variant_count} variants of {len(slots)} layers in {time.perf_counter() - start:.0f} s; "
-        f"overhead {table.overhead_ms:.3f} ms"
+        f"dense layers {table.dense_layers_ms:.3f} ms of {table.predict(CompressionConfig(layers={})):.3f} ms"
     )
     rng = random.Random(args.seed)
     configs = {
@@ -68,27 +68,39 @@ def main() -> None:
     out = Table(
         title=f"{args.model}: predicted vs measured latency, batch {len(context.example)}, {args.threads} threads"
     )
-    for column in ("config", "int8 layers", "predicted ms", "measured ms", "error %"):
+    for column in ("config", "int8 layers", "predicted ms", "measured ms", "error %", "error beside %"):
         out.add_column(column, justify="left" if column == "config" else "right")
-    predicted, measured, references = [], [], []
+    predicted, beside, measured = [], [], []
+    observations: list[Observation] = []
     for label, config in configs.items():
         model = rs.apply_config(context.model, config, init="random", calib_inputs=calib)
-        # as in the search: the dense model is timed beside each config and the table's overhead follows
-        # the median of those timings
-        reference = rs.measure_latency(context.model, context.example, device=device, threads=args.threads)
-        references.append(reference.median_ms)
+        # as in the search: predicted from the table refitted on the configs measured so far, then
+        # measured with the dense model timed beside it
+        current = table.fitted(observations)
+        guess = current.predict(config)
+        speedup = current.predict(CompressionConfig(layers={})) / guess
+        reference = rs.measure_latency(context.model, context.example, device=device, threads=args.threads).median_ms
         latency = rs.measure_latency(model, context.example, device=device, threads=args.threads).median_ms
-        guess = table.calibrated(statistics.median(references)).predict(config)
+        observations.append(Observation(config, latency, reference))
         predicted.append(guess)
+        beside.append(reference / speedup)
         measured.append(latency)
         int8 = sum(choice.int8 for choice in config.layers.values())
-        out.add_row(label, str(int8), f"{guess:.3f}", f"{latency:.3f}", f"{100 * (guess - latency) / latency:+.1f}")
+        out.add_row(
+            label,
+            str(int8),
+            f"{guess:.3f}",
+            f"{latency:.3f}",
+            f"{100 * (guess - latency) / latency:+.1f}",
+            f"{100 * (beside[-1] - latency) / latency:+.1f}",
+        )
     console.print(out)
-    errors = prediction_errors(predicted, measured)
-    console.print(
-        f"prediction error over {len(configs)} configs: median {errors['median_pct']:.1f} %, "
-        f"max {errors['max_pct']:.1f} %"
-    )
+    for what, guesses in (("predicted", predicted), ("predicted speedup x dense timed beside", beside)):
+        errors = prediction_errors(guesses, measured)
+        console.print(
+            f"{what}: error over {len(configs)} configs median {errors['median_pct']:.1f} %, "
+            f"max {errors['max_pct']:.1f} %"
+        )
 
 
 def _random_choice(slot: LayerSlot, rng: random.Random) -> LayerChoice:

@@ -2,7 +2,7 @@
 
 from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.errors import CompressionError, RanksearchError
+from ranksearch.errors import CompressionError, RanksearchError, Rejected
 from ranksearch.evaluate import BaseEvaluator, Latency, measure_latency
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
@@ -21,6 +21,7 @@ __all__ = [
     "LayerChoice",
     "NuclearNormPenalty",
     "RanksearchError",
+    "Rejected",
     "RunSettings",
     "SearchResult",
     "Technique",

@@ -54,7 +54,9 @@ def run(
     dataset: Annotated[
         str, typer.Option(help="fashion_mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
     ] = "fashion_mnist",
-    budget: Annotated[int, typer.Option(help="completed trials to reach (a rerun resumes and tops up)")] = 50,
+    budget: Annotated[
+        int, typer.Option(help="trials to evaluate, complete or rejected at zero shot (a rerun resumes and tops up)")
+    ] = 50,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds of searching")] = None,
     space: Annotated[Path | None, typer.Option(help="search space YAML (default: the model family's)")] = None,
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, random or gp")] = "tpe",
@@ -73,6 +75,27 @@ def run(
             "or over --max-latency-ms before evaluating them",
         ),
     ] = True,
+    sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--sensitivity/--no-sensitivity",
+            help="measure each layer variant's zero-shot accuracy drop once (cached); drop ranks hopeless "
+            "alone and start from greedy equal-sensitivity configs",
+        ),
+    ] = True,
+    early_reject: Annotated[
+        bool,
+        typer.Option(
+            "--early-reject/--no-early-reject",
+            help="prune a config before fine-tuning when its zero-shot accuracy is hopeless",
+        ),
+    ] = True,
+    max_zero_shot_drop: Annotated[
+        float,
+        typer.Option(
+            help="zero-shot accuracy drop (points) beyond which a config, or one layer's variant, is hopeless"
+        ),
+    ] = 10.0,
     finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = 60,
     finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,

@@ -32,6 +32,7 @@ from ranksearch.results import load_study
 TINY = [
     *("--model", "resnet18", "--train-subset", "512", "--eval-subset", "256", "--baseline-epochs", "1"),
     *("--finetune-steps", "3", "--batch-size", "64", "--calib-batches", "1", "--threads", "1"),
+    *("--no-sensitivity", "--no-early-reject"),
 ]
 SPACE = """
 layers: {include: ["layer4.*"], types: [Conv2d]}

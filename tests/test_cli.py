@@ -38,6 +38,7 @@ def no_results(tmp_path: Path) -> bool:
         (["--space", "missing.yaml"], "missing.yaml"),
         (["--study-name", "bad name!"], "--study-name 'bad name!'"),
         (["--max-accuracy-drop", "-1"], "--max-accuracy-drop -1.0: must be >= 0"),
+        (["--max-zero-shot-drop", "-2"], "--max-zero-shot-drop -2.0: must be >= 0 percentage points"),
         (["--evaluator", "nowhere.module:Thing"], "--evaluator 'nowhere.module:Thing': cannot be loaded"),
     ],
 )

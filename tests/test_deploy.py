@@ -189,6 +189,8 @@ def tiny_settings(root: Path, checkpoint: Path, **changes: object) -> RunSetting
         train_subset=512,
         eval_subset=256,
         finetune_steps=2,
+        sensitivity=False,
+        early_reject=False,
         batch_size=64,
         calib_batches=1,
         threads=1,

@@ -243,6 +243,8 @@ def real(tmp_path_factory):
         eval_subset=256,
         baseline_epochs=1,
         finetune_steps=3,
+        sensitivity=False,
+        early_reject=False,
         batch_size=64,
         calib_batches=1,
         threads=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from torch import nn
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import latency_table
-from ranksearch.evaluate.latency_table import LatencyTable, cache_name, prediction_errors, variant_key, variants
+from ranksearch.evaluate.latency_table import (
+    LatencyTable,
+    Observation,
+    cache_name,
+    prediction_errors,
+    variant_key,
+    variants,
+)
 from ranksearch.search import SearchSpace
 from ranksearch.search.space import record_input_shapes
 
@@ -79,13 +87,13 @@ def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path) ->
     assert calls and calls[0] == sum(len(variants(s)) for s in slots.values())
     svd = LayerChoice("svd", 0.25, True, False, {})
     config = CompressionConfig(layers={"1": svd, "4": LayerChoice("svd", 0.5)})
-    expected = (
-        table.overhead_ms
-        + table.layer_ms["1"][variant_key(svd)]
+    layers = (
+        table.layer_ms["1"][variant_key(svd)]
         + table.layer_ms["3"][variant_key(LayerChoice("keep"))]
         + table.layer_ms["4"][variant_key(LayerChoice("svd", 0.5))]
     )
-    assert table.predict(config) == pytest.approx(expected)
+    assert table.layers_ms(config) == pytest.approx(layers)
+    assert table.overhead_ms == 0 and table.predict(config) == pytest.approx(table.scale * layers)
     data_aware = CompressionConfig(layers={"1": LayerChoice("svd", 0.25, True, True, {"ignored": 1})})
     assert table.predict(data_aware) == table.predict(CompressionConfig(layers={"1": svd}))
 
@@ -126,12 +134,52 @@ def test_cache_name_and_errors() -> None:
     assert errors["median_pct"] == pytest.approx(10.0) and errors["max_pct"] == pytest.approx(10.0)
 
 
-def test_calibration_moves_only_the_overhead(problem) -> None:
-    table = build(problem)
+def test_calibration_rescales_the_prediction(problem) -> None:
+    table = replace(build(problem), overhead_ms=0.5)
     config = CompressionConfig(layers={"1": LayerChoice("svd", 0.25)})
     recalibrated = table.calibrated(7.5)
-    assert recalibrated.predict(CompressionConfig(layers={})) == pytest.approx(7.5)
-    assert recalibrated.predict(config) - table.predict(config) == pytest.approx(
-        7.5 - table.predict(CompressionConfig(layers={}))
-    )
+    dense = CompressionConfig(layers={})
+    assert recalibrated.predict(dense) == pytest.approx(7.5)
+    assert recalibrated.predict(config) / table.predict(config) == pytest.approx(7.5 / table.predict(dense))
     assert recalibrated.layer_ms == table.layer_ms
+
+
+def test_fitted_recovers_a_linear_latency_model(problem) -> None:
+    """Latencies made from a known scale and overhead, under a drifting machine (the dense timing beside
+    each varies), are fitted back; the prediction is scaled by the median dense timing."""
+    table = build(problem)
+    dense = CompressionConfig(layers={})
+    configs = [
+        dense,
+        CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
+        CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.5)}),
+        CompressionConfig(layers={"3": LayerChoice("svd", 0.25, True)}),
+    ]
+    scale, overhead = 0.7, 0.3  # the true ratio to the dense model: 0.7 * layer-sum ratio + 0.3
+    drift = [2.0, 2.4, 1.8, 2.2]
+    observations = [
+        Observation(c, d * (scale * table.layers_ms(c) / table.dense_layers_ms + overhead), d)
+        for c, d in zip(configs, drift, strict=True)
+    ]
+    assert table.fitted(observations[:2]).predict(dense) == pytest.approx(2.2)  # too few: calibration only
+    fitted = table.fitted(observations)
+    assert fitted.overhead_ms == pytest.approx(overhead * 2.1)
+    for config in configs:
+        expected = 2.1 * (scale * table.layers_ms(config) / table.dense_layers_ms + overhead)
+        assert fitted.predict(config) == pytest.approx(expected)
+    assert table.fitted([]) == table
+
+
+def test_fitted_never_takes_a_negative_overhead(problem) -> None:
+    table = build(problem)
+    configs = [
+        CompressionConfig(layers={}),
+        CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
+        CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25)}),
+    ]
+    # latency falling faster than the layer sums: a line through them would cross zero above x = 0
+    observations = [
+        Observation(c, 2.0 * (1.5 * table.layers_ms(c) / table.dense_layers_ms - 0.5), 2.0) for c in configs
+    ]
+    fitted = table.fitted(observations)
+    assert fitted.overhead_ms == 0 and fitted.scale > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -56,6 +57,8 @@ def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
         eval_subset=256,
         baseline_epochs=1,
         finetune_steps=3,
+        sensitivity=False,
+        early_reject=False,
         batch_size=64,
         calib_batches=1,
         threads=1,
@@ -208,3 +211,34 @@ def test_storage_url_is_used(workdir) -> None:
     )
     assert optuna.load_study(study_name="remote", storage=url).user_attrs["baseline"]
     assert len(result.study.trials) >= 2
+
+
+def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
+    """With a strict --max-zero-shot-drop: greedy warm starts are queued after the anchors, configs using a
+    variant hopeless alone are never evaluated, hopeless configs are pruned before fine-tuning and still
+    count towards the budget, and a rerun reuses the cached sensitivity."""
+    settings = tiny_settings(
+        workdir, budget=8, study_name="sensitive", sensitivity=True, early_reject=True, max_zero_shot_drop=2.0
+    )
+    result = run_search(settings)
+    trials = result.study.trials
+    warm = [t for t in trials if "warm_start" in t.user_attrs]
+    assert warm and min(t.number for t in warm) > max(t.number for t in trials if "anchor" in t.user_attrs)
+    rejected = [t for t in trials if t.user_attrs.get("rejected_at_zero_shot")]
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) + len(rejected) == settings.budget
+    for trial in rejected:
+        assert trial.state == TrialState.PRUNED and "anchor" not in trial.user_attrs
+        assert trial.user_attrs["fail_reason"].startswith("rejected at zero shot")
+        assert trial.user_attrs["zero_shot_accuracy"] >= 0 and trial.user_attrs["seconds_saved"] >= 0
+        assert "time_finetune_s" not in trial.user_attrs
+    skipped = [
+        t for t in trials if "hopeless" not in t.user_attrs and "alone drops" in t.user_attrs.get("fail_reason", "")
+    ]
+    assert all(t.state == TrialState.PRUNED for t in skipped)
+    caches = list((settings.results_dir / "sensitivity").glob("sensitivity-*.json"))
+    assert len(caches) == 1
+    before = caches[0].stat().st_mtime_ns
+    again = run_search(replace(settings, budget=9))
+    assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
+    assert caches[0].stat().st_mtime_ns == before  # nothing new measured

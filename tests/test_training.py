@@ -140,6 +140,31 @@ def test_finetune_reduces_distillation_loss(splits: DataSplits) -> None:
     assert not teacher.training
 
 
+def test_teacher_cache_gives_the_same_student_with_one_teacher_pass_per_batch(splits: DataSplits) -> None:
+    teacher = small_cnn()
+    calls: list[int] = []
+    teacher.register_forward_hook(lambda module, args, output: calls.append(len(output)) if module is teacher else None)
+
+    def student_after(cache: dict | None) -> list[torch.Tensor]:
+        student = copy.deepcopy(teacher)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for param in student.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+        loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
+        finetune(student, teacher, loader, device="cpu", steps=12, lr=0.05, teacher_cache=cache)
+        return [p.detach().clone() for p in student.parameters()]
+
+    plain = student_after(None)
+    assert len(calls) == 12
+    cache: dict = {}
+    first, second = student_after(cache), student_after(cache)
+    assert len(calls) == 12 + 12  # the first cached fine-tune fills the cache, the second runs no teacher pass
+    assert len(cache) == 12
+    for a, b, c in zip(plain, first, second, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
 def test_finetune_divergence_raises(splits: DataSplits) -> None:
     loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
     with pytest.raises(DivergedError, match=r"exploded past .*; lower the learning rate"):

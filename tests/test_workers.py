@@ -71,7 +71,7 @@ def cli(workdir: Path, command: str, *args: str) -> list[str]:
             *("--model", "resnet18", "--space", str(workdir / "tiny.yaml"), "--budget", str(BUDGET)),
             *("--train-subset", "512", "--eval-subset", "256", "--baseline-epochs", "1", "--finetune-steps", "3"),
             *("--batch-size", "64", "--calib-batches", "1", "--threads", "1", "--sampler", "random"),
-            *("--heartbeat", str(HEARTBEAT)),
+            *("--heartbeat", str(HEARTBEAT), "--no-sensitivity", "--no-early-reject"),
         ]
     return [sys.executable, "-m", "ranksearch.cli", command, *args, *common]
 

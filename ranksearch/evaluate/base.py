@@ -24,7 +24,9 @@ class BaseEvaluator(ABC):
     ratio of two measurements taken under the same machine load). The search calls it with
     ``split="val"``; ``split="test"`` is used once at the end, for the Pareto front only, and
     must rebuild the same model as the ``"val"`` call did for that config. Raise an exception
-    to fail a trial (its message is recorded as the reason); the search goes on.
+    to fail a trial (its message is recorded as the reason); the search goes on. Raise
+    :class:`ranksearch.errors.Rejected` to cut a hopeless config short: the trial is pruned with its
+    reason and counts towards the budget.
 
     Pass an instance to :func:`ranksearch.run_search`, or name a class on the command line
     (``--evaluator package.module:Class``): it is then built as ``Class(context=context)`` with

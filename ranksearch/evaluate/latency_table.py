@@ -1,8 +1,11 @@
 """Per-layer latency lookup table: each searched layer's variants timed once, in isolation, on its real input.
 
-A configuration's latency is predicted as the sum of its layers' variant times plus an overhead term
-measured once (the dense model's latency minus the sum of its searched layers' dense times: the
-layers that are never searched, activations, pooling and Python dispatch).
+A configuration's latency is predicted as ``scale * (sum of its layers' variant times) + overhead``.
+Built, the table is purely proportional (``overhead`` 0, ``scale`` = dense latency / dense layers' sum):
+a layer runs slower inside the model than alone (cold caches, the unsearched BatchNorms and
+activations around it grow and shrink with it), and for uniform configs the measured ratio to the
+dense model follows the ratio of layer sums to within a few percent. During a search,
+:meth:`LatencyTable.fitted` refits both terms on the configs measured so far.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,18 +26,32 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.latency import measure_latency
 from ranksearch.search.space import LayerSlot
 
-__all__ = ["LatencyTable", "prediction_errors"]
+__all__ = ["LatencyTable", "Observation", "prediction_errors"]
 
 TIMING = {"warmup": 3, "min_runs": 10, "target_seconds": 0.05, "max_attempts": 2}
 """A layer runs in well under a millisecond: short timing loops keep a table of ~600 distinct variants to ~20 s."""
 
 
+MIN_FIT_POINTS = 3
+"""Measured configs (with at least two different layer sums) before the overhead is fitted too."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measured config: its latency and the dense model's latency timed right beside it."""
+
+    config: CompressionConfig
+    latency_ms: float
+    reference_ms: float
+
+
 @dataclass(frozen=True)
 class LatencyTable:
-    """Milliseconds per (layer, variant), and the overhead that the searched layers do not explain."""
+    """Milliseconds per (layer, variant), and how their sum maps to a whole model's latency."""
 
     layer_ms: Mapping[str, Mapping[str, float]]
-    overhead_ms: float
+    scale: float = 1.0
+    overhead_ms: float = 0.0
 
     @classmethod
     def build(
@@ -74,21 +91,16 @@ class LatencyTable:
         if cache_file is not None and fresh:
             atomic_write_text(cache_file, json.dumps(cache, sort_keys=True))
         dense = measure_latency(model, example, device=device, threads=threads).median_ms
-        return cls(layer_ms=layer_ms, overhead_ms=0.0).calibrated(dense)
+        return cls(layer_ms=layer_ms).calibrated(dense)
 
     @property
     def dense_layers_ms(self) -> float:
         """The searched layers' dense times, summed."""
-        return sum(times[variant_key(LayerChoice("keep"))] for times in self.layer_ms.values())
+        return self.layers_ms(CompressionConfig(layers={}))
 
-    def calibrated(self, dense_ms: float) -> LatencyTable:
-        """This table with the overhead that makes the dense model's prediction ``dense_ms`` (a fresher or
-        more robust measurement of it: a single one on a busy machine can be off by 20 %)."""
-        return replace(self, overhead_ms=dense_ms - self.dense_layers_ms)
-
-    def predict(self, config: CompressionConfig) -> float:
-        """The predicted latency (ms) of the model compressed by ``config`` (layers it leaves out: keep)."""
-        total = self.overhead_ms
+    def layers_ms(self, config: CompressionConfig) -> float:
+        """The sum of the variant times ``config`` picks (layers it leaves out: keep)."""
+        total = 0.0
         for name, times in self.layer_ms.items():
             choice = config.layers.get(name, LayerChoice("keep"))
             key = variant_key(choice)
@@ -99,6 +111,43 @@ class LatencyTable:
                 )
             total += times[key]
         return total
+
+    def faster_than_dense(self, layer: str, choice: LayerChoice) -> bool:
+        """Whether ``choice`` runs faster than the dense ``layer`` alone."""
+        times = self.layer_ms[layer]
+        return times[variant_key(choice)] < times[variant_key(LayerChoice("keep"))]
+
+    def predict(self, config: CompressionConfig) -> float:
+        """The predicted latency (ms) of the model compressed by ``config``."""
+        return self.scale * self.layers_ms(config) + self.overhead_ms
+
+    def calibrated(self, dense_ms: float) -> LatencyTable:
+        """This table rescaled so that the dense model's prediction is ``dense_ms`` (a fresher or more
+        robust measurement of it: a single one on a busy machine can be off by 20 %)."""
+        factor = dense_ms / self.predict(CompressionConfig(layers={}))
+        return replace(self, scale=self.scale * factor, overhead_ms=self.overhead_ms * factor)
+
+    def fitted(self, observations: Sequence[Observation]) -> LatencyTable:
+        """This table refitted on measured configs, calibrated on the median of their reference timings.
+
+        Each latency is first divided by the dense latency timed beside it (which cancels the machine's
+        drift), then ``scale`` and ``overhead`` are fitted by least squares (overhead >= 0) once
+        :data:`MIN_FIT_POINTS` configs with two different layer sums are in; before that only the
+        calibration applies.
+        """
+        if not observations:
+            return self
+        reference = statistics.median(o.reference_ms for o in observations)
+        dense_sum = self.dense_layers_ms
+        xs = [self.layers_ms(o.config) / dense_sum for o in observations]
+        ys = [o.latency_ms / o.reference_ms for o in observations]
+        if len(observations) < MIN_FIT_POINTS or max(xs) - min(xs) < 1e-9:
+            return self.calibrated(reference)
+        slope, intercept = _least_squares(xs, ys)
+        if intercept < 0 or slope <= 0:  # the proportional model, fitted
+            slope, intercept = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
+        table = replace(self, scale=slope / dense_sum, overhead_ms=intercept)
+        return table.calibrated(reference * table.predict(CompressionConfig(layers={})))
 
 
 def variants(slot: LayerSlot) -> list[LayerChoice]:
@@ -127,6 +176,13 @@ def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str
     """Median and max absolute error of predictions, in percent of the measured values."""
     errors = [100.0 * abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     return {"median_pct": statistics.median(errors), "max_pct": max(errors), "count": float(len(errors))}
+
+
+def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Slope and intercept of the least-squares line through (xs, ys)."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return slope, mean_y - slope * mean_x
 
 
 def _time_variant(

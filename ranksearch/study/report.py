@@ -15,13 +15,15 @@ from rich.table import Table
 from ranksearch.evaluate.latency_table import prediction_errors
 from ranksearch.results import best_speedup_within, front_rows, front_trials
 from ranksearch.study.settings import RunSettings
+from ranksearch.study.storage import REJECTED_AT_ZERO_SHOT, counts_toward_budget
 
 if TYPE_CHECKING:
     from ranksearch.study.runner import SearchResult
 
 
 class SearchProgress:
-    """A rich progress bar over completed trials: ETA, front size, best speedup within the accuracy budget."""
+    """A rich progress bar over evaluated trials (complete or rejected at zero shot): ETA, front size, best
+    speedup within the accuracy budget."""
 
     def __init__(self, study: optuna.Study, settings: RunSettings, console: Console) -> None:
         self.study = study
@@ -52,15 +54,18 @@ class SearchProgress:
         self.progress.stop()
 
     def update(self) -> None:
-        done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        failed = len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        rejected = len(self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(map(counts_toward_budget, trials))
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        zero_shot = sum(t.state == TrialState.PRUNED and counts_toward_budget(t) for t in trials)
+        skipped = sum(t.state == TrialState.PRUNED for t in trials) - zero_shot
         budget = self.settings.max_accuracy_drop if self.settings.max_accuracy_drop is not None else 1.0
         best = best_speedup_within(self.study, budget)
         status = f"front {len(front_trials(self.study))}"
         status += f" · best {best:.2f}x within {budget:g} pp" if best else ""
         status += f" · {failed} failed" if failed else ""
-        status += f" · {rejected} pruned" if rejected else ""
+        status += f" · {zero_shot} rejected at zero shot" if zero_shot else ""
+        status += f" · {skipped} skipped unevaluated" if skipped else ""
         self.progress.update(self.task, completed=min(done, self.settings.budget), status=status)
         if not self.console.is_terminal and done != self.reported:  # logs get a line per completed trial
             self.reported = done
@@ -124,8 +129,21 @@ def print_summary(result: SearchResult, settings: RunSettings, console: Console)
     if prediction is not None:
         console.print(
             f"latency table: predicted vs measured latency, median error {prediction['median_pct']:.1f} %, "
-            f"max {prediction['max_pct']:.1f} % over {prediction['count']:.0f} trials; "
-            f"{prediction['rejected']:.0f} configs rejected before evaluation"
+            f"max {prediction['max_pct']:.1f} % over {prediction['count']:.0f} trials"
+            + (
+                f" (relative to the dense model timed beside each: median {prediction['beside_median_pct']:.1f} %, "
+                f"max {prediction['beside_max_pct']:.1f} %)"
+                if "beside_median_pct" in prediction
+                else ""
+            )
+            + f"; {prediction['rejected']:.0f} configs rejected before evaluation"
+        )
+    rejected = [t for t in result.study.get_trials(deepcopy=False) if t.user_attrs.get(REJECTED_AT_ZERO_SHOT)]
+    if rejected:
+        saved = sum(t.user_attrs.get("seconds_saved", 0.0) for t in rejected)
+        console.print(
+            f"early rejection: {len(rejected)} configs rejected at zero shot before fine-tuning, "
+            f"~{saved:.0f} s saved (the median fine-tune, int8 and measuring time of complete trials, per rejection)"
         )
     console.print(f"results: {result.directory}")
 
@@ -133,15 +151,25 @@ def print_summary(result: SearchResult, settings: RunSettings, console: Console)
 def latency_prediction(study: optuna.Study) -> dict[str, float] | None:
     """The latency table's prediction error over the complete trials, and how many configs it rejected
     (None when the study has no predictions)."""
-    pairs = [
-        (t.user_attrs["predicted_latency_ms"], t.user_attrs["latency_ms"])
+    measured = [
+        t.user_attrs
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if "predicted_latency_ms" in t.user_attrs and "latency_ms" in t.user_attrs
     ]
-    if not pairs:
+    if not measured:
         return None
     rejected = sum(
         t.user_attrs.get("fail_reason", "").startswith("rejected before evaluation")
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     )
-    return {**prediction_errors(*map(list, zip(*pairs))), "rejected": float(rejected)}
+    out = {**prediction_errors([a["predicted_latency_ms"] for a in measured], [a["latency_ms"] for a in measured])}
+    out["rejected"] = float(rejected)
+    # the predicted speedup applied to the dense model timed beside each trial: the table's error without
+    # the machine's drift between trials
+    beside = [a for a in measured if "predicted_speedup" in a]
+    if beside:
+        relative = prediction_errors(
+            [a["reference_latency_ms"] / a["predicted_speedup"] for a in beside], [a["latency_ms"] for a in beside]
+        )
+        out |= {"beside_median_pct": relative["median_pct"], "beside_max_pct": relative["max_pct"]}
+    return out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -12,7 +14,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,14 +26,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from ranksearch.compress import ModelCost, dense_model_cost, model_cost
-from ranksearch.config import CompressionConfig
+from ranksearch.compress import ModelCost, dense_model_cost, layer_cost, model_cost
+from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.data import DataSplits, load_dataset
-from ranksearch.errors import RanksearchError
+from ranksearch.errors import RanksearchError, Rejected
 from ranksearch.evaluate.base import BaseEvaluator, Split, checked_metrics
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.evaluate.latency import resolve_device, torch_threads
-from ranksearch.evaluate.latency_table import LatencyTable, cache_name
+from ranksearch.evaluate.latency_table import LatencyTable, Observation, cache_name, variant_key
 from ranksearch.models import build_model, load_checkpoint, model_family
 from ranksearch.results import (
     BASELINE_KEY,
@@ -53,9 +55,16 @@ from ranksearch.search import (
     sample_config,
     uniform_config,
 )
+from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
 from ranksearch.study.report import SearchProgress, print_summary
 from ranksearch.study.settings import RunSettings, file_digest
-from ranksearch.study.storage import check_fingerprint, open_storage, optimize_to_budget, problem_fingerprint
+from ranksearch.study.storage import (
+    REJECTED_AT_ZERO_SHOT,
+    check_fingerprint,
+    open_storage,
+    optimize_to_budget,
+    problem_fingerprint,
+)
 from ranksearch.training import DEFAULT_RECIPE, train_baseline
 
 ANCHORS = (("keep", None), ("svd", 0.5), ("tucker2", 0.5), ("svd", 0.25), ("tucker2", 0.25))
@@ -108,7 +117,7 @@ def run_search(
         settings = replace(settings, threads=max(1, len(os.sched_getaffinity(0)) // settings.workers))
     device = resolve_device(settings.device)
     space_path = settings.space or default_space_path(model_family(settings.model))
-    space = SearchSpace.load(space_path)
+    space = load_space(space_path, device, console)
     settings = replace(settings, space=Path(space_path), space_digest=file_digest(Path(space_path)))
     directory = settings.results_dir / settings.name()
     custom = _import_object(settings.evaluator, "--evaluator") if settings.evaluator and evaluator is None else None
@@ -130,9 +139,18 @@ def run_search(
         dense = dense_model_cost(context.model, context.example)
         baseline = _baseline(study, evaluator, dense, console)
         table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console, phases)
+        sensitivity = layer_sensitivity(
+            settings, context, slots, space.rank_multiple, evaluator, console, phases, table
+        )
         if not study.trials:
             _enqueue_anchors(study, slots, space.rank_multiple)
-        objective = _objective(settings, evaluator, context, slots, space.rank_multiple, dense, baseline, table)
+            if sensitivity is not None:
+                _enqueue_greedy(
+                    study, slots, space.rank_multiple, sensitivity, _variant_cost(context, space.rank_multiple, table)
+                )
+        objective = _objective(
+            settings, evaluator, context, slots, space.rank_multiple, dense, baseline, table, sensitivity
+        )
         layer_names = list(slots)
         try:
             _optimize(study, objective, settings, context, directory, layer_names, console)
@@ -146,6 +164,15 @@ def run_search(
     result = SearchResult(study, directory, baseline, phases)
     print_summary(result, settings, console)
     return result
+
+
+def load_space(path: str | Path, device: torch.device, console: Console) -> SearchSpace:
+    """The search space at ``path``; int8 is left out on a GPU (its kernels run on CPU only)."""
+    space = SearchSpace.load(path)
+    if device.type != "cpu" and space.int8:
+        console.print(f"int8: its kernels run on CPU only; not searched on {device.type}")
+        space = replace(space, int8=False)
+    return space
 
 
 @contextmanager
@@ -446,6 +473,99 @@ def _enqueue_anchors(study: optuna.Study, slots: dict[str, LayerSlot], rank_mult
         study.enqueue_trial(params, user_attrs={"anchor": label})
 
 
+def _enqueue_greedy(
+    study: optuna.Study,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    sensitivity: Sensitivity,
+    cost: Callable[[str, LayerChoice], float],
+) -> None:
+    """Warm starts: the greedy equal-sensitivity configs (those that differ from the anchors)."""
+    queued = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
+    queued |= {tuple(sorted(t.system_attrs.get("fixed_params", {}).items())) for t in study.get_trials(deepcopy=False)}
+    for level, config in sensitivity.greedy_configs(slots, cost, rank_multiple=rank_multiple).items():
+        params = config_to_params(config, slots)
+        if tuple(sorted(params.items())) not in queued:
+            study.enqueue_trial(params, user_attrs={"warm_start": f"greedy, each layer <= {level:g} pp alone"})
+
+
+def _variant_cost(
+    context: RunContext, rank_multiple: int, table: LatencyTable | None
+) -> Callable[[str, LayerChoice], float]:
+    """What the greedy configs minimise per layer: the table's time where there is one, else MACs."""
+    if table is not None:
+        return lambda name, choice: table.layer_ms[name][variant_key(choice)]
+    modules = dict(context.model.named_modules())
+
+    def macs(name: str, choice: LayerChoice) -> float:
+        shape = context.input_shapes[name]
+        cost = layer_cost(
+            modules[name], choice.technique, choice.rank, shape, rank_multiple=rank_multiple, **choice.options
+        )
+        return float(cost.macs)
+
+    return macs
+
+
+def layer_sensitivity(
+    settings: RunSettings,
+    context: RunContext,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    evaluator: BaseEvaluator,
+    console: Console,
+    phases: dict[str, float] | None = None,
+    table: LatencyTable | None = None,
+) -> Sensitivity | None:
+    """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
+    ``--sensitivity`` is on and the built-in evaluator runs the search; otherwise None. With a latency
+    ``table``, only variants faster than their dense layer are measured."""
+    if not (settings.sensitivity and isinstance(evaluator, ClassificationEvaluator)):
+        return None
+    start = time.perf_counter()
+    key = json.dumps(
+        [
+            problem_fingerprint(context.model, context.splits),
+            settings.space_digest,
+            rank_multiple,
+            evaluator.calib_batches,
+            evaluator.batch_size,
+            evaluator.seed,
+            len(evaluator.zero_shot_set),
+        ]
+    )
+    cache_file = (
+        settings.results_dir
+        / "sensitivity"
+        / f"sensitivity-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}.json"
+    )
+    columns = (TextColumn("sensitivity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("sensitivity", total=None)
+        sensitivity = measure_sensitivity(
+            context.model,
+            slots,
+            context.input_shapes,
+            zero_shot=evaluator.zero_shot_accuracy,
+            baseline_accuracy=evaluator.zero_shot_baseline(),
+            hopeless=settings.max_zero_shot_drop,
+            rank_multiple=rank_multiple,
+            worth=None if table is None else table.faster_than_dense,
+            cache_file=cache_file,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    seconds = time.perf_counter() - start
+    if phases is not None:
+        phases["sensitivity"] = seconds
+    drops = [d for layer in sensitivity.drops.values() for d in layer.values()]
+    hopeless = sum(d > settings.max_zero_shot_drop for d in drops)
+    console.print(
+        f"sensitivity: {len(drops)} layer variants of {len(slots)} layers ready in {seconds:.0f} s; "
+        f"{hopeless} hopeless alone (zero-shot drop over {settings.max_zero_shot_drop:g} points) are not evaluated"
+    )
+    return sensitivity
+
+
 def latency_table(
     settings: RunSettings,
     context: RunContext,
@@ -507,43 +627,75 @@ def _objective(
     dense: ModelCost,
     baseline: dict[str, float],
     table: LatencyTable | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> Callable[[optuna.Trial], tuple[float, float] | float]:
     rejected_in_a_row = 0
 
-    def reject_early(trial: optuna.Trial, config: CompressionConfig) -> None:
-        """Prune a config the table predicts over --max-latency-ms, or (anchors aside) slower than the dense model.
-
-        The table's overhead is recalibrated on the median of the dense model's latencies measured beside
-        every complete trial so far (``reference_latency_ms``), which follows the machine's state.
-        """
+    def reject(trial: optuna.Trial, reason: str | None) -> None:
+        """Prune the trial before evaluation when there is a ``reason``; stop a run that rejects everything."""
         nonlocal rejected_in_a_row
-        if table is None:
-            return
-        references = [
-            t.user_attrs["reference_latency_ms"]
-            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "reference_latency_ms" in t.user_attrs
-        ]
-        current = table.calibrated(statistics.median(references)) if references else table
-        dense_ms = current.predict(CompressionConfig(layers={}))
-        predicted = current.predict(config)
-        trial.set_user_attr("predicted_latency_ms", predicted)
-        reason = None
-        if settings.max_latency_ms is not None and predicted > settings.max_latency_ms:
-            reason = f"predicted {predicted:.3f} ms, over --max-latency-ms {settings.max_latency_ms:g}"
-        elif predicted > dense_ms and "anchor" not in trial.user_attrs:
-            reason = f"predicted {predicted:.3f} ms, slower than the uncompressed model's {dense_ms:.3f} ms"
         if reason is None:
             rejected_in_a_row = 0
             return
         rejected_in_a_row += 1
+        trial.set_user_attr("fail_reason", f"rejected before evaluation: {reason}")
         if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
             raise RanksearchError(
                 f"{rejected_in_a_row} configs in a row rejected before evaluation (last: {reason}); "
-                "raise --max-latency-ms, widen the search space, or pass --no-latency-table"
+                "raise --max-latency-ms or --max-zero-shot-drop, widen the search space, "
+                "or pass --no-latency-table / --no-sensitivity"
             )
-        trial.set_user_attr("fail_reason", f"rejected before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
+
+    def hopeless_variant(config: CompressionConfig) -> str | None:
+        if sensitivity is None:
+            return None
+        hit = sensitivity.hopeless_layer(config, settings.max_zero_shot_drop)
+        if hit is None:
+            return None
+        name, drop = hit
+        choice = config.layers[name]
+        return (
+            f"layer {name}: {choice.technique}@{choice.rank} alone drops zero-shot accuracy "
+            f"{'beyond' if math.isinf(drop) else f'{drop:.1f} points, over'} --max-zero-shot-drop "
+            f"{settings.max_zero_shot_drop:g}"
+        )
+
+    def predicted_too_slow(trial: optuna.Trial, config: CompressionConfig, protected: bool) -> str | None:
+        """A config the table predicts over --max-latency-ms, or (anchors and warm starts aside) slower than
+        the dense model.
+
+        The table is refitted on every complete trial so far (:meth:`LatencyTable.fitted`): their
+        latencies relative to the dense model timed beside each, scaled by the median of those dense
+        timings, which follows the machine's state.
+        """
+        if table is None:
+            return None
+        current = table.fitted(_observations(trial.study))
+        dense_ms = current.predict(CompressionConfig(layers={}))
+        predicted = current.predict(config)
+        trial.set_user_attr("predicted_latency_ms", predicted)
+        trial.set_user_attr("predicted_speedup", dense_ms / predicted)
+        if settings.max_latency_ms is not None and predicted > settings.max_latency_ms:
+            return f"predicted {predicted:.3f} ms, over --max-latency-ms {settings.max_latency_ms:g}"
+        if predicted > dense_ms and not protected:
+            return f"predicted {predicted:.3f} ms, slower than the uncompressed model's {dense_ms:.3f} ms"
+        return None
+
+    def evaluate(trial: optuna.Trial, config: CompressionConfig, protected: bool) -> Mapping[str, float]:
+        """The evaluator's metrics; a zero-shot rejection (anchors and warm starts are never rejected) prunes
+        the trial, which still counts towards the budget, with the time it saved."""
+        try:
+            if isinstance(evaluator, ClassificationEvaluator):
+                return evaluator.evaluate(config, split="val", early_reject=not protected)
+            return evaluator.evaluate(config, split="val")
+        except Rejected as exc:
+            for key, value in exc.metrics.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("seconds_saved", _time_saved(trial.study))
+            trial.set_user_attr("fail_reason", f"rejected at zero shot: {exc}")
+            trial.set_user_attr(REJECTED_AT_ZERO_SHOT, True)
+            raise optuna.TrialPruned(str(exc)) from None
 
     def objective(trial: optuna.Trial) -> tuple[float, float] | float:
         config = sample_config(trial, slots, rank_multiple=rank_multiple)
@@ -551,10 +703,11 @@ def _objective(
         trial.set_user_attr("config", config.to_dict())
         for key, value in {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes}.items():
             trial.set_user_attr(key, value)
-        reject_early(trial, config)
+        protected = "anchor" in trial.user_attrs or "warm_start" in trial.user_attrs
+        reject(trial, predicted_too_slow(trial, config, protected) or (None if protected else hopeless_variant(config)))
         try:
-            metrics = checked_metrics(evaluator, evaluator.evaluate(config, split="val"))
-        except (RanksearchError, KeyboardInterrupt):
+            metrics = checked_metrics(evaluator, evaluate(trial, config, protected))
+        except (RanksearchError, KeyboardInterrupt, optuna.TrialPruned):
             raise
         except Exception as exc:  # a failed trial is recorded with its reason; the search goes on
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
@@ -571,6 +724,32 @@ def _objective(
         return metrics["accuracy"], metrics["latency_ms"]
 
     return objective
+
+
+SKIPPED_PHASES = ("time_finetune_s", "time_quantize_s", "time_latency_s", "time_accuracy_s")
+"""The evaluator phases a zero-shot rejection skips."""
+
+
+def _time_saved(study: optuna.Study) -> float:
+    """The median time complete trials spent in the phases a zero-shot rejection skips (0 before any)."""
+    spent = [
+        sum(t.user_attrs.get(key, 0.0) for key in SKIPPED_PHASES)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "time_finetune_s" in t.user_attrs
+    ]
+    return statistics.median(spent) if spent else 0.0
+
+
+def _observations(study: optuna.Study) -> list[Observation]:
+    return [
+        Observation(
+            CompressionConfig.from_dict(t.user_attrs["config"]),
+            t.user_attrs["latency_ms"],
+            t.user_attrs["reference_latency_ms"],
+        )
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "reference_latency_ms" in t.user_attrs
+    ]
 
 
 def _optimize(

@@ -50,6 +50,9 @@ class RunSettings:
     latency_backend: str = "torch"
     latency_batch: int = 1
     latency_table: bool = True
+    sensitivity: bool = True
+    early_reject: bool = True
+    max_zero_shot_drop: float = 10.0
     finetune_steps: int = 60
     finetune_lr: float = 0.01
     batch_size: int = 128
@@ -106,6 +109,11 @@ class RunSettings:
         if self.baseline_nuclear_norm < 0:
             raise RanksearchError(
                 f"--baseline-nuclear-norm {self.baseline_nuclear_norm}: must be 0 (off) or more; pass e.g. 1e-4"
+            )
+        if self.max_zero_shot_drop < 0:
+            raise RanksearchError(
+                f"--max-zero-shot-drop {self.max_zero_shot_drop}: must be >= 0 percentage points; "
+                "pass e.g. 10, or --no-early-reject"
             )
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise RanksearchError(

@@ -6,7 +6,8 @@ heartbeat every ``heartbeat`` seconds; one silent for ``STALE_HEARTBEATS`` heart
 was killed) is failed by the next worker that looks and re-queued with the same parameters
 (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`).
 
-The budget counts COMPLETE trials in the whole study; :func:`optimize_to_budget` keeps it exact.
+The budget counts the whole study's evaluated trials (COMPLETE, or pruned at zero shot);
+:func:`optimize_to_budget` keeps it exact.
 """
 
 from __future__ import annotations
@@ -88,16 +89,33 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def trial_counts(study: optuna.Study) -> Counter[TrialState]:
-    return Counter(t.state for t in study.get_trials(deepcopy=False))
+REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
+"""User attribute of a trial pruned by its evaluator's zero-shot verdict: it was evaluated, so it counts."""
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """COMPLETE trials, and trials pruned at zero shot (evaluated up to the verdict); not failed ones, nor
+    configs rejected from the latency table or sensitivity before any evaluation."""
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.PRUNED and bool(trial.user_attrs.get(REJECTED_AT_ZERO_SHOT))
+    )
+
+
+def trial_counts(study: optuna.Study) -> Counter[TrialState | str]:
+    """Trials per state, and under ``"spent"`` those that count towards the budget."""
+    trials = study.get_trials(deepcopy=False)
+    counts: Counter[TrialState | str] = Counter(t.state for t in trials)
+    counts["spent"] = sum(map(counts_toward_budget, trials))
+    return counts
 
 
 class BudgetGuard:
     """Wraps an objective: prunes, before evaluating, a trial that the trials ahead of it already fill the budget with.
 
-    The trials ahead are those with a lower number that are COMPLETE, RUNNING or WAITING: a trial only
-    ever moves from WAITING to RUNNING to a finished state, so the k-th trial to complete (by number)
-    had at least k - 1 such trials ahead when it was checked, and at most ``budget`` trials complete.
+    The trials ahead are those with a lower number that are RUNNING or WAITING or count towards the
+    budget: a trial only ever moves from WAITING to RUNNING to a finished state, so the k-th trial to
+    count (by number) had at least k - 1 such trials ahead when it was checked, and at most ``budget``
+    trials count.
     """
 
     def __init__(self, *, study: optuna.Study, objective: Objective, budget: int) -> None:
@@ -110,8 +128,10 @@ class BudgetGuard:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float] | float:
         self.number, self.evaluated = trial.number, False
         trial.set_user_attr("worker", worker_label())
-        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-        ahead = sum(t.number < trial.number for t in self.study.get_trials(deepcopy=False, states=states))
+        ahead = sum(
+            t.number < trial.number and (t.state in (TrialState.RUNNING, TrialState.WAITING) or counts_toward_budget(t))
+            for t in self.study.get_trials(deepcopy=False)
+        )
         if ahead >= self.budget:
             trial.set_user_attr("fail_reason", f"not evaluated: {ahead} trials ahead fill the budget")
             raise optuna.TrialPruned()
@@ -138,9 +158,10 @@ def optimize_to_budget(
     after_trial: Callable[[], None] | None = None,
     console: Console,
 ) -> int:
-    """Run trials in this process until ``budget`` trials of the study are COMPLETE, counting every worker's.
+    """Run trials in this process until ``budget`` trials of the study count (:func:`counts_toward_budget`),
+    counting every worker's.
 
-    Before asking for a trial, a worker waits while COMPLETE plus RUNNING trials fill the budget
+    Before asking for a trial, a worker waits while counted plus RUNNING trials fill the budget
     (a running trial may still fail, and its retry needs a worker), failing stale trials as it
     polls; :class:`BudgetGuard` prunes the rare surplus trial of a race between workers before it is
     evaluated. ``after_trial`` runs whenever the study's trials change. Returns how many trials this
@@ -193,12 +214,12 @@ def _optimize_loop(
         if counts != seen and seen is not None and after_trial is not None:
             after_trial()
         seen = counts
-        if counts[TrialState.COMPLETE] >= budget:
+        if counts["spent"] >= budget:
             return completed
         if deadline is not None and time.monotonic() >= deadline:
-            console.print(f"--timeout {timeout:g}s reached with {counts[TrialState.COMPLETE]} completed trials")
+            console.print(f"--timeout {timeout:g}s reached with {counts['spent']} trials evaluated")
             return completed
-        if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= budget:
+        if counts["spent"] + counts[TrialState.RUNNING] >= budget:
             fail_stale_trials(study)
             time.sleep(POLL_S)
             continue

@@ -23,14 +23,15 @@ from ranksearch.compress import dense_model_cost
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.latency import resolve_device, torch_threads
 from ranksearch.results import BASELINE_KEY, MODEL_KEY, SETTINGS_KEY, STORAGE_FILE, load_study
-from ranksearch.search import SearchSpace
 from ranksearch.study.runner import (
     _import_object,
     _make_evaluator,
     _objective,
     _quiet_optuna,
     latency_table,
+    layer_sensitivity,
     load_problem,
+    load_space,
 )
 from ranksearch.study.settings import RunSettings, file_digest
 from ranksearch.study.storage import (
@@ -93,12 +94,14 @@ def join_study(
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(url, heartbeat=settings.heartbeat))
         context = load_problem(settings, device, console)
         check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
-        search_space = SearchSpace.load(settings.space)
+        search_space = load_space(settings.space, device, console)
         slots = search_space.layers(context.model, context.input_shapes)
         evaluator = _make_evaluator(settings, context, custom)
         dense = dense_model_cost(context.model, context.example)
-        table = latency_table(settings, context, slots, search_space.rank_multiple, evaluator, console)
-        objective = _objective(settings, evaluator, context, slots, search_space.rank_multiple, dense, baseline, table)
+        multiple = search_space.rank_multiple
+        table = latency_table(settings, context, slots, multiple, evaluator, console)
+        sensitivity = layer_sensitivity(settings, context, slots, multiple, evaluator, console, table=table)
+        objective = _objective(settings, evaluator, context, slots, multiple, dense, baseline, table, sensitivity)
         console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, settings.budget)})")
         done = optimize_to_budget(study, objective, budget=settings.budget, timeout=settings.timeout, console=console)
     console.print(
@@ -126,7 +129,7 @@ def _check_local_files(settings: RunSettings, recorded: dict[str, object]) -> No
 
 def _progress(study: optuna.Study, budget: int) -> str:
     counts = trial_counts(study)
-    return f"{counts[TrialState.COMPLETE]}/{budget} complete, {counts[TrialState.RUNNING]} running"
+    return f"{counts['spent']}/{budget} evaluated, {counts[TrialState.RUNNING]} running"
 
 
 def run_local_workers(
@@ -173,10 +176,10 @@ def run_local_workers(
         _stop(processes)
     refresh()
     codes = [p.exitcode for p in processes]
-    complete = trial_counts(study)[TrialState.COMPLETE]
-    if complete < settings.budget and all(code != 0 for code in codes):
+    spent = trial_counts(study)["spent"]
+    if spent < settings.budget and all(code != 0 for code in codes):
         raise RanksearchError(
-            f"all {len(processes)} workers stopped with {complete}/{settings.budget} trials complete "
+            f"all {len(processes)} workers stopped with {spent}/{settings.budget} trials evaluated "
             f"(exit codes {codes}); fix the cause named above and rerun to resume"
         )
 

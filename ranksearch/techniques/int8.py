@@ -64,6 +64,8 @@ def quantize_int8(module: nn.Module, calib_inputs: torch.Tensor) -> Int8Module:
     """
     if calib_inputs is None:
         raise CompressionError("int8 needs calibration inputs to set activation scales; pass calib_inputs")
+    if any(p.device.type != "cpu" for p in module.parameters()):
+        raise CompressionError("int8 kernels run on CPU only; move the model to CPU")
     if not int8_available():
         raise CompressionError("int8 needs the x86 (fbgemm) quantized engine, which this CPU or torch build lacks")
     layers = list(module) if isinstance(module, nn.Sequential) else [module]

@@ -1,0 +1,296 @@
+"""Does the search beat what a user would do by hand? ranksearch's default against three baselines.
+
+    python benchmarks/compare.py [--budget 50] [--threads 2] [--results-dir results/compare]
+
+On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator):
+
+- ranksearch: ``ranksearch run`` as shipped (TPE, latency table, sensitivity warm starts, early rejection);
+- random: random sampling, none of the above (the same five anchors start it);
+- uniform: one technique at one fraction of full rank on every layer, swept over techniques and fractions;
+- greedy: the equal-sensitivity configs of the sensitivity pass alone, at more levels than the search queues.
+
+Every config is scored by the same evaluator (fine-tuned, measured latency with the dense model timed beside
+it); each method's Pareto front on validation accuracy and latency is then scored on the test split. Reported:
+best speedup within 0.5 and 1.0 points of test-accuracy drop, the params reduction there, the hypervolume
+of the front (speedup above 1x times test accuracy above the baseline's minus 5 points) and wall time.
+ranksearch runs first, on cold caches (factorizations, latency table, sensitivity); the others reuse them.
+Writes ``compare.md`` (the table) and ``compare.png`` (the fronts) to the results directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import matplotlib
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ranksearch.compress import dense_model_cost, model_cost
+from ranksearch.config import CompressionConfig, atomic_write_text
+from ranksearch.evaluate.classification import ClassificationEvaluator
+from ranksearch.models import model_family
+from ranksearch.results import TEST_ACCURACY_KEY, front_trials
+from ranksearch.search import default_space_path, uniform_config
+from ranksearch.study import RunContext, RunSettings, load_problem, run_search
+from ranksearch.study.runner import _variant_cost, latency_table, layer_sensitivity, load_space
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
+GREEDY_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+HV_DROP = 5.0
+"""Hypervolume region: test accuracy within this many points of the baseline's, speedup above 1x."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """A front member: measured speedup, test accuracy and params."""
+
+    speedup: float
+    test_accuracy: float
+    params: int
+
+
+@dataclass
+class Outcome:
+    name: str
+    evaluated: int
+    front: list[Point]
+    seconds: float
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results-dir", type=Path, default=Path("results/compare"))
+    parser.add_argument(
+        "--also-max-zero-shot-drop",
+        type=float,
+        action="append",
+        default=[],
+        help="also run ranksearch with this --max-zero-shot-drop (repeatable)",
+    )
+    args = parser.parse_args()
+    console = Console()
+    torch.set_num_threads(args.threads)
+    base = RunSettings(model="resnet18", budget=args.budget, threads=args.threads, results_dir=args.results_dir)
+    searched, phases = _study("ranksearch", base, console)
+    outcomes = [searched]
+
+    device = torch.device("cpu")
+    context = load_problem(base, device, console)
+    space = load_space(default_space_path(model_family(base.model)), device, console)
+    slots = space.layers(context.model, context.input_shapes)
+    settings = replace(base, space=Path(default_space_path(model_family(base.model))))
+    settings = replace(settings, space_digest=_space_digest(settings))
+    evaluator = ClassificationEvaluator.from_settings(
+        settings, model=context.model, splits=context.splits, device=device
+    )
+    start = time.perf_counter()
+    table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console)
+    sensitivity = layer_sensitivity(settings, context, slots, space.rank_multiple, evaluator, console, table=table)
+    assert sensitivity is not None and table is not None
+    greedy = sensitivity.greedy_configs(
+        slots,
+        _variant_cost(context, space.rank_multiple, table),
+        rank_multiple=space.rank_multiple,
+        levels=GREEDY_LEVELS,
+    )
+    # greedy alone needs the table and the sensitivity pass: the cold times the search paid for them
+    prepare = phases.get("latency_table", 0.0) + phases.get("sensitivity", 0.0) + time.perf_counter() - start
+    outcomes.append(
+        _remembered(
+            args.results_dir / "compare-greedy.json",
+            lambda: _direct("greedy", list(greedy.values()), evaluator, context, console, extra_seconds=prepare),
+        )
+    )
+    uniform = [
+        uniform_config(slots, technique, fraction, rank_multiple=space.rank_multiple)
+        for technique in UNIFORM_TECHNIQUES
+        for fraction in FRACTIONS
+    ]
+    outcomes.append(
+        _remembered(
+            args.results_dir / "compare-uniform.json", lambda: _direct("uniform", uniform, evaluator, context, console)
+        )
+    )
+    random_settings = replace(base, sampler="random", latency_table=False, sensitivity=False, early_reject=False)
+    outcomes.append(_study("random", random_settings, console)[0])
+    for drop in args.also_max_zero_shot_drop:
+        outcomes.append(_study(f"ranksearch-zero-shot-{drop:g}pp", replace(base, max_zero_shot_drop=drop), console)[0])
+
+    baseline = _baseline_test(args.results_dir, base)
+    dense_params = sum(p.numel() for p in context.model.parameters())
+    _report(outcomes, baseline, dense_params, args.results_dir, console)
+
+
+def _space_digest(settings: RunSettings) -> str:
+    from ranksearch.study.settings import file_digest
+
+    return file_digest(Path(settings.space))
+
+
+def _study(name: str, settings: RunSettings, console: Console) -> tuple[Outcome, dict[str, float]]:
+    console.rule(f"{name}: ranksearch run")
+    start = time.perf_counter()
+    result = run_search(replace(settings, study_name=f"compare-{name}"), console=console)
+    # a rerun of the benchmark resumes the finished study in seconds: keep the first run's times
+    seconds = result.study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
+    phases = result.study.user_attrs.get("compare_phases") or result.phase_seconds
+    result.study.set_user_attr("compare_wall_s", seconds)
+    result.study.set_user_attr("compare_phases", phases)
+    tests = result.study.user_attrs.get(TEST_ACCURACY_KEY, {})
+    front = [
+        Point(t.user_attrs["speedup"], tests[str(t.number)], t.user_attrs["params"])
+        for t in front_trials(result.study)
+        if str(t.number) in tests
+    ]
+    evaluated = sum(
+        t.state.name == "COMPLETE" or bool(t.user_attrs.get("rejected_at_zero_shot")) for t in result.study.trials
+    )
+    return Outcome(name, evaluated, front, seconds), phases
+
+
+def _direct(
+    name: str,
+    configs: list[CompressionConfig],
+    evaluator: ClassificationEvaluator,
+    context: RunContext,
+    console: Console,
+    *,
+    extra_seconds: float = 0.0,
+) -> Outcome:
+    """Evaluate ``configs`` as the search would, keep the validation front, score it on the test split."""
+    console.rule(f"{name}: {len(configs)} configs")
+    start = time.perf_counter()
+    dense = dense_model_cost(context.model, context.example)
+    scored = []
+    for i, config in enumerate(configs, start=1):
+        metrics = evaluator.evaluate(config, split="val")
+        params = model_cost(context.model, config, context.input_shapes, dense=dense).params
+        scored.append((config, metrics, params))
+        console.print(
+            f"{name} {i}/{len(configs)}: val {100 * metrics['accuracy']:.2f} %, "
+            f"{metrics['reference_latency_ms'] / metrics['latency_ms']:.2f}x"
+        )
+    front = [
+        entry
+        for entry in scored
+        if not any(
+            o[1]["accuracy"] >= entry[1]["accuracy"]
+            and o[1]["latency_ms"] <= entry[1]["latency_ms"]
+            and (o[1]["accuracy"] > entry[1]["accuracy"] or o[1]["latency_ms"] < entry[1]["latency_ms"])
+            for o in scored
+        )
+    ]
+    points = [
+        Point(
+            metrics["reference_latency_ms"] / metrics["latency_ms"],
+            evaluator.evaluate(config, split="test")["accuracy"],
+            params,
+        )
+        for config, metrics, params in front
+    ]
+    return Outcome(name, len(configs), points, time.perf_counter() - start + extra_seconds)
+
+
+def _remembered(path: Path, evaluate: Callable[[], Outcome]) -> Outcome:
+    """A direct method's outcome, kept in ``path`` so that a rerun of the benchmark does not evaluate it again."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return Outcome(data["name"], data["evaluated"], [Point(**p) for p in data["front"]], data["seconds"])
+    outcome = evaluate()
+    atomic_write_text(path, json.dumps(asdict(outcome)))
+    return outcome
+
+
+def _baseline_test(results_dir: Path, settings: RunSettings) -> float:
+    import optuna
+
+    study = optuna.load_study(
+        study_name="compare-ranksearch", storage=f"sqlite:///{results_dir / 'compare-ranksearch' / 'study.db'}"
+    )
+    return float(study.user_attrs["baseline"]["test_accuracy"])
+
+
+def hypervolume(points: list[Point], baseline: float, max_drop: float = HV_DROP) -> float:
+    """Area dominated by ``points`` in (speedup - 1) x (test accuracy points above baseline - max_drop)."""
+    floor = 100 * baseline - max_drop
+    useful = sorted(
+        ((p.speedup, 100 * p.test_accuracy) for p in points if p.speedup > 1 and 100 * p.test_accuracy > floor),
+        reverse=True,
+    )
+    area, best_accuracy = 0.0, floor
+    for i, (speedup, accuracy) in enumerate(useful):
+        best_accuracy = max(best_accuracy, accuracy)
+        next_speedup = useful[i + 1][0] if i + 1 < len(useful) else 1.0
+        area += (speedup - next_speedup) * (best_accuracy - floor)
+    return area
+
+
+def _best_within(points: list[Point], baseline: float, drop: float) -> Point | None:
+    within = [p for p in points if 100 * (baseline - p.test_accuracy) <= drop]
+    return max(within, key=lambda p: p.speedup, default=None)
+
+
+def _report(outcomes: list[Outcome], baseline: float, dense_params: int, out: Path, console: Console) -> None:
+    columns = (
+        "method",
+        "configs evaluated",
+        "best speedup, <= 0.5 pp",
+        "params reduction there",
+        "best speedup, <= 1.0 pp",
+        "params reduction there",
+        f"hypervolume (<= {HV_DROP:g} pp)",
+        "wall time s",
+    )
+    table = Table(title=f"resnet18 / Fashion-MNIST, CPU; baseline test accuracy {100 * baseline:.2f} %")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for outcome in outcomes:
+        cells = [outcome.name, str(outcome.evaluated)]
+        for drop in (0.5, 1.0):
+            best = _best_within(outcome.front, baseline, drop)
+            cells += [f"{best.speedup:.2f}x", f"{dense_params / best.params:.2f}x"] if best else ["-", "-"]
+        cells += [f"{hypervolume(outcome.front, baseline):.2f}", f"{outcome.seconds:.0f}"]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for outcome in outcomes:
+        front = sorted(outcome.front, key=lambda p: p.speedup)
+        axes.plot(
+            [p.speedup for p in front],
+            [100 * (baseline - p.test_accuracy) for p in front],
+            marker="o",
+            drawstyle="steps-post",
+            label=f"{outcome.name} (HV {hypervolume(outcome.front, baseline):.2f})",
+        )
+    axes.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel("measured speedup over the dense model (x)")
+    axes.set_ylabel("test accuracy drop (points)")
+    axes.set_ylim(-0.5, HV_DROP + 1)
+    axes.invert_yaxis()
+    axes.set_title("Pareto fronts on the test split: up and right is better")
+    axes.legend()
+    figure.tight_layout()
+    tmp = out / ".compare.png.tmp"
+    figure.savefig(tmp, format="png", dpi=120)
+    tmp.replace(out / "compare.png")
+    console.print(f"table: {out / 'compare.md'}; plot: {out / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Per-layer sensitivity: measurement order, hopeless cut-off, cache, greedy configs; the evaluator's zero-shot
+check and the order in which it measures a compressed model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.data import load_dataset
+from ranksearch.errors import Rejected
+from ranksearch.evaluate import classification
+from ranksearch.evaluate.classification import ClassificationEvaluator
+from ranksearch.evaluate.latency_table import variant_key
+from ranksearch.models import build_model
+from ranksearch.search import SearchSpace
+from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
+from ranksearch.search.space import record_input_shapes
+
+SPACE = {
+    "layers": {"include": ["*"], "types": ["Conv2d"]},
+    "techniques": {"spatial_conv": ["keep", "svd", "tucker2"], "pointwise_conv": ["keep", "svd"]},
+    "ranks": [0.25, 0.5, 0.75],
+}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 1)
+    )
+    shapes = record_input_shapes(model, torch.randn(1, 3, 8, 8))
+    slots = SearchSpace.from_dict(SPACE).layers(model, shapes)
+    return model, slots, shapes
+
+
+def fraction(choice: LayerChoice) -> float:
+    return float(choice.rank)
+
+
+def synthetic_accuracy(config: CompressionConfig) -> float:
+    """A made-up zero-shot accuracy: layer '2' is sensitive, the others are not; lower ranks lose more."""
+    ((name, choice),) = config.layers.items()
+    weight = 40.0 if name == "2" else 2.0
+    return 0.9 - weight * (0.75 - fraction(choice)) / 100 - (0.01 if choice.technique == "tucker2" else 0.0)
+
+
+def test_measures_largest_rank_first_and_stops_once_hopeless(problem, tmp_path: Path) -> None:
+    model, slots, shapes = problem
+    calls: list[tuple[str, str]] = []
+
+    def zero_shot(config: CompressionConfig) -> float:
+        ((name, choice),) = config.layers.items()
+        calls.append((name, variant_key(choice)))
+        return synthetic_accuracy(config)
+
+    cache = tmp_path / "sensitivity.json"
+    result = measure_sensitivity(
+        model,
+        slots,
+        shapes,
+        zero_shot=zero_shot,
+        baseline_accuracy=0.9,
+        hopeless=5.0,
+        rank_multiple=8,
+        cache_file=cache,
+    )
+    svd = {fraction: result.drops["2"][variant_key(LayerChoice("svd", fraction))] for fraction in (0.75, 0.5, 0.25)}
+    assert svd[0.75] == pytest.approx(0.0)
+    assert svd[0.5] == pytest.approx(10.0)  # hopeless (> 5): the smaller rank is not measured
+    assert math.isinf(svd[0.25]) and ("2", variant_key(LayerChoice("svd", 0.25))) not in calls
+    assert [r for n, r in calls if n == "2"][:2] == [
+        variant_key(LayerChoice("svd", 0.75)),
+        variant_key(LayerChoice("svd", 0.5)),
+    ]
+    assert result.drops["3"][variant_key(LayerChoice("svd", 0.25))] == pytest.approx(1.0)
+    assert json.loads(cache.read_text())["2"][variant_key(LayerChoice("svd", 0.75))] == pytest.approx(0.9)
+
+    again = measure_sensitivity(
+        model,
+        slots,
+        shapes,
+        zero_shot=lambda config: pytest.fail("measured again despite the cache"),
+        baseline_accuracy=0.9,
+        hopeless=5.0,
+        rank_multiple=8,
+        cache_file=cache,
+    )
+    assert again == result
+
+
+def test_only_variants_worth_measuring_are_measured(problem) -> None:
+    model, slots, shapes = problem
+    result = measure_sensitivity(
+        model,
+        slots,
+        shapes,
+        zero_shot=synthetic_accuracy,
+        baseline_accuracy=0.9,
+        hopeless=50.0,
+        rank_multiple=8,
+        worth=lambda name, choice: choice.technique == "svd",
+    )
+    assert all(json.loads(key)[0] == "svd" for drops in result.drops.values() for key in drops)
+    assert result.drop("0", LayerChoice("tucker2", 0.25)) == 0.0  # unmeasured: no verdict
+
+
+def test_hopeless_layer_and_greedy_configs(problem) -> None:
+    model, slots, shapes = problem
+    result = measure_sensitivity(
+        model, slots, shapes, zero_shot=synthetic_accuracy, baseline_accuracy=0.9, hopeless=50.0, rank_multiple=8
+    )
+    mild = CompressionConfig(layers={"0": LayerChoice("svd", 0.25), "2": LayerChoice("svd", 0.75)})
+    harsh = CompressionConfig(layers={"0": LayerChoice("svd", 0.75), "2": LayerChoice("svd", 0.25, int8=True)})
+    assert result.hopeless_layer(mild, 5.0) is None
+    assert result.hopeless_layer(harsh, 5.0) == ("2", pytest.approx(20.0))  # int8 takes its float variant's drop
+
+    def params(name: str, choice: LayerChoice) -> float:  # cost: smaller rank is cheaper, keep the dearest
+        return 1.0 if choice.technique == "keep" else fraction(choice) + (0.01 if choice.technique == "tucker2" else 0)
+
+    levels = (0.5, 1.0, 12.0)
+    greedy = result.greedy_configs(slots, params, rank_multiple=8, levels=levels)
+    assert list(greedy) == list(levels)
+    for level, config in greedy.items():
+        for name, choice in config.layers.items():  # the cheapest variant within the level, else keep
+            allowed = [LayerChoice("keep")] + [
+                LayerChoice(t, r) for t in slots[name].techniques if t != "keep" for r in slots[name].ranks[t]
+            ]
+            allowed = [c for c in allowed if result.drop(name, c) <= level]
+            assert params(name, choice) == min(params(name, c) for c in allowed)
+    total = [sum(params(n, c) for n, c in config.layers.items()) for config in greedy.values()]
+    assert total == sorted(total, reverse=True) and total[0] > total[-1]
+    sensitive = greedy[0.5].layers["2"]
+    assert sensitive.technique == "keep" or fraction(sensitive) > min(slots["2"].ranks["svd"])
+    assert len(result.greedy_configs(slots, params, rank_multiple=8, levels=(1.1, 1.2))) == 1  # duplicates dropped
+
+
+def test_sensitivity_roundtrips_through_json(problem) -> None:
+    result = Sensitivity(baseline_accuracy=0.9, drops={"0": {variant_key(LayerChoice("svd", 0.5)): 1.5}})
+    assert Sensitivity(**json.loads(json.dumps(result.to_json()))) == result
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory) -> ClassificationEvaluator:
+    splits = load_dataset(
+        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=512, eval_subset=256
+    )
+    torch.manual_seed(0)
+    model = build_model(
+        "resnet18", num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
+    )
+    return ClassificationEvaluator(
+        model=model,
+        splits=splits,
+        device=torch.device("cpu"),
+        finetune_steps=1,
+        batch_size=32,
+        calib_batches=1,
+        latency_threads=1,
+        max_zero_shot_drop=0.0,
+        zero_shot_images=32,
+    )
+
+
+def test_zero_shot_rejection_before_fine_tuning(evaluator, monkeypatch) -> None:
+    config = CompressionConfig(layers={"layer1.0.conv1": LayerChoice("svd", 0.25)})
+    expected = evaluator.zero_shot_accuracy(config)
+    monkeypatch.setattr(classification, "finetune", lambda *a, **k: pytest.fail("fine-tuned a rejected config"))
+    if 100 * (evaluator.zero_shot_baseline() - expected) > 0:
+        with pytest.raises(Rejected, match="zero-shot accuracy") as raised:
+            evaluator.evaluate(config, early_reject=True)
+        assert raised.value.metrics["zero_shot_accuracy"] == expected
+        assert raised.value.metrics["time_zero_shot_s"] > 0
+    monkeypatch.undo()
+    metrics = evaluator.evaluate(config)  # without early_reject the same config runs to the end
+    assert "zero_shot_accuracy" not in metrics and metrics["latency_ms"] > 0
+
+
+def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, monkeypatch) -> None:
+    """A quantized conv tunes itself to the first batch size it runs: timing after the evaluation batches
+    measured int8 models 2-3x slow."""
+    order: list[str] = []
+    real_pair, real_accuracy = classification.measure_latency_pair, classification.evaluate_accuracy
+
+    def latencies(reference, model, example, **kwargs):
+        order.append(f"latency batch {len(example)}")
+        return real_pair(reference, model, example, **kwargs)
+
+    def accuracy(model, loader, **kwargs):
+        order.append("accuracy")
+        return real_accuracy(model, loader, **kwargs)
+
+    monkeypatch.setattr(classification, "measure_latency_pair", latencies)
+    monkeypatch.setattr(classification, "evaluate_accuracy", accuracy)
+    evaluator.evaluate(CompressionConfig(layers={"layer4.0.conv1": LayerChoice("svd", 0.5, int8=True)}))
+    assert order == ["latency batch 1", "accuracy"]
+
+
+def test_paired_latency_alternates_rounds() -> None:
+    from ranksearch.evaluate import latency
+
+    fast, slow = nn.Conv2d(4, 4, 1), nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(8)])
+    order: list[nn.Module] = []
+    for module in (fast, slow):
+        module.register_forward_pre_hook(lambda m, args: order.append(m) if not order or order[-1] is not m else None)
+    reference, model = latency.measure_latency_pair(fast, slow, torch.randn(1, 4, 16, 16), threads=1, rounds=3)
+    assert order == [fast, slow] * 3
+    assert reference.attempts == model.attempts == 3 and reference.runs >= 30
+    assert reference.p10_ms <= reference.median_ms <= reference.p90_ms
+    assert model.median_ms > reference.median_ms
+
+
+def test_greedy_cost_without_a_latency_table_is_macs(problem) -> None:
+    from ranksearch.compress import layer_cost
+    from ranksearch.study.runner import RunContext, _variant_cost
+
+    model, _, shapes = problem
+    context = RunContext(
+        settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
+    )
+    cost = _variant_cost(context, 8, None)
+    dense = layer_cost(model[2], "keep", None, shapes["2"]).macs
+    assert cost("2", LayerChoice("keep")) == dense > cost("2", LayerChoice("svd", 0.25)) > 0
