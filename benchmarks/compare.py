@@ -39,6 +39,8 @@ from ranksearch.results import TEST_ACCURACY_KEY, front_trials
 from ranksearch.search import default_space_path, uniform_config
 from ranksearch.study import RunContext, RunSettings, load_problem, run_search
 from ranksearch.study.runner import _variant_cost, latency_table, layer_sensitivity, load_space
+from ranksearch.study.settings import file_digest
+from ranksearch.study.storage import problem_fingerprint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -91,13 +93,16 @@ def main() -> None:
     space = load_space(default_space_path(model_family(base.model)), device, console)
     slots = space.layers(context.model, context.input_shapes)
     settings = replace(base, space=Path(default_space_path(model_family(base.model))))
-    settings = replace(settings, space_digest=_space_digest(settings))
+    settings = replace(settings, space_digest=file_digest(Path(settings.space)))
     evaluator = ClassificationEvaluator.from_settings(
         settings, model=context.model, splits=context.splits, device=device
     )
     start = time.perf_counter()
     table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console)
-    sensitivity = layer_sensitivity(settings, context, slots, space.rank_multiple, evaluator, console, table=table)
+    fingerprint = problem_fingerprint(context.model, context.splits)
+    sensitivity = layer_sensitivity(
+        settings, context, slots, space.rank_multiple, evaluator, console, fingerprint, table=table
+    )
     assert sensitivity is not None and table is not None
     greedy = sensitivity.greedy_configs(
         slots,
@@ -131,12 +136,6 @@ def main() -> None:
     baseline = _baseline_test(args.results_dir, base)
     dense_params = sum(p.numel() for p in context.model.parameters())
     _report(outcomes, baseline, dense_params, args.results_dir, console)
-
-
-def _space_digest(settings: RunSettings) -> str:
-    from ranksearch.study.settings import file_digest
-
-    return file_digest(Path(settings.space))
 
 
 def _study(name: str, settings: RunSettings, console: Console) -> tuple[Outcome, dict[str, float]]:

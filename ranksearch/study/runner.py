@@ -134,13 +134,14 @@ def run_search(
         evaluator = evaluator or _make_evaluator(settings, context, custom)
         directory.mkdir(parents=True, exist_ok=True)
         study = _open_study(settings, directory)
-        check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
+        fingerprint = problem_fingerprint(context.model, context.splits)
+        check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
         study.set_user_attr(MODEL_KEY, context.model_spec())
         dense = dense_model_cost(context.model, context.example)
         baseline = _baseline(study, evaluator, dense, console)
         table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console, phases)
         sensitivity = layer_sensitivity(
-            settings, context, slots, space.rank_multiple, evaluator, console, phases, table
+            settings, context, slots, space.rank_multiple, evaluator, console, fingerprint, phases, table
         )
         if not study.trials:
             _enqueue_anchors(study, slots, space.rank_multiple)
@@ -481,8 +482,10 @@ def _enqueue_greedy(
     cost: Callable[[str, LayerChoice], float],
 ) -> None:
     """Warm starts: the greedy equal-sensitivity configs (those that differ from the anchors)."""
-    queued = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
-    queued |= {tuple(sorted(t.system_attrs.get("fixed_params", {}).items())) for t in study.get_trials(deepcopy=False)}
+    queued = {  # a waiting trial's params are its fixed params
+        tuple(sorted((t.params or t.system_attrs.get("fixed_params", {})).items()))
+        for t in study.get_trials(deepcopy=False)
+    }
     for level, config in sensitivity.greedy_configs(slots, cost, rank_multiple=rank_multiple).items():
         params = config_to_params(config, slots)
         if tuple(sorted(params.items())) not in queued:
@@ -514,18 +517,20 @@ def layer_sensitivity(
     rank_multiple: int,
     evaluator: BaseEvaluator,
     console: Console,
+    fingerprint: dict[str, str],
     phases: dict[str, float] | None = None,
     table: LatencyTable | None = None,
 ) -> Sensitivity | None:
     """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
-    ``--sensitivity`` is on and the built-in evaluator runs the search; otherwise None. With a latency
-    ``table``, only variants faster than their dense layer are measured."""
+    ``--sensitivity`` is on and the built-in evaluator runs the search; otherwise None. ``fingerprint``
+    (:func:`problem_fingerprint` of the run's model and data) keys the cache. With a latency ``table``,
+    only variants faster than their dense layer are measured."""
     if not (settings.sensitivity and isinstance(evaluator, ClassificationEvaluator)):
         return None
     start = time.perf_counter()
     key = json.dumps(
         [
-            problem_fingerprint(context.model, context.splits),
+            fingerprint,
             settings.space_digest,
             rank_multiple,
             evaluator.calib_batches,

@@ -93,14 +93,17 @@ def join_study(
     with torch_threads(settings.threads), _quiet_optuna():
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(url, heartbeat=settings.heartbeat))
         context = load_problem(settings, device, console)
-        check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
+        fingerprint = problem_fingerprint(context.model, context.splits)
+        check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
         search_space = load_space(settings.space, device, console)
         slots = search_space.layers(context.model, context.input_shapes)
         evaluator = _make_evaluator(settings, context, custom)
         dense = dense_model_cost(context.model, context.example)
         multiple = search_space.rank_multiple
         table = latency_table(settings, context, slots, multiple, evaluator, console)
-        sensitivity = layer_sensitivity(settings, context, slots, multiple, evaluator, console, table=table)
+        sensitivity = layer_sensitivity(
+            settings, context, slots, multiple, evaluator, console, fingerprint, table=table
+        )
         objective = _objective(settings, evaluator, context, slots, multiple, dense, baseline, table, sensitivity)
         console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, settings.budget)})")
         done = optimize_to_budget(study, objective, budget=settings.budget, timeout=settings.timeout, console=console)
