@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ranksearch.compress import dense_model_cost, model_cost
-from ranksearch.config import CompressionConfig, atomic_write_text
+from ranksearch.config import CompressionConfig
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.models import model_family
 from ranksearch.results import TEST_ACCURACY_KEY, front_trials
@@ -41,6 +41,7 @@ from ranksearch.study import RunContext, RunSettings, load_problem, run_search
 from ranksearch.study.runner import _variant_cost, latency_table, layer_sensitivity, load_space
 from ranksearch.study.settings import file_digest
 from ranksearch.study.storage import problem_fingerprint
+from ranksearch.util import atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

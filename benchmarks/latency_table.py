@@ -24,9 +24,9 @@ from rich.table import Table
 
 import ranksearch as rs
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.evaluate.latency_table import Observation, prediction_errors
 from ranksearch.models import model_family
 from ranksearch.search import SearchSpace, default_space_path, uniform_config
+from ranksearch.search.latency_table import Observation, prediction_errors
 from ranksearch.search.space import LayerSlot
 from ranksearch.study import RunSettings, load_problem
 from ranksearch.study.runner import ANCHORS, build_latency_table

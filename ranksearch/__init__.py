@@ -3,7 +3,8 @@
 from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError, Rejected
-from ranksearch.evaluate import BaseEvaluator, Latency, measure_latency
+from ranksearch.evaluate import BaseEvaluator
+from ranksearch.measure import Latency, measure_latency
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
 from ranksearch.techniques.cache import FactorStore, set_default_store

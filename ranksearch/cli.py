@@ -217,7 +217,7 @@ def apply(
     data_root: Annotated[Path | None, typer.Option(help="dataset directory (default: the study's)")] = None,
 ) -> None:
     """Compress trained weights as a config says; save the model (and ONNX); time it in torch and ONNX Runtime."""
-    from ranksearch.deploy import apply_to_checkpoint
+    from ranksearch.results.apply import apply_to_checkpoint
 
     apply_to_checkpoint(
         config,

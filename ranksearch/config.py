@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ranksearch.errors import RanksearchError
+from ranksearch.util import atomic_write_text, first_line
 
 FORMAT_VERSION = 1
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-"""Errors of a write that found no room: the disk is full, a quota or the file size limit is reached."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +112,8 @@ class CompressionConfig:
             else:
                 raw = json.loads(text)
         except Exception as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RanksearchError(
-                f"config {path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}"
+                f"config {path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line(exc)}"
             ) from None
         return cls.from_dict(raw)
 
@@ -148,37 +142,3 @@ class CompressionConfig:
         if isinstance(config, (str, Path)):
             return cls.load(config)
         return cls.from_dict(config)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A handle on a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
-
-    A full disk (or file size limit) is a :class:`RanksearchError` naming ``path``; ``path`` is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise RanksearchError(
-                f"{path}: cannot be written ({exc.strerror}); free disk space or write to another disk"
-            ) from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    with atomic_open(path) as handle:
-        handle.write(text)

@@ -27,9 +27,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
-from ranksearch.config import atomic_open
 from ranksearch.data import DataSplits, TensorImageDataset, make_loader
 from ranksearch.regularize import NuclearNormPenalty
+from ranksearch.util import atomic_open
 
 __all__ = [
     "DEFAULT_RECIPE",

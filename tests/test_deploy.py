@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import ranksearch as rs
 from ranksearch.cli import app
-from ranksearch.deploy import FLOAT_TOLERANCE, INT8_TOLERANCE, export_onnx, onnxruntime_latency
+from ranksearch.measure.onnx import FLOAT_TOLERANCE, INT8_TOLERANCE, export_onnx, onnxruntime_latency
 from ranksearch.models import build_model
 from ranksearch.study import RunSettings, run_search
 from ranksearch.techniques.int8 import int8_available

@@ -22,7 +22,7 @@ import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.compress import quantize_layers
 from ranksearch.evaluate.classification import ClassificationEvaluator
-from ranksearch.evaluate.latency import torch_threads
+from ranksearch.measure.latency import torch_threads
 from ranksearch.results import MODEL_KEY, front_trials
 from ranksearch.results.export import (
     build_from_config,

@@ -11,8 +11,8 @@ from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate import latency_table
-from ranksearch.evaluate.latency_table import (
+from ranksearch.search import SearchSpace, latency_table
+from ranksearch.search.latency_table import (
     LatencyTable,
     Observation,
     cache_name,
@@ -20,7 +20,6 @@ from ranksearch.evaluate.latency_table import (
     variant_key,
     variants,
 )
-from ranksearch.search import SearchSpace
 from ranksearch.search.space import record_input_shapes
 
 SPACE = {

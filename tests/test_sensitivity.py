@@ -16,9 +16,9 @@ from ranksearch.data import load_dataset
 from ranksearch.errors import Rejected
 from ranksearch.evaluate import classification
 from ranksearch.evaluate.classification import ClassificationEvaluator
-from ranksearch.evaluate.latency_table import variant_key
 from ranksearch.models import build_model
 from ranksearch.search import SearchSpace
+from ranksearch.search.latency_table import variant_key
 from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
 from ranksearch.search.space import record_input_shapes
 

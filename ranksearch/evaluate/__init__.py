@@ -1,6 +1,5 @@
-"""Evaluators score a compression configuration; latency is measured on the target device."""
+"""Evaluators score a compression configuration: accuracy and latency on the target device."""
 
 from ranksearch.evaluate.base import BaseEvaluator
-from ranksearch.evaluate.latency import Latency, measure_latency
 
-__all__ = ["BaseEvaluator", "Latency", "measure_latency"]
+__all__ = ["BaseEvaluator"]

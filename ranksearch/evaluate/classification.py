@@ -18,7 +18,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, make_loader
 from ranksearch.errors import RanksearchError, Rejected
 from ranksearch.evaluate.base import BaseEvaluator, Split
-from ranksearch.evaluate.latency import LATENCY_BACKENDS, Latency, measure_latency_pair
+from ranksearch.measure.latency import LATENCY_BACKENDS, Latency, measure_latency_pair
 from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class ClassificationEvaluator(BaseEvaluator):
 
     def _latency(self, model: nn.Module) -> tuple[Latency, dict[str, float]]:
         """ONNX Runtime's latency of ``model``'s export and the export's max abs error against torch."""
-        from ranksearch.deploy import export_onnx, onnxruntime_latency
+        from ranksearch.measure.onnx import export_onnx, onnxruntime_latency
 
         try:
             with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:

@@ -18,8 +18,9 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.config import CompressionConfig, atomic_write_text
+from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
+from ranksearch.util import atomic_write_text
 
 BASELINE_KEY = "baseline"
 MODEL_KEY = "model"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import optuna
 
-from ranksearch.config import CompressionConfig, LayerChoice, atomic_open, atomic_write_text
+from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
 from ranksearch.results import (
     MODEL_KEY,
@@ -30,6 +30,7 @@ from ranksearch.results import (
     load_study,
     trial_rows,
 )
+from ranksearch.util import atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -15,7 +15,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ranksearch.config import atomic_write_text
 from ranksearch.results import PHASES_KEY, load_study
 from ranksearch.results.plots import (
     LayersInfo,
@@ -27,6 +26,7 @@ from ranksearch.results.plots import (
     study_directory,
 )
 from ranksearch.study.report import phase_seconds
+from ranksearch.util import atomic_write_text
 
 REPORT_FILE = "report.html"
 WALL = "trials (wall)"

@@ -21,9 +21,10 @@ from pathlib import Path
 from torch import nn
 
 from ranksearch.compress import layer_cost
-from ranksearch.config import CompressionConfig, LayerChoice, atomic_write_text
-from ranksearch.evaluate.latency_table import variant_key
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.search.latency_table import variant_key
 from ranksearch.search.space import LayerSlot
+from ranksearch.util import atomic_write_text
 
 __all__ = ["GREEDY_LEVELS", "Sensitivity", "measure_sensitivity"]
 

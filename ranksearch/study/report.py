@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ranksearch.evaluate.latency_table import prediction_errors
 from ranksearch.results import best_speedup_within, front_rows, front_trials
+from ranksearch.search.latency_table import prediction_errors
 from ranksearch.study.settings import RunSettings
 from ranksearch.study.storage import REJECTED_AT_ZERO_SHOT, counts_toward_budget
 

@@ -32,8 +32,7 @@ from ranksearch.data import DataSplits, load_dataset
 from ranksearch.errors import RanksearchError, Rejected
 from ranksearch.evaluate.base import BaseEvaluator, Split, checked_metrics
 from ranksearch.evaluate.classification import ClassificationEvaluator
-from ranksearch.evaluate.latency import resolve_device, torch_threads
-from ranksearch.evaluate.latency_table import LatencyTable, Observation, cache_name, variant_key
+from ranksearch.measure.latency import resolve_device, torch_threads
 from ranksearch.models import build_model, load_checkpoint, model_family
 from ranksearch.results import (
     BASELINE_KEY,
@@ -55,6 +54,7 @@ from ranksearch.search import (
     sample_config,
     uniform_config,
 )
+from ranksearch.search.latency_table import LatencyTable, Observation, cache_name, variant_key
 from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
 from ranksearch.study.report import SearchProgress, print_summary
 from ranksearch.study.settings import RunSettings, file_digest

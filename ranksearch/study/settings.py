@@ -127,7 +127,7 @@ class RunSettings:
             raise RanksearchError(f"--study-name {self.study_name!r}: use letters, digits, '.', '_' and '-' only")
 
     def _validate_latency_backend(self) -> None:
-        from ranksearch.evaluate.latency import LATENCY_BACKENDS
+        from ranksearch.measure.latency import LATENCY_BACKENDS
 
         backend = self.latency_backend
         if backend not in LATENCY_BACKENDS:
@@ -138,7 +138,7 @@ class RunSettings:
                     f"--latency-backend onnxruntime times on CPU, not --device {self.device}; "
                     "use --device cpu or --latency-backend torch"
                 )
-            from ranksearch.deploy import require_onnxruntime
+            from ranksearch.measure.onnx import require_onnxruntime
 
             require_onnxruntime()
 

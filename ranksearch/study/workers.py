@@ -21,7 +21,7 @@ from rich.console import Console
 
 from ranksearch.compress import dense_model_cost
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate.latency import resolve_device, torch_threads
+from ranksearch.measure.latency import resolve_device, torch_threads
 from ranksearch.results import BASELINE_KEY, MODEL_KEY, SETTINGS_KEY, STORAGE_FILE, load_study
 from ranksearch.study.runner import (
     _import_object,

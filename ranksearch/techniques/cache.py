@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ranksearch.config import atomic_open
 from ranksearch.errors import RanksearchError
+from ranksearch.util import atomic_open
 
 Factors = dict[str, torch.Tensor]
 

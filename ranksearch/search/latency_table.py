@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ranksearch.compress import compress_layer
-from ranksearch.config import CompressionConfig, LayerChoice, atomic_write_text
+from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate.latency import measure_latency
+from ranksearch.measure.latency import measure_latency
 from ranksearch.search.space import LayerSlot
+from ranksearch.util import atomic_write_text
 
 __all__ = ["LatencyTable", "Observation", "prediction_errors"]
 

@@ -1,23 +1,10 @@
-"""Deployable models: a single-file ONNX export checked against torch, ONNX Runtime latency, ``ranksearch apply``.
-
-The export uses torch's TorchScript-based exporter (``dynamo=False``). The torch.export-based one
-cannot export the int8 layers (torch.ao's quantized convs keep their packed weights in TorchScript
-objects, which ``torch.export`` cannot flatten) and took 10 s instead of 0.5 s for a ResNet-18,
-which matters when every trial of a search is exported. The TorchScript exporter writes int8
-layers as QuantizeLinear -> DequantizeLinear around float Conv/Gemm nodes (QDQ), which ONNX
-Runtime runs with its own int8 kernels.
-"""
+"""``ranksearch apply``: compress trained weights as an exported config says, save the model, time it."""
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import tempfile
-import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -25,167 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from ranksearch.config import CompressionConfig, atomic_open
+from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate.latency import Latency, measure_latency, time_repeatedly
-from ranksearch.techniques.int8 import Int8Module
-
-if TYPE_CHECKING:
-    import onnxruntime
-
-ONNX_EXTRA = "pip install 'ranksearch[onnx]'"
-DEFAULT_OPSET = 17
-FLOAT_TOLERANCE = 1e-4
-INT8_TOLERANCE = 5e-2
-"""Allowed max abs error of ONNX Runtime against torch, relative to ``max(1, max |torch output|)``. With int8
-layers, fbgemm and ONNX Runtime may round a requantized value to neighbouring int8 steps (measured: 1% of
-the output range when the classifier is int8)."""
-
-
-@dataclass(frozen=True)
-class OnnxExport:
-    """A written ONNX model and how closely ONNX Runtime reproduced torch on the example."""
-
-    path: Path
-    size_bytes: int
-    max_abs_error: float
-    tolerance: float
-    opset: int
-
-
-def require_onnxruntime() -> None:
-    """Raise a one-line error naming the extra to install when ONNX Runtime is missing."""
-    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise RanksearchError(f"{' and '.join(missing)} not installed; install the extra: {ONNX_EXTRA}")
-
-
-def export_onnx(
-    model: nn.Module,
-    example: torch.Tensor,
-    path: str | Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    tolerance: float | None = None,
-) -> OnnxExport:
-    """Write ``model`` (eval mode) as one self-contained ONNX file, input ``input``, output ``output``, dynamic batch.
-
-    Before ``path`` is written, ONNX Runtime (CPU) runs the model on ``example`` and its output
-    is compared with torch's: a max abs error over ``tolerance`` (relative to
-    ``max(1, max |torch output|)``; default :data:`FLOAT_TOLERANCE`, or :data:`INT8_TOLERANCE`
-    when the model has int8 layers) raises :class:`RanksearchError`.
-    """
-    require_onnxruntime()
-    path = Path(path)
-    int8_layers = [name for name, module in model.named_modules() if isinstance(module, Int8Module)]
-    if tolerance is None:
-        tolerance = INT8_TOLERANCE if int8_layers else FLOAT_TOLERANCE
-    was_training = model.training
-    model.eval()
-    try:
-        data = _onnx_bytes(model, example, opset, int8_layers)
-        with torch.no_grad():
-            reference = model(example).float().cpu()
-    finally:
-        model.train(was_training)
-    output = torch.from_numpy(_session(data, threads=None).run(None, {"input": example.cpu().numpy()})[0])
-    error = (output - reference).abs().max().item()
-    allowed = tolerance * max(1.0, reference.abs().max().item())
-    if not error <= allowed:
-        raise RanksearchError(
-            f"{path}: ONNX Runtime's output differs from torch's by {error:.3g} (max abs), over the tolerance "
-            f"{allowed:.3g}; the export is wrong, not written"
-        )
-    try:
-        with atomic_open(path, "wb") as handle:
-            handle.write(data)
-    except OSError as exc:
-        raise RanksearchError(f"{path}: cannot be written ({exc.strerror}); pass a writable path") from None
-    return OnnxExport(path, len(data), error, allowed, opset)
-
-
-def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, int8_layers: list[str]) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():  # the TorchScript exporter's deprecation and tracer notes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                buffer,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                opset_version=opset,
-                external_data=False,
-                dynamo=False,
-            )
-    except Exception as exc:
-        hint = f"; layers {', '.join(int8_layers)} are int8, try a config without int8" if int8_layers else ""
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(f"ONNX export of {type(model).__name__} failed ({first_line}){hint}") from None
-    return buffer.getvalue()
-
-
-def _session(model: str | Path | bytes, *, threads: int | None) -> onnxruntime.InferenceSession:
-    """A CPU session running ops one after another on ``threads`` intra-op threads (torch's count when None)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    source = str(model) if isinstance(model, Path) else model
-    try:
-        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        name = model if isinstance(model, str | Path) else "the exported model"
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(f"{name}: ONNX Runtime cannot load it ({first_line}); pass an ONNX model file") from None
-
-
-def onnxruntime_latency(
-    path: str | Path,
-    example: torch.Tensor,
-    *,
-    threads: int | None = None,
-    warmup: int = 5,
-    min_runs: int = 10,
-    max_runs: int = 200,
-    target_seconds: float = 0.5,
-    max_spread: float = 0.15,
-    max_attempts: int = 3,
-) -> Latency:
-    """Median latency of the ONNX model at ``path`` on ``example`` in ONNX Runtime on CPU.
-
-    Timed like :func:`ranksearch.measure_latency` (the same loop, :func:`time_repeatedly`), one
-    ``session.run`` per call, input already in numpy; ``threads`` intra-op threads (torch's count
-    when None) and one inter-op thread.
-    """
-    require_onnxruntime()
-    used = threads if threads is not None else torch.get_num_threads()
-    session = _session(Path(path), threads=used)
-    feed = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
-
-    def time_once() -> float:
-        begin = time.perf_counter_ns()
-        session.run(None, feed)
-        return (time.perf_counter_ns() - begin) / 1e6
-
-    return time_repeatedly(
-        time_once,
-        device="cpu",
-        threads=used,
-        backend="onnxruntime",
-        warmup=warmup,
-        min_runs=min_runs,
-        max_runs=max_runs,
-        target_seconds=target_seconds,
-        max_spread=max_spread,
-        max_attempts=max_attempts,
-    )
+from ranksearch.measure.latency import Latency, measure_latency
+from ranksearch.measure.onnx import OnnxExport, export_onnx, onnxruntime_latency, require_onnxruntime
+from ranksearch.util import atomic_open
 
 
 @dataclass(frozen=True)

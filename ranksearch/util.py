@@ -1,0 +1,140 @@
+"""Small helpers every layer shares: atomic writes, JSON caches, loading user objects, one-line error text."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from ranksearch.errors import RanksearchError
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""Errors of a write that found no room: the disk is full, a quota or the file size limit is reached."""
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A handle on a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
+
+    A full disk (or file size limit) is a :class:`RanksearchError` naming ``path``; ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise RanksearchError(
+                f"{path}: cannot be written ({exc.strerror}); free disk space or write to another disk"
+            ) from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def read_json_cache(path: Path | None) -> Any:
+    """The JSON document cached at ``path``, or None when there is none or it is unreadable (it is rebuilt)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_cache(path: Path, document: Any) -> None:
+    """Write a cache document atomically (sorted keys, so equal caches are equal files)."""
+    atomic_write_text(path, json.dumps(document, sort_keys=True))
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's message, first line only (its type name when it has no message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, first line only."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def file_digest(path: Path) -> str:
+    """A short digest of a file's bytes."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+
+
+def digest(document: Any) -> str:
+    """A short digest of a JSON-able document (keys sorted)."""
+    text = json.dumps(document, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where trained baselines and factors are cached: ``$RANKSEARCH_CACHE_DIR`` or ``~/.cache/ranksearch``."""
+    return Path(os.environ.get("RANKSEARCH_CACHE_DIR") or Path.home() / ".cache" / "ranksearch")
+
+
+def sqlite_url(database: Path) -> str:
+    """The SQLAlchemy URL of a SQLite database file."""
+    return f"sqlite:///{database.resolve()}"
+
+
+def import_module_from(target: str) -> Any:
+    """Import ``package.module`` or a ``path/file.py`` (registered in ``sys.modules`` under a private name).
+
+    Raises what the import raises (user code): callers turn it into a one-line error.
+    """
+    if target.endswith(".py") or "/" in target:
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist")
+        name = f"ranksearch_user_{file.stem}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{file} is not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    return importlib.import_module(target)
+
+
+def import_object(spec: str, option: str) -> Any:
+    """The object ``spec`` names (``package.module:Name`` or ``path/file.py:Name``); a one-line error otherwise."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise RanksearchError(f"{option} {spec!r}: no ':Name'; pass 'package.module:Name' or 'path/file.py:Name'")
+    try:
+        return getattr(import_module_from(module_name), attr)
+    except Exception as exc:  # the module is user code: whatever its import raises is reported, not raised
+        raise RanksearchError(
+            f"{option} {spec!r}: cannot be loaded ({describe(exc)}); check that the module imports "
+            "(on PYTHONPATH, or a path ending in .py) and defines the name"
+        ) from None
