@@ -36,6 +36,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.models import model_family
 from ranksearch.results import TEST_ACCURACY_KEY, front_trials
+from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.search import default_space_path, uniform_config
 from ranksearch.study import RunContext, RunSettings, load_problem, run_search
 from ranksearch.study.runner import _variant_cost, latency_table, layer_sensitivity, load_space
@@ -224,17 +225,8 @@ def _baseline_test(results_dir: Path, settings: RunSettings) -> float:
 
 def hypervolume(points: list[Point], baseline: float, max_drop: float = HV_DROP) -> float:
     """Area dominated by ``points`` in (speedup - 1) x (test accuracy points above baseline - max_drop)."""
-    floor = 100 * baseline - max_drop
-    useful = sorted(
-        ((p.speedup, 100 * p.test_accuracy) for p in points if p.speedup > 1 and 100 * p.test_accuracy > floor),
-        reverse=True,
-    )
-    area, best_accuracy = 0.0, floor
-    for i, (speedup, accuracy) in enumerate(useful):
-        best_accuracy = max(best_accuracy, accuracy)
-        next_speedup = useful[i + 1][0] if i + 1 < len(useful) else 1.0
-        area += (speedup - next_speedup) * (best_accuracy - floor)
-    return area
+    reference = (100 * baseline - max_drop, -1.0)  # speedup is maximized: negated, it is minimized like a latency
+    return hypervolume_2d(((100 * p.test_accuracy, -p.speedup) for p in points), reference)
 
 
 def _best_within(points: list[Point], baseline: float, drop: float) -> Point | None:

@@ -168,7 +168,7 @@ def show(
 ) -> None:
     """Show a study's Pareto front (or every trial): accuracy, drop and speedup against the baseline."""
     from ranksearch.results import load_study
-    from ranksearch.results.export import show_study
+    from ranksearch.results.show import show_study
 
     loaded = load_study(study, results_dir=results_dir, storage=storage)
     show_study(loaded, all_trials=all_trials, fmt=fmt, console=_console(stderr=False))
@@ -298,7 +298,7 @@ def report(
     storage: Storage = None,
 ) -> None:
     """Write one self-contained HTML report: settings, baseline, front, plots, per-layer choices, time."""
-    from ranksearch.results.report import report_study
+    from ranksearch.results.html_report import report_study
 
     print(report_study(study, results_dir=results_dir, storage=storage, out=out))
 

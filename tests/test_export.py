@@ -24,14 +24,10 @@ from ranksearch.compress import quantize_layers
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.measure.latency import torch_threads
 from ranksearch.results import MODEL_KEY, front_trials
-from ranksearch.results.export import (
-    build_from_config,
-    export_config,
-    export_trial,
-    select_trial,
-    show_rows,
-    show_study,
-)
+from ranksearch.results.build import build_from_config
+from ranksearch.results.export import export_config, export_trial
+from ranksearch.results.select import select_trial
+from ranksearch.results.show import show_rows, show_study
 from ranksearch.study import RunSettings, load_problem, run_search
 from ranksearch.techniques.cache import default_store, set_default_store
 

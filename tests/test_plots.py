@@ -19,17 +19,11 @@ import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.models import build_model
 from ranksearch.results import MODEL_KEY, SETTINGS_KEY, best_speedup_within
-from ranksearch.results.plots import (
-    PARAMS_MEASURE,
-    RANK_MEASURE,
-    StudyRows,
-    hypervolume_2d,
-    layers_info,
-    pareto_info,
-    plot_infos,
-    progress_info,
-    write_plots,
-)
+from ranksearch.results.hypervolume import hypervolume_2d
+from ranksearch.results.plots import StudyRows, plot_infos, write_plots
+from ranksearch.results.plots.layers import PARAMS_MEASURE, RANK_MEASURE, layers_info
+from ranksearch.results.plots.pareto import pareto_info
+from ranksearch.results.plots.progress import progress_info
 from ranksearch.search import record_input_shapes
 
 NAMES = ("pareto", "layers", "progress")

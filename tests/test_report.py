@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.results import front_rows
-from ranksearch.results.report import render_report, write_report
+from ranksearch.results.html_report import render_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -145,19 +145,19 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     configs = front_configs(study)
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
     document = {"study": study.study_name, "baseline": baseline(study), "front": members}
-    atomic_write_text(directory / "pareto.json", json.dumps(_finite(document), indent=2) + "\n")
+    atomic_write_text(directory / "pareto.json", json.dumps(finite(document), indent=2) + "\n")
     settings = study.user_attrs.get(SETTINGS_KEY, {})
-    atomic_write_text(directory / "settings.json", json.dumps(_finite(settings), indent=2) + "\n")
+    atomic_write_text(directory / "settings.json", json.dumps(finite(settings), indent=2) + "\n")
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """JSON has no NaN/inf: they become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 

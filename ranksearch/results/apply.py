@@ -55,7 +55,7 @@ def apply_to_checkpoint(
 
     The model is rebuilt from ``config``'s ``model`` section (a ``ranksearch export`` file) with
     the uncompressed weights of ``checkpoint`` (default: the one the config records), compressed
-    (see :func:`ranksearch.results.export.build_from_config`), and saved whole to ``out``:
+    (see :func:`ranksearch.results.build.build_from_config`), and saved whole to ``out``:
     ``model = torch.load(out, weights_only=False)`` loads it back (with ranksearch installed).
     Int8 and data-aware layers are calibrated on training images of ``dataset`` (default: the
     one the config's study used, read from ``data_root``). With ``onnx``, the single-file ONNX
@@ -63,7 +63,7 @@ def apply_to_checkpoint(
     and compressed models are then timed at batch ``batch`` on ``threads`` threads, in torch and
     (with ``onnx``) ONNX Runtime; the table goes to ``console``.
     """
-    from ranksearch.results.export import build_from_config
+    from ranksearch.results.build import build_from_config
 
     config = CompressionConfig.coerce(config)
     if onnx is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import optuna
@@ -13,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ranksearch.results import best_speedup_within, front_rows, front_trials
+from ranksearch.results.phases import phase_seconds
 from ranksearch.search.latency_table import prediction_errors
 from ranksearch.study.settings import RunSettings
 from ranksearch.study.storage import REJECTED_AT_ZERO_SHOT, counts_toward_budget
@@ -71,18 +71,6 @@ class SearchProgress:
             self.reported = done
             elapsed = time.monotonic() - self.started
             self.console.print(f"trials {done}/{self.settings.budget} · {elapsed / 60:.1f} min · {status}")
-
-
-def phase_seconds(study: optuna.Study) -> dict[str, float]:
-    """Seconds spent per evaluator phase, summed over all trials."""
-    totals: dict[str, float] = defaultdict(float)
-    for trial in study.get_trials(deepcopy=False):
-        for key, value in trial.user_attrs.items():
-            if key.startswith("time_") and key.endswith("_s"):
-                totals[key[5:-2]] += value
-        if trial.duration is not None:
-            totals["trials (wall)"] += trial.duration.total_seconds()
-    return dict(totals)
 
 
 def print_summary(result: SearchResult, settings: RunSettings, console: Console) -> None:

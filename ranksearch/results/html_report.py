@@ -16,21 +16,20 @@ import optuna
 from optuna.trial import TrialState
 
 from ranksearch.results import PHASES_KEY, load_study
+from ranksearch.results.phases import WALL, phase_seconds
 from ranksearch.results.plots import (
     LayersInfo,
     PlotInfo,
     StudyRows,
     plot_infos,
     plotly_html,
+    render,
     require_plot_extra,
     study_directory,
 )
-from ranksearch.study.report import phase_seconds
 from ranksearch.util import atomic_write_text
 
 REPORT_FILE = "report.html"
-WALL = "trials (wall)"
-""":func:`~ranksearch.study.report.phase_seconds`' total of the trials' wall time."""
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1180px;
@@ -156,7 +155,7 @@ def _front_table(rows: StudyRows) -> str:
 def _plots(infos: Sequence[PlotInfo]) -> str:
     parts = []
     for i, info in enumerate(infos):
-        figure = plotly_html(info.to_plotly(), full_html=False, include_plotlyjs=i == 0)
+        figure = plotly_html(render(info, "plotly"), full_html=False, include_plotlyjs=i == 0)
         parts.append(f'<div class="plot" id="plot-{info.name}">\n{figure}\n</div>')
     return "\n".join(parts)
 

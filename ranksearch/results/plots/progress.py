@@ -1,0 +1,70 @@
+"""The search progress plot's info: the front's hypervolume and the best speedup within budget, trial by trial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ranksearch.results.hypervolume import hypervolume_2d
+from ranksearch.results.plots.rows import PlotInfo, StudyRows
+
+
+@dataclass(frozen=True)
+class ProgressInfo(PlotInfo):
+    """How the search improved, after each complete trial (x: trial number).
+
+    Hypervolume: the area the feasible front dominates in the (accuracy up, latency down)
+    plane up to a fixed reference point, (lowest accuracy of any complete trial, 1.1 x the
+    highest latency); fixed for the whole run, so the curve never decreases. Units are
+    accuracy (a fraction) x ms. Best speedup: the highest speedup among trials whose accuracy
+    drop is within the accuracy budget (``--max-accuracy-drop``, else 1 pp).
+    """
+
+    name: ClassVar[str] = "progress"
+    study_name: str
+    trials: tuple[int, ...]
+    hypervolume: tuple[float, ...]
+    reference: tuple[float, float]
+    """(accuracy, latency_ms)."""
+    speedup: tuple[float | None, ...]
+    within_budget: tuple[bool, ...]
+    best_speedup: tuple[float | None, ...]
+    budget_pp: float
+
+    def title(self) -> str:
+        return f"Search progress of {self.study_name} ({len(self.trials)} complete trials)"
+
+    def speedup_label(self) -> str:
+        return f"best speedup within {self.budget_pp:g} pp"
+
+
+def progress_info(rows: StudyRows) -> ProgressInfo:
+    complete = rows.complete()
+    reference = (
+        min((r["accuracy"] for r in complete), default=0.0),
+        1.1 * max((r["latency_ms"] for r in complete), default=0.0),
+    )
+    budget = rows.accuracy_budget_pp()
+    hypervolume, best_speedup, within_budget = [], [], []
+    feasible: list[tuple[float, float]] = []
+    best = None
+    for r in complete:
+        if r["feasible"]:
+            feasible.append((r["accuracy"], r["latency_ms"]))
+        hypervolume.append(hypervolume_2d(feasible, reference))
+        drop, speedup = r["accuracy_drop_pp"], r["speedup"]
+        within = drop is not None and speedup is not None and drop <= budget
+        if within:
+            best = speedup if best is None else max(best, speedup)
+        within_budget.append(within)
+        best_speedup.append(best)
+    return ProgressInfo(
+        study_name=rows.study_name,
+        trials=tuple(r["trial"] for r in complete),
+        hypervolume=tuple(hypervolume),
+        reference=reference,
+        speedup=tuple(r["speedup"] for r in complete),
+        within_budget=tuple(within_budget),
+        best_speedup=tuple(best_speedup),
+        budget_pp=budget,
+    )

@@ -1,0 +1,77 @@
+"""What every plot of a study is computed from, read once, and the base of the plots' infos."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import optuna
+
+from ranksearch.config import CompressionConfig
+from ranksearch.results import MODEL_KEY, SETTINGS_KEY, baseline, front_configs, front_rows, trial_rows
+
+DEFAULT_ACCURACY_BUDGET_PP = 1.0
+"""The accuracy budget of "best speedup within budget" when the study set no ``--max-accuracy-drop``."""
+
+
+@dataclass(frozen=True)
+class StudyRows:
+    """What every plot of a study is computed from, read once."""
+
+    study_name: str
+    trials: list[dict[str, Any]]
+    """:func:`trial_rows` with every configured layer as a ``layer:<name>`` column, as in ``trials.csv``."""
+    front: list[dict[str, Any]]
+    """:func:`front_rows`, fastest first, as in ``pareto.csv``."""
+    layer_names: list[str]
+    configs: dict[int, CompressionConfig]
+    """The config of each front member."""
+    settings: dict[str, Any]
+    baseline: dict[str, float]
+    model_spec: dict[str, Any] | None
+    """How the study's model is rebuilt (``build_model`` arguments), when recorded."""
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRows:
+        layer_names = layer_order(study)
+        return cls(
+            study_name=study.study_name,
+            trials=trial_rows(study, layer_names),
+            front=front_rows(study),
+            layer_names=layer_names,
+            configs=front_configs(study),
+            settings=dict(study.user_attrs.get(SETTINGS_KEY, {})),
+            baseline=baseline(study),
+            model_spec=study.user_attrs.get(MODEL_KEY),
+        )
+
+    def complete(self) -> list[dict[str, Any]]:
+        return [r for r in self.trials if r["state"] == "COMPLETE" and r["accuracy"] is not None]
+
+    def accuracy_budget_pp(self) -> float:
+        budget = self.settings.get("max_accuracy_drop")
+        return DEFAULT_ACCURACY_BUDGET_PP if budget is None else float(budget)
+
+
+def layer_order(study: optuna.Study) -> list[str]:
+    """Every layer a trial configured, in model order (configs list layers in module order)."""
+    names: dict[str, None] = {}
+    for trial in study.get_trials(deepcopy=False):
+        names.update(dict.fromkeys(trial.user_attrs.get("config", {}).get("layers", {})))
+    return list(names)
+
+
+class PlotInfo(abc.ABC):
+    """What one plot shows, computed once from :class:`StudyRows`; each backend renders it (see ``plots.render``)."""
+
+    name: ClassVar[str]
+    """The plot's file name, without suffix."""
+
+    @abc.abstractmethod
+    def title(self) -> str: ...
+
+
+def format_number(value: float | None, fmt: str) -> str:
+    """``fmt`` applied to ``value``, or an em dash when there is none."""
+    return "—" if value is None else fmt.format(value)

@@ -1,0 +1,127 @@
+"""Pick one trial of a study: by number, or by rule (the fastest within an accuracy drop, the most accurate within
+a latency), with an error naming the closest trial when none fits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ranksearch.errors import RanksearchError
+from ranksearch.results import is_feasible
+
+__all__ = ["select_trial"]
+
+TOLERANCE = 1e-9
+"""Slack in the rules' comparisons, so a bound equal to a printed metric includes it despite rounding."""
+
+
+def select_trial(
+    study: optuna.Study,
+    *,
+    trial: int | None = None,
+    max_accuracy_drop: float | None = None,
+    max_latency_ms: float | None = None,
+) -> FrozenTrial:
+    """One complete trial: ``trial`` by number, or by rule among the complete feasible trials.
+
+    ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points)
+    picks the fastest trial within it; ``max_latency_ms`` alone picks the most accurate trial
+    within it; both pick the fastest trial within both (the drop is the accuracy floor, the
+    latency a ceiling). Ties go to the better other objective, then the earlier trial. When no
+    trial fits, the error names the closest one (the smallest overshoot, each bound's overshoot
+    relative to that bound, the drop's to at least 1 pp) and the bounds it would need.
+    """
+    name = study.study_name
+    rules = max_accuracy_drop is not None or max_latency_ms is not None
+    if trial is not None and rules:
+        raise RanksearchError(f"--trial {trial} and a rule (--max-accuracy-drop/--max-latency-ms) given; pass one")
+    if trial is None and not rules:
+        raise RanksearchError("no trial chosen; pass --trial N, --max-accuracy-drop D or --max-latency-ms L")
+    if trial is not None:
+        return _trial_by_number(study, trial)
+    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
+        raise RanksearchError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 percentage points")
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise RanksearchError(f"--max-latency-ms {max_latency_ms}: must be positive")
+    pool = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if is_feasible(t) and _finite_number(t, "accuracy_drop_pp") and _finite_number(t, "latency_ms")
+    ]
+    if not pool:
+        raise RanksearchError(
+            f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
+        )
+    overshoot = _overshoot(max_accuracy_drop, max_latency_ms)
+    fits = [t for t in pool if overshoot(t) == 0]
+    if fits:
+        if max_accuracy_drop is not None:
+            return min(fits, key=lambda t: (_latency(t), -_accuracy(t), t.number))
+        return min(fits, key=lambda t: (-_accuracy(t), _latency(t), t.number))
+    closest = min(pool, key=lambda t: (overshoot(t), t.number))
+    drop, latency = _drop(closest), _latency(closest)
+    needs = []
+    if max_accuracy_drop is not None and drop > max_accuracy_drop + TOLERANCE:
+        needs.append(f"--max-accuracy-drop {math.ceil(drop * 100 - 1e-6) / 100:.2f}")
+    if max_latency_ms is not None and latency > max_latency_ms + TOLERANCE:
+        needs.append(f"--max-latency-ms {math.ceil(latency * 1000 - 1e-6) / 1000:.3f}")
+    within = " and ".join(
+        f"{option} {value:g}"
+        for option, value in (("--max-accuracy-drop", max_accuracy_drop), ("--max-latency-ms", max_latency_ms))
+        if value is not None
+    )
+    raise RanksearchError(
+        f"no complete feasible trial of study {name!r} is within {within}; the closest, trial {closest.number} "
+        f"(drop {drop:.2f} pp, {latency:.3f} ms), would need {' and '.join(needs)}"
+    )
+
+
+def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    name = study.study_name
+    if number not in trials:
+        known = f"0..{max(trials)}" if trials else "none yet"
+        raise RanksearchError(f"--trial {number}: study {name!r} has no such trial (trials: {known})")
+    chosen = trials[number]
+    if chosen.state != TrialState.COMPLETE:
+        reason = chosen.user_attrs.get("fail_reason")
+        raise RanksearchError(
+            f"--trial {number}: trial {number} of study {name!r} is {chosen.state.name}"
+            + (f" ({reason})" if reason else "")
+            + f", not COMPLETE; pick a complete one (`ranksearch show {name} --all`)"
+        )
+    return chosen
+
+
+def _finite_number(trial: FrozenTrial, key: str) -> bool:
+    value = trial.user_attrs.get(key)
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _accuracy(trial: FrozenTrial) -> float:
+    return float(trial.user_attrs["accuracy"])
+
+
+def _drop(trial: FrozenTrial) -> float:
+    return float(trial.user_attrs["accuracy_drop_pp"])
+
+
+def _latency(trial: FrozenTrial) -> float:
+    return float(trial.user_attrs["latency_ms"])
+
+
+def _overshoot(max_drop: float | None, max_latency: float | None) -> Callable[[FrozenTrial], float]:
+    """How far a trial is outside the bounds, each overshoot relative to its bound (0 when within both)."""
+
+    def overshoot(trial: FrozenTrial) -> float:
+        total = 0.0
+        if max_drop is not None:
+            total += max(_drop(trial) - max_drop - TOLERANCE, 0.0) / max(max_drop, 1.0)
+        if max_latency is not None:
+            total += max(_latency(trial) - max_latency - TOLERANCE, 0.0) / max_latency
+        return total
+
+    return overshoot

@@ -1,0 +1,122 @@
+"""Look at a study from the terminal: its Pareto front (or every trial) as a rich table, CSV or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TextIO
+
+import optuna
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from ranksearch.errors import RanksearchError
+from ranksearch.results import TEST_ACCURACY_KEY, baseline, choice_label, finite, front_rows, front_trials, trial_rows
+from ranksearch.results.plots.rows import layer_order
+
+__all__ = ["SHOW_FORMATS", "show_rows", "show_study"]
+
+SHOW_FORMATS = ("table", "csv", "json")
+
+
+def show_rows(study: optuna.Study, *, all_trials: bool = False) -> list[dict[str, Any]]:
+    """The Pareto front, fastest first (or every trial, by number), with per-layer choices as ``layer:NAME``.
+
+    Front rows are :func:`~ranksearch.results.front_rows`; all-trials rows are
+    :func:`~ranksearch.results.trial_rows` plus ``test_accuracy`` (front members only, where measured),
+    ``front`` and a ``techniques`` summary.
+    """
+    names = layer_order(study)
+    if all_trials:
+        tests = study.user_attrs.get(TEST_ACCURACY_KEY, {})
+        front = {t.number for t in front_trials(study)}
+        configs = {t.number: t.user_attrs.get("config", {}).get("layers", {}) for t in study.get_trials(deepcopy=False)}
+        rows = []
+        for row in trial_rows(study, names):
+            number = row["trial"]
+            head = {k: v for k, v in row.items() if not k.startswith("layer:")}
+            layers = {k: v for k, v in row.items() if k.startswith("layer:")}
+            extra = {"front": number in front, "test_accuracy": tests.get(str(number))}
+            rows.append({**head, **extra, "techniques": _techniques(configs[number]), **layers})
+        return rows
+    layers = {t.number: t.user_attrs.get("config", {}).get("layers", {}) for t in front_trials(study)}
+    return [
+        {**row, **{f"layer:{n}": choice_label(layers[row["trial"]].get(n, {"technique": "keep"})) for n in names}}
+        for row in front_rows(study)
+    ]
+
+
+def show_study(
+    study: optuna.Study,
+    *,
+    all_trials: bool = False,
+    fmt: Literal["table", "csv", "json"] = "table",
+    console: Console | None = None,
+    out: TextIO | None = None,
+) -> None:
+    """Print :func:`show_rows`: a rich table on ``console``, or CSV / JSON (``{study, baseline, rows}``) on ``out``."""
+    if fmt not in SHOW_FORMATS:
+        raise RanksearchError(f"--format {fmt!r} is unknown; choose one of {', '.join(SHOW_FORMATS)}")
+    rows = show_rows(study, all_trials=all_trials)
+    out = sys.stdout if out is None else out
+    if fmt == "csv":
+        out.write(pd.DataFrame(rows).to_csv(index=False) if rows else "")
+    elif fmt == "json":
+        document = {"study": study.study_name, "baseline": baseline(study), "rows": rows}
+        out.write(json.dumps(finite(document), indent=2) + "\n")
+    else:
+        (console or Console()).print(_table(study, rows, all_trials=all_trials))
+
+
+def _techniques(layers: Mapping[str, Mapping[str, Any]]) -> str:
+    counts = Counter(choice["technique"] for choice in layers.values())
+    return " ".join(f"{t}x{n}" for t, n in counts.most_common() if t != "keep") or "none"
+
+
+def _number(fmt: str, scale: float = 1.0) -> Callable[[Any], str]:
+    def render(value: Any) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "—"
+        return fmt.format(value * scale)
+
+    return render
+
+
+_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("trial", "trial", str),
+    ("state", "state", str),
+    ("front", "front", lambda v: "*" if v else ""),
+    ("anchor", "anchor", str),
+    ("accuracy", "val acc %", _number("{:.2f}", 100)),
+    ("test_accuracy", "test acc %", _number("{:.2f}", 100)),
+    ("accuracy_drop_pp", "drop pp", _number("{:+.2f}")),
+    ("latency_ms", "latency ms", _number("{:.3f}")),
+    ("speedup", "speedup", _number("{:.2f}x")),
+    ("params", "params M", _number("{:.3f}", 1e-6)),
+    ("macs", "MMACs", _number("{:.1f}", 1e-6)),
+    ("techniques", "techniques", str),
+    ("int8_layers", "int8", str),
+    ("fail_reason", "fail reason", str),
+)
+
+
+def _table(study: optuna.Study, rows: list[dict[str, Any]], *, all_trials: bool) -> Table:
+    """The rows as a rich table (per-layer columns left out), titled by the study and captioned by the baseline."""
+    what = f"all {len(rows)} trials" if all_trials else f"Pareto front, {len(rows)} trials, fastest first"
+    base = baseline(study)
+    caption = (
+        f"baseline: val acc {base['accuracy']:.2%}, {base['latency_ms']:.3f} ms, {base['params'] / 1e6:.3f} M params"
+        if {"accuracy", "latency_ms", "params"} <= set(base)
+        else "baseline not measured yet"
+    )
+    if not rows:
+        caption += "; no complete feasible trial yet" if not all_trials else "; no trial yet"
+    columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)] or list(_COLUMNS[:1])
+    table = Table(*(header for _, header, _ in columns), title=f"{study.study_name}: {what}", caption=caption)
+    for row in rows:
+        table.add_row(*(render(row.get(key)) if row.get(key) is not None else "—" for key, _, render in columns))
+    return table
