@@ -2,8 +2,8 @@
 
 from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.errors import CompressionError, RanksearchError, Rejected
-from ranksearch.evaluate import BaseEvaluator
+from ranksearch.errors import CompressionError, RanksearchError, Rejected, TrialFailure, UserError
+from ranksearch.evaluate.base import BaseEvaluator, Evaluator, LocalTorchTiming, Metrics, ZeroShotScorer
 from ranksearch.measure import Latency, measure_latency
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
@@ -17,15 +17,21 @@ __all__ = [
     "CompressionError",
     "Cost",
     "CostReport",
+    "Evaluator",
     "FactorStore",
     "Latency",
     "LayerChoice",
+    "LocalTorchTiming",
+    "Metrics",
     "NuclearNormPenalty",
     "RanksearchError",
     "Rejected",
     "RunSettings",
     "SearchResult",
     "Technique",
+    "TrialFailure",
+    "UserError",
+    "ZeroShotScorer",
     "apply_config",
     "compress_layer",
     "cost_report",

@@ -12,7 +12,9 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from ranksearch.errors import RanksearchError
+from ranksearch.errors import USER_ERRORS
+from ranksearch.evaluate.classification import EvaluatorOptions
+from ranksearch.study.settings import InfraSpec, ProblemSpec, SearchSpec
 
 app = typer.Typer(
     help="Automated per-layer rank search for compressing CNNs with low-rank approximation.",
@@ -30,7 +32,7 @@ def user_errors(command: F) -> F:
     def wrapper(*args: object, **kwargs: object) -> object:
         try:
             return command(*args, **kwargs)
-        except RanksearchError as exc:
+        except USER_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -50,23 +52,31 @@ def _console(*, stderr: bool) -> Console:
 def run(
     model: Annotated[
         str, typer.Option(help="torchvision name, path/file.py:factory or package.module:factory")
-    ] = "resnet18",
+    ] = ProblemSpec.model,
     dataset: Annotated[
         str, typer.Option(help="fashion_mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
-    ] = "fashion_mnist",
+    ] = ProblemSpec.dataset,
     budget: Annotated[
         int, typer.Option(help="trials to evaluate, complete or rejected at zero shot (a rerun resumes and tops up)")
-    ] = 50,
-    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds of searching")] = None,
-    space: Annotated[Path | None, typer.Option(help="search space YAML (default: the model family's)")] = None,
-    sampler: Annotated[str, typer.Option(help="tpe, nsga2, random or gp")] = "tpe",
-    seed: Annotated[int, typer.Option(help="seed for data split, sampler and fine-tuning")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda: where models run and latency is measured")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+    ] = SearchSpec.budget,
+    timeout: Annotated[
+        float | None, typer.Option(help="stop after this many seconds of searching")
+    ] = SearchSpec.timeout,
+    space: Annotated[
+        Path | None, typer.Option(help="search space YAML (default: the model family's)")
+    ] = SearchSpec.space,
+    sampler: Annotated[str, typer.Option(help="tpe, nsga2, random or gp")] = SearchSpec.sampler,
+    seed: Annotated[int, typer.Option(help="seed for data split, sampler and fine-tuning")] = ProblemSpec.seed,
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda: where models run and latency is measured")
+    ] = InfraSpec.device,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = InfraSpec.threads,
     latency_backend: Annotated[
         str, typer.Option(help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU)")
-    ] = "torch",
-    latency_batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,
+    ] = EvaluatorOptions.latency_backend,
+    latency_batch: Annotated[
+        int, typer.Option(help="batch size of the latency measurement")
+    ] = EvaluatorOptions.latency_batch,
     latency_table: Annotated[
         bool,
         typer.Option(
@@ -74,7 +84,7 @@ def run(
             help="time each layer variant once; reject configs predicted slower than the dense model "
             "or over --max-latency-ms before evaluating them",
         ),
-    ] = True,
+    ] = SearchSpec.latency_table,
     sensitivity: Annotated[
         bool,
         typer.Option(
@@ -82,52 +92,113 @@ def run(
             help="measure each layer variant's zero-shot accuracy drop once (cached); drop ranks hopeless "
             "alone and start from greedy equal-sensitivity configs",
         ),
-    ] = True,
+    ] = SearchSpec.sensitivity,
     early_reject: Annotated[
         bool,
         typer.Option(
             "--early-reject/--no-early-reject",
             help="prune a config before fine-tuning when its zero-shot accuracy is hopeless",
         ),
-    ] = True,
+    ] = SearchSpec.early_reject,
     max_zero_shot_drop: Annotated[
         float,
         typer.Option(
             help="zero-shot accuracy drop (points) beyond which a config, or one layer's variant, is hopeless"
         ),
-    ] = 10.0,
-    finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = 60,
-    finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
-    batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,
-    calib_batches: Annotated[int, typer.Option(help="batches for BatchNorm/int8/data-aware calibration")] = 4,
-    eval_subset: Annotated[int | None, typer.Option(help="validation images per trial")] = 5000,
-    train_subset: Annotated[int | None, typer.Option(help="use only this many training images")] = None,
-    val_fraction: Annotated[float, typer.Option(help="share of the training set held out for validation")] = 0.1,
-    baseline_epochs: Annotated[int | None, typer.Option(help="override the baseline recipe's epochs")] = None,
+    ] = SearchSpec.max_zero_shot_drop,
+    finetune_steps: Annotated[int, typer.Option(help="distillation steps per trial")] = EvaluatorOptions.finetune_steps,
+    finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = EvaluatorOptions.finetune_lr,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = EvaluatorOptions.batch_size,
+    calib_batches: Annotated[
+        int, typer.Option(help="batches for BatchNorm/int8/data-aware calibration")
+    ] = EvaluatorOptions.calib_batches,
+    eval_subset: Annotated[int | None, typer.Option(help="validation images per trial")] = ProblemSpec.eval_subset,
+    train_subset: Annotated[
+        int | None, typer.Option(help="use only this many training images")
+    ] = ProblemSpec.train_subset,
+    val_fraction: Annotated[
+        float, typer.Option(help="share of the training set held out for validation")
+    ] = ProblemSpec.val_fraction,
+    baseline_epochs: Annotated[
+        int | None, typer.Option(help="override the baseline recipe's epochs")
+    ] = ProblemSpec.baseline_epochs,
     baseline_nuclear_norm: Annotated[
         float, typer.Option(help="train the baseline with this low-rank (nuclear-norm) penalty; 0 is off")
-    ] = 0.0,
-    max_accuracy_drop: Annotated[float | None, typer.Option(help="constraint: accuracy drop in points")] = None,
-    max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")] = None,
+    ] = ProblemSpec.baseline_nuclear_norm,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="constraint: accuracy drop in points")
+    ] = SearchSpec.max_accuracy_drop,
+    max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = SearchSpec.max_latency_ms,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")
+    ] = InfraSpec.storage,
     workers: Annotated[
         int, typer.Option(help="local worker processes sharing the study (threads split among them)")
-    ] = 1,
+    ] = InfraSpec.workers,
     heartbeat: Annotated[
         int, typer.Option(help="seconds between a trial's heartbeats; one silent for 3 is failed and retried")
-    ] = 10,
-    study_name: Annotated[str | None, typer.Option(help="default: <model>-<dataset>-<space>")] = None,
-    results_dir: Annotated[Path, typer.Option(help="where results/<study>/ goes")] = Path("results"),
-    checkpoint: Annotated[Path | None, typer.Option(help="trained weights (state_dict or whole model)")] = None,
-    weights: Annotated[str | None, typer.Option(help="torchvision pretrained weights name (online)")] = None,
-    data_root: Annotated[Path, typer.Option(help="dataset directory")] = Path("data"),
-    download: Annotated[bool, typer.Option(help="download the dataset when online")] = False,
-    evaluator: Annotated[str | None, typer.Option(help="custom evaluator, package.module:Class")] = None,
+    ] = InfraSpec.heartbeat,
+    study_name: Annotated[str | None, typer.Option(help="default: <model>-<dataset>-<space>")] = SearchSpec.study_name,
+    results_dir: Annotated[Path, typer.Option(help="where results/<study>/ goes")] = InfraSpec.results_dir,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="trained weights (state_dict or whole model)")
+    ] = ProblemSpec.checkpoint,
+    weights: Annotated[
+        str | None, typer.Option(help="torchvision pretrained weights name (online)")
+    ] = ProblemSpec.weights,
+    data_root: Annotated[Path, typer.Option(help="dataset directory")] = ProblemSpec.data_root,
+    download: Annotated[bool, typer.Option(help="download the dataset when online")] = ProblemSpec.download,
+    evaluator: Annotated[str | None, typer.Option(help="custom evaluator, package.module:Class")] = InfraSpec.evaluator,
 ) -> None:
     """Search per-layer compression configurations; write the Pareto front under results/<study>/."""
     from ranksearch.study import RunSettings, run_search
 
-    settings = RunSettings(**{k: v for k, v in locals().items() if k in RunSettings.field_names()})
+    settings = RunSettings(
+        problem=ProblemSpec(
+            model=model,
+            dataset=dataset,
+            checkpoint=checkpoint,
+            weights=weights,
+            data_root=data_root,
+            download=download,
+            train_subset=train_subset,
+            eval_subset=eval_subset,
+            val_fraction=val_fraction,
+            seed=seed,
+            baseline_epochs=baseline_epochs,
+            baseline_nuclear_norm=baseline_nuclear_norm,
+        ),
+        evaluation=EvaluatorOptions(
+            finetune_steps=finetune_steps,
+            finetune_lr=finetune_lr,
+            batch_size=batch_size,
+            calib_batches=calib_batches,
+            latency_backend=latency_backend,
+            latency_batch=latency_batch,
+        ),
+        search=SearchSpec(
+            budget=budget,
+            timeout=timeout,
+            space=space,
+            sampler=sampler,
+            latency_table=latency_table,
+            sensitivity=sensitivity,
+            early_reject=early_reject,
+            max_zero_shot_drop=max_zero_shot_drop,
+            max_accuracy_drop=max_accuracy_drop,
+            max_latency_ms=max_latency_ms,
+            study_name=study_name,
+        ),
+        infra=InfraSpec(
+            device=device,
+            threads=threads,
+            storage=storage,
+            workers=workers,
+            heartbeat=heartbeat,
+            results_dir=results_dir,
+            evaluator=evaluator,
+        ),
+    )
     run_search(settings, console=_console(stderr=True))
 
 

@@ -1,10 +1,11 @@
-"""The evaluator protocol: score one compression configuration."""
+"""The evaluator contract: score one compression configuration; optional capabilities the search asks for."""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ranksearch.config import CompressionConfig
@@ -14,46 +15,112 @@ Split = Literal["val", "test"]
 REQUIRED_KEYS = ("accuracy", "latency_ms")
 
 
-class BaseEvaluator(ABC):
+@dataclass(frozen=True)
+class Metrics:
+    """What an evaluator measured for one configuration.
+
+    ``accuracy`` is a fraction in [0, 1] (higher is better), ``latency_ms`` a latency (lower is better).
+    ``reference_latency_ms`` is the uncompressed model's latency measured right beside the compressed one's, so
+    the speedup is a ratio of two measurements taken under the same machine load. ``extra`` holds any other
+    numbers, recorded with the trial (``time_<phase>_s`` entries make up the time-per-phase breakdown).
+    """
+
+    accuracy: float
+    latency_ms: float
+    reference_latency_ms: float | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """The flat mapping recorded with a trial."""
+        out = {"accuracy": self.accuracy, "latency_ms": self.latency_ms}
+        if self.reference_latency_ms is not None:
+            out["reference_latency_ms"] = self.reference_latency_ms
+        return {**out, **self.extra}
+
+    def speedup(self, baseline_latency_ms: float) -> float:
+        """The reference latency measured beside this one (or the baseline's) over this latency."""
+        reference = self.reference_latency_ms if self.reference_latency_ms is not None else baseline_latency_ms
+        return reference / self.latency_ms
+
+    @classmethod
+    def coerce(cls, evaluator: object, value: object) -> Metrics:
+        """``value`` as :class:`Metrics`: an evaluator may also return a mapping with at least ``accuracy`` and
+        ``latency_ms``. A wrong type or key is the evaluator's bug (a :class:`RanksearchError`); non-finite
+        accuracy or latency fails the trial (:class:`FloatingPointError`)."""
+        name = type(evaluator).__name__
+        raw = value.as_dict() if isinstance(value, Metrics) else value
+        if not isinstance(raw, Mapping):
+            raise RanksearchError(
+                f"evaluator {name} returned {type(raw).__name__}; return ranksearch.Metrics or a dict with "
+                f"{list(REQUIRED_KEYS)}"
+            )
+        missing = [key for key in REQUIRED_KEYS if key not in raw]
+        if missing:
+            raise RanksearchError(
+                f"evaluator {name} returned keys {sorted(raw)} without {missing}; return at least {list(REQUIRED_KEYS)}"
+            )
+        numbers: dict[str, float] = {}
+        for key, number in raw.items():
+            try:
+                numbers[str(key)] = float(number)
+            except (TypeError, ValueError):
+                raise RanksearchError(
+                    f"evaluator {name} returned non-numeric {key}={number!r}; return numbers"
+                ) from None
+        if not all(math.isfinite(numbers[k]) for k in REQUIRED_KEYS):
+            raise FloatingPointError(
+                f"non-finite metrics: accuracy={numbers['accuracy']}, latency_ms={numbers['latency_ms']}"
+            )
+        accuracy, latency = numbers.pop("accuracy"), numbers.pop("latency_ms")
+        return cls(accuracy, latency, numbers.pop("reference_latency_ms", None), numbers)
+
+
+class Evaluator(ABC):
     """Compresses the trained model as ``config`` says, and measures it.
 
-    :meth:`evaluate` returns at least ``accuracy`` (a fraction in [0, 1], higher is better) and
-    ``latency_ms`` (lower is better); any other numeric entries are recorded with the trial
-    (``time_<phase>_s`` entries make up the time-per-phase breakdown; ``reference_latency_ms``, the
-    uncompressed model's latency measured right beside the compressed one's, makes the speedup a
-    ratio of two measurements taken under the same machine load). The search calls it with
-    ``split="val"``; ``split="test"`` is used once at the end, for the Pareto front only, and
-    must rebuild the same model as the ``"val"`` call did for that config. Raise an exception
-    to fail a trial (its message is recorded as the reason); the search goes on. Raise
-    :class:`ranksearch.errors.Rejected` to cut a hopeless config short: the trial is pruned with its
-    reason and counts towards the budget.
+    The search calls :meth:`evaluate` with ``split="val"``; ``split="test"`` is used once at the end, for the
+    Pareto front only, and must rebuild the same model as the ``"val"`` call did for that config.
+    What an exception means (see :mod:`ranksearch.errors`): a :class:`~ranksearch.errors.RanksearchError` stops
+    the search (bad settings); :class:`~ranksearch.errors.Rejected` prunes the trial with its reason (it counts
+    towards the budget); any other exception fails the trial with its message as the reason, and the search goes on.
+
+    Optional capabilities: derive also from :class:`ZeroShotScorer` to get early rejection and the per-layer
+    sensitivity pass, and from :class:`LocalTorchTiming` to get the per-layer latency table.
 
     Pass an instance to :func:`ranksearch.run_search`, or name a class on the command line
-    (``--evaluator package.module:Class``): it is then built as ``Class(context=context)`` with
-    the run's :class:`ranksearch.study.RunContext`.
+    (``--evaluator package.module:Class``): it is then built as ``Class(context=context)`` with the run's
+    :class:`ranksearch.study.RunContext`.
     """
 
     @abstractmethod
-    def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Mapping[str, float]:
+    def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics | Mapping[str, float]:
         """Metrics of the model compressed by ``config``, measured on ``split``."""
 
 
-def checked_metrics(evaluator: BaseEvaluator, metrics: object) -> dict[str, float]:
-    """The evaluator's metrics as floats; missing keys or non-numbers are the evaluator's bug."""
-    name = type(evaluator).__name__
-    if not isinstance(metrics, Mapping):
-        raise RanksearchError(f"evaluator {name} returned {type(metrics).__name__}; return a dict with {REQUIRED_KEYS}")
-    missing = [key for key in REQUIRED_KEYS if key not in metrics]
-    if missing:
-        raise RanksearchError(
-            f"evaluator {name} returned keys {sorted(metrics)} without {missing}; return at least {list(REQUIRED_KEYS)}"
-        )
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            raise RanksearchError(f"evaluator {name} returned non-numeric {key}={value!r}; return numbers") from None
-    if not all(math.isfinite(out[k]) for k in REQUIRED_KEYS):
-        raise FloatingPointError(f"non-finite metrics: accuracy={out['accuracy']}, latency_ms={out['latency_ms']}")
-    return out
+BaseEvaluator = Evaluator
+"""The name of :class:`Evaluator` in the first release."""
+
+
+class ZeroShotScorer(ABC):
+    """Capability: a cheap accuracy of a config without fine-tuning, for early rejection and per-layer sensitivity."""
+
+    @abstractmethod
+    def zero_shot_accuracy(self, config: CompressionConfig) -> float:
+        """Accuracy of ``config`` applied without fine-tuning (e.g. with BatchNorm recalibrated)."""
+
+    @abstractmethod
+    def zero_shot_baseline(self) -> float:
+        """The uncompressed model's accuracy measured the same way."""
+
+    @abstractmethod
+    def zero_shot_key(self) -> dict[str, object]:
+        """What defines the scores besides the model, data and space (keys the sensitivity cache)."""
+
+
+class LocalTorchTiming(ABC):
+    """Capability: the evaluator times models in torch on this machine, as the per-layer latency table does."""
+
+    @property
+    @abstractmethod
+    def times_local_torch(self) -> bool:
+        """Whether latency is measured in torch on this machine (so a table of layer timings predicts it)."""

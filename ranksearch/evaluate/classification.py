@@ -4,31 +4,71 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, make_loader
-from ranksearch.errors import RanksearchError, Rejected
-from ranksearch.evaluate.base import BaseEvaluator, Split
+from ranksearch.errors import RanksearchError, TrialFailure
+from ranksearch.evaluate.base import Evaluator, LocalTorchTiming, Metrics, Split, ZeroShotScorer
 from ranksearch.measure.latency import LATENCY_BACKENDS, Latency, measure_latency_pair
 from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
-
-if TYPE_CHECKING:
-    from ranksearch.study.settings import RunSettings
 
 ZERO_SHOT_IMAGES = 512
 """Validation images of the zero-shot check (early rejection, per-layer sensitivity): two batches."""
 
 
-class ClassificationEvaluator(BaseEvaluator):
+@dataclass(frozen=True, kw_only=True)
+class EvaluatorOptions:
+    """How the built-in evaluator measures a config (the ``ranksearch run`` options of the same names)."""
+
+    finetune_steps: int = 60
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    calib_batches: int = 4
+    latency_backend: str = "torch"
+    latency_batch: int = 1
+
+    def validate(self) -> None:
+        """One-line errors for values that cannot work."""
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise RanksearchError(
+                f"--latency-backend {self.latency_backend!r} is unknown; choose {' or '.join(LATENCY_BACKENDS)}"
+            )
+        positive = {
+            "--finetune-lr": self.finetune_lr,
+            "--batch-size": self.batch_size,
+            "--calib-batches": self.calib_batches,
+            "--latency-batch": self.latency_batch,
+        }
+        for option, value in positive.items():
+            if value <= 0:
+                raise RanksearchError(f"{option} {value}: must be positive; pass a number above 0 or leave it out")
+        if self.finetune_steps < 0:
+            raise RanksearchError(
+                f"--finetune-steps {self.finetune_steps}: must be 0 or more; pass 0 to skip fine-tuning, e.g. 60"
+            )
+
+
+@dataclass
+class _Recalibrated:
+    """A config's model after BatchNorm recalibration, kept from the zero-shot check for the evaluation after it."""
+
+    config: CompressionConfig
+    model: nn.Module
+    train: DataLoader
+    phases: dict[str, float]
+    zero_shot_accuracy: float
+
+
+class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
     """Top-1 accuracy after a short knowledge-distillation fine-tune, and measured latency.
 
     For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware
@@ -40,9 +80,12 @@ class ClassificationEvaluator(BaseEvaluator):
     on CPU (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the
     uncompressed model is timed right before it (``reference_latency_ms``), so the speedup compares
     two measurements under the same load -> accuracy on the validation split (at most
-    ``eval_batches`` batches). Data
-    order and initial state are seeded, so the same configuration gives the same model on
-    ``split="test"`` as it did on ``"val"``.
+    ``eval_batches`` batches). Data order and initial state are seeded, so the same configuration gives
+    the same model on ``split="test"`` as it did on ``"val"``.
+
+    Its zero-shot score (:class:`~ranksearch.evaluate.ZeroShotScorer`) is the accuracy after recalibration, on the
+    first ``zero_shot_images`` validation images; a config scored right before it is evaluated is not
+    built twice.
     """
 
     def __init__(
@@ -51,99 +94,58 @@ class ClassificationEvaluator(BaseEvaluator):
         model: nn.Module,
         splits: DataSplits,
         device: torch.device,
-        finetune_steps: int = 100,
-        finetune_lr: float = 0.01,
-        batch_size: int = 128,
-        calib_batches: int = 4,
+        options: EvaluatorOptions | None = None,
+        threads: int | None = None,
         eval_batches: int | None = None,
-        latency_batch: int = 1,
-        latency_threads: int | None = None,
-        latency_backend: str = "torch",
-        max_zero_shot_drop: float | None = None,
         zero_shot_images: int = ZERO_SHOT_IMAGES,
         seed: int = 0,
     ) -> None:
+        self.options = options or EvaluatorOptions()
+        self.options.validate()
         self.model = model.to(device).eval()
         self.splits = splits
         self.device = device
-        self.finetune_steps = finetune_steps
-        self.finetune_lr = finetune_lr
-        self.batch_size = batch_size
-        self.calib_batches = calib_batches
+        self.threads = threads
         self.eval_batches = eval_batches
-        self.latency_threads = latency_threads
-        self.latency_backend = latency_backend
-        self.max_zero_shot_drop = max_zero_shot_drop
         self.seed = seed
         count = min(zero_shot_images, len(splits.val))
         self.zero_shot_set = torch.utils.data.Subset(splits.val, range(count))
         self._zero_shot_baseline: float | None = None
+        self._recalibrated: _Recalibrated | None = None
         self._teacher_logits: dict[bytes, torch.Tensor] = {}  # the seeded fine-tuning batches repeat every trial
-        if latency_backend not in LATENCY_BACKENDS:
-            raise RanksearchError(
-                f"latency backend {latency_backend!r} is unknown; use {' or '.join(LATENCY_BACKENDS)}"
-            )
-        calib = calibration_batch(splits.train, batch_size=batch_size, batches=calib_batches, seed=seed)
-        self._calib = calib.to(device)
-        self.example = self._calib[:latency_batch].clone()
-
-    @classmethod
-    def from_settings(
-        cls, settings: RunSettings, *, model: nn.Module, splits: DataSplits, device: torch.device
-    ) -> ClassificationEvaluator:
-        """The evaluator a run with ``settings`` uses, on ``model`` and ``splits``."""
-        return cls(
-            model=model,
-            splits=splits,
-            device=device,
-            finetune_steps=settings.finetune_steps,
-            finetune_lr=settings.finetune_lr,
-            batch_size=settings.batch_size,
-            calib_batches=settings.calib_batches,
-            latency_batch=settings.latency_batch,
-            latency_threads=settings.threads,
-            latency_backend=settings.latency_backend,
-            max_zero_shot_drop=settings.max_zero_shot_drop if settings.early_reject else None,
-            seed=settings.seed,
+        calib = calibration_batch(
+            splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=seed
         )
+        self._calib = calib.to(device)
+        self.example = self._calib[: self.options.latency_batch].clone()
 
-    def evaluate(
-        self, config: CompressionConfig, *, split: Split = "val", early_reject: bool = False
-    ) -> Mapping[str, float]:
-        """The metrics of ``config`` (see the class); with ``early_reject`` and ``max_zero_shot_drop`` set, a
-        config whose zero-shot accuracy falls more than that many points below the uncompressed model's
-        raises :class:`~ranksearch.errors.Rejected` before it is fine-tuned."""
-        phases: dict[str, float] = {}
-        extra: dict[str, float] = {}
-        torch.manual_seed(self.seed)
-        float_config, int8_layers = config.split_int8()
-        with _phase(phases, "apply"):
-            model = apply_config(self.model, float_config, calib_inputs=self._calib).to(self.device)
-        if any(choice.technique != "keep" for choice in config.layers.values()):
-            train = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
-            with _phase(phases, "recalibrate"):
-                recalibrate_batchnorm(model, train, device=self.device, batches=self.calib_batches)
-            if early_reject and self.max_zero_shot_drop is not None:
-                with _phase(phases, "zero_shot"):
-                    extra["zero_shot_accuracy"] = self._zero_shot(model)
-                drop = 100.0 * (self.zero_shot_baseline() - extra["zero_shot_accuracy"])
-                if drop > self.max_zero_shot_drop:
-                    raise Rejected(
-                        f"zero-shot accuracy {100 * extra['zero_shot_accuracy']:.2f} %, {drop:.1f} points below "
-                        f"the uncompressed model's (--max-zero-shot-drop {self.max_zero_shot_drop:g})",
-                        metrics={**extra, **{f"time_{name}_s": seconds for name, seconds in phases.items()}},
-                    )
-            if self.finetune_steps > 0 and _trainable(model):
-                with _phase(phases, "finetune"):
-                    finetune(
-                        model,
-                        self.model,
-                        train,
-                        device=self.device,
-                        steps=self.finetune_steps,
-                        lr=self.finetune_lr,
-                        teacher_cache=self._teacher_logits,
-                    )
+    @property
+    def times_local_torch(self) -> bool:
+        return self.options.latency_backend == "torch"
+
+    def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics:
+        """The metrics of ``config`` (see the class)."""
+        recalibrated, self._recalibrated = self._recalibrated, None
+        if recalibrated is not None and recalibrated.config == config:
+            model, train, phases = recalibrated.model, recalibrated.train, dict(recalibrated.phases)
+            extra = {"zero_shot_accuracy": recalibrated.zero_shot_accuracy}
+        else:
+            torch.manual_seed(self.seed)
+            model, train, phases = self._recalibrate(config)
+            extra = {}
+        options = self.options
+        if train is not None and options.finetune_steps > 0 and _trainable(model):
+            with _phase(phases, "finetune"):
+                finetune(
+                    model,
+                    self.model,
+                    train,
+                    device=self.device,
+                    steps=options.finetune_steps,
+                    lr=options.finetune_lr,
+                    teacher_cache=self._teacher_logits,
+                )
+        int8_layers = config.split_int8()[1]
         if int8_layers:
             with _phase(phases, "quantize"):
                 quantize_layers(model.eval(), int8_layers, self._calib)
@@ -155,32 +157,57 @@ class ClassificationEvaluator(BaseEvaluator):
         with _phase(phases, "accuracy"):
             loader = make_loader(dataset, batch_size=256, shuffle=False)
             accuracy = evaluate_accuracy(model, loader, device=self.device, max_batches=self.eval_batches)
-        return {
-            "accuracy": accuracy,
-            "latency_ms": latency.median_ms,
-            "reference_latency_ms": reference.median_ms,
-            "latency_p10_ms": latency.p10_ms,
-            "latency_p90_ms": latency.p90_ms,
-            "latency_spread": latency.spread,
-            **backend_extra,
-            **extra,
-            **{f"time_{name}_s": seconds for name, seconds in phases.items()},
-        }
+        return Metrics(
+            accuracy=accuracy,
+            latency_ms=latency.median_ms,
+            reference_latency_ms=reference.median_ms,
+            extra={
+                "latency_p10_ms": latency.p10_ms,
+                "latency_p90_ms": latency.p90_ms,
+                "latency_spread": latency.spread,
+                **backend_extra,
+                **extra,
+                **{f"time_{name}_s": seconds for name, seconds in phases.items()},
+            },
+        )
 
     def zero_shot_accuracy(self, config: CompressionConfig) -> float:
         """Accuracy of ``config`` applied in float with BatchNorm recalibrated, not fine-tuned, on the first
         ``zero_shot_images`` validation images: the cheap signal of sensitivity and early rejection."""
         torch.manual_seed(self.seed)
-        model = apply_config(self.model, config.split_int8()[0], calib_inputs=self._calib).to(self.device)
-        train = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
-        recalibrate_batchnorm(model, train, device=self.device, batches=self.calib_batches)
-        return self._zero_shot(model)
+        model, train, phases = self._recalibrate(config)
+        with _phase(phases, "zero_shot"):
+            accuracy = self._zero_shot(model)
+        if train is not None:
+            self._recalibrated = _Recalibrated(config, model, train, phases, accuracy)
+        return accuracy
 
     def zero_shot_baseline(self) -> float:
         """The uncompressed model's accuracy on the zero-shot images."""
         if self._zero_shot_baseline is None:
             self._zero_shot_baseline = self._zero_shot(self.model)
         return self._zero_shot_baseline
+
+    def zero_shot_key(self) -> dict[str, object]:
+        return {
+            "calib_batches": self.options.calib_batches,
+            "batch_size": self.options.batch_size,
+            "seed": self.seed,
+            "images": len(self.zero_shot_set),
+        }
+
+    def _recalibrate(self, config: CompressionConfig) -> tuple[nn.Module, DataLoader | None, dict[str, float]]:
+        """``config``'s float part applied to a copy of the model, BatchNorm recalibrated (unless all kept), with
+        the seeded training loader (fine-tuning continues it) and the time per phase."""
+        phases: dict[str, float] = {}
+        with _phase(phases, "apply"):
+            model = apply_config(self.model, config.split_int8()[0], calib_inputs=self._calib).to(self.device)
+        if all(choice.technique == "keep" for choice in config.layers.values()):
+            return model, None, phases
+        train = make_loader(self.splits.train, batch_size=self.options.batch_size, shuffle=True, seed=self.seed)
+        with _phase(phases, "recalibrate"):
+            recalibrate_batchnorm(model, train, device=self.device, batches=self.options.calib_batches)
+        return model, train, phases
 
     def _zero_shot(self, model: nn.Module) -> float:
         loader = make_loader(self.zero_shot_set, batch_size=256, shuffle=False)
@@ -189,24 +216,22 @@ class ClassificationEvaluator(BaseEvaluator):
     def _latencies(self, model: nn.Module) -> tuple[Latency, Latency, dict[str, float]]:
         """The uncompressed model's latency and ``model``'s (in torch: timed in alternating rounds), and with
         ONNX Runtime the export's max abs error against torch (``onnx_max_abs_error``)."""
-        if self.latency_backend == "torch":
-            pair = measure_latency_pair(
-                self.model, model, self.example, device=self.device, threads=self.latency_threads
-            )
+        if self.times_local_torch:
+            pair = measure_latency_pair(self.model, model, self.example, device=self.device, threads=self.threads)
             return *pair, {}
-        reference, _ = self._latency(self.model)
-        return reference, *self._latency(model)
+        reference, _ = self._onnxruntime_latency(self.model)
+        return reference, *self._onnxruntime_latency(model)
 
-    def _latency(self, model: nn.Module) -> tuple[Latency, dict[str, float]]:
+    def _onnxruntime_latency(self, model: nn.Module) -> tuple[Latency, dict[str, float]]:
         """ONNX Runtime's latency of ``model``'s export and the export's max abs error against torch."""
         from ranksearch.measure.onnx import export_onnx, onnxruntime_latency
 
         try:
             with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
                 exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
-                latency = onnxruntime_latency(exported.path, self.example, threads=self.latency_threads)
+                latency = onnxruntime_latency(exported.path, self.example, threads=self.threads)
         except RanksearchError as exc:  # a wrong export fails this trial, not the search
-            raise RuntimeError(str(exc)) from None
+            raise TrialFailure(str(exc)) from None
         return latency, {"onnx_max_abs_error": exported.max_abs_error}
 
 

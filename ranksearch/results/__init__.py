@@ -20,7 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.util import atomic_write_text
+from ranksearch.results.record import BASELINE, SETTINGS, TEST_ACCURACY, TrialRecord, records
+from ranksearch.util import atomic_write_text, first_line, sqlite_url
 
 BASELINE_KEY = "baseline"
 MODEL_KEY = "model"
@@ -45,38 +46,37 @@ def choice_label(choice: Mapping[str, Any]) -> str:
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    return all(value <= 0 for value in trial.constraints.values())
+    return TrialRecord.of(trial).feasible
 
 
 def baseline(study: optuna.Study) -> dict[str, float]:
-    return dict(study.user_attrs.get(BASELINE_KEY, {}))
+    return dict(BASELINE.read(study))
 
 
 def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per trial: its state, metrics, costs, time per phase and per-layer choices."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
+    for trial in records(study):
+        size = trial.cost.get("size_bytes")
         row: dict[str, Any] = {
             "trial": trial.number,
             "state": trial.state.name,
-            "anchor": attrs.get("anchor", ""),
-            "accuracy": attrs.get("accuracy"),
-            "latency_ms": attrs.get("latency_ms"),
-            "predicted_latency_ms": attrs.get("predicted_latency_ms"),
-            "speedup": attrs.get("speedup"),
-            "accuracy_drop_pp": attrs.get("accuracy_drop_pp"),
-            "params": attrs.get("params"),
-            "macs": attrs.get("macs"),
-            "size_mb": None if attrs.get("size_bytes") is None else attrs["size_bytes"] / 1e6,
-            "feasible": is_feasible(trial) if trial.state == TrialState.COMPLETE else None,
-            "duration_s": None if trial.duration is None else trial.duration.total_seconds(),
+            "anchor": trial.anchor,
+            "accuracy": trial.metrics.get("accuracy"),
+            "latency_ms": trial.metrics.get("latency_ms"),
+            "predicted_latency_ms": trial.predicted_latency_ms,
+            "speedup": trial.speedup,
+            "accuracy_drop_pp": trial.accuracy_drop_pp,
+            "params": trial.cost.get("params"),
+            "macs": trial.cost.get("macs"),
+            "size_mb": None if size is None else size / 1e6,
+            "feasible": trial.feasible if trial.state == TrialState.COMPLETE else None,
+            "duration_s": trial.duration_s,
         }
-        row.update({k: v for k, v in attrs.items() if k.startswith("time_") or k.startswith("latency_")})
-        row["fail_reason"] = attrs.get("fail_reason", "")
-        layers = attrs.get("config", {}).get("layers", {})
-        for name in layer_names or list(layers):
-            row[f"layer:{name}"] = choice_label(layers.get(name, {"technique": "keep"}))
+        row.update({k: v for k, v in trial.metrics.items() if k.startswith(("time_", "latency_"))})
+        row["fail_reason"] = trial.reason
+        for name in layer_names or list(trial.layers):
+            row[f"layer:{name}"] = choice_label(trial.layers.get(name, {"technique": "keep"}))
         rows.append(row)
     return rows
 
@@ -92,39 +92,38 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
-    tests = study.user_attrs.get(TEST_ACCURACY_KEY, {})
+    tests = TEST_ACCURACY.read(study)
     rows = []
-    for trial in front_trials(study):
-        attrs = trial.user_attrs
-        techniques = Counter(c["technique"] for c in attrs.get("config", {}).get("layers", {}).values())
+    for trial in map(TrialRecord.of, front_trials(study)):
+        techniques = Counter(c["technique"] for c in trial.layers.values())
         rows.append(
             {
                 "trial": trial.number,
-                "anchor": attrs.get("anchor", ""),
-                "accuracy": attrs["accuracy"],
+                "anchor": trial.anchor,
+                "accuracy": trial.metrics["accuracy"],
                 "test_accuracy": tests.get(str(trial.number)),
-                "accuracy_drop_pp": attrs.get("accuracy_drop_pp"),
-                "latency_ms": attrs["latency_ms"],
-                "speedup": attrs.get("speedup"),
-                "params": attrs.get("params"),
-                "macs": attrs.get("macs"),
-                "size_mb": attrs.get("size_bytes", 0) / 1e6,
+                "accuracy_drop_pp": trial.accuracy_drop_pp,
+                "latency_ms": trial.metrics["latency_ms"],
+                "speedup": trial.speedup,
+                "params": trial.cost.get("params"),
+                "macs": trial.cost.get("macs"),
+                "size_mb": trial.cost.get("size_bytes", 0) / 1e6,
                 "techniques": " ".join(f"{t}x{n}" for t, n in techniques.most_common() if t != "keep") or "none",
-                "int8_layers": sum(bool(c.get("int8")) for c in attrs.get("config", {}).get("layers", {}).values()),
+                "int8_layers": sum(bool(c.get("int8")) for c in trial.layers.values()),
             }
         )
     return rows
 
 
 def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
-    return {t.number: CompressionConfig.from_dict(t.user_attrs["config"]) for t in front_trials(study)}
+    return {t.number: TrialRecord.of(t).compression_config() for t in front_trials(study)}
 
 
 def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float | None:
     """The best measured speedup among complete trials whose accuracy drop is within ``max_drop_pp``."""
     best = None
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        drop, speedup = trial.user_attrs.get("accuracy_drop_pp"), trial.user_attrs.get("speedup")
+    for trial in records(study, states=(TrialState.COMPLETE,)):
+        drop, speedup = trial.accuracy_drop_pp, trial.speedup
         if speedup is None or drop is None or (max_drop_pp is not None and drop > max_drop_pp):
             continue
         best = speedup if best is None else max(best, speedup)
@@ -146,7 +145,7 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
     document = {"study": study.study_name, "baseline": baseline(study), "front": members}
     atomic_write_text(directory / "pareto.json", json.dumps(finite(document), indent=2) + "\n")
-    settings = study.user_attrs.get(SETTINGS_KEY, {})
+    settings = SETTINGS.read(study)
     atomic_write_text(directory / "settings.json", json.dumps(finite(settings), indent=2) + "\n")
 
 
@@ -174,7 +173,7 @@ def locate_study(
                 f"study {str(ref)!r}: no {STORAGE_FILE} in {directory}; pass a study name under --results-dir, "
                 "a results/<study>/ directory, or --storage URL"
             )
-        return f"sqlite:///{(directory / STORAGE_FILE).resolve()}", directory.name
+        return sqlite_url(directory / STORAGE_FILE), directory.name
     return storage, path.name if (path / STORAGE_FILE).is_file() else str(ref)
 
 
@@ -186,5 +185,4 @@ def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage:
     except KeyError:
         raise RanksearchError(f"study {name!r} is not in {storage}; check the name with `optuna studies`") from None
     except Exception as exc:  # sqlalchemy errors for unreachable or malformed URLs
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(f"storage {storage}: cannot open study {name!r} ({first_line})") from None
+        raise RanksearchError(f"storage {storage}: cannot open study {name!r} ({first_line(exc)})") from None

@@ -1,115 +1,102 @@
-"""The settings of one search run, validated before anything is loaded or written."""
+"""The settings of one search run, grouped by concern and validated before anything is loaded or written.
+
+:class:`RunSettings` holds four frozen specs: the problem (model, data, weights), the evaluation (the built-in
+evaluator's :class:`~ranksearch.evaluate.EvaluatorOptions`), the search (budget, space, sampler, screens,
+constraints) and the infrastructure (device, threads, storage, workers, results). Each option of
+``ranksearch run`` is one field of one spec, under the option's name; :meth:`RunSettings.of` builds the
+settings from those names, and :meth:`RunSettings.to_flat` stores them by those names.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from ranksearch.errors import RanksearchError
+from ranksearch.evaluate.classification import EvaluatorOptions
+from ranksearch.util import digest
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
-IDENTITY = (
-    "model",
-    "dataset",
-    "checkpoint",
-    "weights",
-    "space_digest",
-    "device",
-    "latency_backend",
-    "latency_batch",
-    "finetune_steps",
-    "finetune_lr",
-    "batch_size",
-    "calib_batches",
-    "eval_subset",
-    "train_subset",
-    "val_fraction",
-    "evaluator",
-    "seed",
-    "baseline_nuclear_norm",
-)
-"""Settings that define what a study measures: a study resumed with other values is refused."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunSettings:
-    """Everything ``ranksearch run`` takes; the CLI options map one to one onto these fields."""
+class ProblemSpec:
+    """What is compressed: the model, its trained weights and the data."""
 
     model: str = "resnet18"
     dataset: str = "fashion_mnist"
-    budget: int = 50
-    timeout: float | None = None
-    space: Path | None = None
-    sampler: str = "tpe"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    latency_backend: str = "torch"
-    latency_batch: int = 1
-    latency_table: bool = True
-    sensitivity: bool = True
-    early_reject: bool = True
-    max_zero_shot_drop: float = 10.0
-    finetune_steps: int = 60
-    finetune_lr: float = 0.01
-    batch_size: int = 128
-    calib_batches: int = 4
-    eval_subset: int | None = 5000
-    train_subset: int | None = None
-    val_fraction: float = 0.1
-    baseline_epochs: int | None = None
-    baseline_nuclear_norm: float = 0.0
-    max_accuracy_drop: float | None = None
-    max_latency_ms: float | None = None
-    storage: str | None = None
-    workers: int = 1
-    heartbeat: int = 10
-    study_name: str | None = None
-    results_dir: Path = Path("results")
     checkpoint: Path | None = None
     weights: str | None = None
     data_root: Path = Path("data")
     download: bool = False
-    evaluator: str | None = None
-    space_digest: str = ""
+    train_subset: int | None = None
+    eval_subset: int | None = 5000
+    val_fraction: float = 0.1
+    seed: int = 0
+    baseline_epochs: int | None = None
+    baseline_nuclear_norm: float = 0.0
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "model",
+        "dataset",
+        "checkpoint",
+        "weights",
+        "eval_subset",
+        "train_subset",
+        "val_fraction",
+        "seed",
+        "baseline_nuclear_norm",
+    )
 
     def validate(self) -> None:
-        """Cheap checks of the values alone (files and names are checked when loaded)."""
+        _positive(
+            {"--eval-subset": self.eval_subset, "--train-subset": self.train_subset},
+            {"--baseline-epochs": self.baseline_epochs},
+        )
+        if self.baseline_nuclear_norm < 0:
+            raise RanksearchError(
+                f"--baseline-nuclear-norm {self.baseline_nuclear_norm}: must be 0 (off) or more; pass e.g. 1e-4"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise RanksearchError(
+                f"--val-fraction {self.val_fraction}: must be between 0 and 1 (exclusive); pass e.g. 0.1"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpec:
+    """How the search runs: its budget, space, sampler, screens and constraints."""
+
+    budget: int = 50
+    timeout: float | None = None
+    space: Path | None = None
+    space_digest: str = ""
+    """The digest of the space file (set by the run; part of the study's identity)."""
+    sampler: str = "tpe"
+    latency_table: bool = True
+    sensitivity: bool = True
+    early_reject: bool = True
+    max_zero_shot_drop: float = 10.0
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
+    study_name: str | None = None
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("space_digest",)
+
+    def validate(self) -> None:
         if self.budget <= 0:
             raise RanksearchError(
                 f"--budget {self.budget}: must be a positive number of completed trials; pass e.g. --budget 50"
             )
         if self.sampler not in SAMPLERS:
             raise RanksearchError(f"--sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-        self._validate_latency_backend()
-        positive = {
-            "--timeout": self.timeout,
-            "--threads": self.threads,
-            "--workers": self.workers,
-            "--heartbeat": self.heartbeat,
-            "--latency-batch": self.latency_batch,
-            "--batch-size": self.batch_size,
-            "--calib-batches": self.calib_batches,
-            "--finetune-lr": self.finetune_lr,
-            "--eval-subset": self.eval_subset,
-            "--train-subset": self.train_subset,
-            "--max-latency-ms": self.max_latency_ms,
-            "--baseline-epochs": self.baseline_epochs,
-        }
-        for option, value in positive.items():
-            if value is not None and value <= 0:
-                raise RanksearchError(f"{option} {value}: must be positive; pass a number above 0 or leave it out")
-        if self.finetune_steps < 0:
-            raise RanksearchError(
-                f"--finetune-steps {self.finetune_steps}: must be 0 or more; pass 0 to skip fine-tuning, e.g. 60"
-            )
-        if self.baseline_nuclear_norm < 0:
-            raise RanksearchError(
-                f"--baseline-nuclear-norm {self.baseline_nuclear_norm}: must be 0 (off) or more; pass e.g. 1e-4"
-            )
+        _positive({"--timeout": self.timeout, "--max-latency-ms": self.max_latency_ms})
         if self.max_zero_shot_drop < 0:
             raise RanksearchError(
                 f"--max-zero-shot-drop {self.max_zero_shot_drop}: must be >= 0 percentage points; "
@@ -119,64 +106,144 @@ class RunSettings:
             raise RanksearchError(
                 f"--max-accuracy-drop {self.max_accuracy_drop}: must be >= 0 percentage points; pass e.g. 1.0"
             )
-        if not 0 < self.val_fraction < 1:
-            raise RanksearchError(
-                f"--val-fraction {self.val_fraction}: must be between 0 and 1 (exclusive); pass e.g. 0.1"
-            )
         if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.study_name):
             raise RanksearchError(f"--study-name {self.study_name!r}: use letters, digits, '.', '_' and '-' only")
 
-    def _validate_latency_backend(self) -> None:
-        from ranksearch.measure.latency import LATENCY_BACKENDS
 
-        backend = self.latency_backend
-        if backend not in LATENCY_BACKENDS:
-            raise RanksearchError(f"--latency-backend {backend!r} is unknown; choose {' or '.join(LATENCY_BACKENDS)}")
-        if backend == "onnxruntime":
-            if not self.device.startswith("cpu"):
+@dataclass(frozen=True, kw_only=True)
+class InfraSpec:
+    """Where it runs: device, threads, storage, workers, and where results go."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    storage: str | None = None
+    workers: int = 1
+    heartbeat: int = 10
+    results_dir: Path = Path("results")
+    evaluator: str | None = None
+    """A custom evaluator class, ``package.module:Class`` or ``path/file.py:Class`` (default: the built-in)."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("device", "evaluator")
+
+    def validate(self) -> None:
+        _positive({"--threads": self.threads, "--workers": self.workers, "--heartbeat": self.heartbeat})
+
+
+EVALUATION_IDENTITY = (
+    "latency_backend",
+    "latency_batch",
+    "finetune_steps",
+    "finetune_lr",
+    "batch_size",
+    "calib_batches",
+)
+"""The evaluator options that define what a study measures."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """Everything ``ranksearch run`` takes, by concern."""
+
+    problem: ProblemSpec = field(default_factory=ProblemSpec)
+    evaluation: EvaluatorOptions = field(default_factory=EvaluatorOptions)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    infra: InfraSpec = field(default_factory=InfraSpec)
+
+    @classmethod
+    def of(cls, **options: Any) -> RunSettings:
+        """Settings from ``ranksearch run``'s option names (``model=``, ``budget=`` ...), the rest default."""
+        return cls().replace(**options)
+
+    def replace(self, **options: Any) -> RunSettings:
+        """These settings with the options named changed (each goes to the spec it belongs to)."""
+        grouped: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            if name not in _OWNER:
+                raise TypeError(f"RunSettings has no option {name!r}")
+            grouped.setdefault(_OWNER[name], {})[name] = _coerce(name, value)
+        return replace(self, **{group: replace(getattr(self, group), **values) for group, values in grouped.items()})
+
+    def validate(self) -> None:
+        """Cheap checks of the values alone (files and names are checked when loaded)."""
+        for group in _GROUPS:
+            getattr(self, group).validate()
+        if self.evaluation.latency_backend == "onnxruntime":
+            if not self.infra.device.startswith("cpu"):
                 raise RanksearchError(
-                    f"--latency-backend onnxruntime times on CPU, not --device {self.device}; "
+                    f"--latency-backend onnxruntime times on CPU, not --device {self.infra.device}; "
                     "use --device cpu or --latency-backend torch"
                 )
             from ranksearch.measure.onnx import require_onnxruntime
 
             require_onnxruntime()
 
+    def with_worker_threads(self) -> RunSettings:
+        """With ``--workers N`` and no ``--threads``: the cores split among the workers (the baseline timed alike)."""
+        if self.infra.workers > 1 and self.infra.threads is None:
+            return self.replace(threads=max(1, len(os.sched_getaffinity(0)) // self.infra.workers))
+        return self
+
     def name(self) -> str:
         """The study name: given, or ``<model>-<dataset>-<space>``."""
-        if self.study_name:
-            return self.study_name
-        stem = self.space.stem if self.space else "space"
-        model = Path(self.model.split(":")[0]).stem if ":" in self.model else self.model
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{self.dataset}-{stem}")
+        if self.search.study_name:
+            return self.search.study_name
+        stem = self.search.space.stem if self.search.space else "space"
+        model = self.problem.model
+        model = Path(model.split(":")[0]).stem if ":" in model else model
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{self.problem.dataset}-{stem}")
 
     def identity(self) -> dict[str, object]:
-        return {key: _jsonable(getattr(self, key)) for key in IDENTITY}
+        """What defines the problem and the evaluation, by option name: a study resumed with other values is refused."""
+        flat = self.to_flat()
+        return {key: flat[key] for key in IDENTITY}
+
+    def identity_digest(self) -> str:
+        return digest(self.identity())
+
+    @staticmethod
+    def default_identity() -> dict[str, object]:
+        """The identity of default settings (what a study recorded before an identity entry existed)."""
+        return RunSettings().identity()
+
+    def to_flat(self) -> dict[str, object]:
+        """JSON-able settings by option name (how a study stores them)."""
+        return {key: _jsonable(value) for group in _GROUPS for key, value in asdict(getattr(self, group)).items()}
 
     @classmethod
-    def default_identity(cls) -> dict[str, object]:
-        """The identity entries of fields that have defaults (what a study recorded before a field existed)."""
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-        return {key: _jsonable(defaults[key]) for key in IDENTITY if key in defaults}
-
-    def to_dict(self) -> dict[str, object]:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, recorded: dict[str, object], **changes: object) -> RunSettings:
-        """Settings recorded by :meth:`to_dict` (keys this version lacks are dropped), with ``changes`` applied."""
-        values = {f.name: recorded[f.name] for f in fields(cls) if f.name in recorded}
-        values.update(changes)
-        paths = {f.name for f in fields(cls) if "Path" in str(f.type)}
-        return cls(**{k: Path(v) if k in paths and isinstance(v, str) else v for k, v in values.items()})
+    def from_flat(cls, recorded: Mapping[str, object], **changes: object) -> RunSettings:
+        """Settings stored by :meth:`to_flat` (options this version lacks are dropped), with ``changes`` applied."""
+        values = {name: value for name, value in recorded.items() if name in _OWNER}
+        return cls.of(**{**values, **changes})
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+_GROUPS = ("problem", "evaluation", "search", "infra")
+_SPECS: dict[str, type] = {
+    "problem": ProblemSpec,
+    "evaluation": EvaluatorOptions,
+    "search": SearchSpec,
+    "infra": InfraSpec,
+}
+_OWNER = {f.name: group for group, spec in _SPECS.items() for f in fields(spec)}
+"""Option name -> the spec that holds it (names are unique across specs)."""
+_PATHS = {
+    name
+    for spec in _SPECS.values()
+    for name, hint in get_type_hints(spec).items()
+    if hint is Path or (get_origin(hint) in (Union, UnionType) and Path in get_args(hint))
+}
+IDENTITY = (*ProblemSpec.IDENTITY, *SearchSpec.IDENTITY, *InfraSpec.IDENTITY, *EVALUATION_IDENTITY)
+
+
+def _coerce(name: str, value: object) -> object:
+    """Stored paths come back as strings."""
+    return Path(value) if name in _PATHS and isinstance(value, str) else value
+
+
+def _positive(*groups: Mapping[str, float | None]) -> None:
+    for group in groups:
+        for option, value in group.items():
+            if value is not None and value <= 0:
+                raise RanksearchError(f"{option} {value}: must be positive; pass a number above 0 or leave it out")
 
 
 def _jsonable(value: object) -> object:

@@ -19,31 +19,17 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
-from ranksearch.compress import dense_model_cost
-from ranksearch.errors import RanksearchError
+from ranksearch.errors import USER_ERRORS, RanksearchError
 from ranksearch.measure.latency import resolve_device, torch_threads
-from ranksearch.results import BASELINE_KEY, MODEL_KEY, SETTINGS_KEY, STORAGE_FILE, load_study
-from ranksearch.study.runner import (
-    _import_object,
-    _make_evaluator,
-    _objective,
-    _quiet_optuna,
-    latency_table,
-    layer_sensitivity,
-    load_problem,
-    load_space,
-)
-from ranksearch.study.settings import RunSettings, file_digest
-from ranksearch.study.storage import (
-    POLL_S,
-    check_fingerprint,
-    fail_stale_trials,
-    open_storage,
-    optimize_to_budget,
-    problem_fingerprint,
-    trial_counts,
-    worker_label,
-)
+from ranksearch.results import STORAGE_FILE, load_study
+from ranksearch.results.record import BASELINE, MODEL, SETTINGS
+from ranksearch.study.budget import optimize_to_budget, trial_counts
+from ranksearch.study.prepared import PreparedSearch, evaluator_factory
+from ranksearch.study.problem import load_space
+from ranksearch.study.progress import quiet_optuna
+from ranksearch.study.settings import RunSettings
+from ranksearch.study.storage import POLL_S, fail_stale_trials, open_storage, worker_label
+from ranksearch.util import file_digest, sqlite_url
 
 STOP_GRACE_S = 10.0
 """Seconds a local worker gets to mark its trial failed after Ctrl-C before it is terminated."""
@@ -69,64 +55,56 @@ def join_study(
     """
     console = console or Console(stderr=True)
     study = load_study(study_name, results_dir=results_dir, storage=storage)
-    url = storage or f"sqlite:///{(results_dir / study_name / STORAGE_FILE).resolve()}"
-    recorded = study.user_attrs.get(SETTINGS_KEY)
-    if recorded is None:
+    url = storage or sqlite_url(results_dir / study_name / STORAGE_FILE)
+    if not SETTINGS.stored(study):
         raise RanksearchError(f"study {study_name!r} has no recorded settings; start it with `ranksearch run` first")
-    baseline = study.user_attrs.get(BASELINE_KEY)
-    if baseline is None:
+    recorded = SETTINGS.read(study)
+    if not BASELINE.stored(study):
         raise RanksearchError(
             f"study {study_name!r} has no baseline yet; start workers once `ranksearch run` has measured it"
         )
     changes: dict[str, object] = {"storage": storage, "workers": 1}
     local = {"threads": threads, "data_root": data_root, "space": space}
     changes.update({k: v for k, v in local.items() if v is not None})
-    changes["checkpoint"] = (
-        checkpoint or recorded.get("checkpoint") or study.user_attrs.get(MODEL_KEY, {}).get("checkpoint")
-    )
-    settings = RunSettings.from_dict(recorded, **changes)
+    changes["checkpoint"] = checkpoint or recorded.get("checkpoint") or MODEL.read(study).get("checkpoint")
+    settings = RunSettings.from_flat(recorded, **changes)
     settings.validate()
     _check_local_files(settings, recorded)
-    device = resolve_device(settings.device)
-    custom = _import_object(settings.evaluator, "--evaluator") if settings.evaluator else None
+    device = resolve_device(settings.infra.device)
+    factory = evaluator_factory(settings)
     label = worker_label()
-    with torch_threads(settings.threads), _quiet_optuna():
-        study = optuna.load_study(study_name=study.study_name, storage=open_storage(url, heartbeat=settings.heartbeat))
-        context = load_problem(settings, device, console)
-        fingerprint = problem_fingerprint(context.model, context.splits)
-        check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
-        search_space = load_space(settings.space, device, console)
-        slots = search_space.layers(context.model, context.input_shapes)
-        evaluator = _make_evaluator(settings, context, custom)
-        dense = dense_model_cost(context.model, context.example)
-        multiple = search_space.rank_multiple
-        table = latency_table(settings, context, slots, multiple, evaluator, console)
-        sensitivity = layer_sensitivity(
-            settings, context, slots, multiple, evaluator, console, fingerprint, table=table
+    with torch_threads(settings.infra.threads), quiet_optuna():
+        study = optuna.load_study(
+            study_name=study.study_name, storage=open_storage(url, heartbeat=settings.infra.heartbeat)
         )
-        objective = _objective(settings, evaluator, context, slots, multiple, dense, baseline, table, sensitivity)
-        console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, settings.budget)})")
-        done = optimize_to_budget(study, objective, budget=settings.budget, timeout=settings.timeout, console=console)
-    console.print(
-        f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, settings.budget)}"
-    )
+        space = load_space(settings.search.space, device, console)
+        search, study = PreparedSearch.prepare(
+            settings, factory, space=space, open_study=lambda: study, console=console
+        )
+        budget = settings.search.budget
+        console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, budget)})")
+        done = optimize_to_budget(
+            study, search.objective(), budget=budget, timeout=settings.search.timeout, console=console
+        )
+    console.print(f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, budget)}")
     return done
 
 
 def _check_local_files(settings: RunSettings, recorded: dict[str, object]) -> None:
     """The study's trained weights and search space must be on this machine, the space unchanged."""
-    if settings.checkpoint is None or not settings.checkpoint.is_file():
+    checkpoint, space = settings.problem.checkpoint, settings.search.space
+    if checkpoint is None or not checkpoint.is_file():
         raise RanksearchError(
-            f"checkpoint {settings.checkpoint}: the study's trained weights are not on this machine; "
+            f"checkpoint {checkpoint}: the study's trained weights are not on this machine; "
             "copy that file here and pass --checkpoint PATH"
         )
-    if settings.space is None or not settings.space.is_file():
+    if space is None or not space.is_file():
         raise RanksearchError(
-            f"search space {settings.space}: not on this machine; copy the study's space file and pass --space PATH"
+            f"search space {space}: not on this machine; copy the study's space file and pass --space PATH"
         )
-    if file_digest(settings.space) != recorded.get("space_digest"):
+    if file_digest(space) != recorded.get("space_digest"):
         raise RanksearchError(
-            f"--space {settings.space}: differs from the search space the study was started with; pass that file"
+            f"--space {space}: differs from the search space the study was started with; pass that file"
         )
 
 
@@ -144,9 +122,9 @@ def run_local_workers(
     refresh: Callable[[], None],
     console: Console,
 ) -> None:
-    """Start ``settings.workers`` worker processes on ``study`` (at ``storage``) and wait for them.
+    """Start ``--workers`` worker processes on ``study`` (at ``storage``) and wait for them.
 
-    Each runs with ``settings.threads`` threads. While they run, ``refresh`` runs whenever the study's
+    Each runs with ``--threads`` threads. While they run, ``refresh`` runs whenever the study's
     trials change, and stale trials are failed for retry.
     Raises when every worker stopped with an error before the budget was complete.
     """
@@ -154,16 +132,16 @@ def run_local_workers(
     kwargs = {
         "study_name": study.study_name,
         "storage": storage,
-        "threads": settings.threads,
-        "data_root": settings.data_root,
+        "threads": settings.infra.threads,
+        "data_root": settings.problem.data_root,
         "checkpoint": checkpoint,
-        "space": settings.space,
+        "space": settings.search.space,
     }
+    workers = settings.infra.workers
     processes = [
-        context.Process(target=_worker_process, kwargs=kwargs, name=f"ranksearch-worker-{i}")
-        for i in range(settings.workers)
+        context.Process(target=_worker_process, kwargs=kwargs, name=f"ranksearch-worker-{i}") for i in range(workers)
     ]
-    console.print(f"starting {settings.workers} workers with {settings.threads or 'all'} thread(s) each")
+    console.print(f"starting {workers} workers with {settings.infra.threads or 'all'} thread(s) each")
     for process in processes:
         process.start()
     seen = None
@@ -180,9 +158,10 @@ def run_local_workers(
     refresh()
     codes = [p.exitcode for p in processes]
     spent = trial_counts(study)["spent"]
-    if spent < settings.budget and all(code != 0 for code in codes):
+    budget = settings.search.budget
+    if spent < budget and all(code != 0 for code in codes):
         raise RanksearchError(
-            f"all {len(processes)} workers stopped with {spent}/{settings.budget} trials evaluated "
+            f"all {len(processes)} workers stopped with {spent}/{budget} trials evaluated "
             f"(exit codes {codes}); fix the cause named above and rerun to resume"
         )
 
@@ -203,7 +182,7 @@ def _worker_process(**kwargs: object) -> None:
     """A local worker's entry point: one line and exit code 2 for a user error, 130 for Ctrl-C."""
     try:
         join_study(**kwargs)  # type: ignore[arg-type]
-    except RanksearchError as exc:
+    except USER_ERRORS as exc:
         print(f"worker {worker_label()}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import optuna
@@ -13,9 +17,9 @@ from rich.table import Table
 
 from ranksearch.results import best_speedup_within, front_rows, front_trials
 from ranksearch.results.phases import phase_seconds
+from ranksearch.results.record import Outcome, records
 from ranksearch.search.latency_table import prediction_errors
 from ranksearch.study.settings import RunSettings
-from ranksearch.study.storage import REJECTED_AT_ZERO_SHOT, counts_toward_budget
 
 if TYPE_CHECKING:
     from ranksearch.study.runner import SearchResult
@@ -27,7 +31,6 @@ class SearchProgress:
 
     def __init__(self, study: optuna.Study, settings: RunSettings, console: Console) -> None:
         self.study = study
-        self.settings = settings
         self.progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),
@@ -39,7 +42,9 @@ class SearchProgress:
             console=console,
             transient=False,
         )
-        self.task = self.progress.add_task("search", total=settings.budget, status="")
+        self.budget = settings.search.budget
+        self.max_accuracy_drop = settings.search.max_accuracy_drop
+        self.task = self.progress.add_task("search", total=self.budget, status="")
         self.console = console
         self.started = time.monotonic()
         self.reported = -1
@@ -54,26 +59,26 @@ class SearchProgress:
         self.progress.stop()
 
     def update(self) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        done = sum(map(counts_toward_budget, trials))
-        failed = sum(t.state == TrialState.FAIL for t in trials)
-        zero_shot = sum(t.state == TrialState.PRUNED and counts_toward_budget(t) for t in trials)
+        trials = records(self.study)
+        done = sum(t.counts_toward_budget for t in trials)
+        failed = sum(t.outcome == Outcome.FAILED for t in trials)
+        zero_shot = sum(t.outcome == Outcome.REJECTED_AT_ZERO_SHOT for t in trials)
         skipped = sum(t.state == TrialState.PRUNED for t in trials) - zero_shot
-        budget = self.settings.max_accuracy_drop if self.settings.max_accuracy_drop is not None else 1.0
+        budget = self.max_accuracy_drop if self.max_accuracy_drop is not None else 1.0
         best = best_speedup_within(self.study, budget)
         status = f"front {len(front_trials(self.study))}"
         status += f" · best {best:.2f}x within {budget:g} pp" if best else ""
         status += f" · {failed} failed" if failed else ""
         status += f" · {zero_shot} rejected at zero shot" if zero_shot else ""
         status += f" · {skipped} skipped unevaluated" if skipped else ""
-        self.progress.update(self.task, completed=min(done, self.settings.budget), status=status)
+        self.progress.update(self.task, completed=min(done, self.budget), status=status)
         if not self.console.is_terminal and done != self.reported:  # logs get a line per completed trial
             self.reported = done
             elapsed = time.monotonic() - self.started
-            self.console.print(f"trials {done}/{self.settings.budget} · {elapsed / 60:.1f} min · {status}")
+            self.console.print(f"trials {done}/{self.budget} · {elapsed / 60:.1f} min · {status}")
 
 
-def print_summary(result: SearchResult, settings: RunSettings, console: Console) -> None:
+def print_summary(result: SearchResult, console: Console) -> None:
     """The front as a table (fastest first) and where the time went."""
     base = result.baseline
     table = Table(
@@ -126,9 +131,9 @@ def print_summary(result: SearchResult, settings: RunSettings, console: Console)
             )
             + f"; {prediction['rejected']:.0f} configs rejected before evaluation"
         )
-    rejected = [t for t in result.study.get_trials(deepcopy=False) if t.user_attrs.get(REJECTED_AT_ZERO_SHOT)]
+    rejected = [t for t in records(result.study) if t.outcome == Outcome.REJECTED_AT_ZERO_SHOT]
     if rejected:
-        saved = sum(t.user_attrs.get("seconds_saved", 0.0) for t in rejected)
+        saved = sum(t.seconds_saved or 0.0 for t in rejected)
         console.print(
             f"early rejection: {len(rejected)} configs rejected at zero shot before fine-tuning, "
             f"~{saved:.0f} s saved (the median fine-tune, int8 and measuring time of complete trials, per rejection)"
@@ -139,25 +144,48 @@ def print_summary(result: SearchResult, settings: RunSettings, console: Console)
 def latency_prediction(study: optuna.Study) -> dict[str, float] | None:
     """The latency table's prediction error over the complete trials, and how many configs it rejected
     (None when the study has no predictions)."""
+    trials = records(study)
     measured = [
-        t.user_attrs
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "predicted_latency_ms" in t.user_attrs and "latency_ms" in t.user_attrs
+        t
+        for t in trials
+        if t.outcome == Outcome.COMPLETE and t.predicted_latency_ms is not None and "latency_ms" in t.metrics
     ]
     if not measured:
         return None
-    rejected = sum(
-        t.user_attrs.get("fail_reason", "").startswith("rejected before evaluation")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    )
-    out = {**prediction_errors([a["predicted_latency_ms"] for a in measured], [a["latency_ms"] for a in measured])}
+    rejected = sum(t.outcome == Outcome.SCREENED for t in trials)
+    out = prediction_errors([t.predicted_latency_ms for t in measured], [t.metrics["latency_ms"] for t in measured])
     out["rejected"] = float(rejected)
     # the predicted speedup applied to the dense model timed beside each trial: the table's error without
     # the machine's drift between trials
-    beside = [a for a in measured if "predicted_speedup" in a]
+    beside = [t for t in measured if t.predicted_speedup is not None]
     if beside:
         relative = prediction_errors(
-            [a["reference_latency_ms"] / a["predicted_speedup"] for a in beside], [a["latency_ms"] for a in beside]
+            [t.metrics["reference_latency_ms"] / t.predicted_speedup for t in beside],
+            [t.metrics["latency_ms"] for t in beside],
         )
         out |= {"beside_median_pct": relative["median_pct"], "beside_max_pct": relative["max_pct"]}
     return out
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """The progress bar reports trials; Optuna's per-trial log lines and experimental warnings would bury it.
+
+    Its "Trial N failed" warnings repeat the line printed per failed trial (with a traceback after Ctrl-C).
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    optimize_logger.addFilter(_not_a_failed_trial)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optimize_logger.removeFilter(_not_a_failed_trial)
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _not_a_failed_trial(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Trial ") and " failed with " in message)

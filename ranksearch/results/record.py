@@ -1,0 +1,284 @@
+"""What a study stores, written and read in one place: the trial record and the study record.
+
+Every Optuna user attribute the tool writes has one named key here and is written by one helper
+(:class:`TrialWriter`, the :data:`STUDY` fields) and read back through :class:`TrialRecord` / :class:`StudyRecord`.
+A trial's fate is a typed :class:`Outcome` with a reason; studies written before outcomes were stored get theirs
+from the reason's wording, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ranksearch.config import CompressionConfig
+
+T = TypeVar("T")
+
+
+class Outcome(enum.StrEnum):
+    """Why a finished trial ended as it did."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"
+    """Evaluating it raised: the reason is the exception's first line."""
+    SCREENED = "screened"
+    """Rejected before evaluation by a screen (latency table, sensitivity); not evaluated, does not count."""
+    REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
+    """Pruned by the zero-shot verdict before fine-tuning: evaluated that far, so it counts towards the budget."""
+    NOT_EVALUATED = "not_evaluated"
+    """Pruned because the trials ahead of it already fill the budget."""
+
+    @property
+    def prefix(self) -> str:
+        """How the stored reason of this outcome starts (the wording of the first release)."""
+        return _PREFIXES.get(self, "")
+
+
+_PREFIXES = {
+    Outcome.SCREENED: "rejected before evaluation: ",
+    Outcome.REJECTED_AT_ZERO_SHOT: "rejected at zero shot: ",
+    Outcome.NOT_EVALUATED: "not evaluated: ",
+}
+
+# trial user attributes
+CONFIG = "config"
+PARAMS, MACS, SIZE_BYTES = "params", "macs", "size_bytes"
+ANCHOR, WARM_START, WORKER = "anchor", "warm_start", "worker"
+PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP = "predicted_latency_ms", "predicted_speedup"
+ACCURACY_DROP_PP, SPEEDUP = "accuracy_drop_pp", "speedup"
+OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED = "outcome", "screen", "fail_reason", "seconds_saved"
+REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
+"""Written by the first release on trials pruned at zero shot (read for their outcome)."""
+COST_KEYS = (PARAMS, MACS, SIZE_BYTES)
+BOOKKEEPING = {CONFIG, ANCHOR, WARM_START, WORKER, OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED, REJECTED_AT_ZERO_SHOT}
+BOOKKEEPING |= {*COST_KEYS, PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP, ACCURACY_DROP_PP, SPEEDUP}
+"""Trial attributes that are not the evaluator's metrics."""
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the tool stored it."""
+
+    number: int
+    state: TrialState
+    outcome: Outcome | None
+    """None while the trial runs or waits."""
+    reason: str
+    """The stored reason (empty for complete trials), as the first release worded it."""
+    screen: str
+    """The screen that pruned it before evaluation (empty otherwise, and in studies of the first release)."""
+    config: Mapping[str, Any]
+    """The config as a dict (``CompressionConfig.to_dict``); empty before it was sampled."""
+    anchor: str
+    warm_start: str
+    cost: Mapping[str, float]
+    metrics: Mapping[str, float]
+    """What the evaluator measured (``accuracy``, ``latency_ms``, ``time_<phase>_s`` ...)."""
+    accuracy_drop_pp: float | None
+    speedup: float | None
+    predicted_latency_ms: float | None
+    predicted_speedup: float | None
+    seconds_saved: float | None
+    constraints: Mapping[str, float]
+    duration_s: float | None
+    worker: str
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        return cls(
+            number=trial.number,
+            state=trial.state,
+            outcome=_outcome(trial),
+            reason=str(attrs.get(FAIL_REASON, "")),
+            screen=str(attrs.get(SCREEN, "")),
+            config=dict(attrs.get(CONFIG) or {}),
+            anchor=str(attrs.get(ANCHOR, "")),
+            warm_start=str(attrs.get(WARM_START, "")),
+            cost={key: attrs[key] for key in COST_KEYS if key in attrs},
+            metrics={k: v for k, v in attrs.items() if k not in BOOKKEEPING},
+            accuracy_drop_pp=attrs.get(ACCURACY_DROP_PP),
+            speedup=attrs.get(SPEEDUP),
+            predicted_latency_ms=attrs.get(PREDICTED_LATENCY_MS),
+            predicted_speedup=attrs.get(PREDICTED_SPEEDUP),
+            seconds_saved=attrs.get(SECONDS_SAVED),
+            constraints=dict(trial.constraints),
+            duration_s=None if trial.duration is None else trial.duration.total_seconds(),
+            worker=str(attrs.get(WORKER, "")),
+        )
+
+    @property
+    def protected(self) -> bool:
+        """Anchors and warm starts are evaluated whatever the screens say."""
+        return bool(self.anchor or self.warm_start)
+
+    @staticmethod
+    def is_protected(user_attrs: Mapping[str, Any]) -> bool:
+        """Whether a trial with these user attributes (a running one's) is an anchor or a warm start."""
+        return bool(user_attrs.get(ANCHOR) or user_attrs.get(WARM_START))
+
+    @property
+    def counts_toward_budget(self) -> bool:
+        """COMPLETE trials and trials rejected at zero shot (evaluated up to the verdict)."""
+        return self.outcome in (Outcome.COMPLETE, Outcome.REJECTED_AT_ZERO_SHOT)
+
+    @property
+    def feasible(self) -> bool:
+        """Within the study's constraints (``--max-accuracy-drop``, ``--max-latency-ms``)."""
+        return all(value <= 0 for value in self.constraints.values())
+
+    @property
+    def layers(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.config.get("layers", {})
+
+    def compression_config(self) -> CompressionConfig:
+        return CompressionConfig.from_dict(self.config)
+
+    def metric(self, key: str) -> float | None:
+        value = self.metrics.get(key)
+        return None if value is None else float(value)
+
+    def time_phases(self) -> dict[str, float]:
+        """Seconds per evaluator phase (the ``time_<phase>_s`` metrics)."""
+        return {k[5:-2]: v for k, v in self.metrics.items() if k.startswith("time_") and k.endswith("_s")}
+
+
+def _outcome(trial: FrozenTrial) -> Outcome | None:
+    if trial.state == TrialState.COMPLETE:
+        return Outcome.COMPLETE
+    if trial.state == TrialState.FAIL:
+        return Outcome.FAILED
+    if trial.state != TrialState.PRUNED:
+        return None
+    stored = trial.user_attrs.get(OUTCOME)
+    if stored is not None:
+        return Outcome(stored)
+    if trial.user_attrs.get(REJECTED_AT_ZERO_SHOT):  # the first release: no stored outcome
+        return Outcome.REJECTED_AT_ZERO_SHOT
+    reason = str(trial.user_attrs.get(FAIL_REASON, ""))
+    return Outcome.SCREENED if reason.startswith(Outcome.SCREENED.prefix) else Outcome.NOT_EVALUATED
+
+
+def records(study: optuna.Study, *, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of ``study`` (or those in ``states``) as a record, by number."""
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+class TrialWriter:
+    """Writes what happens to one trial, each fact under its key."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def worker(self, label: str) -> None:
+        self.trial.set_user_attr(WORKER, label)
+
+    def sampled(self, config: CompressionConfig, cost: Mapping[str, float]) -> None:
+        self.trial.set_user_attr(CONFIG, config.to_dict())
+        for key in COST_KEYS:
+            self.trial.set_user_attr(key, cost[key])
+
+    def predicted(self, latency_ms: float, speedup: float) -> None:
+        self.trial.set_user_attr(PREDICTED_LATENCY_MS, latency_ms)
+        self.trial.set_user_attr(PREDICTED_SPEEDUP, speedup)
+
+    def measured(self, metrics: Mapping[str, float], *, accuracy_drop_pp: float, speedup: float) -> None:
+        for key, value in {**metrics, ACCURACY_DROP_PP: accuracy_drop_pp, SPEEDUP: speedup}.items():
+            self.trial.set_user_attr(key, value)
+
+    def ended(self, outcome: Outcome, reason: str, *, metrics: Mapping[str, float] | None = None) -> None:
+        """A trial that did not complete: its outcome and reason (and what was measured before it ended)."""
+        for key, value in (metrics or {}).items():
+            self.trial.set_user_attr(key, value)
+        self.trial.set_user_attr(OUTCOME, outcome.value)
+        self.trial.set_user_attr(FAIL_REASON, outcome.prefix + reason)
+
+    def screened(self, screen: str, reason: str) -> None:
+        """Pruned before evaluation by ``screen``."""
+        self.trial.set_user_attr(SCREEN, screen)
+        self.ended(Outcome.SCREENED, reason)
+
+    def rejected_at_zero_shot(self, reason: str, *, metrics: Mapping[str, float], seconds_saved: float) -> None:
+        self.trial.set_user_attr(SECONDS_SAVED, seconds_saved)
+        self.trial.set_user_attr(REJECTED_AT_ZERO_SHOT, True)
+        self.ended(Outcome.REJECTED_AT_ZERO_SHOT, reason, metrics=metrics)
+
+
+def anchor_attrs(label: str) -> dict[str, str]:
+    """The user attributes of an enqueued anchor (the baseline or a uniform config)."""
+    return {ANCHOR: label}
+
+
+def warm_start_attrs(label: str) -> dict[str, str]:
+    """The user attributes of an enqueued warm start."""
+    return {WARM_START: label}
+
+
+class StudyField(Generic[T]):
+    """One study user attribute: its key, and its value when the study has none yet."""
+
+    def __init__(self, key: str, empty: Callable[[], T]) -> None:
+        self.key = key
+        self.empty = empty
+
+    def read(self, study: optuna.Study) -> T:
+        value = study.user_attrs.get(self.key)
+        return self.empty() if value is None else value
+
+    def stored(self, study: optuna.Study) -> bool:
+        return study.user_attrs.get(self.key) is not None
+
+    def write(self, study: optuna.Study, value: T) -> None:
+        study.set_user_attr(self.key, value)
+
+
+IDENTITY = StudyField[dict[str, Any]]("identity", dict)
+"""The settings that define what the study measures; a study resumed with others is refused."""
+SETTINGS = StudyField[dict[str, Any]]("settings", dict)
+"""The latest run's settings by option name (workers follow its budget and timeout)."""
+MODEL = StudyField[dict[str, Any]]("model", dict)
+"""How to rebuild the uncompressed model: ``build_model`` arguments and its weights file."""
+BASELINE = StudyField[dict[str, float]]("baseline", dict)
+"""The uncompressed model's metrics and costs."""
+FINGERPRINT = StudyField[dict[str, str]]("fingerprint", dict)
+"""Digests of the trained weights and the data splits the study was measured with."""
+TEST_ACCURACY = StudyField[dict[str, float]]("test_accuracy", dict)
+"""Test accuracy per front member, keyed by the trial number as a string."""
+PHASES = StudyField[dict[str, float]]("phase_seconds", dict)
+"""Seconds per phase of the last run outside the trials (load, baseline training, test of the front)."""
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """The study-level facts the tool stored."""
+
+    name: str
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    baseline: Mapping[str, float] = field(default_factory=dict)
+    fingerprint: Mapping[str, str] = field(default_factory=dict)
+    test_accuracy: Mapping[str, float] = field(default_factory=dict)
+    phase_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRecord:
+        return cls(
+            name=study.study_name,
+            identity=IDENTITY.read(study),
+            settings=SETTINGS.read(study),
+            model=MODEL.read(study),
+            baseline=BASELINE.read(study),
+            fingerprint=FINGERPRINT.read(study),
+            test_accuracy=TEST_ACCURACY.read(study),
+            phase_seconds=PHASES.read(study),
+        )
+
+    def test_accuracy_of(self, trial: int) -> float | None:
+        return self.test_accuracy.get(str(trial))

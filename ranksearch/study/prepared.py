@@ -1,0 +1,330 @@
+"""One search, prepared once: the problem, the searched layers, the evaluator, the baseline and the screens.
+
+:meth:`PreparedSearch.prepare` is what ``ranksearch run``, each worker and the benchmarks build before any trial;
+:meth:`PreparedSearch.objective` is the trial function over it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ranksearch.compress import ModelCost, dense_model_cost, layer_cost
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.errors import USER_ERRORS, RanksearchError
+from ranksearch.evaluate import ClassificationEvaluator, Evaluator, LocalTorchTiming, Metrics, Split, ZeroShotScorer
+from ranksearch.measure.latency import resolve_device
+from ranksearch.results.record import BASELINE, MODEL, anchor_attrs, warm_start_attrs
+from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
+from ranksearch.search.latency_table import LatencyTable, cache_name, variant_key
+from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
+from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
+from ranksearch.study.objective import Objective
+from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
+from ranksearch.study.settings import RunSettings
+from ranksearch.util import describe, digest, import_object
+
+ANCHORS = (("keep", None), ("svd", 0.5), ("tucker2", 0.5), ("svd", 0.25), ("tucker2", 0.25))
+"""The baseline and uniform configurations every study starts with (where the space offers them)."""
+
+
+@dataclass(frozen=True)
+class PreparedSearch:
+    """Everything a trial needs, built once per run or worker."""
+
+    settings: RunSettings
+    context: RunContext
+    space: SearchSpace
+    slots: dict[str, LayerSlot]
+    evaluator: Evaluator
+    dense: ModelCost
+    baseline: dict[str, float]
+    fingerprint: dict[str, str]
+    table: LatencyTable | None
+    sensitivity: Sensitivity | None
+    screens: tuple[Screen, ...]
+    """Asked in order before a trial is evaluated."""
+    zero_shot: ZeroShotDrop | None
+    """Asked once the evaluator's zero-shot accuracy is measured (with early rejection on a zero-shot scorer)."""
+
+    @classmethod
+    def prepare(
+        cls,
+        settings: RunSettings,
+        evaluator: Evaluator | Callable[[RunContext], Evaluator] | None = None,
+        *,
+        space: SearchSpace,
+        open_study: Callable[[], optuna.Study],
+        console: Console,
+        phases: dict[str, float] | None = None,
+    ) -> tuple[PreparedSearch, optuna.Study]:
+        """Load the problem, open the study (``open_study``, once the problem loaded), check that its weights and data
+        are the study's, measure (or read) the baseline, build the latency table and sensitivity, and the screens.
+
+        ``evaluator`` is an instance, a factory taking the run's context, or None for the built-in evaluator.
+        ``phases`` receives the seconds spent per phase.
+        """
+        phases = {} if phases is None else phases
+        start = time.perf_counter()
+        context = load_problem(settings, resolve_device(settings.infra.device), console, phases, space=space)
+        phases["load"] = time.perf_counter() - start - phases.get("baseline_training", 0.0)
+        slots = space.layers(context.model, context.input_shapes)
+        if not slots:
+            raise RanksearchError(
+                f"search space {settings.search.space}: no searchable layer in {settings.problem.model}; widen 'layers'"
+            )
+        evaluator = _evaluator(settings, context, evaluator)
+        study = open_study()
+        fingerprint = problem_fingerprint(context.model, context.splits)
+        check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
+        MODEL.write(study, context.model_spec())
+        dense = dense_model_cost(context.model, context.example)
+        baseline = measure_baseline(study, evaluator, dense, console)
+        table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console, phases)
+        sensitivity = layer_sensitivity(
+            settings, context, slots, space.rank_multiple, evaluator, console, fingerprint, phases, table
+        )
+        search = settings.search
+        screens: list[Screen] = []
+        if table is not None:
+            screens += [OverLatencyLimit(limit_ms=search.max_latency_ms)] if search.max_latency_ms is not None else []
+            screens.append(SlowerThanDense())
+        if sensitivity is not None:
+            screens.append(HopelessVariant(sensitivity=sensitivity, max_drop=search.max_zero_shot_drop))
+        zero_shot = None
+        if search.early_reject and isinstance(evaluator, ZeroShotScorer):
+            zero_shot = ZeroShotDrop(
+                baseline_accuracy=evaluator.zero_shot_baseline(), max_drop=search.max_zero_shot_drop
+            )
+        prepared = cls(
+            settings,
+            context,
+            space,
+            slots,
+            evaluator,
+            dense,
+            baseline,
+            fingerprint,
+            table,
+            sensitivity,
+            tuple(screens),
+            zero_shot,
+        )
+        return prepared, study
+
+    @property
+    def rank_multiple(self) -> int:
+        return self.space.rank_multiple
+
+    def variant_cost(self) -> Callable[[str, LayerChoice], float]:
+        """What the greedy configs minimise per layer: the table's time where there is one, else MACs."""
+        table = self.table
+        if table is not None:
+            return lambda name, choice: table.layer_ms[name][variant_key(choice)]
+        modules = dict(self.context.model.named_modules())
+
+        def macs(name: str, choice: LayerChoice) -> float:
+            shape = self.context.input_shapes[name]
+            cost = layer_cost(
+                modules[name], choice.technique, choice.rank, shape, rank_multiple=self.rank_multiple, **choice.options
+            )
+            return float(cost.macs)
+
+        return macs
+
+    def enqueue_starts(self, study: optuna.Study) -> None:
+        """The uniform anchors, then (with sensitivity) the greedy equal-sensitivity warm starts that differ."""
+        queued: set[tuple[tuple[str, object], ...]] = set()
+        for technique, fraction in ANCHORS:
+            params = config_to_params(
+                uniform_config(self.slots, technique, fraction, rank_multiple=self.rank_multiple), self.slots
+            )
+            key = tuple(sorted(params.items()))
+            if key in queued:
+                continue
+            queued.add(key)
+            label = "baseline" if technique == "keep" else f"uniform {technique}@{fraction}"
+            study.enqueue_trial(params, user_attrs=anchor_attrs(label))
+        if self.sensitivity is None:
+            return
+        greedy = self.sensitivity.greedy_configs(self.slots, self.variant_cost(), rank_multiple=self.rank_multiple)
+        for level, config in greedy.items():
+            params = config_to_params(config, self.slots)
+            if tuple(sorted(params.items())) not in queued:
+                study.enqueue_trial(params, user_attrs=warm_start_attrs(f"greedy, each layer <= {level:g} pp alone"))
+
+    def objective(self) -> Objective:
+        """The trial function of this search."""
+        return Objective(self)
+
+
+def evaluator_factory(settings: RunSettings) -> Callable[[RunContext], Evaluator] | None:
+    """The class ``--evaluator`` names, as a factory of the run's context (None: the built-in evaluator)."""
+    if settings.infra.evaluator is None:
+        return None
+    cls = import_object(settings.infra.evaluator, "--evaluator")
+    return lambda context: cls(context=context)
+
+
+def _evaluator(
+    settings: RunSettings, context: RunContext, given: Evaluator | Callable[[RunContext], Evaluator] | None
+) -> Evaluator:
+    if isinstance(given, Evaluator):
+        return given
+    if given is None:
+        return ClassificationEvaluator(
+            model=context.model,
+            splits=context.splits,
+            device=context.device,
+            options=settings.evaluation,
+            threads=settings.infra.threads,
+            seed=settings.problem.seed,
+        )
+    name = settings.infra.evaluator
+    try:
+        evaluator = given(context)
+    except USER_ERRORS:
+        raise
+    except Exception as exc:
+        raise RanksearchError(
+            f"--evaluator {name}: construction failed ({describe(exc)}); make Class(*, context) build without raising"
+        ) from None
+    if not isinstance(evaluator, Evaluator):
+        raise RanksearchError(f"--evaluator {name}: not a ranksearch.Evaluator; derive the class from it")
+    return evaluator
+
+
+def measure_baseline(study: optuna.Study, evaluator: Evaluator, dense: ModelCost, console: Console) -> dict[str, float]:
+    """The uncompressed model's metrics and costs, measured once per study (recorded)."""
+    if BASELINE.stored(study):
+        return dict(BASELINE.read(study))
+    console.print("baseline: measuring the uncompressed model")
+    val, test = (_baseline_metrics(evaluator, split) for split in ("val", "test"))
+    baseline = {
+        "accuracy": val.accuracy,
+        "test_accuracy": test.accuracy,
+        "latency_ms": val.latency_ms,
+        "params": dense.params,
+        "macs": dense.macs,
+        "size_bytes": dense.size_bytes,
+    }
+    BASELINE.write(study, baseline)
+    return baseline
+
+
+def _baseline_metrics(evaluator: Evaluator, split: Split) -> Metrics:
+    """The uncompressed model's metrics: an evaluator failing on it can score nothing, so the run stops."""
+    try:
+        return Metrics.coerce(evaluator, evaluator.evaluate(CompressionConfig(layers={}), split=split))
+    except (*USER_ERRORS, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise RanksearchError(
+            f"evaluator {type(evaluator).__name__} failed on the uncompressed model ({describe(exc)}); "
+            "fix the evaluator or its settings, then rerun"
+        ) from None
+
+
+def latency_table(
+    settings: RunSettings,
+    context: RunContext,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    evaluator: Evaluator,
+    console: Console,
+    phases: dict[str, float] | None = None,
+) -> LatencyTable | None:
+    """The per-layer latency table (built once per device, threads and torch version, cached under
+    ``results/latency-tables/``) when ``--latency-table`` is on and the evaluator times models in torch on this
+    machine (:class:`~ranksearch.evaluate.LocalTorchTiming`); otherwise None."""
+    if not (settings.search.latency_table and isinstance(evaluator, LocalTorchTiming) and evaluator.times_local_torch):
+        return None
+    start = time.perf_counter()
+    table = build_latency_table(settings, context, slots, rank_multiple, console)
+    seconds = time.perf_counter() - start
+    if phases is not None:
+        phases["latency_table"] = seconds
+    variants = sum(len(times) for times in table.layer_ms.values())
+    console.print(f"latency table: {variants} layer variants of {len(slots)} layers ready in {seconds:.0f} s")
+    return table
+
+
+def build_latency_table(
+    settings: RunSettings, context: RunContext, slots: dict[str, LayerSlot], rank_multiple: int, console: Console
+) -> LatencyTable:
+    """:meth:`LatencyTable.build` for a run's model and slots, with a progress bar, cached under
+    ``results_dir / "latency-tables"``."""
+    threads = settings.infra.threads
+    with _progress_bar("latency table", console) as update:
+        return LatencyTable.build(
+            context.model,
+            slots,
+            context.input_shapes,
+            context.example,
+            device=context.device,
+            threads=threads,
+            rank_multiple=rank_multiple,
+            cache_file=settings.infra.results_dir / "latency-tables" / cache_name(context.device, threads),
+            progress=update,
+        )
+
+
+def layer_sensitivity(
+    settings: RunSettings,
+    context: RunContext,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    evaluator: Evaluator,
+    console: Console,
+    fingerprint: dict[str, str],
+    phases: dict[str, float] | None = None,
+    table: LatencyTable | None = None,
+) -> Sensitivity | None:
+    """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
+    ``--sensitivity`` is on and the evaluator is a :class:`~ranksearch.evaluate.ZeroShotScorer`; otherwise None.
+    ``fingerprint`` (of the run's model and data) keys the cache. With a latency ``table``, only variants faster
+    than their dense layer are measured."""
+    if not (settings.search.sensitivity and isinstance(evaluator, ZeroShotScorer)):
+        return None
+    start = time.perf_counter()
+    key = digest([fingerprint, settings.search.space_digest, rank_multiple, evaluator.zero_shot_key()])
+    cache_file = settings.infra.results_dir / "sensitivity" / f"sensitivity-{key}.json"
+    max_drop = settings.search.max_zero_shot_drop
+    with _progress_bar("sensitivity", console) as update:
+        sensitivity = measure_sensitivity(
+            context.model,
+            slots,
+            context.input_shapes,
+            zero_shot=evaluator.zero_shot_accuracy,
+            baseline_accuracy=evaluator.zero_shot_baseline(),
+            hopeless=max_drop,
+            rank_multiple=rank_multiple,
+            worth=None if table is None else table.faster_than_dense,
+            cache_file=cache_file,
+            progress=update,
+        )
+    seconds = time.perf_counter() - start
+    if phases is not None:
+        phases["sensitivity"] = seconds
+    drops = [d for layer in sensitivity.drops.values() for d in layer.values()]
+    hopeless = sum(d > max_drop for d in drops)
+    console.print(
+        f"sensitivity: {len(drops)} layer variants of {len(slots)} layers ready in {seconds:.0f} s; "
+        f"{hopeless} hopeless alone (zero-shot drop over {max_drop:g} points) are not evaluated"
+    )
+    return sensitivity
+
+
+@contextmanager
+def _progress_bar(label: str, console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar with an ETA; the block gets its ``update(done, total)``."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

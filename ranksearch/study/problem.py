@@ -1,0 +1,165 @@
+"""The problem of a run: the data splits, the trained model, its search space, and their fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+import torch
+from rich.console import Console
+from torch import nn
+
+from ranksearch.data import DataSplits, TensorImageDataset, load_dataset
+from ranksearch.errors import RanksearchError
+from ranksearch.models import build_model, load_checkpoint
+from ranksearch.results.record import FINGERPRINT
+from ranksearch.search import SearchSpace, record_input_shapes
+from ranksearch.study.settings import RunSettings
+from ranksearch.training import DEFAULT_RECIPE, train_baseline
+from ranksearch.util import cache_dir
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an evaluator named on the command line is built with."""
+
+    settings: RunSettings
+    model: nn.Module
+    splits: DataSplits
+    device: torch.device
+    example: torch.Tensor
+    input_shapes: dict[str, tuple[int, ...]]
+    checkpoint: Path | None = None
+    """The file holding ``model``'s trained weights: ``--checkpoint`` or the cached baseline."""
+
+    def model_spec(self) -> dict[str, object]:
+        """How to rebuild ``model``: the ``build_model`` arguments and its weights file (an export's ``model``)."""
+        return {
+            "name": self.settings.problem.model,
+            "num_classes": self.splits.num_classes,
+            "in_channels": self.splits.in_channels,
+            "image_size": self.splits.image_size,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        }
+
+
+def load_space(path: str | Path, device: torch.device, console: Console) -> SearchSpace:
+    """The search space at ``path``; int8 is left out on a GPU (its kernels run on CPU only)."""
+    space = SearchSpace.load(path)
+    if device.type != "cpu" and space.int8:
+        console.print(f"int8: its kernels run on CPU only; not searched on {device.type}")
+        space = replace(space, int8=False)
+    return space
+
+
+def load_problem(
+    settings: RunSettings,
+    device: torch.device,
+    console: Console,
+    phases: dict[str, float] | None = None,
+    *,
+    space: SearchSpace | None = None,
+) -> RunContext:
+    """The data splits and the trained model (from ``--checkpoint`` or the cached baseline) of a run.
+
+    ``space``'s layer patterns are checked on the built model before any weights are loaded or trained.
+    """
+    problem = settings.problem
+    splits = load_dataset(
+        problem.dataset,
+        root=problem.data_root,
+        val_fraction=problem.val_fraction,
+        seed=problem.seed,
+        download=problem.download,
+        train_subset=problem.train_subset,
+        eval_subset=problem.eval_subset,
+    )
+    model = build_model(
+        problem.model,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=splits.image_size,
+        weights=problem.weights,
+    )
+    if space is not None:
+        space.check_layers(model)
+    if problem.checkpoint is not None:
+        model = load_checkpoint(model, problem.checkpoint)
+        checkpoint = Path(problem.checkpoint)
+    else:
+        recipe = replace(
+            DEFAULT_RECIPE,
+            epochs=problem.baseline_epochs or DEFAULT_RECIPE.epochs,
+            nuclear_norm=problem.baseline_nuclear_norm,
+        )
+        start = time.perf_counter()
+        model, info = train_baseline(
+            model,
+            splits,
+            recipe,
+            device=device,
+            cache_dir=cache_dir() / "baselines",
+            key_parts={
+                "model": problem.model,
+                "dataset": problem.dataset,
+                "weights": problem.weights,
+                "train_subset": problem.train_subset,
+                "val_fraction": problem.val_fraction,
+                "seed": problem.seed,
+            },
+        )
+        if phases is not None:
+            phases["baseline_training"] = time.perf_counter() - start
+        if info.get("cached"):
+            console.print(f"baseline: reusing the trained {problem.model} from the cache")
+        checkpoint = Path(info["path"])
+    model = model.to(device).eval()
+    _check_weights(model, problem.checkpoint)
+    example = splits.val[0][0].unsqueeze(0).repeat(settings.evaluation.latency_batch, 1, 1, 1).to(device)
+    return RunContext(
+        settings, model, splits, device, example, record_input_shapes(model, example), checkpoint.resolve()
+    )
+
+
+def _check_weights(model: nn.Module, checkpoint: Path | None) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            source = checkpoint or "the baseline"
+            raise RanksearchError(f"{source}: parameter {name} holds NaN/inf; retrain or pass a healthy checkpoint")
+
+
+def problem_fingerprint(model: nn.Module, splits: DataSplits) -> dict[str, str]:
+    """Digests of the trained weights and of every data split (images and labels)."""
+    weights = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.endswith("num_batches_tracked"):
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    data = hashlib.blake2b(digest_size=16)
+    for split in (splits.train, splits.val, splits.test):
+        if not isinstance(split, TensorImageDataset):
+            raise TypeError(f"cannot fingerprint a {type(split).__name__}; expected a TensorImageDataset")
+        data.update(split.images.contiguous().numpy().tobytes())
+        data.update(split.labels.contiguous().numpy().tobytes())
+    return {"model": weights.hexdigest(), "data": data.hexdigest()}
+
+
+def check_fingerprint(study: optuna.Study, fingerprint: dict[str, str], *, checkpoint: Path | None) -> None:
+    """Record a new study's fingerprint; refuse weights or data that differ from those the study was measured with."""
+    if not FINGERPRINT.stored(study):
+        FINGERPRINT.write(study, fingerprint)
+        return
+    recorded = FINGERPRINT.read(study)
+    name = study.study_name
+    if recorded.get("model") != fingerprint["model"]:
+        raise RanksearchError(
+            f"study {name!r}: the trained weights here ({checkpoint or 'the baseline'}) differ from the study's; "
+            f"pass --checkpoint with the file the study was measured with (its 'model' attribute names it)"
+        )
+    if recorded.get("data") != fingerprint["data"]:
+        raise RanksearchError(
+            f"study {name!r}: the dataset here differs from the study's; point --data-root at the same dataset files"
+        )

@@ -1,0 +1,109 @@
+"""Studies written by the previous release (commit bf18b5c, ``tests/fixtures/legacy``) keep working, and the same
+seeded study gives the same trials: configs, states and reasons.
+
+The fixture holds that release's ``results/legacy/study.db``, the tiny model it searched (``tinynet.py``), its
+trained weights (``tiny.pt``), its space, and its trial table (``trials.json``); ``make_fixture.py`` says how
+they were made. Paths in the stored settings are relative: each test runs in a copy of the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+import ranksearch as rs
+from ranksearch.cli import app
+from ranksearch.results import load_study
+from ranksearch.results.record import SETTINGS, Outcome, StudyRecord, records
+from ranksearch.study import RunSettings, run_search
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy"
+OLD_TRIALS = json.loads((FIXTURE / "trials.json").read_text())
+
+
+@pytest.fixture
+def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A copy of the fixture folder as the working directory."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("__pycache__", "make_fixture.py"))
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    yield folder
+
+
+def recorded_settings(**changes: object) -> RunSettings:
+    """The settings the previous release stored with the study, as this release reads them."""
+    study = load_study("legacy")
+    return RunSettings.from_flat(SETTINGS.read(study), **changes)
+
+
+def test_the_old_study_opens_with_its_records(legacy: Path) -> None:
+    study = load_study("legacy")
+    record = StudyRecord.of(study)
+    assert record.baseline["accuracy"] == pytest.approx(0.7265625)
+    assert set(record.test_accuracy) == {"0", "2", "3", "4", "5"}
+    outcomes = [t.outcome for t in records(study)]
+    assert outcomes.count(Outcome.COMPLETE) == 17
+    assert outcomes.count(Outcome.REJECTED_AT_ZERO_SHOT) == 3
+    assert outcomes.count(Outcome.SCREENED) == len(OLD_TRIALS) - 20
+    assert sum(t.counts_toward_budget for t in records(study)) == 20
+
+
+def test_the_old_study_shows_exports_plots_and_reports(legacy: Path) -> None:
+    runner = CliRunner()
+    shown = runner.invoke(app, ["show", "legacy", "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    front = json.loads(shown.stdout)["rows"]
+    assert [row["trial"] for row in front] == [4, 2, 3, 5, 0]
+    every = runner.invoke(app, ["show", "legacy", "--all", "--format", "csv"])
+    assert every.exit_code == 0 and every.stdout.count("\n") == len(OLD_TRIALS) + 1
+    exported = runner.invoke(app, ["export", "legacy", "--trial", "5", "--out", "trial5.yaml"])
+    assert exported.exit_code == 0, exported.output
+    config = rs.CompressionConfig.load("trial5.yaml")
+    assert config.to_dict()["layers"] == OLD_TRIALS[5]["user_attrs"]["config"]["layers"]
+    assert config.model["name"] == "tinynet.py:tiny"
+    plotted = runner.invoke(app, ["plot", "legacy"])
+    assert plotted.exit_code == 0, plotted.output
+    assert (legacy / "results" / "legacy" / "pareto.png").stat().st_size > 10_000
+    reported = runner.invoke(app, ["report", "legacy"])
+    assert reported.exit_code == 0, reported.output
+    assert "legacy" in (legacy / "results" / "legacy" / "report.html").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_the_old_study_resumes(legacy: Path) -> None:
+    result = run_search(recorded_settings(budget=22))
+    trials = records(result.study)
+    assert sum(t.counts_toward_budget for t in trials) == 22
+    old = {t["number"]: t for t in OLD_TRIALS}
+    for trial in trials[: len(OLD_TRIALS)]:  # the old trials are kept as they were
+        assert trial.state.name == old[trial.number]["state"]
+        assert trial.reason == old[trial.number]["user_attrs"].get("fail_reason", "")
+    assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+@pytest.mark.timeout(600)
+def test_the_same_seeded_study_gives_the_same_trials(legacy: Path) -> None:
+    """Same configs, states and reasons, trial by trial, as the previous release (its ``trials.json``)."""
+    result = run_search(recorded_settings(results_dir=Path("again")))
+    new = result.study.get_trials(deepcopy=False)
+    assert [t.number for t in new] == [t["number"] for t in OLD_TRIALS]
+    for trial, old in zip(new, OLD_TRIALS, strict=True):
+        attrs, old_attrs = trial.user_attrs, old["user_attrs"]
+        where = f"trial {trial.number}"
+        assert trial.state.name == old["state"], where
+        assert trial.params == old["params"], where
+        assert attrs["config"] == old_attrs["config"], where
+        assert attrs.get("fail_reason", "") == old_attrs.get("fail_reason", ""), where
+        for key in ("anchor", "warm_start", "accuracy", "zero_shot_accuracy", "params", "macs"):
+            assert attrs.get(key) == old_attrs.get(key), f"{where}: {key}"
+    assert optuna.load_study(study_name="legacy", storage="sqlite:///again/legacy/study.db").user_attrs["baseline"][
+        "accuracy"
+    ] == pytest.approx(0.7265625)
