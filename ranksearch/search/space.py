@@ -45,13 +45,13 @@ from ranksearch.compress import cost_report, layer_inputs
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError
 from ranksearch.techniques import get_technique, list_techniques
+from ranksearch.util import first_line
 
 Rank = int | float
 """One rank choice: a fraction of full rank (float in (0, 1]) or an absolute rank (int >= 2)."""
 
 KINDS = ("spatial_conv", "pointwise_conv", "linear")
 LAYER_TYPES: Mapping[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 _KIND_TYPE = {"spatial_conv": "Conv2d", "pointwise_conv": "Conv2d", "linear": "Linear"}
 _TOP_KEYS = ("layers", "techniques", "ranks", "int8", "data_aware", "rank_multiple", "options")
@@ -118,8 +118,7 @@ class SearchSpace:
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RanksearchError(f"search space {path}: not valid YAML: {first_line}; fix the syntax") from None
+            raise RanksearchError(f"search space {path}: not valid YAML: {first_line(exc)}; fix the syntax") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -309,23 +308,6 @@ def uniform_config(
         for name, slot in slots.items()
     }
     return CompressionConfig(layers=layers, rank_multiple=rank_multiple)
-
-
-def default_space_path(model_family: str) -> Path:
-    """The shipped search space for ``model_family`` (or a model name such as ``resnet18``), else ``default.yaml``.
-
-    Spaces are read from the repository's ``search_spaces/`` folder; the longest family name that
-    ``model_family`` starts with wins.
-    """
-    families = [p.stem for p in SPACES_DIR.glob("*.yaml") if p.stem != "default"]
-    family = max((f for f in families if model_family.lower().startswith(f)), key=len, default="default")
-    path = SPACES_DIR / f"{family}.yaml"
-    if not path.is_file():
-        raise RanksearchError(
-            f"search space {path}: not found (shipped spaces live in the repository's search_spaces/ folder, "
-            "absent from non-editable installs); pass a search space file explicitly"
-        )
-    return path
 
 
 def _same_rank(a: object, b: Rank) -> bool:

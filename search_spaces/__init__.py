@@ -1,0 +1,1 @@
+"""The shipped search spaces, installed as the package data ``ranksearch.search_spaces`` (see setup.py)."""
