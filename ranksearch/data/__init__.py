@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ranksearch.errors import RanksearchError
+from ranksearch.util import first_line
 
 __all__ = ["DATASETS", "DataSplits", "TensorImageDataset", "load_dataset", "make_loader"]
 
@@ -250,8 +251,9 @@ def _load_torchvision(
     except RuntimeError as exc:
         if not download:
             raise RanksearchError(f"dataset {name} not found under {root}; {info.how_to_get}") from None
-        reason = str(exc).strip().splitlines()[0]
-        raise RanksearchError(f"dataset {name} could not be downloaded ({reason}); {info.how_to_get}") from None
+        raise RanksearchError(
+            f"dataset {name} could not be downloaded ({first_line(exc)}); {info.how_to_get}"
+        ) from None
     except OSError as exc:
         raise RanksearchError(f"dataset {name} could not be read under {root} ({exc}); {info.how_to_get}") from None
     return (*_as_tensors(train), *_as_tensors(test), len(train.classes))

@@ -24,7 +24,7 @@ from torch import nn
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.latency import Latency, time_repeatedly
 from ranksearch.techniques.int8 import Int8Module
-from ranksearch.util import atomic_open
+from ranksearch.util import atomic_open, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -118,8 +118,7 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, int8_layers
             )
     except Exception as exc:
         hint = f"; layers {', '.join(int8_layers)} are int8, try a config without int8" if int8_layers else ""
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(f"ONNX export of {type(model).__name__} failed ({first_line}){hint}") from None
+        raise RanksearchError(f"ONNX export of {type(model).__name__} failed ({first_line(exc)}){hint}") from None
     return buffer.getvalue()
 
 
@@ -138,8 +137,9 @@ def _session(model: str | Path | bytes, *, threads: int | None) -> onnxruntime.I
         return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         name = model if isinstance(model, str | Path) else "the exported model"
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksearchError(f"{name}: ONNX Runtime cannot load it ({first_line}); pass an ONNX model file") from None
+        raise RanksearchError(
+            f"{name}: ONNX Runtime cannot load it ({first_line(exc)}); pass an ONNX model file"
+        ) from None
 
 
 def onnxruntime_latency(

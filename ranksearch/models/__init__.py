@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
 import inspect
 import pickle
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ import torchvision
 from torch import nn
 
 from ranksearch.errors import RanksearchError
+from ranksearch.util import describe, first_line, import_module_from
 
 __all__ = ["build_model", "list_model_names", "load_checkpoint", "model_family"]
 
@@ -87,7 +86,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise RanksearchError(
-            f"checkpoint {path} is unreadable ({_first_line(exc).split('. ')[0]}); "
+            f"checkpoint {path} is unreadable ({first_line(exc).split('. ')[0]}); "
             "save it with torch.save(model.state_dict(), path)"
         ) from None
     state = _unwrap_state_dict(raw)
@@ -142,7 +141,7 @@ def _pretrained(name: str, weights: str) -> nn.Module:
         return torchvision.models.get_model(name, weights=resolved)
     except Exception as exc:
         raise RanksearchError(
-            f"could not download {name} weights {resolved.name} ({type(exc).__name__}: {_first_line(exc)}); "
+            f"could not download {name} weights {resolved.name} ({describe(exc)}); "
             "when offline pass a local checkpoint with --checkpoint instead"
         ) from None
 
@@ -209,28 +208,7 @@ def _adapt_vgg(model: nn.Module, image_size: int, *, pretrained: bool) -> None:
 
 def _build_custom(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py") or "/" in target or Path(target).is_file():
-        file = Path(target).expanduser()
-        if not file.is_file():
-            raise RanksearchError(f"model file {file} does not exist; pass an existing path/to/file.py:factory")
-        module_name = f"ranksearch_custom_{file.stem}"
-        module_spec = importlib.util.spec_from_file_location(module_name, file)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[module_name]
-            raise RanksearchError(
-                f"importing model file {file} failed ({type(exc).__name__}: {_first_line(exc)}); fix that file"
-            ) from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise RanksearchError(
-                f"cannot import module {target!r} ({exc}); check the package.module:factory spelling"
-            ) from None
+    module = _import_factory_module(target)
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -240,6 +218,24 @@ def _build_custom(spec: str, *, num_classes: int, in_channels: int) -> nn.Module
     if not isinstance(model, nn.Module):
         raise RanksearchError(f"factory {spec!r} returned {type(model).__name__}; it must return a torch.nn.Module")
     return model
+
+
+def _import_factory_module(target: str) -> ModuleType:
+    """The module of a ``file.py:factory`` or ``package.module:factory`` spec, else a one-line error."""
+    if target.endswith(".py") or "/" in target:
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise RanksearchError(f"model file {file} does not exist; pass an existing path/to/file.py:factory")
+        try:
+            return import_module_from(target)
+        except Exception as exc:  # the file is user code: whatever its import raises is reported, not raised
+            raise RanksearchError(f"importing model file {file} failed ({describe(exc)}); fix that file") from None
+    try:
+        return import_module_from(target)
+    except ImportError as exc:
+        raise RanksearchError(
+            f"cannot import module {target!r} ({exc}); check the package.module:factory spelling"
+        ) from None
 
 
 def _factory_kwargs(factory: Any, **available: int) -> dict[str, int]:
@@ -260,7 +256,7 @@ def _check_forward(model: nn.Module, spec: str, *, num_classes: int, in_channels
             out = model(torch.zeros(1, in_channels, image_size, image_size))
     except Exception as exc:
         raise RanksearchError(
-            f"model {spec!r} fails on {in_channels}x{image_size}x{image_size} inputs ({_first_line(exc)}); "
+            f"model {spec!r} fails on {in_channels}x{image_size}x{image_size} inputs ({first_line(exc)}); "
             "pick a model that handles small images, e.g. resnet18"
         ) from None
     finally:
@@ -295,8 +291,3 @@ def _first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, to
             return f"key {key!r} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
     extra = next((key for key in state if key not in expected), None)
     return None if extra is None else f"unexpected key {extra!r}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
