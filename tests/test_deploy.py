@@ -198,7 +198,7 @@ def tiny_settings(root: Path, checkpoint: Path, **changes: object) -> RunSetting
         data_root=root / "data",
         study_name="ort",
     )
-    return RunSettings(**{**values, **changes})
+    return RunSettings.of(**{**values, **changes})
 
 
 def test_search_timed_in_onnxruntime(study_dir: Path, apply_files: Path) -> None:

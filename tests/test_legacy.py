@@ -91,7 +91,11 @@ def test_the_old_study_resumes(legacy: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_the_same_seeded_study_gives_the_same_trials(legacy: Path) -> None:
-    """Same configs, states and reasons, trial by trial, as the previous release (its ``trials.json``)."""
+    """Same configs, states and reasons, trial by trial, as the previous release (its ``trials.json``).
+
+    Accuracies match too, except after a zero-shot check: that release let the check's data loader draw from the
+    global RNG before fine-tuning, so a checked config was fine-tuned differently from the same config evaluated
+    afresh (as on the test split). This release leaves the RNG as it was."""
     result = run_search(recorded_settings(results_dir=Path("again")))
     new = result.study.get_trials(deepcopy=False)
     assert [t.number for t in new] == [t["number"] for t in OLD_TRIALS]
@@ -102,8 +106,12 @@ def test_the_same_seeded_study_gives_the_same_trials(legacy: Path) -> None:
         assert trial.params == old["params"], where
         assert attrs["config"] == old_attrs["config"], where
         assert attrs.get("fail_reason", "") == old_attrs.get("fail_reason", ""), where
-        for key in ("anchor", "warm_start", "accuracy", "zero_shot_accuracy", "params", "macs"):
+        for key in ("anchor", "warm_start", "zero_shot_accuracy", "params", "macs"):
             assert attrs.get(key) == old_attrs.get(key), f"{where}: {key}"
+        if "zero_shot_accuracy" not in old_attrs:  # see the docstring
+            assert attrs.get("accuracy") == old_attrs.get("accuracy"), f"{where}: accuracy"
+    checked = [t for t in new if "zero_shot_accuracy" in t.user_attrs and t.state == TrialState.COMPLETE]
+    assert len(checked) >= 5
     assert optuna.load_study(study_name="legacy", storage="sqlite:///again/legacy/study.db").user_attrs["baseline"][
         "accuracy"
     ] == pytest.approx(0.7265625)

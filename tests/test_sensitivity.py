@@ -13,9 +13,8 @@ from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.data import load_dataset
-from ranksearch.errors import Rejected
 from ranksearch.evaluate import classification
-from ranksearch.evaluate.classification import ClassificationEvaluator
+from ranksearch.evaluate.classification import ClassificationEvaluator, EvaluatorOptions
 from ranksearch.models import build_model
 from ranksearch.search import SearchSpace
 from ranksearch.search.latency_table import variant_key
@@ -158,27 +157,31 @@ def evaluator(tmp_path_factory) -> ClassificationEvaluator:
         model=model,
         splits=splits,
         device=torch.device("cpu"),
-        finetune_steps=1,
-        batch_size=32,
-        calib_batches=1,
-        latency_threads=1,
-        max_zero_shot_drop=0.0,
+        options=EvaluatorOptions(finetune_steps=1, batch_size=32, calib_batches=1),
+        threads=1,
         zero_shot_images=32,
     )
 
 
-def test_zero_shot_rejection_before_fine_tuning(evaluator, monkeypatch) -> None:
+def test_a_config_scored_at_zero_shot_is_not_built_again_for_its_evaluation(evaluator, monkeypatch) -> None:
+    """The zero-shot check recalibrates the config's model; the evaluation right after it fine-tunes that model
+    (apply and recalibration once), records the zero-shot accuracy, and measures what a fresh evaluation does."""
     config = CompressionConfig(layers={"layer1.0.conv1": LayerChoice("svd", 0.25)})
+    built: list[int] = []
+    real_apply = classification.apply_config
+    monkeypatch.setattr(classification, "apply_config", lambda *a, **k: built.append(1) or real_apply(*a, **k))
     expected = evaluator.zero_shot_accuracy(config)
-    monkeypatch.setattr(classification, "finetune", lambda *a, **k: pytest.fail("fine-tuned a rejected config"))
-    if 100 * (evaluator.zero_shot_baseline() - expected) > 0:
-        with pytest.raises(Rejected, match="zero-shot accuracy") as raised:
-            evaluator.evaluate(config, early_reject=True)
-        assert raised.value.metrics["zero_shot_accuracy"] == expected
-        assert raised.value.metrics["time_zero_shot_s"] > 0
-    monkeypatch.undo()
-    metrics = evaluator.evaluate(config)  # without early_reject the same config runs to the end
-    assert "zero_shot_accuracy" not in metrics and metrics["latency_ms"] > 0
+    assert built == [1] and 0 <= expected <= 1
+    after_check = evaluator.evaluate(config)
+    assert built == [1], "rebuilt the config the zero-shot check had built"
+    assert after_check.extra["zero_shot_accuracy"] == expected
+    assert after_check.extra["time_zero_shot_s"] > 0 and after_check.extra["time_finetune_s"] > 0
+    fresh = evaluator.evaluate(config)
+    assert built == [1, 1] and "zero_shot_accuracy" not in fresh.extra
+    assert fresh.accuracy == after_check.accuracy  # the same seeded pipeline either way
+    evaluator.zero_shot_accuracy(config)
+    other = CompressionConfig(layers={"layer1.0.conv1": LayerChoice("svd", 0.5)})
+    assert "zero_shot_accuracy" not in evaluator.evaluate(other).extra  # another config is built afresh
 
 
 def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, monkeypatch) -> None:
@@ -202,7 +205,7 @@ def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, 
 
 
 def test_paired_latency_alternates_rounds() -> None:
-    from ranksearch.evaluate import latency
+    from ranksearch.measure import latency
 
     fast, slow = nn.Conv2d(4, 4, 1), nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(8)])
     order: list[nn.Module] = []
@@ -217,12 +220,15 @@ def test_paired_latency_alternates_rounds() -> None:
 
 def test_greedy_cost_without_a_latency_table_is_macs(problem) -> None:
     from ranksearch.compress import layer_cost
-    from ranksearch.study.runner import RunContext, _variant_cost
+    from ranksearch.search import SearchSpace
+    from ranksearch.study import PreparedSearch, RunContext
 
     model, _, shapes = problem
     context = RunContext(
         settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
     )
-    cost = _variant_cost(context, 8, None)
+    space = SearchSpace.from_dict({"techniques": {"spatial_conv": ["keep", "svd"]}, "ranks": [0.25]})
+    search = PreparedSearch(None, context, space, {}, None, None, {}, {}, None, None, (), None)
+    cost = search.variant_cost()
     dense = layer_cost(model[2], "keep", None, shapes["2"]).macs
     assert cost("2", LayerChoice("keep")) == dense > cost("2", LayerChoice("svd", 0.25)) > 0

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import space_yaml
 from optuna.trial import TrialState
 
 import ranksearch as rs
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
+from ranksearch.search import SearchSpace, config_to_params, record_input_shapes
+from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.study import RunSettings, run_search
-from ranksearch.study.report import latency_prediction
-
-SPACE = """
-layers:
-  include: ["layer*"]
-  types: [Conv2d]
-techniques:
-  spatial_conv: [keep, svd, tucker2, spatial_svd]
-  pointwise_conv: [keep, svd]
-ranks: [0.25, 0.5]
-int8: true
-data_aware: true
-"""
+from ranksearch.study.progress import latency_prediction
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +31,9 @@ def workdir(tmp_path_factory) -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture(autouse=True)
-def fresh_factor_store() -> None:
-    rs.set_default_store(rs.FactorStore())
-
-
 def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
     space = workdir / "tiny.yaml"
-    space.write_text(SPACE)
+    space.write_text(space_yaml())
     values = dict(
         model="resnet18",
         budget=7,
@@ -67,7 +52,7 @@ def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
         seed=0,
     )
     values.update(changes)
-    return RunSettings(**values)
+    return RunSettings.of(**values)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def first_run(workdir):
 def test_study_reaches_the_budget(first_run) -> None:
     settings, result = first_run
     complete = result.study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == settings.budget
+    assert len(complete) == settings.search.budget
     anchors = [t.user_attrs.get("anchor") for t in result.study.trials[:3]]
     assert anchors[0] == "baseline" and all(anchors)
     baseline_trial = result.study.trials[0]
@@ -120,10 +105,10 @@ def test_every_front_config_reapplies_to_a_fresh_model(first_run) -> None:
 
 def test_rerun_resumes_and_tops_up(first_run, workdir) -> None:
     settings, result = first_run
-    more = tiny_settings(workdir, budget=settings.budget + 2)
+    more = tiny_settings(workdir, budget=settings.search.budget + 2)
     again = run_search(more)
     assert again.study.study_name == result.study.study_name
-    assert len(again.study.get_trials(states=(TrialState.COMPLETE,))) == settings.budget + 2
+    assert len(again.study.get_trials(states=(TrialState.COMPLETE,))) == settings.search.budget + 2
 
 
 def test_study_recorded_before_a_setting_existed_resumes_with_its_default(first_run, workdir) -> None:
@@ -150,20 +135,57 @@ def test_constraints_mark_infeasible_trials(workdir) -> None:
     assert all(t.constraints for t in result.study.get_trials(states=(TrialState.COMPLETE,)))
 
 
-def test_latency_table_predicts_every_trial_and_rejects_slow_configs(first_run) -> None:
-    _, result = first_run
-    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+def slowest_config(settings: RunSettings) -> tuple[rs.CompressionConfig, dict[str, object]]:
+    """The config of each searched layer's slowest variant in the run's latency table (rebuilt from the table's
+    cache, nothing timed anew), and its trial params."""
+    model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28).eval()
+    example = torch.zeros(1, 1, 28, 28)  # the run's latency batch: one image
+    shapes = record_input_shapes(model, example)
+    space = SearchSpace.load(settings.search.space)
+    slots = space.layers(model, shapes)
+    (cache,) = (settings.infra.results_dir / "latency-tables").glob("latency-cpu-threads1-torch*.json")
+    before = cache.read_bytes()
+    table = LatencyTable.build(
+        model,
+        slots,
+        shapes,
+        example,
+        device=torch.device("cpu"),
+        threads=1,
+        rank_multiple=space.rank_multiple,
+        cache_file=cache,
+    )
+    assert cache.read_bytes() == before, "variants timed anew: the table is not the run's"
+    layers = {
+        name: max(variants(slot), key=lambda choice, name=name: table.layer_ms[name][variant_key(choice)])
+        for name, slot in slots.items()
+    }
+    config = rs.CompressionConfig(layers=layers)
+    assert table.layers_ms(config) > table.dense_layers_ms, "no searched layer has a variant slower than its dense one"
+    return config, config_to_params(config, slots)
+
+
+def test_latency_table_predicts_every_trial_and_rejects_slow_configs(first_run, workdir) -> None:
+    """Every trial is predicted; a sampled config predicted slower than the dense model (the slowest one, queued
+    on a resumed run) is pruned before evaluation, and those predicted faster are evaluated."""
+    settings, result = first_run
+    slowest, params = slowest_config(settings)
+    result.study.enqueue_trial(params)
+    complete = len(result.study.get_trials(states=(TrialState.COMPLETE,)))
+    study = run_search(tiny_settings(workdir, budget=complete + 1)).study
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert all(t.user_attrs["predicted_latency_ms"] > 0 for t in complete)
-    dense_ms = result.study.trials[0].user_attrs["predicted_latency_ms"]  # the baseline anchor
-    for trial in result.study.get_trials(states=(TrialState.PRUNED,)):
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert slowest.to_dict() in [t.user_attrs["config"] for t in pruned]
+    for trial in pruned:  # the speedup the table predicted, against its own dense prediction
         assert trial.user_attrs["fail_reason"].startswith("rejected before evaluation: predicted")
-        assert trial.user_attrs["predicted_latency_ms"] > dense_ms
+        assert "slower than the uncompressed model" in trial.user_attrs["fail_reason"]
+        assert trial.user_attrs["predicted_speedup"] < 1
     sampled = [t for t in complete if "anchor" not in t.user_attrs]
-    assert all(t.user_attrs["predicted_latency_ms"] <= dense_ms for t in sampled)
-    prediction = latency_prediction(result.study)
+    assert sampled and all(t.user_attrs["predicted_speedup"] >= 1 for t in sampled)
+    prediction = latency_prediction(study)
     assert prediction is not None and prediction["count"] == len(complete)
     assert 0 <= prediction["median_pct"] <= prediction["max_pct"]
-    assert list((result.directory.parent / "latency-tables").glob("latency-cpu-threads1-torch*.json"))
     trials = pd.read_csv(result.directory / "trials.csv")
     assert trials["predicted_latency_ms"].notna().sum() >= len(complete)
 
@@ -226,7 +248,7 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     assert warm and min(t.number for t in warm) > max(t.number for t in trials if "anchor" in t.user_attrs)
     rejected = [t for t in trials if t.user_attrs.get("rejected_at_zero_shot")]
     complete = result.study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) + len(rejected) == settings.budget
+    assert len(complete) + len(rejected) == settings.search.budget
     for trial in rejected:
         assert trial.state == TrialState.PRUNED and "anchor" not in trial.user_attrs
         assert trial.user_attrs["fail_reason"].startswith("rejected at zero shot")
@@ -236,9 +258,9 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
         t for t in trials if "hopeless" not in t.user_attrs and "alone drops" in t.user_attrs.get("fail_reason", "")
     ]
     assert all(t.state == TrialState.PRUNED for t in skipped)
-    caches = list((settings.results_dir / "sensitivity").glob("sensitivity-*.json"))
+    caches = list((settings.infra.results_dir / "sensitivity").glob("sensitivity-*.json"))
     assert len(caches) == 1
     before = caches[0].stat().st_mtime_ns
-    again = run_search(replace(settings, budget=9))
+    again = run_search(settings.replace(budget=9))
     assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
     assert caches[0].stat().st_mtime_ns == before  # nothing new measured

@@ -24,7 +24,8 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
-from ranksearch.study.storage import open_storage, optimize_to_budget
+from ranksearch.study.budget import optimize_to_budget
+from ranksearch.study.storage import open_storage
 from ranksearch.study.workers import join_study
 
 SPACE = """

@@ -210,8 +210,11 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
         return model, train, phases
 
     def _zero_shot(self, model: nn.Module) -> float:
+        """Accuracy on the zero-shot images, leaving the global RNG as it was (a DataLoader draws its base seed
+        from it), so that fine-tuning after a zero-shot check trains the model a fresh evaluation trains."""
         loader = make_loader(self.zero_shot_set, batch_size=256, shuffle=False)
-        return evaluate_accuracy(model, loader, device=self.device)
+        with torch.random.fork_rng(devices=[]):
+            return evaluate_accuracy(model, loader, device=self.device)
 
     def _latencies(self, model: nn.Module) -> tuple[Latency, Latency, dict[str, float]]:
         """The uncompressed model's latency and ``model``'s (in torch: timed in alternating rounds), and with

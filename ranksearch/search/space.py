@@ -176,7 +176,10 @@ class SearchSpace:
         }
 
     def _slot(self, name: str, layer: nn.Module, kind: str, shape: tuple[int, ...]) -> LayerSlot | None:
-        cost_report(layer, "keep", None, shape)  # a shape that does not fit the layer fails here, loudly
+        try:
+            cost_report(layer, "keep", None, shape)
+        except CompressionError as exc:  # input shapes are the caller's: a shape that does not fit is a user error
+            raise RanksearchError(str(exc)) from None
         ranks: dict[str, tuple[Rank, ...]] = {}
         for technique in self.techniques[kind]:
             t = get_technique(technique)

@@ -3,7 +3,8 @@
 from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch
 from ranksearch.study.problem import RunContext, load_problem
-from ranksearch.study.runner import SearchResult, run_search
+from ranksearch.study.result import SearchResult
+from ranksearch.study.runner import run_search
 from ranksearch.study.settings import InfraSpec, ProblemSpec, RunSettings, SearchSpec
 
 __all__ = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -18,10 +17,8 @@ from ranksearch.results.record import Outcome, TrialRecord, TrialWriter, records
 from ranksearch.search import sample_config
 from ranksearch.search.latency_table import Observation
 from ranksearch.search.screens import Candidate, Prediction, Verdict, first_verdict
+from ranksearch.study.prepared import PreparedSearch
 from ranksearch.util import describe
-
-if TYPE_CHECKING:
-    from ranksearch.study.prepared import PreparedSearch
 
 MAX_SCREENED_IN_A_ROW = 100
 """Configs screened out in a row after which the run stops: the screens reject everything the sampler proposes."""

@@ -1,7 +1,7 @@
 """One search, prepared once: the problem, the searched layers, the evaluator, the baseline and the screens.
 
 :meth:`PreparedSearch.prepare` is what ``ranksearch run``, each worker and the benchmarks build before any trial;
-:meth:`PreparedSearch.objective` is the trial function over it.
+:class:`~ranksearch.study.objective.Objective` is the trial function over it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_
 from ranksearch.search.latency_table import LatencyTable, cache_name, variant_key
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
 from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
-from ranksearch.study.objective import Objective
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
 from ranksearch.study.settings import RunSettings
 from ranksearch.util import describe, digest, import_object
@@ -158,10 +157,6 @@ class PreparedSearch:
             params = config_to_params(config, self.slots)
             if tuple(sorted(params.items())) not in queued:
                 study.enqueue_trial(params, user_attrs=warm_start_attrs(f"greedy, each layer <= {level:g} pp alone"))
-
-    def objective(self) -> Objective:
-        """The trial function of this search."""
-        return Objective(self)
 
 
 def evaluator_factory(settings: RunSettings) -> Callable[[RunContext], Evaluator] | None:

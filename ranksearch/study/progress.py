@@ -7,7 +7,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -19,10 +18,8 @@ from ranksearch.results import best_speedup_within, front_rows, front_trials
 from ranksearch.results.phases import phase_seconds
 from ranksearch.results.record import Outcome, records
 from ranksearch.search.latency_table import prediction_errors
+from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
-
-if TYPE_CHECKING:
-    from ranksearch.study.runner import SearchResult
 
 
 class SearchProgress:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -20,23 +19,15 @@ from ranksearch.results.plots import write_plots_or_warn
 from ranksearch.results.record import PHASES, TEST_ACCURACY, TrialRecord
 from ranksearch.search import default_space_path
 from ranksearch.study.budget import optimize_to_budget
+from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
 from ranksearch.study.progress import SearchProgress, print_summary, quiet_optuna
+from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
 from ranksearch.study.storage import check_existing_study, open_study, storage_url
 from ranksearch.study.workers import run_local_workers
 from ranksearch.util import file_digest
-
-
-@dataclass
-class SearchResult:
-    """A finished (or interrupted) search: the study and where its results are."""
-
-    study: optuna.Study
-    directory: Path
-    baseline: dict[str, float]
-    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def run_search(
@@ -108,7 +99,7 @@ def _optimize(
         if settings.infra.workers == 1:
             optimize_to_budget(
                 study,
-                search.objective(),
+                Objective(search),
                 budget=settings.search.budget,
                 timeout=settings.search.timeout,
                 after_trial=refresh,

@@ -24,6 +24,7 @@ from ranksearch.measure.latency import resolve_device, torch_threads
 from ranksearch.results import STORAGE_FILE, load_study
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS
 from ranksearch.study.budget import optimize_to_budget, trial_counts
+from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
 from ranksearch.study.progress import quiet_optuna
@@ -84,7 +85,7 @@ def join_study(
         budget = settings.search.budget
         console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, budget)})")
         done = optimize_to_budget(
-            study, search.objective(), budget=budget, timeout=settings.search.timeout, console=console
+            study, Objective(search), budget=budget, timeout=settings.search.timeout, console=console
         )
     console.print(f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, budget)}")
     return done
