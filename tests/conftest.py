@@ -1,5 +1,96 @@
-"""Test-wide settings: tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread."""
+"""What every test shares: one thread for tiny tensors, a fresh factor store per test, the tiny problem's search
+space, and the external tools some tests need (skipped when missing here, a failure under CI).
 
+Test modules import the helpers by name (``from conftest import require_tool, space_yaml``); the fixtures apply by
+themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
+from pgcluster import postgres_bindir
 
-torch.set_num_threads(1)
+import ranksearch as rs
+
+torch.set_num_threads(1)  # tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread
+
+
+@pytest.fixture(autouse=True)
+def factor_store() -> rs.FactorStore:
+    """A fresh in-memory factor store for each test: no factors carried over from another test, none written to
+    the user's cache. Request it by name to read its hit and miss counts."""
+    store = rs.FactorStore()
+    rs.set_default_store(store)
+    return store
+
+
+# -- the tiny problem's search space --------------------------------------------------------------------------------
+
+TINY_SPACE: dict[str, object] = {
+    "layers": {"include": ["layer*"], "types": ["Conv2d"]},
+    "techniques": {"spatial_conv": ["keep", "svd", "tucker2", "spatial_svd"], "pointwise_conv": ["keep", "svd"]},
+    "ranks": [0.25, 0.5],
+    "int8": True,
+    "data_aware": True,
+}
+"""The search space of the tiny search (ResNet-18 on a Fashion-MNIST subset) that the end-to-end tests run."""
+
+
+def space_yaml(**changes: object) -> str:
+    """:data:`TINY_SPACE` as a search-space YAML file's text, with the top-level keys in ``changes`` replaced."""
+    unknown = set(changes) - set(TINY_SPACE)
+    assert not unknown, f"not a top-level key of the tiny space: {sorted(unknown)}"
+    return yaml.safe_dump({**TINY_SPACE, **changes}, sort_keys=False)
+
+
+# -- external tools: a skip where they are missing, a failure under CI, which must provide them ----------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+"""The headless browser the HTML report is rendered in (``apt-get install chromium``)."""
+
+
+def _python_package(module: str, install: str) -> Callable[[], str | None]:
+    return lambda: None if importlib.util.find_spec(module) else f"the Python package {module} is missing ({install})"
+
+
+def _postgresql_server() -> str | None:
+    if postgres_bindir() is None:
+        return "the PostgreSQL server is not installed (apt-get install postgresql)"
+    return None
+
+
+def _chromium_binary() -> str | None:
+    return None if CHROMIUM.exists() else f"{CHROMIUM} is missing (apt-get install chromium)"
+
+
+_PSYCOPG2 = _python_package("psycopg2", "pip install -e '.[dist]'")
+TOOLS: dict[str, tuple[Callable[[], str | None], ...]] = {
+    "psycopg2": (_PSYCOPG2,),
+    "postgresql": (_postgresql_server, _PSYCOPG2),
+    "chromium": (_python_package("playwright", "pip install -e '.[dev]'"), _chromium_binary),
+}
+"""What each tool needs: checks that return why it is missing, or None."""
+
+
+def under_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def require_tool(name: str) -> None:
+    """Skip the calling test (or fixture) when tool ``name`` (a key of :data:`TOOLS`) is missing, except under CI,
+    where a missing tool fails the test: CI installs every tool the tests need (``make test``)."""
+    for check in TOOLS[name]:
+        reason = check()
+        if reason is None:
+            continue
+        if under_ci():
+            pytest.fail(f"{name}: {reason}; CI must provide it", pytrace=False)
+        pytest.skip(f"{name}: {reason}")

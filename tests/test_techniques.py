@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -49,13 +51,6 @@ def make_layer(case: str) -> tuple[nn.Module, torch.Tensor]:
     return layer, x
 
 
-@pytest.fixture(autouse=True)
-def isolated_store(tmp_path):
-    store = FactorStore(directory=tmp_path / "factors")
-    rs.set_default_store(store)
-    yield store
-
-
 def full_rank(technique: str, layer: nn.Module) -> tuple[int, ...] | None:
     t = rs.get_technique(technique)
     options = t.options({})
@@ -95,14 +90,23 @@ def test_full_rank_reproduces_dense_layer(technique: str, case: str) -> None:
         assert error < 0.5, f"{technique} on {case}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.2])
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("technique", TECHNIQUES)
-def test_cost_model_equals_counting(technique: str, case: str, fraction: float) -> None:
+def cost_cases() -> list[object]:
+    """(technique, case, rank) for every technique on every layer case it supports (the unsupported ones are
+    test_full_rank_reproduces_dense_layer's), at fractions 1.0, 0.5 and 0.2; ``keep`` takes no rank, and CP's
+    full rank is a parameter-count bound whose ALS is slow: 0.5 and 0.2 check its counting."""
+    cases = []
+    for technique in TECHNIQUES:
+        for case in CASES:
+            if not supported(technique, make_layer(case)[0]):
+                continue
+            ranks = [None] if technique == "keep" else [0.5, 0.2] if technique == "cp" else [1.0, 0.5, 0.2]
+            cases += [pytest.param(technique, case, rank, id=f"{technique}-{case}-{rank}") for rank in ranks]
+    return cases
+
+
+@pytest.mark.parametrize(("technique", "case", "rank"), cost_cases())
+def test_cost_model_equals_counting(technique: str, case: str, rank: float | None) -> None:
     layer, x = make_layer(case)
-    if not supported(technique, layer) or (technique == "cp" and fraction == 1.0):
-        return
-    rank = None if technique == "keep" else fraction
     module = rs.compress_layer(layer, technique, rank, rank_multiple=4)
     params, macs = rs.layer_cost(layer, technique, rank, tuple(x.shape), rank_multiple=4)
     assert params == sum(p.numel() for p in module.parameters())
@@ -139,8 +143,8 @@ def test_cp_error_falls_with_rank() -> None:
     for rank in (1, 3, 6, 12):
         module = rs.compress_layer(layer, "cp", rank)
         errors.append(((module(x) - layer(x)).norm() / layer(x).norm()).item())
-    assert errors == sorted(errors, reverse=True), errors
-    assert errors[-2] < 0.1
+    assert all(lower > higher for lower, higher in itertools.pairwise(errors)), errors  # each rank step helps
+    assert errors[-2] < 0.1, errors  # measured: 0.806, 0.530, 0.018 at the true rank 6, 0.016
 
 
 def test_cp_als_matches_tensorly_parafac() -> None:
@@ -230,14 +234,14 @@ def test_int_rank_is_taken_as_given() -> None:
     assert rs.get_technique("svd").resolve_ranks(layer, 5, {}, multiple=8) == (5,)
 
 
-def test_lower_rank_is_a_slice_of_cached_factors(isolated_store: FactorStore) -> None:
+def test_lower_rank_is_a_slice_of_cached_factors(factor_store: FactorStore) -> None:
     layer, _ = make_layer("3x3")
     rs.compress_layer(layer, "svd", 8, rank_multiple=1)
-    misses = isolated_store.misses
+    misses = factor_store.misses
     for rank in (4, 12, 16):
         rs.compress_layer(layer, "svd", rank, rank_multiple=1)
-    assert isolated_store.misses == misses
-    assert isolated_store.hits >= 3
+    assert factor_store.misses == misses
+    assert factor_store.hits >= 3
 
 
 def test_cache_survives_on_disk(tmp_path) -> None:
@@ -250,12 +254,13 @@ def test_cache_survives_on_disk(tmp_path) -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_changed_weights_miss_the_cache(isolated_store: FactorStore) -> None:
+def test_changed_weights_miss_the_cache(factor_store: FactorStore) -> None:
     layer, x = make_layer("3x3")
     rs.compress_layer(layer, "svd", 1.0)
     with torch.no_grad():
         layer.weight.mul_(2)
     module = rs.compress_layer(layer, "svd", 1.0)
+    assert (factor_store.misses, factor_store.hits) == (2, 0)
     torch.testing.assert_close(module(x), layer(x))
 
 
@@ -264,13 +269,14 @@ def test_hooi_refines_tucker2() -> None:
     with torch.no_grad():
         layer.weight.copy_(low_rank_plus_noise(24, 16, rank=12, noise=0.3))
     errors = []
-    for iterations in (0, 5):
+    for iterations in (0, 1, 5):  # 0: the truncated HOSVD that HOOI starts from
         module = rs.compress_layer(layer, "tucker2", (6, 6), hooi_iterations=iterations)
         effective = module[2].weight[:, :, 0, 0] @ torch.einsum(
             "rsij,sc->rcij", module[1].weight, module[0].weight[:, :, 0, 0]
         ).flatten(1)
         errors.append((effective - layer.weight.flatten(1)).norm().item())
-    assert errors[1] <= errors[0] + 1e-9
+    assert errors[0] > errors[1] > errors[2], errors  # every iteration improves the fit
+    assert errors[2] < 0.99 * errors[0], errors  # measured: 0.4918 after 5 iterations, 0.5095 before
 
 
 @pytest.mark.parametrize("technique", [t for t in TECHNIQUES if t != "keep"])
