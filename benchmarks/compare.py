@@ -23,10 +23,11 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
+import optuna
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -35,14 +36,13 @@ from ranksearch.compress import dense_model_cost, model_cost
 from ranksearch.config import CompressionConfig
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.models import model_family
-from ranksearch.results import TEST_ACCURACY_KEY, front_trials
+from ranksearch.results import front_trials
 from ranksearch.results.hypervolume import hypervolume_2d
+from ranksearch.results.record import BASELINE, TEST_ACCURACY, TrialRecord, records
 from ranksearch.search import default_space_path, uniform_config
-from ranksearch.study import RunContext, RunSettings, load_problem, run_search
-from ranksearch.study.runner import _variant_cost, latency_table, layer_sensitivity, load_space
-from ranksearch.study.settings import file_digest
-from ranksearch.study.storage import problem_fingerprint
-from ranksearch.util import atomic_write_text
+from ranksearch.study import PreparedSearch, RunContext, RunSettings, run_search
+from ranksearch.study.problem import load_space
+from ranksearch.util import atomic_write_text, file_digest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -86,31 +86,21 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     torch.set_num_threads(args.threads)
-    base = RunSettings(model="resnet18", budget=args.budget, threads=args.threads, results_dir=args.results_dir)
-    searched, phases = _study("ranksearch", base, console)
+    base = RunSettings.of(model="resnet18", budget=args.budget, threads=args.threads, results_dir=args.results_dir)
+    searched, phases, study = _study("ranksearch", base, console)
     outcomes = [searched]
 
     device = torch.device("cpu")
-    context = load_problem(base, device, console)
-    space = load_space(default_space_path(model_family(base.model)), device, console)
-    slots = space.layers(context.model, context.input_shapes)
-    settings = replace(base, space=Path(default_space_path(model_family(base.model))))
-    settings = replace(settings, space_digest=file_digest(Path(settings.space)))
-    evaluator = ClassificationEvaluator.from_settings(
-        settings, model=context.model, splits=context.splits, device=device
-    )
+    space_path = default_space_path(model_family(base.problem.model))
+    settings = base.replace(study_name=study.study_name, space=space_path, space_digest=file_digest(space_path))
     start = time.perf_counter()
-    table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console)
-    fingerprint = problem_fingerprint(context.model, context.splits)
-    sensitivity = layer_sensitivity(
-        settings, context, slots, space.rank_multiple, evaluator, console, fingerprint, table=table
+    search, _ = PreparedSearch.prepare(
+        settings, space=load_space(space_path, device, console), open_study=lambda: study, console=console
     )
-    assert sensitivity is not None and table is not None
-    greedy = sensitivity.greedy_configs(
-        slots,
-        _variant_cost(context, space.rank_multiple, table),
-        rank_multiple=space.rank_multiple,
-        levels=GREEDY_LEVELS,
+    assert search.sensitivity is not None and search.table is not None
+    context, evaluator, slots, space = search.context, search.evaluator, search.slots, search.space
+    greedy = search.sensitivity.greedy_configs(
+        slots, search.variant_cost(), rank_multiple=space.rank_multiple, levels=GREEDY_LEVELS
     )
     # greedy alone needs the table and the sensitivity pass: the cold times the search paid for them
     prepare = phases.get("latency_table", 0.0) + phases.get("sensitivity", 0.0) + time.perf_counter() - start
@@ -130,35 +120,33 @@ def main() -> None:
             args.results_dir / "compare-uniform.json", lambda: _direct("uniform", uniform, evaluator, context, console)
         )
     )
-    random_settings = replace(base, sampler="random", latency_table=False, sensitivity=False, early_reject=False)
+    random_settings = base.replace(sampler="random", latency_table=False, sensitivity=False, early_reject=False)
     outcomes.append(_study("random", random_settings, console)[0])
     for drop in args.also_max_zero_shot_drop:
-        outcomes.append(_study(f"ranksearch-zero-shot-{drop:g}pp", replace(base, max_zero_shot_drop=drop), console)[0])
+        outcomes.append(_study(f"ranksearch-zero-shot-{drop:g}pp", base.replace(max_zero_shot_drop=drop), console)[0])
 
-    baseline = _baseline_test(args.results_dir, base)
+    baseline = float(BASELINE.read(study)["test_accuracy"])
     dense_params = sum(p.numel() for p in context.model.parameters())
     _report(outcomes, baseline, dense_params, args.results_dir, console)
 
 
-def _study(name: str, settings: RunSettings, console: Console) -> tuple[Outcome, dict[str, float]]:
+def _study(name: str, settings: RunSettings, console: Console) -> tuple[Outcome, dict[str, float], optuna.Study]:
     console.rule(f"{name}: ranksearch run")
     start = time.perf_counter()
-    result = run_search(replace(settings, study_name=f"compare-{name}"), console=console)
+    result = run_search(settings.replace(study_name=f"compare-{name}"), console=console)
     # a rerun of the benchmark resumes the finished study in seconds: keep the first run's times
     seconds = result.study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
     phases = result.study.user_attrs.get("compare_phases") or result.phase_seconds
     result.study.set_user_attr("compare_wall_s", seconds)
     result.study.set_user_attr("compare_phases", phases)
-    tests = result.study.user_attrs.get(TEST_ACCURACY_KEY, {})
+    tests = TEST_ACCURACY.read(result.study)
     front = [
-        Point(t.user_attrs["speedup"], tests[str(t.number)], t.user_attrs["params"])
-        for t in front_trials(result.study)
+        Point(t.speedup, tests[str(t.number)], t.cost["params"])
+        for t in map(TrialRecord.of, front_trials(result.study))
         if str(t.number) in tests
     ]
-    evaluated = sum(
-        t.state.name == "COMPLETE" or bool(t.user_attrs.get("rejected_at_zero_shot")) for t in result.study.trials
-    )
-    return Outcome(name, evaluated, front, seconds), phases
+    evaluated = sum(t.counts_toward_budget for t in records(result.study))
+    return Outcome(name, evaluated, front, seconds), phases, result.study
 
 
 def _direct(
@@ -180,23 +168,23 @@ def _direct(
         params = model_cost(context.model, config, context.input_shapes, dense=dense).params
         scored.append((config, metrics, params))
         console.print(
-            f"{name} {i}/{len(configs)}: val {100 * metrics['accuracy']:.2f} %, "
-            f"{metrics['reference_latency_ms'] / metrics['latency_ms']:.2f}x"
+            f"{name} {i}/{len(configs)}: val {100 * metrics.accuracy:.2f} %, "
+            f"{metrics.reference_latency_ms / metrics.latency_ms:.2f}x"
         )
     front = [
         entry
         for entry in scored
         if not any(
-            o[1]["accuracy"] >= entry[1]["accuracy"]
-            and o[1]["latency_ms"] <= entry[1]["latency_ms"]
-            and (o[1]["accuracy"] > entry[1]["accuracy"] or o[1]["latency_ms"] < entry[1]["latency_ms"])
+            o[1].accuracy >= entry[1].accuracy
+            and o[1].latency_ms <= entry[1].latency_ms
+            and (o[1].accuracy > entry[1].accuracy or o[1].latency_ms < entry[1].latency_ms)
             for o in scored
         )
     ]
     points = [
         Point(
-            metrics["reference_latency_ms"] / metrics["latency_ms"],
-            evaluator.evaluate(config, split="test")["accuracy"],
+            metrics.reference_latency_ms / metrics.latency_ms,
+            evaluator.evaluate(config, split="test").accuracy,
             params,
         )
         for config, metrics, params in front
@@ -212,15 +200,6 @@ def _remembered(path: Path, evaluate: Callable[[], Outcome]) -> Outcome:
     outcome = evaluate()
     atomic_write_text(path, json.dumps(asdict(outcome)))
     return outcome
-
-
-def _baseline_test(results_dir: Path, settings: RunSettings) -> float:
-    import optuna
-
-    study = optuna.load_study(
-        study_name="compare-ranksearch", storage=f"sqlite:///{results_dir / 'compare-ranksearch' / 'study.db'}"
-    )
-    return float(study.user_attrs["baseline"]["test_accuracy"])
 
 
 def hypervolume(points: list[Point], baseline: float, max_drop: float = HV_DROP) -> float:

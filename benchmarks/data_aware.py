@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
-    settings = RunSettings(model=args.model, eval_subset=5000)
+    settings = RunSettings.of(model=args.model, eval_subset=5000)
     context = load_problem(settings, torch.device("cpu"), console)
     space = SearchSpace.load(default_space_path(model_family(args.model)))
     slots = space.layers(context.model, context.input_shapes)

@@ -29,7 +29,7 @@ from ranksearch.search import SearchSpace, default_space_path, uniform_config
 from ranksearch.search.latency_table import Observation, prediction_errors
 from ranksearch.search.space import LayerSlot
 from ranksearch.study import RunSettings, load_problem
-from ranksearch.study.runner import ANCHORS, build_latency_table
+from ranksearch.study.prepared import ANCHORS, build_latency_table
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
     device = torch.device("cpu")
-    settings = RunSettings(model=args.model, threads=args.threads, results_dir=args.results_dir)
+    settings = RunSettings.of(model=args.model, threads=args.threads, results_dir=args.results_dir)
     context = load_problem(settings, device, console)
     space = SearchSpace.load(default_space_path(model_family(args.model)))
     slots = space.layers(context.model, context.input_shapes)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 import ranksearch as rs
 from ranksearch.data import make_loader
+from ranksearch.evaluate import EvaluatorOptions
 from ranksearch.models import model_family
 from ranksearch.search import SearchSpace, default_space_path, uniform_config
 from ranksearch.study import RunSettings, load_problem
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--techniques", nargs="+", default=["svd", "tucker2"])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--baseline-epochs", type=int, help="both baselines' epochs (default: the recipe's)")
-    parser.add_argument("--finetune-steps", type=int, default=RunSettings().finetune_steps)
+    parser.add_argument("--finetune-steps", type=int, default=EvaluatorOptions.finetune_steps)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -44,10 +45,12 @@ def main() -> None:
         table.add_column(column, justify="left" if column in ("technique", "baseline") else "right")
     baselines = {}
     for strength in (0.0, args.strength):
-        settings = RunSettings(model=args.model, baseline_nuclear_norm=strength, baseline_epochs=args.baseline_epochs)
+        settings = RunSettings.of(
+            model=args.model, baseline_nuclear_norm=strength, baseline_epochs=args.baseline_epochs
+        )
         context = load_problem(settings, torch.device("cpu"), console)
         val = make_loader(context.splits.val, batch_size=256, shuffle=False)
-        train = make_loader(context.splits.train, batch_size=settings.batch_size, shuffle=True, seed=0)
+        train = make_loader(context.splits.train, batch_size=settings.evaluation.batch_size, shuffle=True, seed=0)
         accuracy = evaluate_accuracy(context.model, val, device="cpu")
         label = "plain" if strength == 0 else f"nuclear {strength:g}"
         console.print(f"{label}: val accuracy {100 * accuracy:.2f}%")
@@ -59,7 +62,7 @@ def main() -> None:
                 slots = space.layers(context.model, context.input_shapes)
                 config = uniform_config(slots, technique, fraction, rank_multiple=space.rank_multiple)
                 model = rs.apply_config(context.model, config)
-                recalibrate_batchnorm(model, train, device="cpu", batches=settings.calib_batches)
+                recalibrate_batchnorm(model, train, device="cpu", batches=settings.evaluation.calib_batches)
                 zero_shot = evaluate_accuracy(model, val, device="cpu")
                 finetune(
                     model,
@@ -67,7 +70,7 @@ def main() -> None:
                     train,
                     device="cpu",
                     steps=args.finetune_steps,
-                    lr=settings.finetune_lr,
+                    lr=settings.evaluation.finetune_lr,
                 )
                 tuned = evaluate_accuracy(model, val, device="cpu")
                 table.add_row(

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ranksearch.results.record import records
 from ranksearch.study import RunSettings, run_search
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory() as results:
-        settings = RunSettings(
+        settings = RunSettings.of(
             model=args.model, budget=args.budget, threads=args.threads, sampler=args.sampler, results_dir=Path(results)
         )
         start = time.perf_counter()
@@ -39,12 +40,11 @@ def main() -> None:
         wall = time.perf_counter() - start - result.phase_seconds.get("baseline_training", 0.0)
     per_trial: dict[str, list[float]] = defaultdict(list)
     trials = result.study.trials
-    for trial in trials:
-        for key, value in trial.user_attrs.items():
-            if key.startswith("time_") and key.endswith("_s"):
-                per_trial[key[5:-2]].append(value)
-        if trial.duration is not None:
-            per_trial["trial total"].append(trial.duration.total_seconds())
+    for trial in records(result.study):
+        for phase, seconds in trial.time_phases().items():
+            per_trial[phase].append(seconds)
+        if trial.duration_s is not None:
+            per_trial["trial total"].append(trial.duration_s)
     table = Table(title=f"{args.model}: {len(trials)} trials, {args.threads} threads")
     for column in ("phase", "total s", "median s/trial", "share of trials %"):
         table.add_column(column, justify="right" if column != "phase" else "left")

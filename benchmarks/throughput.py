@@ -61,7 +61,7 @@ def main() -> None:
         postgres = args.postgres or stack.enter_context(_throwaway_postgres())
         for storage in ("embedded", "postgresql"):
             for workers in (1, 2):
-                settings = RunSettings(
+                settings = RunSettings.of(
                     model=args.model,
                     budget=args.budget,
                     workers=workers,
