@@ -23,7 +23,7 @@ from ranksearch.cli import app
 from ranksearch.compress import quantize_layers
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.measure.latency import torch_threads
-from ranksearch.results import MODEL_KEY, front_trials
+from ranksearch.results import front_trials, locate_study, record
 from ranksearch.results.build import build_from_config
 from ranksearch.results.export import export_config, export_trial
 from ranksearch.results.select import select_trial
@@ -64,10 +64,10 @@ SYNTHETIC = {
 @pytest.fixture
 def synthetic() -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="synthetic")
-    study.set_user_attr("baseline", BASELINE)
-    study.set_user_attr(MODEL_KEY, MODEL_SPEC)
-    study.set_user_attr("settings", {"model": "resnet18", "seed": 0})
-    study.set_user_attr("test_accuracy", {"2": 0.87})
+    record.BASELINE.write(study, BASELINE)
+    record.MODEL.write(study, MODEL_SPEC)
+    record.SETTINGS.write(study, {"model": "resnet18", "seed": 0})
+    record.TEST_ACCURACY.write(study, {"2": 0.87})
     for number, (accuracy, latency, feasible) in SYNTHETIC.items():
         config = {"layers": {"layer1.0.conv1": {"technique": "svd", "rank": 0.5}}} if number else {"layers": {}}
         attrs = {
@@ -168,6 +168,9 @@ def test_export_records_model_metrics_and_provenance(synthetic, tmp_path) -> Non
     assert meta["baseline"] == BASELINE and meta["settings"]["model"] == "resnet18"
     assert set(meta["versions"]) == {"ranksearch", "torch", "torchvision", "optuna"}
     assert datetime.fromisoformat(meta["exported"]).tzinfo is not None
+    url = "postgresql+psycopg2://search:s3cret@db.example:5432/studies"
+    hidden = export_config(synthetic, select_trial(synthetic, trial=2), storage_url=url).meta["storage"]
+    assert hidden == "postgresql+psycopg2://search:***@db.example:5432/studies"
 
     def undated(c: rs.CompressionConfig) -> rs.CompressionConfig:
         return replace(c, meta={k: v for k, v in c.meta.items() if k != "exported"})
@@ -186,7 +189,7 @@ def test_export_refuses_bad_output_and_studies_without_a_model(synthetic, tmp_pa
     (tmp_path / "a-file").write_text("")
     with pytest.raises(rs.RanksearchError, match=r"a-file/c\.yaml: cannot be written"):
         export_trial(synthetic, trial=2, out=tmp_path / "a-file" / "c.yaml")
-    synthetic.set_user_attr(MODEL_KEY, {})
+    record.MODEL.write(synthetic, {})
     with pytest.raises(rs.RanksearchError, match=r"does not record its model.*rerun its `ranksearch run`"):
         export_config(synthetic, synthetic.trials[2])
 
@@ -231,7 +234,7 @@ def real(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("export")
     space = workdir / "tiny.yaml"
     space.write_text(SPACE)
-    settings = RunSettings(
+    settings = RunSettings.of(
         model="resnet18",
         budget=BUDGET,
         space=space,
@@ -327,12 +330,17 @@ def test_exported_config_rebuilds_the_trial(real, tmp_path, which) -> None:
     assert sum(p.numel() for p in float_model.parameters()) == trial.user_attrs["params"]
 
     # the trial's evaluator pipeline (recalibrate, fine-tune, int8, evaluate), same seed, on the fresh baseline
-    evaluator = ClassificationEvaluator.from_settings(
-        settings, model=fresh, splits=context.splits, device=torch.device("cpu")
+    evaluator = ClassificationEvaluator(
+        model=fresh,
+        splits=context.splits,
+        device=torch.device("cpu"),
+        options=settings.evaluation,
+        threads=settings.infra.threads,
+        seed=settings.problem.seed,
     )
-    with torch_threads(settings.threads):
+    with torch_threads(settings.infra.threads):
         metrics = evaluator.evaluate(config)
-    assert metrics["accuracy"] == trial.user_attrs["accuracy"]
+    assert metrics.accuracy == trial.user_attrs["accuracy"]
 
 
 def test_show_rows_of_the_real_study(real) -> None:
@@ -349,11 +357,11 @@ cli = CliRunner()
 
 def test_cli_show_and_export(real, tmp_path) -> None:
     settings, study = real
-    where = ["--results-dir", str(settings.results_dir)]
+    where = ["--results-dir", str(settings.infra.results_dir)]
     result = cli.invoke(app, ["show", study.study_name, "--format", "csv", *where])
     assert result.exit_code == 0, result.stderr
     assert list(pd.read_csv(io.StringIO(result.stdout))["trial"]) == [t.number for t in front_trials(study)]
-    result = cli.invoke(app, ["show", str(settings.results_dir / study.study_name), "--all", "--format", "json"])
+    result = cli.invoke(app, ["show", str(settings.infra.results_dir / study.study_name), "--all", "--format", "json"])
     assert result.exit_code == 0 and len(json.loads(result.stdout)["rows"]) == len(study.trials), result.stderr
     result = cli.invoke(app, ["show", study.study_name, "--all", *where])
     assert result.exit_code == 0 and f"{study.study_name}: all {len(study.trials)} trials" in result.stdout
@@ -363,6 +371,7 @@ def test_cli_show_and_export(real, tmp_path) -> None:
     exported = rs.CompressionConfig.load(out)
     assert exported.meta["trial"] == select_trial(study, max_accuracy_drop=100.0).number
     assert f"wrote {out}: trial {exported.meta['trial']}" in result.stderr.replace("\n", "")
+    assert exported.meta["storage"] == locate_study(study.study_name, results_dir=settings.infra.results_dir)[0]
 
 
 @pytest.mark.parametrize(
@@ -379,7 +388,7 @@ def test_cli_bad_input_is_one_line_exit_2(real, args, message) -> None:
     settings, study = real
     args = [a.replace("STUDY", study.study_name) for a in args]
     message = message.replace("STUDY", study.study_name)
-    result = cli.invoke(app, [*args, "--results-dir", str(settings.results_dir)])
+    result = cli.invoke(app, [*args, "--results-dir", str(settings.infra.results_dir)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]

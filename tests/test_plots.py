@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.models import build_model
-from ranksearch.results import MODEL_KEY, SETTINGS_KEY, best_speedup_within
+from ranksearch.results import best_speedup_within
 from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.results.plots import StudyRows, plot_infos, write_plots
 from ranksearch.results.plots.layers import PARAMS_MEASURE, RANK_MEASURE, layers_info
 from ranksearch.results.plots.pareto import pareto_info
 from ranksearch.results.plots.progress import progress_info
+from ranksearch.results.record import BASELINE, MODEL, SETTINGS
 from ranksearch.search import record_input_shapes
 
 NAMES = ("pareto", "layers", "progress")
@@ -111,7 +112,7 @@ def test_heatmap_rows_are_the_searched_layers_and_cells_match_the_tables(tiny_ru
 
 
 def test_heatmap_parameter_shares_add_up_to_the_trials_parameter_counts(tiny_run) -> None:
-    spec = tiny_run.study.user_attrs[MODEL_KEY]
+    spec = MODEL.read(tiny_run.study)
     model = build_model(
         spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"], image_size=spec["image_size"]
     )
@@ -147,8 +148,8 @@ def synthetic_study() -> optuna.Study:
     2 (0.95, 1, 3.0, 5.0) infeasible; 3 failed; 4 (0.90, 4, 0.9, 1.5); 5 (0.85, 3, 1.2, 3.0).
     """
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="synthetic")
-    study.set_user_attr(SETTINGS_KEY, {"max_accuracy_drop": 2.0, "device": "cpu", "threads": 1, "latency_batch": 1})
-    study.set_user_attr("baseline", {"accuracy": 0.905, "latency_ms": 6.0, "params": 1000, "macs": 5000})
+    SETTINGS.write(study, {"max_accuracy_drop": 2.0, "device": "cpu", "threads": 1, "latency_batch": 1})
+    BASELINE.write(study, {"accuracy": 0.905, "latency_ms": 6.0, "params": 1000, "macs": 5000})
     configs = {
         1: {"conv1": {"technique": "svd", "rank": 0.5}, "conv2": {"technique": "keep"}},
         4: {"conv1": {"technique": "tucker2", "rank": [0.25, 0.5], "int8": True}, "conv2": {"technique": "keep"}},

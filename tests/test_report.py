@@ -15,6 +15,7 @@ import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.results import front_rows
 from ranksearch.results.html_report import render_report, write_report
+from ranksearch.results.record import SETTINGS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -65,7 +66,7 @@ def test_report_references_nothing_outside_itself(report) -> None:
 
 def test_report_escapes_text_from_the_study() -> None:
     study = synthetic_study()
-    study.set_user_attr("settings", {**study.user_attrs["settings"], "model": "</td><script>alert(1)</script>"})
+    SETTINGS.write(study, {**SETTINGS.read(study), "model": "</td><script>alert(1)</script>"})
     html = render_report(study)
     assert "<script>alert(1)</script>" not in html
     assert "&lt;/td&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html

@@ -23,13 +23,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results.record import BASELINE, SETTINGS, TEST_ACCURACY, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url
 
-BASELINE_KEY = "baseline"
-MODEL_KEY = "model"
-TEST_ACCURACY_KEY = "test_accuracy"
 STORAGE_FILE = "study.db"
-SETTINGS_KEY = "settings"
-PHASES_KEY = "phase_seconds"
-"""Seconds per phase of the last run outside the trials (load, baseline training, test of the front)."""
 
 
 def choice_label(choice: Mapping[str, Any]) -> str:
@@ -45,12 +39,16 @@ def choice_label(choice: Mapping[str, Any]) -> str:
     return label
 
 
-def is_feasible(trial: FrozenTrial) -> bool:
-    return TrialRecord.of(trial).feasible
-
-
 def baseline(study: optuna.Study) -> dict[str, float]:
     return dict(BASELINE.read(study))
+
+
+def layer_order(study: optuna.Study) -> list[str]:
+    """Every layer a trial configured, in model order (configs list layers in module order)."""
+    names: dict[str, None] = {}
+    for trial in records(study):
+        names.update(dict.fromkeys(trial.layers))
+    return list(names)
 
 
 def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> list[dict[str, Any]]:

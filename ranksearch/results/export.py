@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import optuna
@@ -21,10 +22,10 @@ import torchvision
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-import ranksearch
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.results import MODEL_KEY, SETTINGS_KEY, TEST_ACCURACY_KEY, baseline, finite
+from ranksearch.results import finite
+from ranksearch.results.record import StudyRecord, TrialRecord
 from ranksearch.results.select import select_trial
 
 __all__ = ["CONFIG_SUFFIXES", "export_config", "export_trial"]
@@ -32,44 +33,48 @@ __all__ = ["CONFIG_SUFFIXES", "export_config", "export_trial"]
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def export_config(study: optuna.Study, trial: FrozenTrial) -> CompressionConfig:
-    """``trial``'s configuration with the study's ``model`` section and provenance in ``meta``."""
+def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str | None = None) -> CompressionConfig:
+    """``trial``'s configuration with the study's ``model`` section and provenance in ``meta``.
+
+    ``storage_url`` is the URL the study was opened with (:func:`~ranksearch.results.locate_study`), recorded with
+    its password hidden; None records none (e.g. an in-memory study).
+    """
     name = study.study_name
-    if trial.state != TrialState.COMPLETE or "config" not in trial.user_attrs:
+    record, stored = TrialRecord.of(trial), StudyRecord.of(study)
+    if trial.state != TrialState.COMPLETE or not record.config:
         raise RanksearchError(f"trial {trial.number} of study {name!r} is {trial.state.name} without a config")
-    spec = study.user_attrs.get(MODEL_KEY)
-    if not spec:
+    if not stored.model:
         raise RanksearchError(
             f"study {name!r} does not record its model (it predates `ranksearch export`); "
             "rerun its `ranksearch run` command once to record it"
         )
-    attrs = trial.user_attrs
-    metrics = {
-        key: attrs[key]
-        for key in ("accuracy", "latency_ms", "speedup", "accuracy_drop_pp", "params", "macs", "size_bytes")
-        if key in attrs
+    measured = {
+        "accuracy": record.metrics.get("accuracy"),
+        "latency_ms": record.metrics.get("latency_ms"),
+        "speedup": record.speedup,
+        "accuracy_drop_pp": record.accuracy_drop_pp,
     }
-    test = study.user_attrs.get(TEST_ACCURACY_KEY, {}).get(str(trial.number))
+    metrics = {**{k: v for k, v in measured.items() if v is not None}, **record.cost}
+    test = stored.test_accuracy_of(trial.number)
     if test is not None:
         metrics["test_accuracy"] = test
     meta = {
         "study": name,
-        "storage": _storage_url(study),
+        "storage": _hide_password(storage_url),
         "trial": trial.number,
-        **({"anchor": attrs["anchor"]} if attrs.get("anchor") else {}),
+        **({"anchor": record.anchor} if record.anchor else {}),
         "metrics": metrics,
-        "baseline": baseline(study),
-        "settings": study.user_attrs.get(SETTINGS_KEY, {}),
+        "baseline": dict(stored.baseline),
+        "settings": dict(stored.settings),
         "versions": {
-            "ranksearch": ranksearch.__version__,
+            "ranksearch": version("ranksearch"),
             "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__),
             "optuna": optuna.__version__,
         },
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    config = CompressionConfig.from_dict(attrs["config"])
-    return replace(config, model=dict(spec), meta=finite(meta))
+    return replace(record.compression_config(), model=dict(stored.model), meta=finite(meta))
 
 
 def export_trial(
@@ -79,16 +84,18 @@ def export_trial(
     max_accuracy_drop: float | None = None,
     max_latency_ms: float | None = None,
     out: str | Path | None = None,
+    storage_url: str | None = None,
     console: Console | None = None,
 ) -> Path:
     """:func:`select_trial` -> :func:`export_config` -> ``out`` (JSON, or YAML for ``.yaml``/``.yml``), atomically.
 
-    ``out`` defaults to ``<study>-trial<N>.yaml`` in the working directory. Returns the path written.
+    ``out`` defaults to ``<study>-trial<N>.yaml`` in the working directory; ``storage_url`` (the study's, recorded in
+    the provenance) is as in :func:`export_config`. Returns the path written.
     """
     if out is not None and Path(out).suffix not in CONFIG_SUFFIXES:
         raise RanksearchError(f"--out {out}: use a file name ending in {', '.join(CONFIG_SUFFIXES)}")
     chosen = select_trial(study, trial=trial, max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms)
-    config = export_config(study, chosen)
+    config = export_config(study, chosen, storage_url=storage_url)
     path = Path(out) if out is not None else Path(f"{study.study_name}-trial{chosen.number}.yaml")
     try:
         config.save(path)
@@ -103,10 +110,7 @@ def export_trial(
     return path
 
 
-def _storage_url(study: optuna.Study) -> str | None:
-    """The study's storage URL, password hidden (None for storages without one, e.g. in-memory)."""
+def _hide_password(url: str | None) -> str | None:
     from sqlalchemy.engine import make_url
 
-    storage = study._storage
-    url = getattr(getattr(storage, "_backend", storage), "url", None)
     return None if url is None else make_url(url).render_as_string(hide_password=True)

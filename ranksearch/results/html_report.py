@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ranksearch.results import PHASES_KEY, load_study
+from ranksearch.results import load_study
 from ranksearch.results.phases import WALL, phase_seconds
 from ranksearch.results.plots import (
     LayersInfo,
@@ -27,6 +27,7 @@ from ranksearch.results.plots import (
     require_plot_extra,
     study_directory,
 )
+from ranksearch.results.record import PHASES
 from ranksearch.util import atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -195,7 +196,7 @@ def _layer_details(rows: StudyRows, layers: LayersInfo) -> str:
 
 def _time_table(study: optuna.Study) -> str:
     trials = phase_seconds(study)
-    run = dict(study.user_attrs.get(PHASES_KEY, {}))
+    run = dict(PHASES.read(study))
     if not trials and not run:
         return '<p class="muted">No time was recorded.</p>'
     total = trials.pop(WALL, 0.0)

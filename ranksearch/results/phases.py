@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import optuna
 
+from ranksearch.results.record import records
+
 WALL = "trials (wall)"
 """:func:`phase_seconds`' key for the total of the trials' wall time."""
 
@@ -13,10 +15,9 @@ WALL = "trials (wall)"
 def phase_seconds(study: optuna.Study) -> dict[str, float]:
     """Seconds spent per evaluator phase, summed over all trials."""
     totals: dict[str, float] = defaultdict(float)
-    for trial in study.get_trials(deepcopy=False):
-        for key, value in trial.user_attrs.items():
-            if key.startswith("time_") and key.endswith("_s"):
-                totals[key[5:-2]] += value
-        if trial.duration is not None:
-            totals[WALL] += trial.duration.total_seconds()
+    for trial in records(study):
+        for phase, seconds in trial.time_phases().items():
+            totals[phase] += seconds
+        if trial.duration_s is not None:
+            totals[WALL] += trial.duration_s
     return dict(totals)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results import is_feasible
+from ranksearch.results.record import TrialRecord
 
 __all__ = ["select_trial"]
 
@@ -46,10 +47,11 @@ def select_trial(
         raise RanksearchError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 percentage points")
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise RanksearchError(f"--max-latency-ms {max_latency_ms}: must be positive")
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     pool = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if is_feasible(t) and _finite_number(t, "accuracy_drop_pp") and _finite_number(t, "latency_ms")
+        r
+        for r in map(TrialRecord.of, complete.values())
+        if r.feasible and _finite_number(r.accuracy_drop_pp) and _finite_number(r.metrics.get("latency_ms"))
     ]
     if not pool:
         raise RanksearchError(
@@ -59,8 +61,8 @@ def select_trial(
     fits = [t for t in pool if overshoot(t) == 0]
     if fits:
         if max_accuracy_drop is not None:
-            return min(fits, key=lambda t: (_latency(t), -_accuracy(t), t.number))
-        return min(fits, key=lambda t: (-_accuracy(t), _latency(t), t.number))
+            return complete[min(fits, key=lambda t: (_latency(t), -_accuracy(t), t.number)).number]
+        return complete[min(fits, key=lambda t: (-_accuracy(t), _latency(t), t.number)).number]
     closest = min(pool, key=lambda t: (overshoot(t), t.number))
     drop, latency = _drop(closest), _latency(closest)
     needs = []
@@ -87,7 +89,7 @@ def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
         raise RanksearchError(f"--trial {number}: study {name!r} has no such trial (trials: {known})")
     chosen = trials[number]
     if chosen.state != TrialState.COMPLETE:
-        reason = chosen.user_attrs.get("fail_reason")
+        reason = TrialRecord.of(chosen).reason
         raise RanksearchError(
             f"--trial {number}: trial {number} of study {name!r} is {chosen.state.name}"
             + (f" ({reason})" if reason else "")
@@ -96,27 +98,26 @@ def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
     return chosen
 
 
-def _finite_number(trial: FrozenTrial, key: str) -> bool:
-    value = trial.user_attrs.get(key)
+def _finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _accuracy(trial: FrozenTrial) -> float:
-    return float(trial.user_attrs["accuracy"])
+def _accuracy(trial: TrialRecord) -> float:
+    return float(trial.metrics["accuracy"])
 
 
-def _drop(trial: FrozenTrial) -> float:
-    return float(trial.user_attrs["accuracy_drop_pp"])
+def _drop(trial: TrialRecord) -> float:
+    return float(cast(float, trial.accuracy_drop_pp))  # the pool holds trials with a finite drop only
 
 
-def _latency(trial: FrozenTrial) -> float:
-    return float(trial.user_attrs["latency_ms"])
+def _latency(trial: TrialRecord) -> float:
+    return float(trial.metrics["latency_ms"])
 
 
-def _overshoot(max_drop: float | None, max_latency: float | None) -> Callable[[FrozenTrial], float]:
+def _overshoot(max_drop: float | None, max_latency: float | None) -> Callable[[TrialRecord], float]:
     """How far a trial is outside the bounds, each overshoot relative to its bound (0 when within both)."""
 
-    def overshoot(trial: FrozenTrial) -> float:
+    def overshoot(trial: TrialRecord) -> float:
         total = 0.0
         if max_drop is not None:
             total += max(_drop(trial) - max_drop - TOLERANCE, 0.0) / max(max_drop, 1.0)

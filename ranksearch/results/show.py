@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results import TEST_ACCURACY_KEY, baseline, choice_label, finite, front_rows, front_trials, trial_rows
-from ranksearch.results.plots.rows import layer_order
+from ranksearch.results import baseline, choice_label, finite, front_rows, front_trials, layer_order, trial_rows
+from ranksearch.results.record import TEST_ACCURACY, TrialRecord, records
 
 __all__ = ["SHOW_FORMATS", "show_rows", "show_study"]
 
@@ -32,9 +32,9 @@ def show_rows(study: optuna.Study, *, all_trials: bool = False) -> list[dict[str
     """
     names = layer_order(study)
     if all_trials:
-        tests = study.user_attrs.get(TEST_ACCURACY_KEY, {})
+        tests = TEST_ACCURACY.read(study)
         front = {t.number for t in front_trials(study)}
-        configs = {t.number: t.user_attrs.get("config", {}).get("layers", {}) for t in study.get_trials(deepcopy=False)}
+        configs = {t.number: t.layers for t in records(study)}
         rows = []
         for row in trial_rows(study, names):
             number = row["trial"]
@@ -43,7 +43,7 @@ def show_rows(study: optuna.Study, *, all_trials: bool = False) -> list[dict[str
             extra = {"front": number in front, "test_accuracy": tests.get(str(number))}
             rows.append({**head, **extra, "techniques": _techniques(configs[number]), **layers})
         return rows
-    layers = {t.number: t.user_attrs.get("config", {}).get("layers", {}) for t in front_trials(study)}
+    layers = {t.number: t.layers for t in map(TrialRecord.of, front_trials(study))}
     return [
         {**row, **{f"layer:{n}": choice_label(layers[row["trial"]].get(n, {"technique": "keep"})) for n in names}}
         for row in front_rows(study)

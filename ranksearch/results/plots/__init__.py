@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import optuna
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results import STORAGE_FILE, load_study
+from ranksearch.results import STORAGE_FILE, layer_order, load_study
 from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.results.plots.layers import (
     PARAMS_MEASURE,
@@ -31,7 +31,7 @@ from ranksearch.results.plots.layers import (
 )
 from ranksearch.results.plots.pareto import ParetoInfo, Point, pareto_info
 from ranksearch.results.plots.progress import ProgressInfo, progress_info
-from ranksearch.results.plots.rows import DEFAULT_ACCURACY_BUDGET_PP, PlotInfo, StudyRows, layer_order
+from ranksearch.results.plots.rows import DEFAULT_ACCURACY_BUDGET_PP, PlotInfo, StudyRows
 from ranksearch.results.plots.style import HTML_CONFIG
 from ranksearch.util import atomic_open, atomic_write_text
 

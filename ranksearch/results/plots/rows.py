@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import optuna
 
 from ranksearch.config import CompressionConfig
-from ranksearch.results import MODEL_KEY, SETTINGS_KEY, baseline, front_configs, front_rows, trial_rows
+from ranksearch.results import baseline, front_configs, front_rows, layer_order, trial_rows
+from ranksearch.results.record import MODEL, SETTINGS
 
 DEFAULT_ACCURACY_BUDGET_PP = 1.0
 """The accuracy budget of "best speedup within budget" when the study set no ``--max-accuracy-drop``."""
@@ -41,9 +42,9 @@ class StudyRows:
             front=front_rows(study),
             layer_names=layer_names,
             configs=front_configs(study),
-            settings=dict(study.user_attrs.get(SETTINGS_KEY, {})),
+            settings=dict(SETTINGS.read(study)),
             baseline=baseline(study),
-            model_spec=study.user_attrs.get(MODEL_KEY),
+            model_spec=MODEL.read(study) if MODEL.stored(study) else None,
         )
 
     def complete(self) -> list[dict[str, Any]]:
@@ -52,14 +53,6 @@ class StudyRows:
     def accuracy_budget_pp(self) -> float:
         budget = self.settings.get("max_accuracy_drop")
         return DEFAULT_ACCURACY_BUDGET_PP if budget is None else float(budget)
-
-
-def layer_order(study: optuna.Study) -> list[str]:
-    """Every layer a trial configured, in model order (configs list layers in module order)."""
-    names: dict[str, None] = {}
-    for trial in study.get_trials(deepcopy=False):
-        names.update(dict.fromkeys(trial.user_attrs.get("config", {}).get("layers", {})))
-    return list(names)
 
 
 class PlotInfo(abc.ABC):
