@@ -9,6 +9,7 @@ from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
 from ranksearch.techniques.cache import FactorStore, set_default_store
 from ranksearch.techniques.spec import Cost
+from ranksearch.util import package_version
 
 __all__ = [
     "BaseEvaluator",
@@ -44,7 +45,7 @@ __all__ = [
     "set_default_store",
 ]
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 _STUDY = {"RunSettings", "SearchResult", "run_search"}
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,6 +91,14 @@ def digest(document: Any) -> str:
     """A short digest of a JSON-able document (keys sorted)."""
     text = json.dumps(document, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def package_version() -> str:
+    """This installed release's version (``0+unknown`` when run from a source tree that was never installed)."""
+    try:
+        return metadata.version("ranksearch")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def cache_dir() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import optuna
@@ -27,6 +26,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results import finite
 from ranksearch.results.record import StudyRecord, TrialRecord
 from ranksearch.results.select import select_trial
+from ranksearch.util import package_version
 
 __all__ = ["CONFIG_SUFFIXES", "export_config", "export_trial"]
 
@@ -67,7 +67,7 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
         "baseline": dict(stored.baseline),
         "settings": dict(stored.settings),
         "versions": {
-            "ranksearch": version("ranksearch"),
+            "ranksearch": package_version(),
             "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__),
             "optuna": optuna.__version__,
