@@ -135,9 +135,9 @@ def test_constraints_mark_infeasible_trials(workdir) -> None:
     assert all(t.constraints for t in result.study.get_trials(states=(TrialState.COMPLETE,)))
 
 
-def slowest_config(settings: RunSettings) -> tuple[rs.CompressionConfig, dict[str, object]]:
-    """The config of each searched layer's slowest variant in the run's latency table (rebuilt from the table's
-    cache, nothing timed anew), and its trial params."""
+def table_config(settings: RunSettings, *, slowest: bool) -> tuple[rs.CompressionConfig, dict[str, object]]:
+    """The config of each searched layer's slowest variant in the run's latency table (``slowest``), or of its
+    fastest low-rank float variant, and its trial params. The table is rebuilt from its cache: nothing is timed."""
     model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28).eval()
     example = torch.zeros(1, 1, 28, 28)  # the run's latency batch: one image
     shapes = record_input_shapes(model, example)
@@ -145,23 +145,20 @@ def slowest_config(settings: RunSettings) -> tuple[rs.CompressionConfig, dict[st
     slots = space.layers(model, shapes)
     (cache,) = (settings.infra.results_dir / "latency-tables").glob("latency-cpu-threads1-torch*.json")
     before = cache.read_bytes()
+    cpu, multiple = torch.device("cpu"), space.rank_multiple
     table = LatencyTable.build(
-        model,
-        slots,
-        shapes,
-        example,
-        device=torch.device("cpu"),
-        threads=1,
-        rank_multiple=space.rank_multiple,
-        cache_file=cache,
+        model, slots, shapes, example, device=cpu, threads=1, rank_multiple=multiple, cache_file=cache
     )
     assert cache.read_bytes() == before, "variants timed anew: the table is not the run's"
-    layers = {
-        name: max(variants(slot), key=lambda choice, name=name: table.layer_ms[name][variant_key(choice)])
-        for name, slot in slots.items()
-    }
-    config = rs.CompressionConfig(layers=layers)
-    assert table.layers_ms(config) > table.dense_layers_ms, "no searched layer has a variant slower than its dense one"
+    layers = {}
+    for name, slot in slots.items():
+        candidates = [v for v in variants(slot) if slowest or (v.technique != "keep" and not v.int8)]
+        times = {variant_key(v): v for v in candidates}
+        pick = (max if slowest else min)(times, key=table.layer_ms[name].__getitem__)
+        layers[name] = times[pick]
+    config = rs.CompressionConfig(layers=layers, rank_multiple=multiple)
+    predicted, dense = table.layers_ms(config), table.dense_layers_ms
+    assert predicted > dense if slowest else predicted < dense, f"predicted {predicted:.3f} ms, dense {dense:.3f} ms"
     return config, config_to_params(config, slots)
 
 
@@ -169,7 +166,7 @@ def test_latency_table_predicts_every_trial_and_rejects_slow_configs(first_run, 
     """Every trial is predicted; a sampled config predicted slower than the dense model (the slowest one, queued
     on a resumed run) is pruned before evaluation, and those predicted faster are evaluated."""
     settings, result = first_run
-    slowest, params = slowest_config(settings)
+    slowest, params = table_config(settings, slowest=True)
     result.study.enqueue_trial(params)
     complete = len(result.study.get_trials(states=(TrialState.COMPLETE,)))
     study = run_search(tiny_settings(workdir, budget=complete + 1)).study
@@ -236,9 +233,10 @@ def test_storage_url_is_used(workdir) -> None:
 
 
 def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
-    """With a strict --max-zero-shot-drop: greedy warm starts are queued after the anchors, configs using a
-    variant hopeless alone are never evaluated, hopeless configs are pruned before fine-tuning and still
-    count towards the budget, and a rerun reuses the cached sensitivity."""
+    """With a strict --max-zero-shot-drop: greedy warm starts are queued after the anchors, and a rerun reuses the
+    cached sensitivity. A config with every layer at its fastest decomposition, queued on the rerun, is pruned
+    before fine-tuning: not evaluated at all when one of its variants alone drops more than allowed, else rejected
+    at zero shot (and counted towards the budget)."""
     settings = tiny_settings(
         workdir, budget=8, study_name="sensitive", sensitivity=True, early_reject=True, max_zero_shot_drop=2.0
     )
@@ -246,21 +244,27 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     trials = result.study.trials
     warm = [t for t in trials if "warm_start" in t.user_attrs]
     assert warm and min(t.number for t in warm) > max(t.number for t in trials if "anchor" in t.user_attrs)
+    caches = list((settings.infra.results_dir / "sensitivity").glob("sensitivity-*.json"))
+    assert len(caches) == 1
+    before = caches[0].stat().st_mtime_ns
+    harsh, params = table_config(settings, slowest=False)
+    result.study.enqueue_trial(params)
+    again = run_search(settings.replace(budget=9))
+    assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
+    assert caches[0].stat().st_mtime_ns == before  # nothing new measured
+    trials = again.study.trials
+    (queued,) = [t for t in trials if t.user_attrs["config"] == harsh.to_dict()]
     rejected = [t for t in trials if t.user_attrs.get("rejected_at_zero_shot")]
-    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) + len(rejected) == settings.search.budget
+    hopeless = [t for t in trials if "alone drops" in t.user_attrs.get("fail_reason", "")]
+    assert queued.number in [t.number for t in rejected + hopeless]
+    complete = again.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) + len(rejected) == 9
     for trial in rejected:
         assert trial.state == TrialState.PRUNED and "anchor" not in trial.user_attrs
         assert trial.user_attrs["fail_reason"].startswith("rejected at zero shot")
         assert trial.user_attrs["zero_shot_accuracy"] >= 0 and trial.user_attrs["seconds_saved"] >= 0
         assert "time_finetune_s" not in trial.user_attrs
-    skipped = [
-        t for t in trials if "hopeless" not in t.user_attrs and "alone drops" in t.user_attrs.get("fail_reason", "")
-    ]
-    assert all(t.state == TrialState.PRUNED for t in skipped)
-    caches = list((settings.infra.results_dir / "sensitivity").glob("sensitivity-*.json"))
-    assert len(caches) == 1
-    before = caches[0].stat().st_mtime_ns
-    again = run_search(settings.replace(budget=9))
-    assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
-    assert caches[0].stat().st_mtime_ns == before  # nothing new measured
+    for trial in hopeless:
+        assert trial.state == TrialState.PRUNED and "anchor" not in trial.user_attrs
+        assert trial.user_attrs["fail_reason"].startswith("rejected before evaluation: layer")
+        assert "zero_shot_accuracy" not in trial.user_attrs and "time_finetune_s" not in trial.user_attrs
