@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 
 import ranksearch as rs
-from ranksearch.techniques.cache import FactorStore
 
 CONFIG = {
     "rank_multiple": 8,
@@ -23,11 +22,6 @@ CONFIG = {
         "fc": {"technique": "svd", "rank": 4},
     },
 }
-
-
-@pytest.fixture(autouse=True)
-def memory_store():
-    rs.set_default_store(FactorStore())
 
 
 def fresh_model(seed: int = 0) -> nn.Module:

@@ -21,6 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import require_tool, space_yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -34,13 +35,14 @@ TINY = [
     *("--finetune-steps", "3", "--batch-size", "64", "--calib-batches", "1", "--threads", "1"),
     *("--no-sensitivity", "--no-early-reject"),
 ]
-SPACE = """
-layers: {include: ["layer4.*"], types: [Conv2d]}
-techniques:
-  spatial_conv: [keep, svd]
-  pointwise_conv: [keep, svd]
-ranks: [0.25, 0.5]
-"""
+SPACE = space_yaml(
+    layers={"include": ["layer4.*"], "types": ["Conv2d"]},
+    techniques={"spatial_conv": ["keep", "svd"], "pointwise_conv": ["keep", "svd"]},
+    int8=False,
+    data_aware=False,
+)
+NEXT_TRIAL_S = 120.0
+"""How long the Ctrl-C test waits, after the first trial completed, for the next one to start."""
 EVALUATORS = """
 import ranksearch as rs
 
@@ -103,11 +105,6 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("bad-input"))
     ws.space.write_text(SPACE)
     return ws
-
-
-@pytest.fixture(autouse=True)
-def fresh_factor_store() -> None:
-    rs.set_default_store(rs.FactorStore())
 
 
 def cli(ws: Workspace, *args: str) -> Outcome:
@@ -210,7 +207,7 @@ def test_cuda_without_cuda(ws: Workspace, tmp_path: Path) -> None:
 
 
 def test_unreachable_storage_fails_fast(ws: Workspace, tmp_path: Path) -> None:
-    pytest.importorskip("psycopg2")
+    require_tool("psycopg2")
     results = tmp_path / "results"
     start = time.monotonic()
     outcome = run(ws, results, "--storage", "postgresql+psycopg2://nobody@127.0.0.1:1/x")
@@ -299,7 +296,7 @@ MOBILENET_CONFIG = {"layers": {"features.2.block.0.0": {"technique": "svd", "ran
 
 def test_config_for_another_architecture_api() -> None:
     model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
-    with pytest.raises(rs.RanksearchError, match=r"'features\.2\.block\.0\.0'.*ResNet"):
+    with pytest.raises(rs.CompressionError, match=r"'features\.2\.block\.0\.0'.*ResNet"):
         rs.apply_config(model, MOBILENET_CONFIG)
 
 
@@ -361,6 +358,7 @@ def test_evaluator_with_wrong_keys(ws: Workspace, tmp_path: Path, evaluators: st
     assert_empty_study(results)
 
 
+@pytest.mark.timeout(600)  # over its own waits: NEXT_TRIAL_S, then 300 s for the child to stop
 def test_ctrl_c_mid_trial_keeps_completed_trials(ws: Workspace, tmp_path: Path, study: Path) -> None:
     results = tmp_path / "results"
     # As at a terminal: a job started in the background of a non-interactive shell (CI) inherits SIGINT ignored.
@@ -375,7 +373,12 @@ def test_ctrl_c_mid_trial_keeps_completed_trials(ws: Workspace, tmp_path: Path, 
         pytest.fail(f"the run ended before its first trial: {''.join(lines)}")
     storage = f"sqlite:///{results / 'interrupted' / 'study.db'}"
     running: list[int] = []
+    deadline = time.monotonic() + NEXT_TRIAL_S
     while not running:  # the next trial has started
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()  # ended by itself (a no-op then), or stuck
+            rest = proc.communicate()[1]
+            pytest.fail(f"no trial started within {NEXT_TRIAL_S:.0f} s (exit code {proc.returncode}): {rest[-2000:]}")
         time.sleep(0.2)
         trials = optuna.load_study(study_name="interrupted", storage=storage).get_trials(deepcopy=False)
         running = [t.number for t in trials if t.state == TrialState.RUNNING]
@@ -405,6 +408,7 @@ def limit_file_size(limit: int) -> Callable[[], None]:
     return limit_in_child
 
 
+@pytest.mark.timeout(600)  # over its own 300 s wait for the child
 def test_disk_full_when_the_study_is_created(ws: Workspace, tmp_path: Path, study: Path) -> None:
     results = tmp_path / "results"
     proc = run_process(ws, ws.args(results, "--budget", "2"), preexec_fn=limit_file_size(16_384))
@@ -413,6 +417,7 @@ def test_disk_full_when_the_study_is_created(ws: Workspace, tmp_path: Path, stud
     assert_nothing_written(results)
 
 
+@pytest.mark.timeout(600)  # over its own 300 s wait for the child
 def test_disk_full_while_writing_results(ws: Workspace, tmp_path: Path, study: Path) -> None:
     directory = tmp_path / "done"
     shutil.copytree(study / "done", directory)

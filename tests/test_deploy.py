@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import space_yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -26,22 +27,26 @@ SPEC = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "image_size": 2
 LAYERS = ("layer1.0.conv1", "layer2.0.conv2")
 FAST_TIMING = {"warmup": 2, "min_runs": 5, "max_runs": 20, "target_seconds": 0.05, "max_attempts": 1}
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="no x86 (fbgemm) quantized engine")
-SPACE = """
-layers: {include: ["layer*"], types: [Conv2d]}
-techniques: {spatial_conv: [keep, svd, tucker2], pointwise_conv: [keep, svd]}
-ranks: [0.25, 0.5]
-int8: true
-"""
+SPACE = space_yaml(
+    techniques={"spatial_conv": ["keep", "svd", "tucker2"], "pointwise_conv": ["keep", "svd"]}, data_aware=False
+)
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_cache(tmp_path_factory) -> Iterator[None]:
-    """Factors in memory only (shared by this module's tests), never in the user's cache."""
+    """Nothing in the user's cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        rs.set_default_store(rs.FactorStore())
         yield
+
+
+@pytest.fixture(scope="module")
+def factor_store() -> rs.FactorStore:
+    """conftest's fresh in-memory store, shared by this module's tests: they compress the same model's layers."""
+    store = rs.FactorStore()
+    rs.set_default_store(store)
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +180,6 @@ def test_bad_latency_backend_is_one_line_exit_2(tmp_path: Path, args: list[str],
 @pytest.fixture
 def study_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    rs.set_default_store(rs.FactorStore())
     return tmp_path
 
 

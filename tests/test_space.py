@@ -20,7 +20,6 @@ from ranksearch.search import (
     sample_config,
     uniform_config,
 )
-from ranksearch.techniques.cache import FactorStore
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,11 +39,6 @@ LEFT_DENSE = {
 }
 EXAMPLE = torch.empty(1, 3, 64, 64)
 FAST = ["keep", "svd", "grouped_svd", "depthwise_separable", "spatial_svd", "tucker2", "spatial_tucker2"]
-
-
-@pytest.fixture(autouse=True)
-def isolated_store(tmp_path):
-    rs.set_default_store(FactorStore(directory=tmp_path / "factors"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -21,6 +21,8 @@ from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.study import RunSettings, run_search
 from ranksearch.study.progress import latency_prediction
 
+pytestmark = pytest.mark.timeout(900)  # each test runs a search (the first one also trains the baseline)
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Iterator[Path]:

@@ -18,8 +18,9 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import require_tool, space_yaml
 from optuna.trial import FrozenTrial, TrialState
-from pgcluster import postgres_bindir, throwaway_postgres
+from pgcluster import throwaway_postgres
 from rich.console import Console
 
 from ranksearch.errors import RanksearchError
@@ -28,30 +29,21 @@ from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.storage import open_storage
 from ranksearch.study.workers import join_study
 
-SPACE = """
-layers:
-  include: ["layer*"]
-  types: [Conv2d]
-techniques:
-  spatial_conv: [keep, svd, spatial_svd]
-  pointwise_conv: [keep, svd]
-ranks: [0.25, 0.5]
-int8: false
-data_aware: false
-"""
+SPACE = {  # the tiny space with fewer variants: six trials of random configs run in several processes
+    "techniques": {"spatial_conv": ["keep", "svd", "spatial_svd"], "pointwise_conv": ["keep", "svd"]},
+    "int8": False,
+    "data_aware": False,
+}
 BUDGET = 6
 HEARTBEAT = 3
 WAIT_S = 900.0
+pytestmark = pytest.mark.timeout(1800)  # searches in several processes, each wait bounded by WAIT_S
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server; missing PostgreSQL fails under CI (CI=true) and skips elsewhere."""
-    if postgres_bindir() is None:
-        reason = "PostgreSQL server not installed (apt-get install postgresql)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_tool("postgresql")
     with throwaway_postgres() as url:
         optuna.storages.RDBStorage(url)  # Optuna's tables, created once before processes race to create them
         yield url
@@ -60,7 +52,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("workers")
-    (workdir / "tiny.yaml").write_text(SPACE)
+    (workdir / "tiny.yaml").write_text(space_yaml(**SPACE))
     return workdir
 
 
@@ -198,7 +190,7 @@ def test_worker_joins_a_complete_study_and_runs_nothing(workdir: Path, resumed) 
 
 def test_worker_refuses_another_search_space(workdir: Path, resumed) -> None:
     other = workdir / "other.yaml"
-    other.write_text(SPACE.replace("ranks: [0.25, 0.5]", "ranks: [0.5]"))
+    other.write_text(space_yaml(**SPACE, ranks=[0.5]))
     with pytest.raises(RanksearchError, match=r"other\.yaml: differs from the search space the study was started with"):
         join_study("resume", results_dir=workdir / "results", space=other)
 
