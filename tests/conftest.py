@@ -1,5 +1,5 @@
 """What every test shares: one thread for tiny tensors, a fresh factor store per test, the tiny problem's search
-space, and the external tools some tests need (skipped when missing here, a failure under CI).
+space, and the tools and optional packages some tests need (skipped when missing here, a failure under CI).
 
 Test modules import the helpers by name (``from conftest import require_tool, space_yaml``); the fixtures apply by
 themselves.
@@ -50,7 +50,7 @@ def space_yaml(**changes: object) -> str:
     return yaml.safe_dump({**TINY_SPACE, **changes}, sort_keys=False)
 
 
-# -- external tools: a skip where they are missing, a failure under CI, which must provide them ----------------------
+# -- tools and optional packages: a skip where they are missing, a failure under CI, which must provide them --------
 
 CHROMIUM = Path("/usr/bin/chromium")
 """The headless browser the HTML report is rendered in (``apt-get install chromium``)."""
@@ -75,6 +75,7 @@ TOOLS: dict[str, tuple[Callable[[], str | None], ...]] = {
     "psycopg2": (_PSYCOPG2,),
     "postgresql": (_postgresql_server, _PSYCOPG2),
     "chromium": (_python_package("playwright", "pip install -e '.[dev]'"), _chromium_binary),
+    "tensorly": (_python_package("tensorly", "pip install -e '.[dev]'"),),
 }
 """What each tool needs: checks that return why it is missing, or None."""
 

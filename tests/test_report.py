@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, require_tool
 from PIL import Image
 from test_plots import decoded_png, external_references, synthetic_study
 from test_study import tiny_settings
@@ -17,7 +17,6 @@ from ranksearch.results import front_rows
 from ranksearch.results.html_report import render_report, write_report
 from ranksearch.results.record import SETTINGS
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -81,22 +80,8 @@ def test_report_command_writes_where_asked(tiny_run, tmp_path: Path) -> None:
     assert result.stdout.strip() == str(out) and out.stat().st_size > 1_000_000
 
 
-def chromium_or_skip() -> None:
-    """Skip without a browser only outside CI: under CI a missing browser is a failure."""
-    try:
-        import playwright.sync_api  # noqa: F401
-
-        reason = None if CHROMIUM.exists() else f"{CHROMIUM} is missing (apt-get install chromium)"
-    except ImportError:
-        reason = "the playwright package is missing (pip install -e '.[dev]')"
-    if reason and os.environ.get("CI"):
-        pytest.fail(reason)
-    if reason:
-        pytest.skip(reason)
-
-
 def test_report_renders_in_headless_chromium(tiny_run, report, tmp_path: Path) -> None:
-    chromium_or_skip()
+    require_tool("chromium")  # a skip here, a failure under CI
     from playwright.sync_api import sync_playwright
 
     pages = [report] + [tiny_run.directory / f"{name}.html" for name in ("pareto", "layers", "progress")]
