@@ -20,6 +20,7 @@ from pgcluster import postgres_bindir
 import ranksearch as rs
 
 torch.set_num_threads(1)  # tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread
+rs.set_default_store(rs.FactorStore())  # module-scoped fixtures run before factor_store: never the user's cache either
 
 
 @pytest.fixture(autouse=True)
