@@ -1,23 +1,27 @@
-"""What every test shares: one thread for tiny tensors, a fresh factor store per test, the tiny problem's search
-space, and the tools and optional packages some tests need (skipped when missing here, a failure under CI).
+"""What every test shares: one thread for tiny tensors, a fresh factor store per test, the tiny problem (its
+search space, its settings, one baseline trained per session and one finished search the read-only tests share),
+and the tools and optional packages some tests need (skipped when missing here, a failure under CI).
 
-Test modules import the helpers by name (``from conftest import require_tool, space_yaml``); the fixtures apply by
-themselves.
+Test modules import the helpers by name (``from conftest import require_tool, space_yaml, tiny_settings``); the
+fixtures are requested by name or apply by themselves.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from pgcluster import postgres_bindir
+from rich.console import Console
 
 import ranksearch as rs
+from ranksearch.study import RunSettings, SearchResult, run_search
 
 torch.set_num_threads(1)  # tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread
 rs.set_default_store(rs.FactorStore())  # module-scoped fixtures run before factor_store: never the user's cache either
@@ -49,6 +53,50 @@ def space_yaml(**changes: object) -> str:
     unknown = set(changes) - set(TINY_SPACE)
     assert not unknown, f"not a top-level key of the tiny space: {sorted(unknown)}"
     return yaml.safe_dump({**TINY_SPACE, **changes}, sort_keys=False)
+
+
+def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
+    """The tiny problem's settings (ResNet-18, a 512-image Fashion-MNIST subset, a 1-epoch baseline, 3 fine-tuning
+    steps, 7 trials: the 5 anchors and 2 sampled), its space and results under ``workdir``, with ``changes``."""
+    space = workdir / "tiny.yaml"
+    space.write_text(space_yaml())
+    values: dict[str, object] = dict(
+        model="resnet18",
+        budget=7,
+        space=space,
+        train_subset=512,
+        eval_subset=256,
+        baseline_epochs=1,
+        finetune_steps=3,
+        sensitivity=False,
+        early_reject=False,
+        batch_size=64,
+        calib_batches=1,
+        threads=1,
+        results_dir=workdir / "results",
+        data_root=workdir / "data",
+        seed=0,
+    )
+    return RunSettings.of(**{**values, **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's ``RANKSEARCH_CACHE_DIR`` for the tiny problem: its baseline is trained once and reused."""
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_search(
+    tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path
+) -> Iterator[tuple[RunSettings, SearchResult]]:
+    """One finished tiny search with an accuracy constraint (3 points) and its settings, shared by the tests that
+    only read a study: rows, show, export, plots, report. Tests that change a study run their own."""
+    settings = tiny_settings(tmp_path_factory.mktemp("tiny-search"), max_accuracy_drop=3.0, study_name="tiny")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKSEARCH_CACHE_DIR", str(tiny_cache))
+        rs.set_default_store(rs.FactorStore())
+        yield settings, run_search(settings, console=Console(file=io.StringIO()))
 
 
 # -- tools and optional packages: a skip where they are missing, a failure under CI, which must provide them --------

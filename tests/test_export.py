@@ -28,20 +28,8 @@ from ranksearch.results.build import build_from_config
 from ranksearch.results.export import export_config, export_trial
 from ranksearch.results.select import select_trial
 from ranksearch.results.show import show_rows, show_study
-from ranksearch.study import RunSettings, load_problem, run_search
-from ranksearch.techniques.cache import default_store, set_default_store
+from ranksearch.study import load_problem
 
-SPACE = """
-layers:
-  include: ["layer*"]
-  types: [Conv2d]
-techniques:
-  spatial_conv: [keep, svd, tucker2, spatial_svd]
-  pointwise_conv: [keep, svd]
-ranks: [0.25, 0.5]
-int8: true
-data_aware: true
-"""
 BUDGET = 7
 """The five anchors (baseline, uniform svd/tucker2 at 0.5 and 0.25) and two sampled trials."""
 
@@ -229,35 +217,10 @@ def test_show_formats_on_the_synthetic_study(synthetic) -> None:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """A finished tiny study (real Fashion-MNIST subset, real training and latency) and its settings."""
-    workdir = tmp_path_factory.mktemp("export")
-    space = workdir / "tiny.yaml"
-    space.write_text(SPACE)
-    settings = RunSettings.of(
-        model="resnet18",
-        budget=BUDGET,
-        space=space,
-        train_subset=512,
-        eval_subset=256,
-        baseline_epochs=1,
-        finetune_steps=3,
-        sensitivity=False,
-        early_reject=False,
-        batch_size=64,
-        calib_batches=1,
-        threads=1,
-        results_dir=workdir / "results",
-        data_root=workdir / "data",
-        seed=0,
-    )
-    previous = default_store()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
-        set_default_store(rs.FactorStore())
-        result = run_search(settings, console=Console(file=io.StringIO()))
-        yield settings, result.study
-    set_default_store(previous)
+def real(tiny_search):
+    """The session's finished tiny study (real Fashion-MNIST subset, real training and latency) and its settings."""
+    settings, result = tiny_search
+    return settings, result.study
 
 
 def structure(model: nn.Module) -> dict[str, object]:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from optuna.trial import TrialState
 from PIL import Image
-from test_study import tiny_settings
 from typer.testing import CliRunner
 
 import ranksearch as rs
@@ -31,14 +30,9 @@ NAMES = ("pareto", "layers", "progress")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real 6-trial search (5 anchors, 1 sampled; an accuracy constraint) on the tiny problem of test_study.py."""
-    workdir = tmp_path_factory.mktemp("plots")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
-        rs.set_default_store(rs.FactorStore())
-        result = rs.run_search(tiny_settings(workdir, budget=6, max_accuracy_drop=3.0, study_name="plots"))
-    return result
+def tiny_run(tiny_search):
+    """The session's tiny search (7 trials: 5 anchors, 2 sampled; an accuracy constraint of 3 points)."""
+    return tiny_search[1]
 
 
 class _References(HTMLParser):

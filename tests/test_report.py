@@ -8,10 +8,8 @@ import pytest
 from conftest import CHROMIUM, require_tool
 from PIL import Image
 from test_plots import decoded_png, external_references, synthetic_study
-from test_study import tiny_settings
 from typer.testing import CliRunner
 
-import ranksearch as rs
 from ranksearch.cli import app
 from ranksearch.results import front_rows
 from ranksearch.results.html_report import render_report, write_report
@@ -28,13 +26,9 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real 5-trial search (the baseline and uniform anchors) on the tiny problem of test_study.py."""
-    workdir = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKSEARCH_CACHE_DIR", str(workdir / "cache"))
-        rs.set_default_store(rs.FactorStore())
-        return rs.run_search(tiny_settings(workdir, budget=5, study_name="report"))
+def tiny_run(tiny_search):
+    """The session's tiny search (7 trials: the baseline and uniform anchors, 2 sampled)."""
+    return tiny_search[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +68,7 @@ def test_report_escapes_text_from_the_study() -> None:
 
 def test_report_command_writes_where_asked(tiny_run, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere" / "r.html"
-    args = ["report", "report", "--results-dir", str(tiny_run.directory.parent), "--out", str(out)]
+    args = ["report", tiny_run.study.study_name, "--results-dir", str(tiny_run.directory.parent), "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and out.stat().st_size > 1_000_000

@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from conftest import space_yaml
+from conftest import tiny_settings
 from optuna.trial import TrialState
 
 import ranksearch as rs
@@ -25,36 +25,12 @@ pytestmark = pytest.mark.timeout(900)  # each test runs a search (the first one 
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Iterator[Path]:
-    """The module's directory; its cache (baselines, factors) is set before any module-scoped run uses it."""
+def workdir(tmp_path_factory, tiny_cache) -> Iterator[Path]:
+    """The module's directory; the session's tiny baseline cache is set before any module-scoped run uses it."""
     path = tmp_path_factory.mktemp("study")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKSEARCH_CACHE_DIR", str(path / "cache"))
+        patch.setenv("RANKSEARCH_CACHE_DIR", str(tiny_cache))
         yield path
-
-
-def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
-    space = workdir / "tiny.yaml"
-    space.write_text(space_yaml())
-    values = dict(
-        model="resnet18",
-        budget=7,
-        space=space,
-        train_subset=512,
-        eval_subset=256,
-        baseline_epochs=1,
-        finetune_steps=3,
-        sensitivity=False,
-        early_reject=False,
-        batch_size=64,
-        calib_batches=1,
-        threads=1,
-        results_dir=workdir / "results",
-        data_root=workdir / "data",
-        seed=0,
-    )
-    values.update(changes)
-    return RunSettings.of(**values)
 
 
 @pytest.fixture(scope="module")
