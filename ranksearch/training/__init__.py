@@ -12,7 +12,6 @@ Modules: ``baseline`` (:func:`train_baseline` and its :class:`Recipe`), ``finetu
 """
 
 from ranksearch.training.baseline import DEFAULT_RECIPE, Recipe, train_baseline
-from ranksearch.training.baseline import _digest as _digest  # tests/test_regularize.py imports it (private)
 from ranksearch.training.conv_grad import CpuConvGrads
 from ranksearch.training.evaluation import evaluate_accuracy, recalibrate_batchnorm
 from ranksearch.training.finetune import distillation_loss, finetune
