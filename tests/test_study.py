@@ -210,13 +210,29 @@ def test_storage_url_is_used(workdir) -> None:
     assert len(result.study.trials) >= 2
 
 
+TRAINED = Path(__file__).parent / "fixtures" / "legacy"
+"""A small CNN with trained weights (the legacy fixture's): zero-shot drops mean something on it, and it trains
+nothing (the tiny ResNet-18's 1-epoch baseline is near chance, and retraining is not bitwise reproducible)."""
+
+
 def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
-    """With a strict --max-zero-shot-drop: greedy warm starts are queued after the anchors, and a rerun reuses the
-    cached sensitivity. A config with every layer at its fastest decomposition, queued on the rerun, is pruned
-    before fine-tuning: not evaluated at all when one of its variants alone drops more than allowed, else rejected
-    at zero shot (and counted towards the budget)."""
+    """With --max-zero-shot-drop 8 on a trained model: greedy warm starts are queued after the anchors;
+    configs using a variant hopeless alone are pruned before any evaluation; hopeless configs are rejected at zero
+    shot, before fine-tuning, and count towards the budget; a rerun reuses the cached sensitivity, and a config
+    with every layer at its smallest SVD, queued on the rerun, is pruned before fine-tuning."""
     settings = tiny_settings(
-        workdir, budget=8, study_name="sensitive", sensitivity=True, early_reject=True, max_zero_shot_drop=2.0
+        workdir,
+        model=f"{TRAINED / 'tinynet.py'}:tiny",
+        checkpoint=TRAINED / "tiny.pt",
+        space=TRAINED / "space.yaml",
+        train_subset=4096,
+        sampler="random",
+        latency_table=False,
+        budget=20,
+        study_name="sensitive",
+        sensitivity=True,
+        early_reject=True,
+        max_zero_shot_drop=8.0,
     )
     result = run_search(settings)
     trials = result.study.trials
@@ -225,18 +241,23 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     caches = list((settings.infra.results_dir / "sensitivity").glob("sensitivity-*.json"))
     assert len(caches) == 1
     before = caches[0].stat().st_mtime_ns
-    harsh, params = table_config(settings, slowest=False)
-    result.study.enqueue_trial(params)
-    again = run_search(settings.replace(budget=9))
+    harsh = rs.CompressionConfig(layers={name: rs.LayerChoice("svd", 0.25) for name in ("conv1", "conv2", "conv3")})
+    model = build_model(settings.problem.model, num_classes=10, in_channels=1, image_size=28)
+    slots = SearchSpace.load(settings.search.space).layers(model, record_input_shapes(model, torch.zeros(1, 1, 28, 28)))
+    first_run = len(result.study.trials)
+    result.study.enqueue_trial(config_to_params(harsh, slots))
+    again = run_search(settings.replace(budget=21))
     assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
     assert caches[0].stat().st_mtime_ns == before  # nothing new measured
     trials = again.study.trials
-    (queued,) = [t for t in trials if t.user_attrs["config"] == harsh.to_dict()]
+    queued = trials[first_run]  # the rerun's first trial: the one queued
+    assert queued.user_attrs["config"]["layers"] == harsh.to_dict()["layers"]
     rejected = [t for t in trials if t.user_attrs.get("rejected_at_zero_shot")]
     hopeless = [t for t in trials if "alone drops" in t.user_attrs.get("fail_reason", "")]
+    assert rejected and hopeless
     assert queued.number in [t.number for t in rejected + hopeless]
     complete = again.study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) + len(rejected) == 9
+    assert len(complete) + len(rejected) == 21
     for trial in rejected:
         assert trial.state == TrialState.PRUNED and "anchor" not in trial.user_attrs
         assert trial.user_attrs["fail_reason"].startswith("rejected at zero shot")
