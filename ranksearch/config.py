@@ -61,7 +61,7 @@ class CompressionConfig:
     """Per-layer choices for a whole model, plus how ranks were rounded and where it came from.
 
     ``model`` (optional) says how to rebuild the uncompressed model (``name``, ``num_classes``,
-    ``in_channels``, ``image_size``, ``checkpoint``; see :func:`ranksearch.results.export.build_from_config`);
+    ``in_channels``, ``image_size``, ``checkpoint``; see :func:`ranksearch.results.build.build_from_config`);
     ``meta`` (optional) is provenance: the study, trial, measured metrics, settings and versions.
     """
 

@@ -85,10 +85,9 @@ class PreparedSearch:
         MODEL.write(study, context.model_spec())
         dense = dense_model_cost(context.model, context.example)
         baseline = measure_baseline(study, evaluator, dense, console)
-        table = latency_table(settings, context, slots, space.rank_multiple, evaluator, console, phases)
-        sensitivity = layer_sensitivity(
-            settings, context, slots, space.rank_multiple, evaluator, console, fingerprint, phases, table
-        )
+        loaded = _Loaded(settings, context, space, slots, evaluator, console, phases)
+        table = loaded.latency_table()
+        sensitivity = loaded.sensitivity(fingerprint, table)
         search = settings.search
         screens: list[Screen] = []
         if table is not None:
@@ -226,30 +225,6 @@ def _baseline_metrics(evaluator: Evaluator, split: Split) -> Metrics:
         ) from None
 
 
-def latency_table(
-    settings: RunSettings,
-    context: RunContext,
-    slots: dict[str, LayerSlot],
-    rank_multiple: int,
-    evaluator: Evaluator,
-    console: Console,
-    phases: dict[str, float] | None = None,
-) -> LatencyTable | None:
-    """The per-layer latency table (built once per device, threads and torch version, cached under
-    ``results/latency-tables/``) when ``--latency-table`` is on and the evaluator times models in torch on this
-    machine (:class:`~ranksearch.evaluate.LocalTorchTiming`); otherwise None."""
-    if not (settings.search.latency_table and isinstance(evaluator, LocalTorchTiming) and evaluator.times_local_torch):
-        return None
-    start = time.perf_counter()
-    table = build_latency_table(settings, context, slots, rank_multiple, console)
-    seconds = time.perf_counter() - start
-    if phases is not None:
-        phases["latency_table"] = seconds
-    variants = sum(len(times) for times in table.layer_ms.values())
-    console.print(f"latency table: {variants} layer variants of {len(slots)} layers ready in {seconds:.0f} s")
-    return table
-
-
 def build_latency_table(
     settings: RunSettings, context: RunContext, slots: dict[str, LayerSlot], rank_multiple: int, console: Console
 ) -> LatencyTable:
@@ -270,50 +245,72 @@ def build_latency_table(
         )
 
 
-def layer_sensitivity(
-    settings: RunSettings,
-    context: RunContext,
-    slots: dict[str, LayerSlot],
-    rank_multiple: int,
-    evaluator: Evaluator,
-    console: Console,
-    fingerprint: dict[str, str],
-    phases: dict[str, float] | None = None,
-    table: LatencyTable | None = None,
-) -> Sensitivity | None:
-    """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
-    ``--sensitivity`` is on and the evaluator is a :class:`~ranksearch.evaluate.ZeroShotScorer`; otherwise None.
-    ``fingerprint`` (of the run's model and data) keys the cache. With a latency ``table``, only variants faster
-    than their dense layer are measured."""
-    if not (settings.search.sensitivity and isinstance(evaluator, ZeroShotScorer)):
-        return None
-    start = time.perf_counter()
-    key = digest([fingerprint, settings.search.space_digest, rank_multiple, evaluator.zero_shot_key()])
-    cache_file = settings.infra.results_dir / "sensitivity" / f"sensitivity-{key}.json"
-    max_drop = settings.search.max_zero_shot_drop
-    with _progress_bar("sensitivity", console) as update:
-        sensitivity = measure_sensitivity(
-            context.model,
-            slots,
-            context.input_shapes,
-            zero_shot=evaluator.zero_shot_accuracy,
-            baseline_accuracy=evaluator.zero_shot_baseline(),
-            hopeless=max_drop,
-            rank_multiple=rank_multiple,
-            worth=None if table is None else table.faster_than_dense,
-            cache_file=cache_file,
-            progress=update,
+@dataclass(frozen=True)
+class _Loaded:
+    """What :meth:`PreparedSearch.prepare` has loaded when it builds the latency table and the sensitivity."""
+
+    settings: RunSettings
+    context: RunContext
+    space: SearchSpace
+    slots: dict[str, LayerSlot]
+    evaluator: Evaluator
+    console: Console
+    phases: dict[str, float]
+
+    def latency_table(self) -> LatencyTable | None:
+        """The per-layer latency table (built once per device, threads and torch version, cached under
+        ``results/latency-tables/``) when ``--latency-table`` is on and the evaluator times models in torch on this
+        machine (:class:`~ranksearch.evaluate.LocalTorchTiming`); otherwise None."""
+        evaluator = self.evaluator
+        if not (
+            self.settings.search.latency_table
+            and isinstance(evaluator, LocalTorchTiming)
+            and evaluator.times_local_torch
+        ):
+            return None
+        start = time.perf_counter()
+        table = build_latency_table(self.settings, self.context, self.slots, self.space.rank_multiple, self.console)
+        seconds = self.phases["latency_table"] = time.perf_counter() - start
+        variants = sum(len(times) for times in table.layer_ms.values())
+        self.console.print(
+            f"latency table: {variants} layer variants of {len(self.slots)} layers ready in {seconds:.0f} s"
         )
-    seconds = time.perf_counter() - start
-    if phases is not None:
-        phases["sensitivity"] = seconds
-    drops = [d for layer in sensitivity.drops.values() for d in layer.values()]
-    hopeless = sum(d > max_drop for d in drops)
-    console.print(
-        f"sensitivity: {len(drops)} layer variants of {len(slots)} layers ready in {seconds:.0f} s; "
-        f"{hopeless} hopeless alone (zero-shot drop over {max_drop:g} points) are not evaluated"
-    )
-    return sensitivity
+        return table
+
+    def sensitivity(self, fingerprint: dict[str, str], table: LatencyTable | None) -> Sensitivity | None:
+        """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
+        ``--sensitivity`` is on and the evaluator is a :class:`~ranksearch.evaluate.ZeroShotScorer`; otherwise None.
+        ``fingerprint`` (of the run's model and data) keys the cache. With a latency ``table``, only variants faster
+        than their dense layer are measured."""
+        settings, evaluator = self.settings, self.evaluator
+        if not (settings.search.sensitivity and isinstance(evaluator, ZeroShotScorer)):
+            return None
+        start = time.perf_counter()
+        multiple = self.space.rank_multiple
+        key = digest([fingerprint, settings.search.space_digest, multiple, evaluator.zero_shot_key()])
+        cache_file = settings.infra.results_dir / "sensitivity" / f"sensitivity-{key}.json"
+        max_drop = settings.search.max_zero_shot_drop
+        with _progress_bar("sensitivity", self.console) as update:
+            sensitivity = measure_sensitivity(
+                self.context.model,
+                self.slots,
+                self.context.input_shapes,
+                zero_shot=evaluator.zero_shot_accuracy,
+                baseline_accuracy=evaluator.zero_shot_baseline(),
+                hopeless=max_drop,
+                rank_multiple=multiple,
+                worth=None if table is None else table.faster_than_dense,
+                cache_file=cache_file,
+                progress=update,
+            )
+        seconds = self.phases["sensitivity"] = time.perf_counter() - start
+        drops = [d for layer in sensitivity.drops.values() for d in layer.values()]
+        hopeless = sum(d > max_drop for d in drops)
+        self.console.print(
+            f"sensitivity: {len(drops)} layer variants of {len(self.slots)} layers ready in {seconds:.0f} s; "
+            f"{hopeless} hopeless alone (zero-shot drop over {max_drop:g} points) are not evaluated"
+        )
+        return sensitivity
 
 
 @contextmanager
