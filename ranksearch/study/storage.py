@@ -23,7 +23,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results import STORAGE_FILE
 from ranksearch.results.record import IDENTITY, SETTINGS
 from ranksearch.study.settings import RunSettings
-from ranksearch.util import describe, sqlite_url
+from ranksearch.util import describe, digest, sqlite_url
 
 STALE_HEARTBEATS = 3
 """A running trial whose last heartbeat is this many intervals old is failed and retried."""
@@ -144,10 +144,12 @@ def _check_identity(settings: RunSettings, recorded: dict[str, object] | None) -
     if recorded is None:
         return
     recorded = {**RunSettings.default_identity(), **recorded}  # keys added since the study was made
-    identity = settings.identity()
-    if recorded == identity:
+    if digest(recorded) == settings.identity_digest():
         return
-    key = next(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
+    identity = settings.identity()
+    key = next((k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k)), None)
+    if key is None:  # equal values written differently (1 and 1.0)
+        return
     raise RanksearchError(
         f"study {settings.name()!r} exists with {key}={recorded.get(key)!r}, not {identity.get(key)!r}; "
         "rerun with the same settings or pass --study-name for a new study"
