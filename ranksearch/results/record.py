@@ -116,7 +116,7 @@ class TrialRecord:
     @property
     def protected(self) -> bool:
         """Anchors and warm starts are evaluated whatever the screens say."""
-        return bool(self.anchor or self.warm_start)
+        return self.is_protected({ANCHOR: self.anchor, WARM_START: self.warm_start})
 
     @staticmethod
     def is_protected(user_attrs: Mapping[str, Any]) -> bool:
@@ -140,10 +140,6 @@ class TrialRecord:
     def compression_config(self) -> CompressionConfig:
         return CompressionConfig.from_dict(self.config)
 
-    def metric(self, key: str) -> float | None:
-        value = self.metrics.get(key)
-        return None if value is None else float(value)
-
     def time_phases(self) -> dict[str, float]:
         """Seconds per evaluator phase (the ``time_<phase>_s`` metrics)."""
         return {k[5:-2]: v for k, v in self.metrics.items() if k.startswith("time_") and k.endswith("_s")}
@@ -157,7 +153,7 @@ def _outcome(trial: FrozenTrial) -> Outcome | None:
     if trial.state != TrialState.PRUNED:
         return None
     stored = trial.user_attrs.get(OUTCOME)
-    if stored is not None:
+    if stored in Outcome.__members__.values():  # one this release knows (a later one may store others)
         return Outcome(stored)
     if trial.user_attrs.get(REJECTED_AT_ZERO_SHOT):  # the first release: no stored outcome
         return Outcome.REJECTED_AT_ZERO_SHOT

@@ -16,6 +16,8 @@ from ranksearch.errors import RanksearchError
 __all__ = ["SPACES_PACKAGE", "default_space_path"]
 
 SPACES_PACKAGE = "ranksearch.search_spaces"
+SOURCE_TREE = Path(__file__).resolve().parents[2] / "search_spaces"
+"""Where the spaces are in a checkout that was never installed (run with ``PYTHONPATH``)."""
 
 _EXTRACTED = ExitStack()
 """Shipped spaces extracted from a zipped package (none from an ordinary install), removed at exit."""
@@ -31,10 +33,12 @@ def default_space_path(model_family: str) -> Path:
     try:
         spaces = resources.files(SPACES_PACKAGE)
     except ModuleNotFoundError:
-        raise RanksearchError(
-            f"the shipped search spaces ({SPACES_PACKAGE}) are not installed; reinstall ranksearch "
-            "(`pip install -e .` in a checkout) or pass a search space file explicitly"
-        ) from None
+        if not SOURCE_TREE.is_dir():
+            raise RanksearchError(
+                f"the shipped search spaces ({SPACES_PACKAGE}) are not installed; reinstall ranksearch "
+                "(`pip install -e .` in a checkout) or pass a search space file explicitly"
+            ) from None
+        spaces = SOURCE_TREE
     families = [f.name.removesuffix(".yaml") for f in spaces.iterdir() if f.name.endswith(".yaml")]
     family = max(
         (f for f in families if f != "default" and model_family.lower().startswith(f)), key=len, default="default"

@@ -47,15 +47,15 @@ class Objective:
         search = self.search
         writer = TrialWriter(trial)
         config = sample_config(trial, search.slots, rank_multiple=search.rank_multiple)
-        cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
-        writer.sampled(config, {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes})
-        protected = TrialRecord.is_protected(trial.user_attrs)
-        candidate = Candidate(config, protected=protected, prediction=self.predict(trial.study, config))
-        if candidate.prediction is not None:
-            writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
-        self.screen(writer, first_verdict(list(search.screens), candidate))
         try:
-            self.zero_shot_check(trial, writer, candidate)
+            cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
+            writer.sampled(config, {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes})
+            protected = TrialRecord.is_protected(trial.user_attrs)
+            candidate = Candidate(config, protected=protected, prediction=self.predict(trial.study, config))
+            if candidate.prediction is not None:
+                writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
+            self.screen(writer, first_verdict(list(search.screens), candidate))
+            self.zero_shot_check(candidate)
             metrics = Metrics.coerce(search.evaluator, search.evaluator.evaluate(config, split="val"))
         except Rejected as exc:
             writer.rejected_at_zero_shot(str(exc), metrics=exc.metrics, seconds_saved=time_saved(trial.study))
@@ -99,14 +99,16 @@ class Objective:
             )
         raise optuna.TrialPruned(verdict.reason)
 
-    def zero_shot_check(self, trial: optuna.Trial, writer: TrialWriter, candidate: Candidate) -> None:
+    def zero_shot_check(self, candidate: Candidate) -> None:
         """With early rejection on a zero-shot scorer: measure the candidate's zero-shot accuracy and raise
-        :class:`Rejected` on the zero-shot screen's verdict. A config that compresses nothing is not checked."""
+        :class:`Rejected` on the zero-shot screen's verdict (as an evaluator may itself). A config that compresses
+        nothing is not checked."""
         screen, evaluator = self.search.zero_shot, self.search.evaluator
         layers = candidate.config.layers.values()
-        if screen is None or candidate.protected or all(choice.technique == "keep" for choice in layers):
+        if screen is None or not isinstance(evaluator, ZeroShotScorer) or candidate.protected:
             return
-        assert isinstance(evaluator, ZeroShotScorer)
+        if all(choice.technique == "keep" for choice in layers):
+            return
         start = time.perf_counter()
         accuracy = evaluator.zero_shot_accuracy(candidate.config)
         seconds = time.perf_counter() - start

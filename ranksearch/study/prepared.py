@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,14 +22,14 @@ from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import USER_ERRORS, RanksearchError
 from ranksearch.evaluate import ClassificationEvaluator, Evaluator, LocalTorchTiming, Metrics, Split, ZeroShotScorer
 from ranksearch.measure.latency import resolve_device
-from ranksearch.results.record import BASELINE, MODEL, anchor_attrs, warm_start_attrs
+from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
 from ranksearch.search.latency_table import LatencyTable, cache_name, variant_key
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
 from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
 from ranksearch.study.settings import RunSettings
-from ranksearch.util import describe, digest, import_object
+from ranksearch.util import describe, import_object
 
 ANCHORS = (("keep", None), ("svd", 0.5), ("tucker2", 0.5), ("svd", 0.25), ("tucker2", 0.25))
 """The baseline and uniform configurations every study starts with (where the space offers them)."""
@@ -56,7 +58,7 @@ class PreparedSearch:
     def prepare(
         cls,
         settings: RunSettings,
-        evaluator: Evaluator | Callable[[RunContext], Evaluator] | None = None,
+        evaluator: Callable[[RunContext], Evaluator] | None = None,
         *,
         space: SearchSpace,
         open_study: Callable[[], optuna.Study],
@@ -66,7 +68,7 @@ class PreparedSearch:
         """Load the problem, open the study (``open_study``, once the problem loaded), check that its weights and data
         are the study's, measure (or read) the baseline, build the latency table and sensitivity, and the screens.
 
-        ``evaluator`` is an instance, a factory taking the run's context, or None for the built-in evaluator.
+        ``evaluator`` builds the evaluator from the run's context (None: the built-in evaluator).
         ``phases`` receives the seconds spent per phase.
         """
         phases = {} if phases is None else phases
@@ -82,7 +84,6 @@ class PreparedSearch:
         study = open_study()
         fingerprint = problem_fingerprint(context.model, context.splits)
         check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
-        MODEL.write(study, context.model_spec())
         dense = dense_model_cost(context.model, context.example)
         baseline = measure_baseline(study, evaluator, dense, console)
         loaded = _Loaded(settings, context, space, slots, evaluator, console, phases)
@@ -167,11 +168,10 @@ def evaluator_factory(settings: RunSettings) -> Callable[[RunContext], Evaluator
 
 
 def _evaluator(
-    settings: RunSettings, context: RunContext, given: Evaluator | Callable[[RunContext], Evaluator] | None
+    settings: RunSettings, context: RunContext, factory: Callable[[RunContext], Evaluator] | None
 ) -> Evaluator:
-    if isinstance(given, Evaluator):
-        return given
-    if given is None:
+    """The evaluator ``factory`` builds on the run's context, or the built-in one."""
+    if factory is None:
         return ClassificationEvaluator(
             model=context.model,
             splits=context.splits,
@@ -182,7 +182,7 @@ def _evaluator(
         )
     name = settings.infra.evaluator
     try:
-        evaluator = given(context)
+        evaluator = factory(context)
     except USER_ERRORS:
         raise
     except Exception as exc:
@@ -190,7 +190,9 @@ def _evaluator(
             f"--evaluator {name}: construction failed ({describe(exc)}); make Class(*, context) build without raising"
         ) from None
     if not isinstance(evaluator, Evaluator):
-        raise RanksearchError(f"--evaluator {name}: not a ranksearch.Evaluator; derive the class from it")
+        raise RanksearchError(
+            f"evaluator {name or type(evaluator).__name__}: not a ranksearch.Evaluator; derive the class from it"
+        )
     return evaluator
 
 
@@ -287,7 +289,8 @@ class _Loaded:
             return None
         start = time.perf_counter()
         multiple = self.space.rank_multiple
-        key = digest([fingerprint, settings.search.space_digest, multiple, evaluator.zero_shot_key()])
+        parts = [fingerprint, settings.search.space_digest, multiple, *evaluator.zero_shot_key().values()]
+        key = hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()  # the first release's
         cache_file = settings.infra.results_dir / "sensitivity" / f"sensitivity-{key}.json"
         max_drop = settings.search.max_zero_shot_drop
         with _progress_bar("sensitivity", self.console) as update:

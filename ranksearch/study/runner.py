@@ -16,7 +16,7 @@ from ranksearch.measure.latency import resolve_device, torch_threads
 from ranksearch.models import model_family
 from ranksearch.results import front_trials, write_results
 from ranksearch.results.plots import write_plots_or_warn
-from ranksearch.results.record import PHASES, TEST_ACCURACY, TrialRecord
+from ranksearch.results.record import MODEL, PHASES, TEST_ACCURACY, TrialRecord
 from ranksearch.search import default_space_path
 from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.objective import Objective
@@ -44,7 +44,7 @@ def run_search(
     space = load_space(space_path, device, console)
     settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
     directory = settings.infra.results_dir / settings.name()
-    factory = evaluator_factory(settings) if evaluator is None else evaluator
+    factory = evaluator_factory(settings) if evaluator is None else lambda _: evaluator
     _check_writable(settings.infra.results_dir)
     check_existing_study(settings, directory)
     phases: dict[str, float] = {}
@@ -57,6 +57,7 @@ def run_search(
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=create_study, console=console, phases=phases
         )
+        MODEL.write(study, search.context.model_spec())
         if not study.trials:
             search.enqueue_starts(study)
         layer_names = list(search.slots)

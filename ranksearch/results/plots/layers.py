@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.errors import RanksearchError
+from ranksearch.errors import USER_ERRORS
 from ranksearch.results.plots.rows import PlotInfo, StudyRows, format_number
 
 SHORT_NAMES = {
@@ -124,7 +124,7 @@ def layer_param_shares(
             }
             for trial, config in configs.items()
         }
-    except (RanksearchError, KeyError):  # no such model or layer here: the caller falls back to rank fractions
+    except (*USER_ERRORS, KeyError):  # no such model or layer here: the caller falls back to rank fractions
         return None
 
 
