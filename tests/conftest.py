@@ -55,11 +55,12 @@ def space_yaml(**changes: object) -> str:
     return yaml.safe_dump({**TINY_SPACE, **changes}, sort_keys=False)
 
 
-def tiny_settings(workdir: Path, **changes: object) -> RunSettings:
+def tiny_settings(workdir: Path, *, space_text: str | None = None, **changes: object) -> RunSettings:
     """The tiny problem's settings (ResNet-18, a 512-image Fashion-MNIST subset, a 1-epoch baseline, 3 fine-tuning
-    steps, 7 trials: the 5 anchors and 2 sampled), its space and results under ``workdir``, with ``changes``."""
+    steps, 7 trials: the 5 anchors and 2 sampled), its space (``space_text``, default :func:`space_yaml`) and results
+    under ``workdir``, with ``changes``."""
     space = workdir / "tiny.yaml"
-    space.write_text(space_yaml())
+    space.write_text(space_text or space_yaml())
     values: dict[str, object] = dict(
         model="resnet18",
         budget=7,

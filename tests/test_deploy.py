@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import conftest
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -184,25 +185,9 @@ def study_dir(tmp_path: Path, monkeypatch) -> Path:
 
 
 def tiny_settings(root: Path, checkpoint: Path, **changes: object) -> RunSettings:
-    """The tiny search of tests/test_study.py, from given weights (no baseline training)."""
-    (root / "tiny.yaml").write_text(SPACE)
-    values = dict(
-        budget=3,
-        space=root / "tiny.yaml",
-        checkpoint=checkpoint,
-        train_subset=512,
-        eval_subset=256,
-        finetune_steps=2,
-        sensitivity=False,
-        early_reject=False,
-        batch_size=64,
-        calib_batches=1,
-        threads=1,
-        results_dir=root / "results",
-        data_root=root / "data",
-        study_name="ort",
-    )
-    return RunSettings.of(**{**values, **changes})
+    """The tiny search (``conftest.tiny_settings``) from given weights (no baseline training): 3 trials, this space."""
+    values = {"checkpoint": checkpoint, "budget": 3, "finetune_steps": 2, "study_name": "ort", **changes}
+    return conftest.tiny_settings(root, space_text=SPACE, **values)
 
 
 def test_search_timed_in_onnxruntime(study_dir: Path, apply_files: Path) -> None:
