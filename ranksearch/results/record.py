@@ -248,6 +248,19 @@ TEST_ACCURACY = StudyField[dict[str, float]]("test_accuracy", dict)
 """Test accuracy per front member, keyed by the trial number as a string."""
 PHASES = StudyField[dict[str, float]]("phase_seconds", dict)
 """Seconds per phase of the last run outside the trials (load, baseline training, test of the front)."""
+OBJECTIVES = StudyField[dict[str, str]]("objectives", dict)
+"""What the objective values are: ``{"latency": "relative"}`` (the candidate's latency over the dense model's timed
+beside it); absent in studies written before paired latency, whose second value is milliseconds."""
+RETIMED = StudyField[dict[str, dict[str, float]]]("retimed", dict)
+"""Front members timed again beside the dense model after the search, keyed by trial number as a string:
+``speedup`` (median), ``speedup_low`` / ``speedup_high`` (its 95 % interval over rounds), ``rounds``."""
+TEST_DROP = StudyField[dict[str, dict[str, float]]]("test_drop", dict)
+"""Per front member (trial number as a string): the test accuracy drop against the baseline on the same images, in
+points, with its paired 95 % interval: ``drop_pp``, ``low_pp``, ``high_pp``, ``images``."""
+RECOVERED = StudyField[dict[str, dict[str, Any]]]("recovered", dict)
+"""Trials fine-tuned after the search (the recovery stage, ``ranksearch finetune``), keyed by trial number as a
+string: ``epochs``, ``steps``, ``seconds``, ``test_accuracy``, ``drop_pp``, ``low_pp``, ``high_pp``, ``images``,
+``checkpoint`` (the path of the recovered model)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +275,10 @@ class StudyRecord:
     fingerprint: Mapping[str, str] = field(default_factory=dict)
     test_accuracy: Mapping[str, float] = field(default_factory=dict)
     phase_seconds: Mapping[str, float] = field(default_factory=dict)
+    objectives: Mapping[str, str] = field(default_factory=dict)
+    retimed: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    test_drop: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    recovered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
@@ -274,7 +291,16 @@ class StudyRecord:
             fingerprint=FINGERPRINT.read(study),
             test_accuracy=TEST_ACCURACY.read(study),
             phase_seconds=PHASES.read(study),
+            objectives=OBJECTIVES.read(study),
+            retimed=RETIMED.read(study),
+            test_drop=TEST_DROP.read(study),
+            recovered=RECOVERED.read(study),
         )
+
+    @property
+    def relative_latency(self) -> bool:
+        """Whether the second objective is the latency relative to the dense model (else milliseconds)."""
+        return self.objectives.get("latency") == "relative"
 
     def test_accuracy_of(self, trial: int) -> float | None:
         return self.test_accuracy.get(str(trial))

@@ -13,7 +13,7 @@ Modules: ``baseline`` (:func:`train_baseline` and its :class:`Recipe`), ``finetu
 
 from ranksearch.training.baseline import DEFAULT_RECIPE, Recipe, train_baseline
 from ranksearch.training.conv_grad import CpuConvGrads
-from ranksearch.training.evaluation import evaluate_accuracy, recalibrate_batchnorm
+from ranksearch.training.evaluation import correct_predictions, evaluate_accuracy, recalibrate_batchnorm
 from ranksearch.training.finetune import distillation_loss, finetune
 from ranksearch.training.loop import DivergedError
 
@@ -22,6 +22,7 @@ __all__ = [
     "CpuConvGrads",
     "DivergedError",
     "Recipe",
+    "correct_predictions",
     "distillation_loss",
     "evaluate_accuracy",
     "finetune",

@@ -10,27 +10,34 @@ from torch.utils.data import DataLoader
 
 from ranksearch.training.loop import channels_last, cycle, to_device
 
-__all__ = ["evaluate_accuracy", "recalibrate_batchnorm"]
+__all__ = ["correct_predictions", "evaluate_accuracy", "recalibrate_batchnorm"]
 
 
-@torch.no_grad()
 def evaluate_accuracy(
     model: nn.Module, loader: DataLoader, *, device: torch.device | str, max_batches: int | None = None
 ) -> float:
     """Top-1 accuracy (a fraction) of ``model`` in eval mode over ``loader`` (its first ``max_batches``)."""
+    correct = correct_predictions(model, loader, device=device, max_batches=max_batches)
+    return correct.sum().item() / max(len(correct), 1)
+
+
+@torch.no_grad()
+def correct_predictions(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | str, max_batches: int | None = None
+) -> torch.Tensor:
+    """Whether ``model`` (in eval mode) classifies each example of ``loader`` (its first ``max_batches``) right, in
+    the loader's order (a bool tensor on the CPU): what paired comparisons of two models on the same images need."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    hits: list[torch.Tensor] = []
     try:
         with channels_last(model, torch.device(device)):
             for images, labels in itertools.islice(loader, max_batches):
                 labels = labels.to(device)
-                correct += (model(to_device(images, device)).argmax(1) == labels).sum()
-                seen += len(labels)
+                hits.append((model(to_device(images, device)).argmax(1) == labels).cpu())
     finally:
         model.train(was_training)
-    return correct.item() / max(seen, 1)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 @torch.no_grad()
