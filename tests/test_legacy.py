@@ -90,28 +90,30 @@ def test_the_old_study_resumes(legacy: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_the_same_seeded_study_gives_the_same_trials(legacy: Path) -> None:
-    """Same configs, states and reasons, trial by trial, as the previous release (its ``trials.json``).
+def test_the_same_seeded_study_gives_the_same_anchors(legacy: Path) -> None:
+    """The anchors (baseline and uniform configs, enqueued first) give the same configs, states, costs and
+    accuracies as the previous release (its ``trials.json``).
 
-    Accuracies match too, except after a zero-shot check: that release let the check's data loader draw from the
-    global RNG before fine-tuning, so a checked config was fine-tuned differently from the same config evaluated
-    afresh (as on the test split). This release leaves the RNG as it was."""
+    Later trials differ by design: this release's latency objective is the speedup against the dense model timed
+    beside each candidate (the previous release's was milliseconds), and its warm starts come from the sensitivity
+    x latency knapsack, so the sampler proposes other configs."""
     result = run_search(recorded_settings(results_dir=Path("again")))
     new = result.study.get_trials(deepcopy=False)
-    assert [t.number for t in new] == [t["number"] for t in OLD_TRIALS]
-    for trial, old in zip(new, OLD_TRIALS, strict=True):
+    old_anchors = [t for t in OLD_TRIALS if t["user_attrs"].get("anchor")]
+    assert len(old_anchors) >= 4
+    for trial, old in zip(new, old_anchors, strict=False):
         attrs, old_attrs = trial.user_attrs, old["user_attrs"]
         where = f"trial {trial.number}"
-        assert trial.state.name == old["state"], where
+        assert trial.number == old["number"] and trial.state.name == old["state"], where
         assert trial.params == old["params"], where
         assert attrs["config"] == old_attrs["config"], where
-        assert attrs.get("fail_reason", "") == old_attrs.get("fail_reason", ""), where
-        for key in ("anchor", "warm_start", "zero_shot_accuracy", "params", "macs"):
+        for key in ("anchor", "params", "macs", "accuracy"):
             assert attrs.get(key) == old_attrs.get(key), f"{where}: {key}"
-        if "zero_shot_accuracy" not in old_attrs:  # see the docstring
-            assert attrs.get("accuracy") == old_attrs.get("accuracy"), f"{where}: accuracy"
+    assert sum(t.counts_toward_budget for t in records(result.study)) == sum(
+        t["state"] == "COMPLETE" or bool(t["user_attrs"].get("rejected_at_zero_shot")) for t in OLD_TRIALS
+    )
     checked = [t for t in new if "zero_shot_accuracy" in t.user_attrs and t.state == TrialState.COMPLETE]
-    assert len(checked) >= 5
+    assert checked  # early rejection still runs on the sampler's proposals
     assert optuna.load_study(study_name="legacy", storage="sqlite:///again/legacy/study.db").user_attrs["baseline"][
         "accuracy"
     ] == pytest.approx(0.7265625)

@@ -79,13 +79,15 @@ def test_pareto_plot_shows_what_the_tables_hold(tiny_run) -> None:
     for point in info.points:
         row = complete.loc[point.trial]
         assert point.accuracy == pytest.approx(row["accuracy"])
-        assert point.latency_ms == pytest.approx(row["latency_ms"])
+        assert point.latency == pytest.approx(row["relative_latency"])  # a new study: relative to the dense model
+        assert point.latency == pytest.approx(1 / row["speedup"])
         assert point.feasible == bool(row["feasible"])
         assert point.anchor == ("" if pd.isna(row["anchor"]) else row["anchor"])
         assert f"trial {point.trial}" in point.hover[0] and any("speedup" in line for line in point.hover)
     assert {p.anchor for p in info.points} >= {"baseline", "uniform svd@0.5"}
     baseline = tiny_run.baseline["accuracy"]
     assert info.accuracy_floor == pytest.approx(baseline - 0.03)
+    assert info.latency_label.startswith("latency relative to the dense model")
 
 
 def test_heatmap_rows_are_the_searched_layers_and_cells_match_the_tables(tiny_run) -> None:

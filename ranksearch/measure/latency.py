@@ -104,7 +104,40 @@ def measure_latency(
         model.train(was_training)
 
 
-def measure_latency_pair(
+@dataclass(frozen=True)
+class PairedLatency:
+    """A model timed beside a reference in alternating rounds (:func:`measure_speedup`)."""
+
+    reference: Latency
+    candidate: Latency
+    ratios: tuple[float, ...]
+    """Per round, the reference's median over the candidate's: the speedup as each round measured it."""
+
+    @property
+    def speedup(self) -> float:
+        """The reference's median over the candidate's, both medians of their rounds' medians."""
+        return self.reference.median_ms / self.candidate.median_ms
+
+    @property
+    def speedup_low(self) -> float:
+        """The slowest round's speedup. It exceeds 1 only when every round measured the candidate faster: a model
+        no faster than the reference does so by chance with probability ``0.5 ** rounds`` at most (a sign test)."""
+        return min(self.ratios)
+
+    @property
+    def speedup_high(self) -> float:
+        return max(self.ratios)
+
+    def summary(self) -> dict[str, float]:
+        """What a trial records of it."""
+        return {
+            "speedup_low": self.speedup_low,
+            "speedup_high": self.speedup_high,
+            "latency_rounds": float(len(self.ratios)),
+        }
+
+
+def measure_speedup(
     reference: nn.Module,
     model: nn.Module,
     example: torch.Tensor,
@@ -113,26 +146,37 @@ def measure_latency_pair(
     threads: int | None = None,
     rounds: int = 4,
     target_seconds: float = 0.5,
-) -> tuple[Latency, Latency]:
-    """Latencies of ``reference`` and ``model``, timed in ``rounds`` alternating rounds of
-    ``target_seconds / rounds`` each: the machine's drift hits both alike, so their ratio (a speedup)
-    holds where two back-to-back measurements can differ by 20 %. Each median is the median of its
-    rounds' medians; p10/p90 are the widest of the rounds'."""
+) -> PairedLatency:
+    """``reference`` and ``model`` timed in ``rounds`` alternating rounds of ``target_seconds / rounds`` each: the
+    machine's drift hits both alike, so their ratio (a speedup) holds where two back-to-back measurements can
+    differ by 20 %. Each median is the median of its rounds' medians; p10/p90 are the widest of the rounds'."""
+    return paired_rounds(
+        functools.partial(
+            measure_latency, reference, example, device=device, threads=threads, warmup=2, max_attempts=1
+        ),
+        functools.partial(measure_latency, model, example, device=device, threads=threads, warmup=2, max_attempts=1),
+        rounds=rounds,
+        target_seconds=target_seconds,
+    )
+
+
+def paired_rounds(
+    time_reference: Callable[..., Latency],
+    time_candidate: Callable[..., Latency],
+    *,
+    rounds: int,
+    target_seconds: float,
+) -> PairedLatency:
+    """Alternate ``time_reference(target_seconds=...)`` and ``time_candidate(target_seconds=...)`` for ``rounds``
+    rounds of ``target_seconds / rounds`` each (any backend: each callable times one model once)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     timed: tuple[list[Latency], list[Latency]] = ([], [])
     for _ in range(rounds):
-        for runs, module in zip(timed, (reference, model), strict=True):
-            runs.append(
-                measure_latency(
-                    module,
-                    example,
-                    device=device,
-                    threads=threads,
-                    warmup=2,
-                    target_seconds=target_seconds / rounds,
-                    max_attempts=1,
-                )
-            )
-    return _combined(timed[0]), _combined(timed[1])
+        for runs, time_model in zip(timed, (time_reference, time_candidate), strict=True):
+            runs.append(time_model(target_seconds=target_seconds / rounds))
+    ratios = tuple(ref.median_ms / cand.median_ms for ref, cand in zip(*timed, strict=True))
+    return PairedLatency(reference=_combined(timed[0]), candidate=_combined(timed[1]), ratios=ratios)
 
 
 def _combined(rounds: list[Latency]) -> Latency:

@@ -10,10 +10,12 @@ Runtime runs with its own int8 kernels.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.latency import Latency, time_repeatedly
+from ranksearch.measure.latency import Latency, PairedLatency, paired_rounds, time_repeatedly
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.util import atomic_open, first_line
 
@@ -160,6 +162,37 @@ def onnxruntime_latency(
     ``session.run`` per call, input already in numpy; ``threads`` intra-op threads (torch's count
     when None) and one inter-op thread.
     """
+    return onnxruntime_timer(path, example, threads=threads)(
+        warmup=warmup,
+        min_runs=min_runs,
+        max_runs=max_runs,
+        target_seconds=target_seconds,
+        max_spread=max_spread,
+        max_attempts=max_attempts,
+    )
+
+
+def onnxruntime_speedup(
+    reference: str | Path,
+    path: str | Path,
+    example: torch.Tensor,
+    *,
+    threads: int | None = None,
+    rounds: int = 4,
+    target_seconds: float = 0.5,
+) -> PairedLatency:
+    """The ONNX models at ``reference`` and ``path`` timed in alternating rounds in ONNX Runtime on CPU, each in
+    its own session loaded once (as :func:`~ranksearch.measure.latency.measure_speedup` times torch models)."""
+    timers = [
+        functools.partial(onnxruntime_timer(model, example, threads=threads), warmup=2, max_attempts=1)
+        for model in (reference, path)
+    ]
+    return paired_rounds(*timers, rounds=rounds, target_seconds=target_seconds)
+
+
+def onnxruntime_timer(path: str | Path, example: torch.Tensor, *, threads: int | None = None) -> Callable[..., Latency]:
+    """A session of the ONNX model at ``path``, loaded once, and a function that times it on ``example`` with
+    :func:`time_repeatedly` (its keyword arguments: warm-up, runs, target seconds, attempts)."""
     require_onnxruntime()
     used = threads if threads is not None else torch.get_num_threads()
     session = _session(Path(path), threads=used)
@@ -170,15 +203,4 @@ def onnxruntime_latency(
         session.run(None, feed)
         return (time.perf_counter_ns() - begin) / 1e6
 
-    return time_repeatedly(
-        time_once,
-        device="cpu",
-        threads=used,
-        backend="onnxruntime",
-        warmup=warmup,
-        min_runs=min_runs,
-        max_runs=max_runs,
-        target_seconds=target_seconds,
-        max_spread=max_spread,
-        max_attempts=max_attempts,
-    )
+    return functools.partial(time_repeatedly, time_once, device="cpu", threads=used, backend="onnxruntime")

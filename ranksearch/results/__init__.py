@@ -16,11 +16,12 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.results.record import BASELINE, SETTINGS, TEST_ACCURACY, TrialRecord, records
+from ranksearch.results.front import front_trials, speed_of
+from ranksearch.results.record import BASELINE, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url
 
 STORAGE_FILE = "study.db"
@@ -64,6 +65,9 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
             "latency_ms": trial.metrics.get("latency_ms"),
             "predicted_latency_ms": trial.predicted_latency_ms,
             "speedup": trial.speedup,
+            "speedup_low": trial.metrics.get("speedup_low"),
+            "speedup_high": trial.metrics.get("speedup_high"),
+            "relative_latency": None if not trial.speedup else 1.0 / trial.speedup,
             "accuracy_drop_pp": trial.accuracy_drop_pp,
             "params": trial.cost.get("params"),
             "macs": trial.cost.get("macs"),
@@ -79,30 +83,36 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
     return rows
 
 
-def front_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The feasible Pareto front, fastest first."""
-    try:
-        front = study.best_trials
-    except ValueError:
-        return []
-    return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
-
-
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
-    tests = TEST_ACCURACY.read(study)
+    stored = StudyRecord.of(study)
     rows = []
     for trial in map(TrialRecord.of, front_trials(study)):
         techniques = Counter(c["technique"] for c in trial.layers.values())
+        speed = speed_of(trial, stored.retimed)
+        key = str(trial.number)
+        test_drop, recovered = stored.test_drop.get(key, {}), stored.recovered.get(key, {})
         rows.append(
             {
                 "trial": trial.number,
                 "anchor": trial.anchor,
                 "accuracy": trial.metrics["accuracy"],
-                "test_accuracy": tests.get(str(trial.number)),
+                "test_accuracy": stored.test_accuracy.get(key),
                 "accuracy_drop_pp": trial.accuracy_drop_pp,
+                "test_drop_pp": test_drop.get("drop_pp"),
+                "test_drop_low_pp": test_drop.get("low_pp"),
+                "test_drop_high_pp": test_drop.get("high_pp"),
+                "recovered_test_accuracy": recovered.get("test_accuracy"),
+                "recovered_drop_pp": recovered.get("drop_pp"),
+                "recovered_drop_low_pp": recovered.get("low_pp"),
+                "recovered_drop_high_pp": recovered.get("high_pp"),
+                "recovered_epochs": recovered.get("epochs"),
+                "recovered_checkpoint": recovered.get("checkpoint"),
                 "latency_ms": trial.metrics["latency_ms"],
-                "speedup": trial.speedup,
+                "speedup": speed.speedup,
+                "speedup_low": speed.low,
+                "speedup_high": speed.high,
+                "retimed": speed.retimed,
                 "params": trial.cost.get("params"),
                 "macs": trial.cost.get("macs"),
                 "size_mb": trial.cost.get("size_bytes", 0) / 1e6,

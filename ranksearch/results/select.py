@@ -11,7 +11,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results.record import TrialRecord
+from ranksearch.results.front import compresses_nothing, front_trials, speed_of
+from ranksearch.results.record import StudyRecord, TrialRecord
 
 __all__ = ["select_trial"]
 
@@ -26,13 +27,14 @@ def select_trial(
     max_accuracy_drop: float | None = None,
     max_latency_ms: float | None = None,
 ) -> FrozenTrial:
-    """One complete trial: ``trial`` by number, or by rule among the complete feasible trials.
+    """One complete trial: ``trial`` by number, or by rule among the complete feasible trials (in a study with paired
+    latency, among the front's: the dense model and the trials measurably faster than it).
 
-    ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points)
-    picks the fastest trial within it; ``max_latency_ms`` alone picks the most accurate trial
-    within it; both pick the fastest trial within both (the drop is the accuracy floor, the
-    latency a ceiling). Ties go to the better other objective, then the earlier trial. When no
-    trial fits, the error names the closest one (the smallest overshoot, each bound's overshoot
+    ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points) picks the fastest
+    trial within it (by the speedup measured beside the dense model; never the dense model itself);
+    ``max_latency_ms`` alone picks the most accurate trial within it; both pick the fastest trial within both (the
+    drop is the accuracy floor, the latency a ceiling). Ties go to the better other objective, then the earlier
+    trial. When no trial fits, the error names the closest one (the smallest overshoot, each bound's overshoot
     relative to that bound, the drop's to at least 1 pp) and the bounds it would need.
     """
     name = study.study_name
@@ -47,22 +49,39 @@ def select_trial(
         raise RanksearchError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 percentage points")
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise RanksearchError(f"--max-latency-ms {max_latency_ms}: must be positive")
+    stored = StudyRecord.of(study)
+    relative = stored.relative_latency
     complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    candidates = front_trials(study) if relative else complete.values()
     pool = [
         r
-        for r in map(TrialRecord.of, complete.values())
+        for r in map(TrialRecord.of, candidates)
         if r.feasible and _finite_number(r.accuracy_drop_pp) and _finite_number(r.metrics.get("latency_ms"))
     ]
     if not pool:
         raise RanksearchError(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
+    speeds = {r.number: speed_of(r, stored.retimed).speedup or 0.0 for r in pool}
+
+    def slowness(trial: TrialRecord) -> float:
+        """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier
+        releases' studies)."""
+        return 1.0 / speeds[trial.number] if relative else _latency(trial)
+
     overshoot = _overshoot(max_accuracy_drop, max_latency_ms)
     fits = [t for t in pool if overshoot(t) == 0]
+    if relative and max_accuracy_drop is not None:  # never recommend the dense model, or anything not faster
+        fits = [t for t in fits if not compresses_nothing(t)]
+        if not fits:
+            raise RanksearchError(
+                f"no config of study {name!r} within a validation drop of {max_accuracy_drop:g} pp is measurably "
+                "faster than the dense model; keep the dense model, raise --max-accuracy-drop, or search longer"
+            )
     if fits:
         if max_accuracy_drop is not None:
-            return complete[min(fits, key=lambda t: (_latency(t), -_accuracy(t), t.number)).number]
-        return complete[min(fits, key=lambda t: (-_accuracy(t), _latency(t), t.number)).number]
+            return complete[min(fits, key=lambda t: (slowness(t), -_accuracy(t), t.number)).number]
+        return complete[min(fits, key=lambda t: (-_accuracy(t), slowness(t), t.number)).number]
     closest = min(pool, key=lambda t: (overshoot(t), t.number))
     drop, latency = _drop(closest), _latency(closest)
     needs = []

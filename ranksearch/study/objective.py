@@ -13,7 +13,7 @@ from ranksearch.compress import model_cost
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError, Rejected
 from ranksearch.evaluate import Metrics, ZeroShotScorer
-from ranksearch.results.record import Outcome, TrialRecord, TrialWriter, records
+from ranksearch.results.record import OBJECTIVES, Outcome, TrialRecord, TrialWriter, records
 from ranksearch.search import sample_config
 from ranksearch.search.latency_table import Observation
 from ranksearch.search.screens import Candidate, Prediction, Verdict, first_verdict
@@ -23,6 +23,8 @@ from ranksearch.util import describe
 MAX_SCREENED_IN_A_ROW = 100
 """Configs screened out in a row after which the run stops: the screens reject everything the sampler proposes."""
 SKIPPED_PHASES = ("finetune", "quantize", "latency", "accuracy")
+DENSE_SPEEDUP_KEYS = ("speedup_low", "speedup_high")
+"""Per-round speedups of a config that compresses nothing, recorded as exactly 1 like its speedup."""
 """The evaluator phases a zero-shot rejection skips."""
 
 
@@ -32,9 +34,10 @@ class Objective:
     Per trial: sample a config -> record its cost -> predict its latency (latency table) -> ask the screens, in
     order (the first verdict prunes the trial, which does not count towards the budget) -> with early rejection,
     measure its zero-shot accuracy and ask the zero-shot screen (a verdict prunes the trial, which counts) ->
-    evaluate -> record the metrics, the accuracy drop, the speedup and the constraints. Anchors and warm starts
-    are protected from all but hard limits. An evaluator exception fails the trial with its first line as the
-    reason; a user error (:class:`~ranksearch.errors.RanksearchError`) stops the search.
+    evaluate -> record the metrics, the accuracy drop, the speedup and the constraints -> return the accuracy and the
+    latency relative to the dense model timed beside it (1 / speedup; exactly 1 for the dense model). Anchors and
+    warm starts are protected from all but hard limits. An evaluator exception fails the trial with its first line as
+    the reason; a user error (:class:`~ranksearch.errors.RanksearchError`) stops the search.
     """
 
     def __init__(self, search: PreparedSearch, *, max_screened_in_a_row: int = MAX_SCREENED_IN_A_ROW) -> None:
@@ -66,13 +69,20 @@ class Objective:
             return self.failed(writer, exc)
         baseline = search.baseline
         drop_pp = 100.0 * (baseline["accuracy"] - metrics.accuracy)
-        writer.measured(metrics.as_dict(), accuracy_drop_pp=drop_pp, speedup=metrics.speedup(baseline["latency_ms"]))
+        measured = metrics.as_dict()
+        speedup = metrics.speedup(baseline["latency_ms"])
+        if all(choice.technique == "keep" for choice in config.layers.values()):
+            speedup = 1.0  # the dense model against itself: a front member by definition, whatever the noise
+            measured.update({key: 1.0 for key in DENSE_SPEEDUP_KEYS if key in measured})
+        writer.measured(measured, accuracy_drop_pp=drop_pp, speedup=speedup)
         limits = search.settings.search
         if limits.max_accuracy_drop is not None:
             trial.set_constraint("accuracy_drop", drop_pp - limits.max_accuracy_drop)
         if limits.max_latency_ms is not None:
             trial.set_constraint("latency", metrics.latency_ms - limits.max_latency_ms)
-        return metrics.accuracy, metrics.latency_ms
+        if OBJECTIVES.read(trial.study).get("latency") == "relative":
+            return metrics.accuracy, 1.0 / speedup
+        return metrics.accuracy, metrics.latency_ms  # a study of an earlier release, resumed: milliseconds
 
     def predict(self, study: optuna.Study, config: CompressionConfig) -> Prediction | None:
         """The latency table's prediction, refitted on every complete trial so far (:meth:`LatencyTable.fitted`):

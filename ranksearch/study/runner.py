@@ -9,16 +9,16 @@ from pathlib import Path
 import optuna
 from rich.console import Console
 
-from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate import Evaluator, Metrics
+from ranksearch.evaluate import Evaluator
 from ranksearch.measure.latency import resolve_device, torch_threads
 from ranksearch.models import model_family
-from ranksearch.results import front_trials, write_results
+from ranksearch.results import write_results
 from ranksearch.results.plots import write_plots_or_warn
-from ranksearch.results.record import MODEL, PHASES, TEST_ACCURACY, TrialRecord
+from ranksearch.results.record import MODEL, PHASES
 from ranksearch.search import default_space_path
 from ranksearch.study.budget import optimize_to_budget
+from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
 from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
@@ -63,6 +63,9 @@ def run_search(
         layer_names = list(search.slots)
         try:
             _optimize(search, study, directory, layer_names, console)
+            start = time.perf_counter()
+            confirm_front_speedups(study, search.evaluator, console)
+            phases["retime_front"] = time.perf_counter() - start
             start = time.perf_counter()
             measure_front_test_accuracy(study, search.evaluator, console)
             phases["test_front"] = time.perf_counter() - start
@@ -115,19 +118,3 @@ def _optimize(
             refresh=refresh,
             console=console,
         )
-
-
-def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, console: Console) -> None:
-    """Measure test accuracy once per Pareto member (recorded, so a rerun does not repeat it)."""
-    tests = dict(TEST_ACCURACY.read(study))
-    pending = [t for t in front_trials(study) if str(t.number) not in tests]
-    for trial in pending:
-        console.print(f"test split: trial {trial.number}")
-        config = CompressionConfig.from_dict(TrialRecord.of(trial).config)
-        try:
-            tests[str(trial.number)] = Metrics.coerce(evaluator, evaluator.evaluate(config, split="test")).accuracy
-        except (RanksearchError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            console.print(f"test split: trial {trial.number} failed ({type(exc).__name__}: {exc})")
-        TEST_ACCURACY.write(study, tests)

@@ -21,7 +21,7 @@ import sqlalchemy
 
 from ranksearch.errors import RanksearchError
 from ranksearch.results import STORAGE_FILE
-from ranksearch.results.record import IDENTITY, SETTINGS
+from ranksearch.results.record import IDENTITY, OBJECTIVES, SETTINGS
 from ranksearch.study.settings import RunSettings
 from ranksearch.util import describe, digest, sqlite_url
 
@@ -120,8 +120,9 @@ def open_study(settings: RunSettings, directory: Path) -> optuna.Study:
         raise _storage_error(settings, directory, exc) from None
     recorded = IDENTITY.read(study) if IDENTITY.stored(study) else None
     _check_identity(settings, recorded)
-    if recorded is None:
-        study.set_metric_names(["accuracy", "latency_ms"])
+    if recorded is None:  # a new study: its second objective is the latency relative to the dense model's
+        study.set_metric_names(["accuracy", "relative_latency"])
+        OBJECTIVES.write(study, {"latency": "relative"})
         IDENTITY.write(study, settings.identity())
     SETTINGS.write(study, settings.to_flat())  # the latest budget and timeout, for workers to follow
     return study

@@ -38,7 +38,7 @@ def pareto_figure(info: ParetoInfo) -> Figure:
     if info.front:
         front = groups["front"]
         ax.step(
-            [p.latency_ms for p in front],
+            [p.latency for p in front],
             [100 * p.accuracy for p in front],
             where="post",
             color=COLORS["front"],
@@ -49,7 +49,7 @@ def pareto_figure(info: ParetoInfo) -> Figure:
     for key, points in groups.items():
         if points:
             ax.scatter(
-                [p.latency_ms for p in points],
+                [p.latency for p in points],
                 [100 * p.accuracy for p in points],
                 label=legend[key],
                 zorder=3 + list(groups).index(key),
@@ -60,7 +60,7 @@ def pareto_figure(info: ParetoInfo) -> Figure:
         vertical, side = info.label_position(p, i).split()
         ax.annotate(
             p.label(),
-            (p.latency_ms, 100 * p.accuracy),
+            (p.latency, 100 * p.accuracy),
             xytext=(9 if side == "right" else -9, 8 if vertical == "top" else -14),
             textcoords="offset points",
             ha="left" if side == "right" else "right",
@@ -72,7 +72,7 @@ def pareto_figure(info: ParetoInfo) -> Figure:
     for p in groups["front"]:
         ax.annotate(
             f"#{p.trial}",
-            (p.latency_ms, 100 * p.accuracy),
+            (p.latency, 100 * p.accuracy),
             xytext=(-6, 7),
             textcoords="offset points",
             fontsize=FONT_SIZE - 3,

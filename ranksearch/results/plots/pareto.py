@@ -15,7 +15,8 @@ class Point:
 
     trial: int
     accuracy: float
-    latency_ms: float
+    latency: float
+    """Relative to the dense model (1 / speedup), or milliseconds in studies of earlier releases."""
     feasible: bool
     anchor: str
     hover: tuple[str, ...]
@@ -60,9 +61,9 @@ class ParetoInfo(PlotInfo):
 
     def label_position(self, point: Point, index: int) -> str:
         """Where an anchor's label goes: above or below (alternating), to the left of points in the slowest quarter."""
-        latencies = [p.latency_ms for p in self.points]
+        latencies = [p.latency for p in self.points]
         low, high = min(latencies), max(latencies)
-        side = "left" if high > low and point.latency_ms > low + 0.75 * (high - low) else "right"
+        side = "left" if high > low and point.latency > low + 0.75 * (high - low) else "right"
         return f"{'top' if index % 2 == 0 else 'bottom'} {side}"
 
     def title(self) -> str:
@@ -84,13 +85,7 @@ class ParetoInfo(PlotInfo):
 
 
 def pareto_info(rows: StudyRows) -> ParetoInfo:
-    settings = rows.settings
-    threads = settings.get("threads")
-    latency_label = (
-        f"measured latency (ms; {settings.get('device', 'cpu')}, batch {settings.get('latency_batch', 1)}, "
-        f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''})"
-    )
-    drop = settings.get("max_accuracy_drop")
+    drop = rows.settings.get("max_accuracy_drop")
     floor = None
     if drop is not None and "accuracy" in rows.baseline:
         floor = rows.baseline["accuracy"] - drop / 100
@@ -100,7 +95,7 @@ def pareto_info(rows: StudyRows) -> ParetoInfo:
             Point(
                 trial=r["trial"],
                 accuracy=r["accuracy"],
-                latency_ms=r["latency_ms"],
+                latency=rows.latency(r),
                 feasible=bool(r["feasible"]),
                 anchor=r["anchor"] or "",
                 hover=_hover(r, rows.layer_names),
@@ -110,7 +105,7 @@ def pareto_info(rows: StudyRows) -> ParetoInfo:
         front=tuple(r["trial"] for r in rows.front),
         failed=sum(r["state"] == "FAIL" for r in rows.trials),
         accuracy_floor=floor,
-        latency_label=latency_label,
+        latency_label=rows.latency_label(),
     )
 
 

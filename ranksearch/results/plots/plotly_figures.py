@@ -37,7 +37,7 @@ def pareto_figure(info: ParetoInfo) -> go.Figure:
         front = groups["front"]
         fig.add_trace(
             go.Scatter(
-                x=[p.latency_ms for p in front],
+                x=[p.latency for p in front],
                 y=[100 * p.accuracy for p in front],
                 mode="lines",
                 line={"shape": "hv", "color": COLORS["front"], "width": 2},
@@ -51,7 +51,7 @@ def pareto_figure(info: ParetoInfo) -> go.Figure:
         labelled = key in ("baseline", "anchors")
         fig.add_trace(
             go.Scatter(
-                x=[p.latency_ms for p in points],
+                x=[p.latency for p in points],
                 y=[100 * p.accuracy for p in points],
                 mode="markers+text" if labelled else "markers",
                 text=[p.label() for p in points] if labelled else None,

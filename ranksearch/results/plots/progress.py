@@ -25,7 +25,7 @@ class ProgressInfo(PlotInfo):
     trials: tuple[int, ...]
     hypervolume: tuple[float, ...]
     reference: tuple[float, float]
-    """(accuracy, latency_ms)."""
+    """(accuracy, latency objective)."""
     speedup: tuple[float | None, ...]
     within_budget: tuple[bool, ...]
     best_speedup: tuple[float | None, ...]
@@ -42,7 +42,7 @@ def progress_info(rows: StudyRows) -> ProgressInfo:
     complete = rows.complete()
     reference = (
         min((r["accuracy"] for r in complete), default=0.0),
-        1.1 * max((r["latency_ms"] for r in complete), default=0.0),
+        1.1 * max((rows.latency(r) for r in complete), default=0.0),
     )
     budget = rows.accuracy_budget_pp()
     hypervolume, best_speedup, within_budget = [], [], []
@@ -50,7 +50,7 @@ def progress_info(rows: StudyRows) -> ProgressInfo:
     best = None
     for r in complete:
         if r["feasible"]:
-            feasible.append((r["accuracy"], r["latency_ms"]))
+            feasible.append((r["accuracy"], rows.latency(r)))
         hypervolume.append(hypervolume_2d(feasible, reference))
         drop, speedup = r["accuracy_drop_pp"], r["speedup"]
         within = drop is not None and speedup is not None and drop <= budget

@@ -10,7 +10,7 @@ import optuna
 
 from ranksearch.config import CompressionConfig
 from ranksearch.results import baseline, front_configs, front_rows, layer_order, trial_rows
-from ranksearch.results.record import MODEL, SETTINGS
+from ranksearch.results.record import MODEL, OBJECTIVES, SETTINGS
 
 DEFAULT_ACCURACY_BUDGET_PP = 1.0
 """The accuracy budget of "best speedup within budget" when the study set no ``--max-accuracy-drop``."""
@@ -32,6 +32,8 @@ class StudyRows:
     baseline: dict[str, float]
     model_spec: dict[str, Any] | None
     """How the study's model is rebuilt (``build_model`` arguments), when recorded."""
+    relative: bool = False
+    """Whether the study's latency objective is relative to the dense model (else milliseconds: earlier releases)."""
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRows:
@@ -45,10 +47,27 @@ class StudyRows:
             settings=dict(SETTINGS.read(study)),
             baseline=baseline(study),
             model_spec=MODEL.read(study) if MODEL.stored(study) else None,
+            relative=OBJECTIVES.read(study).get("latency") == "relative",
         )
 
     def complete(self) -> list[dict[str, Any]]:
         return [r for r in self.trials if r["state"] == "COMPLETE" and r["accuracy"] is not None]
+
+    def latency(self, row: dict[str, Any]) -> float:
+        """The row's latency objective: relative to the dense model (1 / speedup), or milliseconds."""
+        return float(row["relative_latency"] if self.relative else row["latency_ms"])
+
+    def latency_label(self) -> str:
+        """The latency axis' title: what was measured, where."""
+        settings = self.settings
+        threads = settings.get("threads")
+        where = (
+            f"{settings.get('device', 'cpu')}, batch {settings.get('latency_batch', 1)}, "
+            f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''}"
+        )
+        if self.relative:
+            return f"latency relative to the dense model timed beside it (1 / speedup; {where})"
+        return f"measured latency (ms; {where})"
 
     def accuracy_budget_pp(self) -> float:
         budget = self.settings.get("max_accuracy_drop")

@@ -1,0 +1,97 @@
+"""After the trials: confirm the front's speedups, then measure its members on the test split with paired intervals."""
+
+from __future__ import annotations
+
+import optuna
+import torch
+from rich.console import Console
+
+from ranksearch.config import CompressionConfig
+from ranksearch.errors import RanksearchError
+from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
+from ranksearch.results import front_trials
+from ranksearch.results.confidence import paired_drop
+from ranksearch.results.front import compresses_nothing, speed_of
+from ranksearch.results.record import OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
+
+__all__ = ["RETIME_ROUNDS", "RETIME_SECONDS", "confirm_front_speedups", "measure_front_test_accuracy"]
+
+RETIME_ROUNDS = 10
+"""Alternating rounds of a re-timing: a config no faster than the dense model passes all of them with p <= 1/1024."""
+RETIME_SECONDS = 2.0
+"""Seconds a re-timing spends on both models together."""
+
+
+def confirm_front_speedups(
+    study: optuna.Study,
+    evaluator: Evaluator,
+    console: Console,
+    *,
+    rounds: int = RETIME_ROUNDS,
+    target_seconds: float = RETIME_SECONDS,
+) -> int:
+    """Time the front's borderline members again beside the dense model (recorded in ``RETIMED``), until every
+    member is measurably faster than the dense model (or is the dense model): a member found not faster leaves
+    the front, and whoever it dominated is considered in turn. Needs a :class:`PairedTiming` evaluator and a study
+    with paired latency; returns the number of trials timed again."""
+    if not isinstance(evaluator, PairedTiming) or OBJECTIVES.read(study).get("latency") != "relative":
+        return 0
+    retimed = dict(RETIMED.read(study))
+    count = 0
+    while True:
+        pending = [
+            record
+            for record in map(TrialRecord.of, front_trials(study, confirmed=False))
+            if not compresses_nothing(record) and speed_of(record, retimed).borderline
+        ]
+        if not pending:
+            return count
+        for record in pending:
+            paired = evaluator.time_beside_dense(
+                record.compression_config(), rounds=rounds, target_seconds=target_seconds
+            )
+            retimed[str(record.number)] = {
+                "speedup": paired.speedup,
+                "speedup_low": paired.speedup_low,
+                "speedup_high": paired.speedup_high,
+                "rounds": float(len(paired.ratios)),
+            }
+            RETIMED.write(study, retimed)
+            count += 1
+            verdict = "measurably faster" if speed_of(record, retimed).measurably_faster else "not measurably faster"
+            console.print(
+                f"re-timed trial {record.number}: {paired.speedup:.2f}x "
+                f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x), {verdict} than the dense model"
+            )
+
+
+def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, console: Console) -> None:
+    """Measure test accuracy once per Pareto member (recorded, so a rerun does not repeat it), and where the evaluator
+    gives per-image correctness (:attr:`Metrics.correct`), the paired 95 % interval of its drop against the dense
+    model on the same images (``TEST_DROP``)."""
+    tests, drops = dict(TEST_ACCURACY.read(study)), dict(TEST_DROP.read(study))
+    pending = [t for t in front_trials(study) if str(t.number) not in tests or str(t.number) not in drops]
+    if not pending:
+        return
+    baseline = _test_metrics(evaluator, CompressionConfig(layers={}), "the dense model", console)
+    for trial in pending:
+        console.print(f"test split: trial {trial.number}")
+        metrics = _test_metrics(evaluator, TrialRecord.of(trial).compression_config(), f"trial {trial.number}", console)
+        if metrics is None:
+            continue
+        tests[str(trial.number)] = metrics.accuracy
+        if baseline is not None and baseline.correct is not None and metrics.correct is not None:
+            drop = paired_drop(torch.as_tensor(baseline.correct), torch.as_tensor(metrics.correct))
+            drops[str(trial.number)] = drop.to_dict()
+            TEST_DROP.write(study, drops)
+        TEST_ACCURACY.write(study, tests)
+
+
+def _test_metrics(evaluator: Evaluator, config: CompressionConfig, what: str, console: Console) -> Metrics | None:
+    try:
+        return Metrics.coerce(evaluator, evaluator.evaluate(config, split="test"))
+    except (RanksearchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        console.print(f"test split: {what} failed ({type(exc).__name__}: {exc})")
+        return None

@@ -1,0 +1,207 @@
+"""Fronts a user can trust: paired speedups, the dense model always on the front, nothing slower recommended,
+borderline members timed again, test drops with paired intervals."""
+
+from __future__ import annotations
+
+import io
+
+import optuna
+import pytest
+import torch
+from optuna.trial import create_trial
+from rich.console import Console
+
+import ranksearch as rs
+from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
+from ranksearch.evaluate.classification import ClassificationEvaluator
+from ranksearch.measure.latency import Latency, PairedLatency, torch_threads
+from ranksearch.results import front_rows, front_trials, record
+from ranksearch.results.confidence import DropEstimate, paired_drop
+from ranksearch.results.select import select_trial
+from ranksearch.study import load_problem
+from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
+
+BASELINE = {"accuracy": 0.90, "latency_ms": 10.0, "test_accuracy": 0.9, "params": 1000, "macs": 5000}
+SVD = {"layers": {"conv": {"technique": "svd", "rank": 0.5}}}
+# number: (accuracy, speedup, (slowest round, fastest round) or None)
+TRIALS = {
+    0: (0.900, 1.0, (1.0, 1.0)),  # the dense model
+    1: (0.908, 1.05, (0.97, 1.10)),  # borderline: faster at the median, not in every round (the most accurate)
+    2: (0.890, 1.60, (1.40, 1.80)),  # measurably faster
+    3: (0.895, 0.80, (0.70, 0.90)),  # slower than the dense model
+    4: (0.850, 3.00, (2.50, 3.20)),  # fastest
+    5: (0.880, 1.50, (1.30, 1.70)),  # dominated by trial 2
+    6: (0.905, 1.20, None),  # more accurate than dense, no rounds timed (a custom evaluator): the point decides
+}
+
+
+def relative_study() -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="paired")
+    record.OBJECTIVES.write(study, {"latency": "relative"})
+    record.BASELINE.write(study, BASELINE)
+    for number, (accuracy, speedup, rounds) in TRIALS.items():
+        attrs = {
+            "config": SVD if number else {"layers": {"conv": {"technique": "keep"}}},
+            "accuracy": accuracy,
+            "latency_ms": BASELINE["latency_ms"] / speedup,
+            "reference_latency_ms": BASELINE["latency_ms"],
+            "accuracy_drop_pp": 100 * (BASELINE["accuracy"] - accuracy),
+            "speedup": speedup,
+        }
+        if rounds is not None:
+            attrs.update(speedup_low=rounds[0], speedup_high=rounds[1])
+        study.add_trial(create_trial(values=[accuracy, 1 / speedup], user_attrs=attrs))
+    return study
+
+
+def test_the_front_holds_the_dense_model_and_only_measurably_faster_trials() -> None:
+    study = relative_study()
+    assert [t.number for t in front_trials(study)] == [4, 2, 6, 0]  # fastest first; 1 borderline, 3 slower, 5 dominated
+    assert [t.number for t in front_trials(study, confirmed=False)] == [4, 2, 6, 1, 0]
+    rows = front_rows(study)
+    assert rows[-1]["trial"] == 0 and rows[-1]["speedup"] == 1.0
+    assert all(r["speedup"] > 1 and (r["speedup_low"] is None or r["speedup_low"] > 1) for r in rows[:-1])
+
+
+def test_the_dense_model_stays_on_the_front_when_dominated() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    record.OBJECTIVES.write(study, {"latency": "relative"})
+    for accuracy, speedup, config in ((0.90, 1.0, {"layers": {}}), (0.91, 2.0, SVD)):
+        attrs = {"config": config, "accuracy": accuracy, "latency_ms": 1 / speedup, "speedup": speedup}
+        study.add_trial(create_trial(values=[accuracy, 1 / speedup], user_attrs=attrs))
+    assert [t.number for t in front_trials(study)] == [1, 0]
+
+
+class FixedTimer(Evaluator, PairedTiming):
+    """A custom evaluator whose re-timing gives fixed per-round speedups: the protocol, not a machine, is under test."""
+
+    def __init__(self, ratios: tuple[float, ...]) -> None:
+        self.ratios = ratios
+        self.timed: list[CompressionConfig] = []
+
+    def evaluate(self, config: CompressionConfig, *, split: str = "val") -> Metrics:
+        raise AssertionError("re-timing must not evaluate")
+
+    def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
+        self.timed.append(config)
+        ratios = (self.ratios * rounds)[:rounds]
+        median = sorted(ratios)[len(ratios) // 2]
+        return PairedLatency(reference=_latency(1.0), candidate=_latency(1 / median), ratios=ratios)
+
+
+def _latency(median: float) -> Latency:
+    return Latency(median_ms=median, p10_ms=median, p90_ms=median, runs=10, attempts=1, device="cpu", threads=1)
+
+
+def test_borderline_members_are_timed_again_and_the_timing_decides() -> None:
+    study = relative_study()
+    console = Console(quiet=True)
+    timer = FixedTimer((0.99, 1.02))
+    assert confirm_front_speedups(study, timer, console, rounds=10) == 1  # trial 1 only: the others are decided
+    assert len(timer.timed) == 1 and timer.timed[0].layers["conv"].technique == "svd"
+    retimed = record.RETIMED.read(study)
+    assert set(retimed) == {"1"} and retimed["1"]["rounds"] == 10 and retimed["1"]["speedup_low"] == 0.99
+    assert 1 not in [t.number for t in front_trials(study, confirmed=False)]  # refuted: out for good
+    assert confirm_front_speedups(study, timer, console) == 0  # nothing left to time
+
+
+def test_a_confirmed_borderline_member_joins_the_front() -> None:
+    study = relative_study()
+    confirm_front_speedups(study, FixedTimer((1.04, 1.08)), Console(quiet=True))
+    assert [t.number for t in front_trials(study)] == [4, 2, 6, 1, 0]
+    assert next(r for r in front_rows(study) if r["trial"] == 1)["retimed"] is True
+
+
+def test_export_never_picks_the_dense_model_or_a_slower_config() -> None:
+    study = relative_study()
+    assert select_trial(study, max_accuracy_drop=0.5).number == 6  # trial 1 (1.05x) is not confirmed
+    assert select_trial(study, max_accuracy_drop=1.0).number == 2
+    assert select_trial(study, max_accuracy_drop=100).number == 4
+    only_slower = optuna.create_study(directions=["maximize", "minimize"], study_name="slow")
+    record.OBJECTIVES.write(only_slower, {"latency": "relative"})
+    for accuracy, speedup, config in ((0.90, 1.0, {"layers": {}}), (0.899, 0.7, SVD)):
+        attrs = {"config": config, "accuracy": accuracy, "latency_ms": 1 / speedup, "speedup": speedup}
+        attrs["accuracy_drop_pp"] = 100 * (0.90 - accuracy)
+        only_slower.add_trial(create_trial(values=[accuracy, 1 / speedup], user_attrs=attrs))
+    with pytest.raises(rs.RanksearchError, match="measurably faster than the dense model"):
+        select_trial(only_slower, max_accuracy_drop=1.0)
+    assert select_trial(only_slower, trial=1).number == 1  # asked for by number: the user's call
+
+
+def test_paired_drop_interval() -> None:
+    same = torch.tensor([True, False, True, True])
+    assert paired_drop(same, same) == DropEstimate(0.0, 0.0, 0.0, 4)
+    base = torch.ones(1000, dtype=torch.bool)
+    worse = base.clone()
+    worse[:20] = False  # 2 points lower on the same images
+    drop = paired_drop(base, worse)
+    assert drop.drop_pp == pytest.approx(2.0) and drop.low_pp < 2.0 < drop.high_pp
+    # the half-width of a paired difference of 20 discordant pairs out of 1000: 1.96 * sd / sqrt(n)
+    half_width = 100 * 1.96 * (0.02 * 0.98 * 1000 / 999) ** 0.5 / 1000**0.5  # 1.96 sd / sqrt(n) of the differences
+    assert drop.high_pp - drop.drop_pp == pytest.approx(half_width, rel=1e-3)
+    assert drop.within(2.5, confident=False) and not drop.within(2.5, confident=True)
+    assert DropEstimate.from_dict(drop.to_dict()) == drop
+    with pytest.raises(ValueError, match="same non-empty images"):
+        paired_drop(base, worse[:10])
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tiny_search) -> ClassificationEvaluator:
+    """The built-in evaluator on the tiny search's problem (its trained model and data)."""
+    settings, _ = tiny_search
+    context = load_problem(settings, torch.device("cpu"), Console(file=io.StringIO()))
+    return ClassificationEvaluator(
+        model=context.model,
+        splits=context.splits,
+        device=torch.device("cpu"),
+        options=settings.evaluation,
+        threads=settings.infra.threads,
+        seed=settings.problem.seed,
+    )
+
+
+def test_the_test_split_gets_paired_drops(tiny_search, tiny_evaluator) -> None:
+    """On the finished tiny search: every front member's test drop and its interval, from the evaluator's per-image
+    correctness against the dense model's on the same images."""
+    study = tiny_search[1].study
+    drops = dict(record.TEST_DROP.read(study))
+    tests = record.TEST_ACCURACY.read(study)
+    baseline_test = record.BASELINE.read(study)["test_accuracy"]
+    assert set(drops) == {str(t.number) for t in front_trials(study)}
+    for number, drop in drops.items():
+        assert drop["low_pp"] <= drop["drop_pp"] <= drop["high_pp"]
+        assert drop["drop_pp"] == pytest.approx(100 * (baseline_test - tests[number]), abs=1e-9)
+    again = optuna.create_study(directions=["maximize", "minimize"])
+    for key, value in study.user_attrs.items():
+        again.set_user_attr(key, value)
+    for trial in study.trials:
+        again.add_trial(trial)
+    record.TEST_DROP.write(again, {})
+    with torch_threads(tiny_search[0].infra.threads):
+        measure_front_test_accuracy(again, tiny_evaluator, Console(quiet=True))
+    assert record.TEST_DROP.read(again) == drops  # the shared study stays as it was: measured again on a copy
+
+
+def test_trial_values_are_the_latency_relative_to_the_dense_model(tiny_search) -> None:
+    study = tiny_search[1].study
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    dense = [t for t in complete if all(c["technique"] == "keep" for c in t.user_attrs["config"]["layers"].values())]
+    assert dense and all(t.values[1] == 1.0 and t.user_attrs["speedup"] == 1.0 for t in dense)
+    for trial in complete:
+        attrs = trial.user_attrs
+        assert trial.values[1] == pytest.approx(1 / attrs["speedup"])
+        if trial not in dense:
+            assert attrs["speedup"] == pytest.approx(attrs["reference_latency_ms"] / attrs["latency_ms"])
+            assert attrs["speedup_low"] <= attrs["speedup_high"] and attrs["latency_rounds"] == 4
+    assert record.StudyRecord.of(study).relative_latency
+
+
+def test_time_beside_dense_times_the_config_in_rounds(tiny_search, tiny_evaluator) -> None:
+    layer = next(name for name, _ in tiny_evaluator.model.named_modules() if name.endswith("conv1") and "." in name)
+    config = CompressionConfig(layers={layer: LayerChoice("svd", 0.25, int8=True)})
+    with torch_threads(1):
+        paired = tiny_evaluator.time_beside_dense(config, rounds=3, target_seconds=0.3)
+    assert len(paired.ratios) == 3 and paired.speedup_low <= paired.speedup_high
+    assert paired.reference.attempts == paired.candidate.attempts == 3
+    assert paired.speedup == pytest.approx(paired.reference.median_ms / paired.candidate.median_ms)
