@@ -18,7 +18,9 @@ from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.measure.latency import Latency, PairedLatency, torch_threads
 from ranksearch.results import front_rows, front_trials, record
 from ranksearch.results.confidence import DropEstimate, paired_drop
+from ranksearch.results.export import accuracy_statements
 from ranksearch.results.select import select_trial
+from ranksearch.results.show import show_study
 from ranksearch.study import load_problem
 from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
 
@@ -205,3 +207,32 @@ def test_time_beside_dense_times_the_config_in_rounds(tiny_search, tiny_evaluato
     assert len(paired.ratios) == 3 and paired.speedup_low <= paired.speedup_high
     assert paired.reference.attempts == paired.candidate.attempts == 3
     assert paired.speedup == pytest.approx(paired.reference.median_ms / paired.candidate.median_ms)
+
+
+@pytest.mark.parametrize(
+    ("drop", "verdict"),
+    [
+        ((0.30, 0.10, 0.50), "within 1 pp with 95 % confidence"),
+        ((0.80, 0.50, 1.10), "within 1 pp at the point estimate only, not with 95 % confidence"),
+        ((1.20, 0.90, 1.50), "not within 1 pp"),
+    ],
+)
+def test_export_states_whether_a_rule_holds_with_confidence(drop, verdict) -> None:
+    stored = dict(zip(("drop_pp", "low_pp", "high_pp"), drop, strict=True)) | {"images": 10000}
+    recovered = {**stored, "epochs": 2, "checkpoint": "results/s/recovered/trial-3.pt"}
+    meta = {"metrics": {"accuracy_drop_pp": 0.7, "test_drop": stored}, "recovered": recovered}
+    lines = accuracy_statements(meta, 1.0)
+    assert lines[0].startswith("the rule (validation drop <= 1 pp) holds at the point estimate: 0.70 pp")
+    assert lines[1].startswith(f"test split: drop {drop[0]:.2f} pp [{drop[1]:.2f}, {drop[2]:.2f}]")
+    assert lines[1].endswith(verdict) and lines[2].endswith(verdict)
+    assert lines[2].startswith("test split after 2 recovery epochs") and lines[3].endswith("trial-3.pt")
+    assert accuracy_statements({"metrics": {}}, None) == []
+
+
+def test_show_gives_intervals_in_one_cell_each() -> None:
+    study = relative_study()
+    record.TEST_DROP.write(study, {"2": {"drop_pp": 1.0, "low_pp": 0.5, "high_pp": 1.5, "images": 100}})
+    out = io.StringIO()
+    show_study(study, console=Console(file=out, width=250))
+    text = out.getvalue()
+    assert "+1.00 [+0.50, +1.50]" in text and "1.40-1.80x" in text and "test drop pp [95 %]" in text

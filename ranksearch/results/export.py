@@ -14,6 +14,7 @@ import math
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -24,11 +25,12 @@ from rich.console import Console
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.results import finite
+from ranksearch.results.confidence import DropEstimate
 from ranksearch.results.record import StudyRecord, TrialRecord
 from ranksearch.results.select import select_trial
 from ranksearch.util import package_version
 
-__all__ = ["CONFIG_SUFFIXES", "export_config", "export_trial"]
+__all__ = ["CONFIG_SUFFIXES", "accuracy_statements", "export_config", "export_trial"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -58,12 +60,21 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
     test = stored.test_accuracy_of(trial.number)
     if test is not None:
         metrics["test_accuracy"] = test
+    key = str(trial.number)
+    if key in stored.test_drop:
+        metrics["test_drop"] = dict(stored.test_drop[key])
+    if key in stored.retimed:
+        metrics["retimed"] = dict(stored.retimed[key])
+    for name in ("speedup_low", "speedup_high"):
+        if name in record.metrics:
+            metrics[name] = record.metrics[name]
     meta = {
         "study": name,
         "storage": _hide_password(storage_url),
         "trial": trial.number,
         **({"anchor": record.anchor} if record.anchor else {}),
         "metrics": metrics,
+        **({"recovered": dict(stored.recovered[key])} if key in stored.recovered else {}),
         "baseline": dict(stored.baseline),
         "settings": dict(stored.settings),
         "versions": {
@@ -102,12 +113,47 @@ def export_trial(
     except OSError as exc:
         raise RanksearchError(f"--out {path}: cannot be written ({exc.strerror}); pass a writable path") from None
     metrics = config.meta["metrics"]
-    (console or Console(stderr=True)).print(
+    console = console or Console(stderr=True)
+    console.print(
         f"wrote {path}: trial {chosen.number}, val accuracy {metrics['accuracy']:.2%}, "
         f"{metrics['latency_ms']:.3f} ms ({metrics.get('speedup') or math.nan:.2f}x), "
         f"drop {metrics.get('accuracy_drop_pp') or 0.0:.2f} pp"
     )
+    for line in accuracy_statements(config.meta, max_accuracy_drop):
+        console.print(line)
     return path
+
+
+def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -> list[str]:
+    """What an exported trial's accuracy drops are and, for a "within X points" rule, whether they hold at the point
+    estimate only or with 95 % confidence (the paired interval's upper end on the test split)."""
+    metrics = meta["metrics"]
+    lines = []
+    if max_accuracy_drop is not None:
+        lines.append(
+            f"the rule (validation drop <= {max_accuracy_drop:g} pp) holds at the point estimate: "
+            f"{metrics.get('accuracy_drop_pp') or 0.0:.2f} pp, from a short fine-tune, without an interval"
+        )
+    measured = [("test split", metrics.get("test_drop"))]
+    recovered = meta.get("recovered")
+    if recovered is not None:
+        measured.append((f"test split after {recovered['epochs']} recovery epochs", recovered))
+    for what, stored in measured:
+        if stored is None:
+            continue
+        drop = DropEstimate.from_dict(stored)
+        verdict = ""
+        if max_accuracy_drop is not None:
+            if drop.within(max_accuracy_drop, confident=True):
+                verdict = f"; within {max_accuracy_drop:g} pp with 95 % confidence"
+            elif drop.within(max_accuracy_drop, confident=False):
+                verdict = f"; within {max_accuracy_drop:g} pp at the point estimate only, not with 95 % confidence"
+            else:
+                verdict = f"; not within {max_accuracy_drop:g} pp"
+        lines.append(f"{what}: drop {drop.label()} (paired 95 % interval, {drop.images} images){verdict}")
+    if recovered is not None:
+        lines.append(f"recovered model: {recovered['checkpoint']}")
+    return lines
 
 
 def _hide_password(url: str | None) -> str | None:

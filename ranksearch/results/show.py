@@ -72,6 +72,25 @@ def show_study(
         (console or Console()).print(_table(study, rows, all_trials=all_trials))
 
 
+def _labels(row: Mapping[str, Any]) -> dict[str, str]:
+    """Intervals as one cell each: the paired test drop, the recovered accuracy and drop, the rounds' speedups."""
+    labels = {}
+    if row.get("test_drop_pp") is not None:
+        labels["test_drop"] = (
+            f"{row['test_drop_pp']:+.2f} [{row['test_drop_low_pp']:+.2f}, {row['test_drop_high_pp']:+.2f}]"
+        )
+    if row.get("recovered_test_accuracy") is not None:
+        labels["recovered"] = (
+            f"{100 * row['recovered_test_accuracy']:.2f} ({row['recovered_drop_pp']:+.2f} "
+            f"[{row['recovered_drop_low_pp']:+.2f}, {row['recovered_drop_high_pp']:+.2f}])"
+        )
+    if row.get("speedup_low") is not None and row.get("speedup_high") is not None:
+        labels["speedup_rounds"] = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x" + (
+            " (re-timed)" if row.get("retimed") else ""
+        )
+    return labels
+
+
 def _techniques(layers: Mapping[str, Mapping[str, Any]]) -> str:
     counts = Counter(choice["technique"] for choice in layers.values())
     return " ".join(f"{t}x{n}" for t, n in counts.most_common() if t != "keep") or "none"
@@ -94,8 +113,11 @@ _COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("accuracy", "val acc %", _number("{:.2f}", 100)),
     ("test_accuracy", "test acc %", _number("{:.2f}", 100)),
     ("accuracy_drop_pp", "drop pp", _number("{:+.2f}")),
+    ("test_drop", "test drop pp [95 %]", str),
+    ("recovered", "recovered: test acc % (drop [95 %])", str),
     ("latency_ms", "latency ms", _number("{:.3f}")),
     ("speedup", "speedup", _number("{:.2f}x")),
+    ("speedup_rounds", "rounds", str),
     ("params", "params M", _number("{:.3f}", 1e-6)),
     ("macs", "MMACs", _number("{:.1f}", 1e-6)),
     ("techniques", "techniques", str),
@@ -115,6 +137,7 @@ def _table(study: optuna.Study, rows: list[dict[str, Any]], *, all_trials: bool)
     )
     if not rows:
         caption += "; no complete feasible trial yet" if not all_trials else "; no trial yet"
+    rows = [{**row, **_labels(row)} for row in rows]
     columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)] or list(_COLUMNS[:1])
     table = Table(*(header for _, header, _ in columns), title=f"{study.study_name}: {what}", caption=caption)
     for row in rows:
