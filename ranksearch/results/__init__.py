@@ -61,6 +61,9 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
             "trial": trial.number,
             "state": trial.state.name,
             "anchor": trial.anchor,
+            "rung": trial.rung,
+            "promotes": trial.promotes,
+            "finetune_steps": trial.finetune_steps,
             "accuracy": trial.metrics.get("accuracy"),
             "latency_ms": trial.metrics.get("latency_ms"),
             "predicted_latency_ms": trial.predicted_latency_ms,
@@ -96,6 +99,8 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
             {
                 "trial": trial.number,
                 "anchor": trial.anchor,
+                "rung": trial.rung,
+                "finetune_steps": trial.finetune_steps,
                 "accuracy": trial.metrics["accuracy"],
                 "test_accuracy": stored.test_accuracy.get(key),
                 "accuracy_drop_pp": trial.accuracy_drop_pp,

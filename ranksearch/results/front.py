@@ -9,6 +9,7 @@ decides. Studies of earlier releases keep Optuna's front on (accuracy, milliseco
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.results.record import OBJECTIVES, RETIMED, TrialRecord
 
-__all__ = ["Speed", "compresses_nothing", "front_trials", "speed_of"]
+__all__ = ["Speed", "compresses_nothing", "front_trials", "highest_fidelity", "speed_of"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
     """The feasible Pareto front, fastest first.
 
     With paired latency: non-dominated on (validation accuracy, speedup) among the complete feasible trials that are
-    measurably faster than the dense model, plus the dense model itself. ``confirmed=False`` also admits borderline
+    measurably faster than the dense model, plus the dense model itself; a config promoted to longer fine-tunes
+    counts at the highest rung it reached. ``confirmed=False`` also admits borderline
     trials (faster at the point estimate, not yet timed again): the members to time again.
     """
     if OBJECTIVES.read(study).get("latency") != "relative":
@@ -72,7 +74,9 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
         return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
     retimed = RETIMED.read(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    records = [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
+    records = highest_fidelity(
+        [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
+    )
     dense = [r for r in records if compresses_nothing(r)][:1]
     speeds = {r.number: speed_of(r, retimed) for r in records}
     eligible = [
@@ -86,6 +90,16 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
     members = [n for n in _non_dominated(points) if n not in {r.number for r in dense}]
     members += [r.number for r in dense]
     return [trials[n] for n in sorted(members, key=lambda n: (-points[n][1], -points[n][0], n))]
+
+
+def highest_fidelity(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Each config once: at the highest rung it was evaluated at (its latest trial there), in trial order."""
+    best: dict[str, TrialRecord] = {}
+    for record in records:
+        key = json.dumps(record.config, sort_keys=True)
+        if key not in best or (record.rung, record.number) > (best[key].rung, best[key].number):
+            best[key] = record
+    return sorted(best.values(), key=lambda r: r.number)
 
 
 def _non_dominated(points: Mapping[int, tuple[float, float]]) -> Sequence[int]:

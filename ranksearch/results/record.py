@@ -53,11 +53,14 @@ ANCHOR, WARM_START, WORKER = "anchor", "warm_start", "worker"
 PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP = "predicted_latency_ms", "predicted_speedup"
 ACCURACY_DROP_PP, SPEEDUP = "accuracy_drop_pp", "speedup"
 OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED = "outcome", "screen", "fail_reason", "seconds_saved"
+RUNG, PROMOTES, FINETUNE_STEPS = "rung", "promotes", "finetune_steps"
+"""A promotion's rung (0: the trial the sampler proposed), the trial it promotes, and the fine-tune steps it ran."""
 REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
 """Written by the first release on trials pruned at zero shot (read for their outcome)."""
 COST_KEYS = (PARAMS, MACS, SIZE_BYTES)
 BOOKKEEPING = {CONFIG, ANCHOR, WARM_START, WORKER, OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED, REJECTED_AT_ZERO_SHOT}
 BOOKKEEPING |= {*COST_KEYS, PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP, ACCURACY_DROP_PP, SPEEDUP}
+BOOKKEEPING |= {RUNG, PROMOTES, FINETUNE_STEPS}
 """Trial attributes that are not the evaluator's metrics."""
 
 
@@ -88,6 +91,12 @@ class TrialRecord:
     constraints: Mapping[str, float]
     duration_s: float | None
     worker: str
+    rung: int = 0
+    """0 for a trial the sampler proposed (or an anchor, a warm start); r for its promotion to the r-th rung."""
+    promotes: int | None = None
+    """The trial a promotion re-evaluates with a longer fine-tune."""
+    finetune_steps: int | None = None
+    """The fine-tune steps of a promotion (None: the study's ``--finetune-steps``)."""
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -111,6 +120,9 @@ class TrialRecord:
             constraints=dict(trial.constraints),
             duration_s=None if trial.duration is None else trial.duration.total_seconds(),
             worker=str(attrs.get(WORKER, "")),
+            rung=int(attrs.get(RUNG, 0)),
+            promotes=attrs.get(PROMOTES),
+            finetune_steps=attrs.get(FINETUNE_STEPS),
         )
 
     @property
@@ -125,8 +137,13 @@ class TrialRecord:
 
     @property
     def counts_toward_budget(self) -> bool:
-        """COMPLETE trials and trials rejected at zero shot (evaluated up to the verdict)."""
-        return self.outcome in (Outcome.COMPLETE, Outcome.REJECTED_AT_ZERO_SHOT)
+        """COMPLETE trials and trials rejected at zero shot (evaluated up to the verdict); not promotions."""
+        return self.rung == 0 and self.outcome in (Outcome.COMPLETE, Outcome.REJECTED_AT_ZERO_SHOT)
+
+    @staticmethod
+    def is_promotion(user_attrs: Mapping[str, Any]) -> bool:
+        """Whether a trial with these user attributes (a waiting or running one's) is a promotion."""
+        return int(user_attrs.get(RUNG, 0)) > 0
 
     @property
     def feasible(self) -> bool:
@@ -184,6 +201,9 @@ class TrialWriter:
         self.trial.set_user_attr(PREDICTED_LATENCY_MS, latency_ms)
         self.trial.set_user_attr(PREDICTED_SPEEDUP, speedup)
 
+    def fine_tuned(self, steps: int) -> None:
+        self.trial.set_user_attr(FINETUNE_STEPS, steps)
+
     def measured(self, metrics: Mapping[str, float], *, accuracy_drop_pp: float, speedup: float) -> None:
         for key, value in {**metrics, ACCURACY_DROP_PP: accuracy_drop_pp, SPEEDUP: speedup}.items():
             self.trial.set_user_attr(key, value)
@@ -214,6 +234,12 @@ def anchor_attrs(label: str) -> dict[str, str]:
 def warm_start_attrs(label: str) -> dict[str, str]:
     """The user attributes of an enqueued warm start."""
     return {WARM_START: label}
+
+
+def promotion_attrs(source: TrialRecord, *, rung: int, finetune_steps: int) -> dict[str, Any]:
+    """The user attributes of an enqueued promotion of ``source`` to ``rung`` (its anchor or warm-start label kept)."""
+    labels = {key: value for key, value in ((ANCHOR, source.anchor), (WARM_START, source.warm_start)) if value}
+    return {**labels, RUNG: rung, PROMOTES: source.promotes or source.number, FINETUNE_STEPS: finetune_steps}
 
 
 class StudyField(Generic[T]):

@@ -33,7 +33,8 @@ def trial_counts(study: optuna.Study) -> Counter[TrialState | str]:
 
 
 class BudgetGuard:
-    """Wraps an objective: prunes, before evaluating, a trial that the trials ahead of it already fill the budget with.
+    """Wraps an objective: prunes, before evaluating, a trial that the trials ahead of it already fill the budget with
+    (promotions, which do not count, are never pruned).
 
     The trials ahead are those with a lower number that are RUNNING or WAITING or count towards the
     budget: a trial only ever moves from WAITING to RUNNING to a finished state, so the k-th trial to
@@ -53,10 +54,12 @@ class BudgetGuard:
         writer = TrialWriter(trial)
         writer.worker(worker_label())
         ahead = sum(
-            t.number < trial.number and (t.state in (TrialState.RUNNING, TrialState.WAITING) or t.counts_toward_budget)
+            t.number < trial.number
+            and t.rung == 0
+            and (t.state in (TrialState.RUNNING, TrialState.WAITING) or t.counts_toward_budget)
             for t in records(self.study)
         )
-        if ahead >= self.budget:
+        if ahead >= self.budget and not TrialRecord.is_promotion(trial.user_attrs):
             writer.ended(Outcome.NOT_EVALUATED, f"{ahead} trials ahead fill the budget")
             raise optuna.TrialPruned()
         try:

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
+from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
 from ranksearch.results import front_trials
 from ranksearch.results.confidence import paired_drop
 from ranksearch.results.front import compresses_nothing, speed_of
@@ -73,10 +73,13 @@ def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, conso
     pending = [t for t in front_trials(study) if str(t.number) not in tests or str(t.number) not in drops]
     if not pending:
         return
-    baseline = _test_metrics(evaluator, CompressionConfig(layers={}), "the dense model", console)
+    baseline = _test_metrics(evaluator, CompressionConfig(layers={}), None, "the dense model", console)
     for trial in pending:
         console.print(f"test split: trial {trial.number}")
-        metrics = _test_metrics(evaluator, TrialRecord.of(trial).compression_config(), f"trial {trial.number}", console)
+        record = TrialRecord.of(trial)
+        metrics = _test_metrics(
+            evaluator, record.compression_config(), record.finetune_steps, f"trial {trial.number}", console
+        )
         if metrics is None:
             continue
         tests[str(trial.number)] = metrics.accuracy
@@ -87,8 +90,13 @@ def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, conso
         TEST_ACCURACY.write(study, tests)
 
 
-def _test_metrics(evaluator: Evaluator, config: CompressionConfig, what: str, console: Console) -> Metrics | None:
+def _test_metrics(
+    evaluator: Evaluator, config: CompressionConfig, steps: int | None, what: str, console: Console
+) -> Metrics | None:
+    """The test split's metrics of ``config`` as its trial was evaluated (a promotion's with its ``steps``)."""
     try:
+        if steps is not None and isinstance(evaluator, MultiFidelity):
+            return Metrics.coerce(evaluator, evaluator.evaluate_at(config, finetune_steps=steps, split="test"))
         return Metrics.coerce(evaluator, evaluator.evaluate(config, split="test"))
     except (RanksearchError, KeyboardInterrupt):
         raise

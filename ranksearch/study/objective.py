@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -12,8 +13,8 @@ from optuna.trial import TrialState
 from ranksearch.compress import model_cost
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError, Rejected
-from ranksearch.evaluate import Metrics, ZeroShotScorer
-from ranksearch.results.record import OBJECTIVES, Outcome, TrialRecord, TrialWriter, records
+from ranksearch.evaluate import Metrics, MultiFidelity, ZeroShotScorer
+from ranksearch.results.record import FINETUNE_STEPS, OBJECTIVES, Outcome, TrialRecord, TrialWriter, records
 from ranksearch.search import sample_config
 from ranksearch.search.latency_table import Observation
 from ranksearch.search.screens import Candidate, Prediction, Verdict, first_verdict
@@ -31,7 +32,8 @@ DENSE_SPEEDUP_KEYS = ("speedup_low", "speedup_high")
 class Objective:
     """Evaluates one trial of a :class:`~ranksearch.study.prepared.PreparedSearch`.
 
-    Per trial: sample a config -> record its cost -> predict its latency (latency table) -> ask the screens, in
+    Per trial: sample a config (a promotion's is its source's, evaluated with its longer fine-tune and not screened)
+    -> record its cost -> predict its latency (latency table) -> ask the screens, in
     order (the first verdict prunes the trial, which does not count towards the budget) -> with early rejection,
     measure its zero-shot accuracy and ask the zero-shot screen (a verdict prunes the trial, which counts) ->
     evaluate -> record the metrics, the accuracy drop, the speedup and the constraints -> return the accuracy and the
@@ -53,13 +55,14 @@ class Objective:
         try:
             cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
             writer.sampled(config, {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes})
-            protected = TrialRecord.is_protected(trial.user_attrs)
+            promotion = TrialRecord.is_promotion(trial.user_attrs)
+            protected = promotion or TrialRecord.is_protected(trial.user_attrs)
             candidate = Candidate(config, protected=protected, prediction=self.predict(trial.study, config))
             if candidate.prediction is not None:
                 writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
             self.screen(writer, first_verdict(list(search.screens), candidate))
             self.zero_shot_check(candidate)
-            metrics = Metrics.coerce(search.evaluator, search.evaluator.evaluate(config, split="val"))
+            metrics = Metrics.coerce(search.evaluator, self.evaluate(config, trial.user_attrs))
         except Rejected as exc:
             writer.rejected_at_zero_shot(str(exc), metrics=exc.metrics, seconds_saved=time_saved(trial.study))
             raise optuna.TrialPruned(str(exc)) from None
@@ -83,6 +86,15 @@ class Objective:
         if OBJECTIVES.read(trial.study).get("latency") == "relative":
             return metrics.accuracy, 1.0 / speedup
         return metrics.accuracy, metrics.latency_ms  # a study of an earlier release, resumed: milliseconds
+
+    def evaluate(self, config: CompressionConfig, user_attrs: Mapping[str, object]) -> Metrics | Mapping[str, float]:
+        """The evaluator's metrics of ``config`` on the validation split: with a promotion's longer fine-tune
+        (:class:`~ranksearch.evaluate.MultiFidelity`) when the trial is one."""
+        evaluator = self.search.evaluator
+        steps = user_attrs.get(FINETUNE_STEPS)
+        if isinstance(steps, int) and isinstance(evaluator, MultiFidelity):
+            return evaluator.evaluate_at(config, finetune_steps=steps, split="val")
+        return evaluator.evaluate(config, split="val")
 
     def predict(self, study: optuna.Study, config: CompressionConfig) -> Prediction | None:
         """The latency table's prediction, refitted on every complete trial so far (:meth:`LatencyTable.fitted`):
@@ -134,11 +146,12 @@ class Objective:
 
 
 def time_saved(study: optuna.Study) -> float:
-    """The median time complete trials spent in the phases a zero-shot rejection skips (0 before any)."""
+    """The median time complete trials (not promotions) spent in the phases a zero-shot rejection skips (0 before
+    any)."""
     spent = [
         sum(phases.get(name, 0.0) for name in SKIPPED_PHASES)
         for trial in records(study, states=(TrialState.COMPLETE,))
-        if "finetune" in (phases := trial.time_phases())
+        if trial.rung == 0 and "finetune" in (phases := trial.time_phases())
     ]
     return statistics.median(spent) if spent else 0.0
 

@@ -112,6 +112,8 @@ def pareto_info(rows: StudyRows) -> ParetoInfo:
 def _hover(row: Mapping[str, Any], layer_names: Sequence[str]) -> tuple[str, ...]:
     """Trial, metrics and the layers it compresses (keep layers counted, not listed)."""
     head = f"trial {row['trial']}" + (f" ({row['anchor']})" if row["anchor"] else "")
+    if row.get("rung"):
+        head += f" · rung {row['rung']}: promotes trial {row['promotes']}, {row['finetune_steps']} fine-tune steps"
     lines = [
         head + ("" if row["feasible"] else " · infeasible"),
         f"val accuracy {100 * row['accuracy']:.2f}% · latency {row['latency_ms']:.3f} ms",

@@ -1,0 +1,136 @@
+"""Multi-fidelity promotion: successive halving over the fine-tune budget.
+
+Once the budget's trials are evaluated (rung 0, ``--finetune-steps`` each), the best fraction of them (by
+non-dominated sorting on validation accuracy and measured speedup, then crowding distance) is evaluated again with a
+longer fine-tune (rung 1), the best fraction of those again with a longer one (rung 2), and so on. A promotion is an
+enqueued trial of its own (the same config, its rung and steps in its user attributes), so it is recorded, retried
+after a kill and resumed like any trial; a rerun enqueues only what is missing. The front takes each config at the
+highest rung it reached (:func:`~ranksearch.results.front_trials`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from ranksearch.evaluate import MultiFidelity
+from ranksearch.results.front import compresses_nothing
+from ranksearch.results.record import TrialRecord, promotion_attrs, records
+from ranksearch.study.budget import BudgetGuard, Objective
+from ranksearch.study.storage import POLL_S, fail_stale_trials
+
+__all__ = ["promotion_candidates", "rank_by_fronts", "run_promotions"]
+
+
+def rank_by_fronts(points: Mapping[int, tuple[float, float]]) -> list[int]:
+    """The keys ordered by non-dominated sorting of their (higher is better, higher is better) points: the first
+    front, then the second... and within a front by crowding distance, extremes first (NSGA-II's order)."""
+    remaining = dict(points)
+    order: list[int] = []
+    while remaining:
+        front = [
+            key
+            for key, (a, b) in remaining.items()
+            if not any(x >= a and y >= b and (x > a or y > b) for other, (x, y) in remaining.items() if other != key)
+        ]
+        distance = _crowding({key: remaining[key] for key in front})
+        order += sorted(front, key=lambda key: (-distance[key], key))
+        for key in front:
+            del remaining[key]
+    return order
+
+
+def _crowding(points: Mapping[int, tuple[float, float]]) -> dict[int, float]:
+    distance = dict.fromkeys(points, 0.0)
+    for axis in (0, 1):
+        ranked = sorted(points, key=lambda key: (points[key][axis], key))
+        span = points[ranked[-1]][axis] - points[ranked[0]][axis]
+        distance[ranked[0]] = distance[ranked[-1]] = math.inf
+        for before, key, after in zip(ranked, ranked[1:-1], ranked[2:], strict=False):
+            if span > 0:
+                distance[key] += (points[after][axis] - points[before][axis]) / span
+    return distance
+
+
+def promotion_candidates(study: optuna.Study, *, rung: int, fraction: float) -> list[TrialRecord]:
+    """The trials of rung ``rung - 1`` that earn rung ``rung``: the best ``ceil(fraction * n)`` of its ``n``
+    complete trials by :func:`rank_by_fronts` on (validation accuracy, speedup), among the feasible ones that
+    compress something and are faster than the dense model. Those already promoted are included (the choice is
+    the same on every rerun)."""
+    complete = [r for r in records(study, states=(TrialState.COMPLETE,)) if r.rung == rung - 1]
+    if not complete:
+        return []
+    pool = {
+        r.number: r
+        for r in complete
+        if r.feasible and not compresses_nothing(r) and r.speedup is not None and r.speedup > 1.0
+    }
+    points = {n: (float(r.metrics["accuracy"]), float(r.speedup or 0.0)) for n, r in pool.items()}
+    chosen = rank_by_fronts(points)[: math.ceil(fraction * len(complete))]
+    return [pool[n] for n in chosen]
+
+
+def enqueue_promotions(study: optuna.Study, *, rung: int, steps: int, fraction: float) -> list[int]:
+    """Enqueue the promotions to ``rung`` that no trial holds yet (in any state); return the promoted trials."""
+    held = {(r.promotes, r.rung) for r in records(study) if r.rung > 0}
+    added = []
+    for source in promotion_candidates(study, rung=rung, fraction=fraction):
+        origin = source.promotes or source.number
+        if (origin, rung) in held:
+            continue
+        params = _params_of(study, source.number)
+        study.enqueue_trial(params, user_attrs=promotion_attrs(source, rung=rung, finetune_steps=steps))
+        added.append(source.number)
+    return added
+
+
+def run_promotions(
+    study: optuna.Study,
+    objective: Objective,
+    evaluator: object,
+    *,
+    steps: Sequence[int],
+    fraction: float,
+    budget: int,
+    console: Console,
+    after_trial: Callable[[], None] | None = None,
+) -> int:
+    """Promote rung by rung (``steps[r - 1]`` fine-tune steps at rung ``r``) and evaluate the promotions in this
+    process, waiting for those other processes run; returns how many this process evaluated. Needs a
+    :class:`~ranksearch.evaluate.MultiFidelity` evaluator."""
+    if not steps or not isinstance(evaluator, MultiFidelity):
+        return 0
+    guard = BudgetGuard(study=study, objective=objective, budget=budget)
+    evaluated = 0
+    for rung, rung_steps in enumerate(steps, start=1):
+        added = enqueue_promotions(study, rung=rung, steps=rung_steps, fraction=fraction)
+        if added:
+            console.print(f"promotion to rung {rung} ({rung_steps} fine-tune steps): trials {_numbers(added)}")
+        while True:
+            pending = [
+                r for r in records(study) if r.rung == rung and r.state in (TrialState.WAITING, TrialState.RUNNING)
+            ]
+            if not pending:
+                break
+            if not any(r.state == TrialState.WAITING for r in pending):
+                fail_stale_trials(study)  # a dead process's promotion is failed and re-queued
+                time.sleep(POLL_S)
+                continue
+            study.optimize(guard, n_trials=1)
+            evaluated += 1
+            if after_trial is not None:
+                after_trial()
+    return evaluated
+
+
+def _params_of(study: optuna.Study, number: int) -> dict[str, object]:
+    return dict(next(t for t in study.get_trials(deepcopy=False) if t.number == number).params)
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers))

@@ -1,0 +1,89 @@
+"""Multi-fidelity promotion: the best fraction of each rung, by non-dominated sorting, earns a longer fine-tune."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from ranksearch.results import front_trials, record
+from ranksearch.results.record import TrialRecord, promotion_attrs
+from ranksearch.study.budget import trial_counts
+from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts
+
+
+def test_rank_by_fronts_orders_fronts_then_crowding() -> None:
+    points = {
+        1: (0.90, 1.0),  # front 1, an extreme
+        2: (0.80, 2.0),  # front 1, middle
+        3: (0.70, 3.0),  # front 1, an extreme
+        4: (0.85, 1.5),  # front 1 too (nothing beats it in both)
+        5: (0.79, 1.9),  # front 2 (dominated by 2)
+        6: (0.60, 0.5),  # front 3
+    }
+    order = rank_by_fronts(points)
+    assert set(order[:4]) == {1, 2, 3, 4} and order[4:] == [5, 6]
+    assert set(order[:2]) == {1, 3}  # extremes first (infinite crowding distance)
+    assert rank_by_fronts({}) == []
+
+
+def promotion_study(accuracies_speedups: list[tuple[float, float]]) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="rungs")
+    record.OBJECTIVES.write(study, {"latency": "relative"})
+    distribution = {"x": CategoricalDistribution(list(range(len(accuracies_speedups))))}
+    for number, (accuracy, speedup) in enumerate(accuracies_speedups):
+        layers = {"conv": {"technique": "svd", "rank": number / 100}} if number else {}
+        attrs = {"config": {"layers": layers}, "accuracy": accuracy, "speedup": speedup, "latency_ms": 1 / speedup}
+        study.add_trial(
+            create_trial(
+                values=[accuracy, 1 / speedup], params={"x": number}, distributions=distribution, user_attrs=attrs
+            )
+        )
+    return study
+
+
+def test_the_best_fraction_is_promoted_once_and_counts_apart_from_the_budget() -> None:
+    trials = [(0.90, 1.0), (0.89, 1.5), (0.85, 2.5), (0.80, 1.2), (0.70, 3.0), (0.88, 0.8), (0.60, 1.1), (0.86, 1.4)]
+    study = promotion_study(trials)
+    chosen = [r.number for r in promotion_candidates(study, rung=1, fraction=0.5)]
+    assert len(chosen) == math.ceil(0.5 * len(trials))
+    assert set(chosen) == {
+        1,
+        2,
+        4,
+        7,
+    }  # the first front {1, 2, 4}, then the second's best (7); 0 is dense, 5 slower than it
+    assert enqueue_promotions(study, rung=1, steps=300, fraction=0.5) == chosen
+    assert enqueue_promotions(study, rung=1, steps=300, fraction=0.5) == []  # a rerun adds nothing
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"]["x"] for t in waiting] == chosen
+    assert all(t.user_attrs["rung"] == 1 and t.user_attrs["finetune_steps"] == 300 for t in waiting)
+    assert trial_counts(study)["spent"] == len(trials)  # promotions do not count towards the budget
+
+
+def test_the_front_takes_each_config_at_its_highest_rung() -> None:
+    study = promotion_study([(0.90, 1.0), (0.80, 2.0), (0.85, 1.5)])
+    source = TrialRecord.of(study.trials[1])
+    attrs = {**study.trials[1].user_attrs, **promotion_attrs(source, rung=1, finetune_steps=300), "accuracy": 0.89}
+    study.add_trial(
+        create_trial(
+            values=[0.89, 0.5],
+            params=study.trials[1].params,
+            distributions=study.trials[1].distributions,
+            user_attrs=attrs,
+        )
+    )
+    front = [t.number for t in front_trials(study)]
+    assert front == [3, 0]  # trial 1 counts as its promotion (0.89 at 2x), which dominates trial 2
+    assert TrialRecord.of(study.trials[3]).promotes == 1 and not TrialRecord.of(study.trials[3]).counts_toward_budget
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.34, 1.0])
+def test_candidates_never_exceed_the_fraction(fraction) -> None:
+    study = promotion_study([(0.9, 1.0)] + [(0.5 + i / 100, 1.1 + i / 10) for i in range(9)])
+    assert len(promotion_candidates(study, rung=1, fraction=fraction)) == min(
+        math.ceil(fraction * 10), 9
+    )  # 9: all but dense
