@@ -14,7 +14,8 @@ from rich.console import Console
 
 from ranksearch.errors import USER_ERRORS
 from ranksearch.evaluate.classification import EvaluatorOptions
-from ranksearch.study.settings import InfraSpec, ProblemSpec, SearchSpec
+from ranksearch.study.recovery import RECOVERY_LR
+from ranksearch.study.settings import InfraSpec, ProblemSpec, RecoverySpec, SearchSpec
 
 app = typer.Typer(
     help="Automated per-layer rank search for compressing CNNs with low-rank approximation.",
@@ -129,6 +130,12 @@ def run(
         float | None, typer.Option(help="constraint: accuracy drop in points")
     ] = SearchSpec.max_accuracy_drop,
     max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = SearchSpec.max_latency_ms,
+    final_epochs: Annotated[
+        int, typer.Option(help="after the search, fine-tune --final-top front members this many epochs; 0 is off")
+    ] = RecoverySpec.final_epochs,
+    final_top: Annotated[
+        int, typer.Option(help="front members fine-tuned after the search, spread over the latency range")
+    ] = RecoverySpec.final_top,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")
     ] = InfraSpec.storage,
@@ -189,6 +196,7 @@ def run(
             max_latency_ms=max_latency_ms,
             study_name=study_name,
         ),
+        recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top),
         infra=InfraSpec(
             device=device,
             threads=threads,
@@ -302,6 +310,34 @@ def apply(
         dataset=dataset,
         data_root=data_root,
         console=_console(stderr=False),
+    )
+
+
+@app.command()
+@user_errors
+def finetune(
+    study: StudyRef,
+    trial: Annotated[int, typer.Option(help="the complete trial to fine-tune (`ranksearch show STUDY --all`)")],
+    epochs: Annotated[
+        int, typer.Option(help="epochs of distillation from the uncompressed model")
+    ] = RecoverySpec.final_epochs,
+    lr: Annotated[
+        float, typer.Option(help="peak learning rate (linear warm-up, then cosine decay to 0)")
+    ] = RECOVERY_LR,
+    results_dir: ResultsDir = Path("results"),
+    storage: Storage = None,
+) -> None:
+    """Fine-tune one trial for real and test it on the full test split; save it under results/<study>/recovered/."""
+    from ranksearch.study.recovery import recover_trial
+
+    recover_trial(
+        study,
+        trial=trial,
+        epochs=epochs,
+        lr=lr,
+        results_dir=results_dir,
+        storage=storage,
+        console=_console(stderr=True),
     )
 
 

@@ -12,9 +12,9 @@ import pytest
 from ranksearch.cli import run
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
-from ranksearch.study.settings import IDENTITY, InfraSpec, ProblemSpec, RunSettings, SearchSpec
+from ranksearch.study.settings import IDENTITY, InfraSpec, ProblemSpec, RecoverySpec, RunSettings, SearchSpec
 
-SPECS = (ProblemSpec, EvaluatorOptions, SearchSpec, InfraSpec)
+SPECS = (ProblemSpec, EvaluatorOptions, SearchSpec, RecoverySpec, InfraSpec)
 
 
 def test_every_run_option_is_one_field_of_one_spec_with_the_same_default() -> None:
@@ -35,9 +35,9 @@ def test_the_evaluator_defaults_are_the_run_defaults() -> None:
 
 
 def test_options_go_to_their_spec_and_unknown_ones_are_refused() -> None:
-    settings = RunSettings.of(model="resnet50", finetune_steps=5, budget=3, threads=2)
+    settings = RunSettings.of(model="resnet50", finetune_steps=5, budget=3, threads=2, final_epochs=1)
     assert settings.problem.model == "resnet50" and settings.evaluation.finetune_steps == 5
-    assert settings.search.budget == 3 and settings.infra.threads == 2
+    assert settings.search.budget == 3 and settings.infra.threads == 2 and settings.recovery.final_epochs == 1
     assert settings.replace(budget=4).search.budget == 4 and settings.search.budget == 3
     with pytest.raises(TypeError, match="no option 'budgett'"):
         RunSettings.of(budgett=3)
@@ -51,10 +51,18 @@ def test_stored_settings_round_trip_by_option_name() -> None:
     assert RunSettings.from_flat({**stored, "option_of_a_later_release": 1}, budget=9).search.budget == 9
 
 
+def test_settings_stored_before_the_recovery_stage_load_with_its_defaults() -> None:
+    stored = RunSettings.of(final_epochs=5, final_top=1).to_flat()
+    older = {name: value for name, value in stored.items() if name not in ("final_epochs", "final_top")}
+    assert RunSettings.from_flat(older).recovery == RecoverySpec()
+    assert RunSettings.from_flat(stored).recovery == RecoverySpec(final_epochs=5, final_top=1)
+
+
 def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
     settings = RunSettings.of()
     assert set(settings.identity()) == set(IDENTITY)
     assert settings.replace(budget=99, workers=3, timeout=5.0).identity_digest() == settings.identity_digest()
+    assert settings.replace(final_epochs=0, final_top=9).identity_digest() == settings.identity_digest()
     for change in ({"finetune_steps": 5}, {"model": "resnet50"}, {"space_digest": "x"}, {"device": "cuda"}):
         assert settings.replace(**change).identity_digest() != settings.identity_digest(), change
 
@@ -71,6 +79,8 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
         ({"val_fraction": 1.0}, "--val-fraction 1.0: must be between 0 and 1"),
         ({"max_zero_shot_drop": -1.0}, "--max-zero-shot-drop -1.0: must be >= 0"),
         ({"study_name": "a b"}, "--study-name 'a b': use letters"),
+        ({"final_epochs": -1}, "--final-epochs -1: must be 0"),
+        ({"final_top": 0}, "--final-top 0: must be positive"),
         ({"latency_backend": "onnxruntime", "device": "cuda"}, "times on CPU, not --device cuda"),
     ],
 )

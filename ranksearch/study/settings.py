@@ -1,8 +1,9 @@
 """The settings of one search run, grouped by concern and validated before anything is loaded or written.
 
-:class:`RunSettings` holds four frozen specs: the problem (model, data, weights), the evaluation (the built-in
+:class:`RunSettings` holds five frozen specs: the problem (model, data, weights), the evaluation (the built-in
 evaluator's :class:`~ranksearch.evaluate.EvaluatorOptions`), the search (budget, space, sampler, screens,
-constraints) and the infrastructure (device, threads, storage, workers, results). Each option of
+constraints), the recovery stage after it (which front members are fine-tuned for real, and how long) and the
+infrastructure (device, threads, storage, workers, results). Each option of
 ``ranksearch run`` is one field of one spec, under the option's name; :meth:`RunSettings.of` builds the
 settings from those names, and :meth:`RunSettings.to_flat` stores them by those names.
 """
@@ -111,6 +112,28 @@ class SearchSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RecoverySpec:
+    """The recovery stage after the search: ``final_top`` front members spread over the latency range, each
+    fine-tuned for ``final_epochs`` epochs and tested on the full test split (see :mod:`ranksearch.study.recovery`).
+    Not part of the study's identity: it reads the front, it does not change what the search measures."""
+
+    final_epochs: int = 2
+    """Epochs of distillation per recovered member; 0 turns the stage off."""
+    final_top: int = 4
+    """How many front members are recovered."""
+
+    def validate(self) -> None:
+        if self.final_epochs < 0:
+            raise RanksearchError(
+                f"--final-epochs {self.final_epochs}: must be 0 (no recovery stage) or more; pass e.g. 2"
+            )
+        if self.final_top <= 0:
+            raise RanksearchError(
+                f"--final-top {self.final_top}: must be positive; pass e.g. 4, or --final-epochs 0 to skip recovery"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class InfraSpec:
     """Where it runs: device, threads, storage, workers, and where results go."""
 
@@ -147,6 +170,7 @@ class RunSettings:
     problem: ProblemSpec = field(default_factory=ProblemSpec)
     evaluation: EvaluatorOptions = field(default_factory=EvaluatorOptions)
     search: SearchSpec = field(default_factory=SearchSpec)
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
     infra: InfraSpec = field(default_factory=InfraSpec)
 
     @classmethod
@@ -216,11 +240,12 @@ class RunSettings:
         return cls.of(**{**values, **changes})
 
 
-_GROUPS = ("problem", "evaluation", "search", "infra")
+_GROUPS = ("problem", "evaluation", "search", "recovery", "infra")
 _SPECS: dict[str, type] = {
     "problem": ProblemSpec,
     "evaluation": EvaluatorOptions,
     "search": SearchSpec,
+    "recovery": RecoverySpec,
     "infra": InfraSpec,
 }
 _OWNER = {f.name: group for group, spec in _SPECS.items() for f in fields(spec)}

@@ -1,10 +1,12 @@
-"""Recovering a compressed model's accuracy: distillation from the dense model for a few SGD steps."""
+"""Recovering a compressed model's accuracy: distillation from the dense model by SGD, for a few steps in a search or
+for whole epochs after it (with a warm-up)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ranksearch.training.loop import DivergedError, channels_last, check_finite, cycle, fast_training, to_device
 
-__all__ = ["EXPLODED", "distillation_loss", "finetune"]
+__all__ = ["EXPLODED", "distillation_loss", "finetune", "warmup_cosine"]
 
 EXPLODED = 100.0
 """A fine-tune diverged when its loss exceeds this many times max(first loss, 1)."""
@@ -47,15 +49,18 @@ def finetune(
     lr: float,
     temperature: float = 4.0,
     alpha: float = 0.9,
+    warmup_steps: int = 0,
     teacher_cache: dict[bytes, torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | int]:
-    """Distil ``teacher`` into ``student`` for ``steps`` SGD steps (Nesterov, cosine-annealed from ``lr``).
+    """Distil ``teacher`` into ``student`` for ``steps`` SGD steps (momentum 0.9, Nesterov): the learning rate rises
+    linearly to ``lr`` over the first ``warmup_steps``, then decays to 0 along a cosine (:func:`warmup_cosine`).
 
     ``teacher_cache`` keeps the teacher's logits per batch (keyed by a digest of the images): pass the
     same dict to every fine-tune from one teacher over a seeded loader, and on CPU each batch's teacher
-    pass runs once. Returns ``{"loss": mean loss of the last 10 steps, "steps": steps}``; raises
-    :class:`DivergedError` as soon as the loss is NaN or infinite, or above ``EXPLODED`` x max(first
-    loss, 1).
+    pass runs once. ``progress(done, steps)`` is called after each step. Returns ``{"loss": mean loss of
+    the last 10 steps, "steps": steps}``; raises :class:`DivergedError` as soon as the loss is NaN or
+    infinite, or above ``EXPLODED`` x max(first loss, 1).
     """
     device = torch.device(device)
     student.to(device)
@@ -63,7 +68,12 @@ def finetune(
     teacher_mode = teacher.training
     teacher.eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    if warmup_steps > 0:
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, steps=steps, warmup=warmup_steps)
+        )
+    else:  # the search's schedule, kept as it was so that a seeded study's trials come out the same
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     recent: list[torch.Tensor] = []
     student.train()
     try:
@@ -91,9 +101,19 @@ def finetune(
                 optimizer.step()
                 scheduler.step()
                 recent = [*recent[-9:], loss.detach()]
+                if progress is not None:
+                    progress(step, steps)
     finally:
         teacher.train(teacher_mode)
     return {"loss": torch.stack(recent).mean().item() if recent else math.nan, "steps": steps}
+
+
+def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
+    """The learning-rate factor of step ``step`` (from 0) of ``steps``: linear from 1/``warmup`` to 1 over the first
+    ``warmup`` steps, then a cosine from 1 down to 0 at step ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
 def _batch_digest(images: torch.Tensor) -> bytes:

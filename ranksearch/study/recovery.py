@@ -1,0 +1,422 @@
+"""The recovery stage: front members fine-tuned for real after the search, and tested on the full test split.
+
+A search scores each config after a few distillation steps, which understates what the config reaches after the
+fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front spread
+over the latency range (:func:`recovery_candidates`) and recovers each with a :class:`Recoverer`: the config applied
+to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
+(warm-up, then cosine decay), int8 layers quantized, then every test image classified, and the accuracy drop against
+the dense model on the same images given with its paired 95 % interval. Each result is recorded in the study
+(:data:`~ranksearch.results.record.RECOVERED`, so a rerun does not repeat it) and the model saved under
+``results/<study>/recovered/trial-<N>.pt`` (:func:`load_recovered` loads it back). ``ranksearch finetune STUDY
+--trial N`` (:func:`recover_trial`) recovers any complete trial of a study.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ranksearch.compress import apply_config, quantize_layers
+from ranksearch.config import CompressionConfig
+from ranksearch.data import load_dataset, make_loader
+from ranksearch.errors import RanksearchError
+from ranksearch.evaluate.classification import calibration_batch
+from ranksearch.measure.latency import resolve_device, torch_threads
+from ranksearch.results import STORAGE_FILE, front_trials, load_study
+from ranksearch.results.build import build_from_config
+from ranksearch.results.confidence import DropEstimate, paired_drop
+from ranksearch.results.export import export_config
+from ranksearch.results.front import speed_of
+from ranksearch.results.record import MODEL, RECOVERED, RETIMED, SETTINGS, TrialRecord
+from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
+from ranksearch.study.settings import RunSettings
+from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm
+from ranksearch.util import atomic_open, describe
+
+__all__ = [
+    "RECOVERY_LR",
+    "WARMUP_FRACTION",
+    "WITHIN_PP",
+    "RecoveredTrial",
+    "Recoverer",
+    "load_recovered",
+    "load_study_problem",
+    "recover_front",
+    "recover_trial",
+    "recovery_candidates",
+]
+
+RECOVERY_LR = 0.01
+"""The peak learning rate of a recovery fine-tune."""
+WARMUP_FRACTION = 0.05
+"""The share of a recovery's steps over which the learning rate rises linearly to its peak (at least one step)."""
+WITHIN_PP = 1.0
+"""The fastest front member within this many points of the dense model's validation accuracy is always recovered."""
+CHECKPOINT_FORMAT = "ranksearch-recovered/1"
+"""The ``format`` entry of a recovered model's file (:func:`load_recovered`)."""
+
+
+@dataclass(frozen=True)
+class RecoveredTrial:
+    """One trial after the recovery fine-tune: its test accuracy on the full test split and its drop against the
+    dense model on the same images, with where the model was saved."""
+
+    trial: int
+    epochs: int
+    lr: float
+    steps: int
+    seconds: float
+    test_accuracy: float
+    drop: DropEstimate
+    checkpoint: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """The study's :data:`~ranksearch.results.record.RECOVERED` entry."""
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "test_accuracy": self.test_accuracy,
+            **self.drop.to_dict(),
+            "checkpoint": str(self.checkpoint),
+        }
+
+    @classmethod
+    def from_dict(cls, trial: int, stored: Mapping[str, Any]) -> RecoveredTrial:
+        return cls(
+            trial=trial,
+            epochs=int(stored["epochs"]),
+            lr=float(stored["lr"]),
+            steps=int(stored["steps"]),
+            seconds=float(stored["seconds"]),
+            test_accuracy=float(stored["test_accuracy"]),
+            drop=DropEstimate.from_dict(stored),
+            checkpoint=Path(stored["checkpoint"]),
+        )
+
+    def summary(self) -> str:
+        """``trial 5: test accuracy 81.20%, drop 1.10 pp [0.80, 1.40] on 10000 images (2 epochs, 842 steps, 95 s)``"""
+        return (
+            f"trial {self.trial}: test accuracy {self.test_accuracy:.2%}, drop {self.drop.label()} on "
+            f"{self.drop.images} images ({self.epochs} epoch{'s' * (self.epochs != 1)}, {self.steps} steps, "
+            f"{self.seconds:.0f} s)"
+        )
+
+
+class Recoverer:
+    """Recovers trials of one study on its loaded problem (see the module).
+
+    The full test split, the dense model's per-image correctness on it, the calibration batch and the dense
+    model's logits per training batch are shared by every trial it recovers. Models are saved under
+    ``directory / "recovered"``.
+    """
+
+    def __init__(
+        self, *, study: optuna.Study, context: RunContext, directory: Path, console: Console | None = None
+    ) -> None:
+        self.study = study
+        self.context = context
+        self.directory = directory
+        self.console = console or Console(stderr=True)
+        settings = context.settings
+        self.options = settings.evaluation
+        self.seed = settings.problem.seed
+        self.test = _full_test_split(context)
+        self._calib = calibration_batch(
+            context.splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=self.seed
+        ).to(context.device)
+        self._dense_correct: torch.Tensor | None = None
+        self._teacher_logits: dict[bytes, torch.Tensor] = {}
+
+    def recover(self, trial: int, *, epochs: int, lr: float = RECOVERY_LR) -> RecoveredTrial:
+        """Trial ``trial`` recovered with ``epochs`` epochs (0: BatchNorm recalibrated only) at peak learning rate
+        ``lr``, recorded and saved; one already recovered so is read back, not repeated."""
+        frozen = _complete_trial(self.study, trial)
+        done = _recorded(self.study, trial, epochs=epochs, lr=lr)
+        if done is not None:
+            return done
+        start = time.perf_counter()
+        model, steps = self._finetuned(TrialRecord.of(frozen).compression_config(), trial, epochs=epochs, lr=lr)
+        correct = correct_predictions(model, self._test_loader(), device=self.context.device)
+        drop = paired_drop(self.dense_correct(), correct)
+        checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
+        result = RecoveredTrial(
+            trial=trial,
+            epochs=epochs,
+            lr=lr,
+            steps=steps,
+            seconds=time.perf_counter() - start,
+            test_accuracy=correct.double().mean().item(),
+            drop=drop,
+            checkpoint=checkpoint,
+        )
+        _save_recovered(model, export_config(self.study, frozen), checkpoint, recovery=result.to_dict())
+        recovered = dict(RECOVERED.read(self.study))
+        recovered[str(trial)] = result.to_dict()
+        RECOVERED.write(self.study, recovered)
+        return result
+
+    def dense_correct(self) -> torch.Tensor:
+        """Whether the dense model classifies each test image right (measured once)."""
+        if self._dense_correct is None:
+            dense = self.context.model
+            self._dense_correct = correct_predictions(dense, self._test_loader(), device=self.context.device)
+        return self._dense_correct
+
+    def _finetuned(self, config: CompressionConfig, trial: int, *, epochs: int, lr: float) -> tuple[nn.Module, int]:
+        """``config`` applied to the dense model, BatchNorm recalibrated, distilled for ``epochs`` epochs, its int8
+        layers quantized; with the number of fine-tuning steps."""
+        context, options = self.context, self.options
+        float_config, int8_layers = config.split_int8()
+        with torch.random.fork_rng(devices=[]):  # augmentation draws from the global RNG: seeded, and left as it was
+            torch.manual_seed(self.seed)
+            model = apply_config(context.model, float_config, calib_inputs=self._calib).to(context.device)
+            train = make_loader(context.splits.train, batch_size=options.batch_size, shuffle=True, seed=self.seed)
+            recalibrate_batchnorm(model, train, device=context.device, batches=options.calib_batches)
+            steps = epochs * len(train)
+            label = f"recovering trial {trial} ({epochs} epoch{'s' * (epochs != 1)})"
+            with _progress_bar(label, self.console) as update:
+                finetune(
+                    model,
+                    context.model,
+                    train,
+                    device=context.device,
+                    steps=steps,
+                    lr=lr,
+                    warmup_steps=max(1, round(steps * WARMUP_FRACTION)),
+                    teacher_cache=self._teacher_logits,
+                    progress=update,
+                )
+        model.eval()
+        if int8_layers:
+            quantize_layers(model, int8_layers, self._calib)
+        return model, steps
+
+    def _test_loader(self) -> DataLoader:
+        return make_loader(self.test, batch_size=256, shuffle=False)
+
+
+def _recorded(study: optuna.Study, trial: int, *, epochs: int, lr: float) -> RecoveredTrial | None:
+    """Trial ``trial``'s recovery with ``epochs`` epochs at ``lr`` as the study recorded it; None when not done."""
+    stored = RECOVERED.read(study).get(str(trial))
+    if stored is None or stored.get("epochs") != epochs or stored.get("lr") != lr:
+        return None
+    return RecoveredTrial.from_dict(trial, stored)
+
+
+def _full_test_split(context: RunContext) -> Dataset:
+    """The run's test split with every image (the search tests on ``--eval-subset`` of them)."""
+    problem = context.settings.problem
+    if problem.eval_subset is None:
+        return context.splits.test
+    return load_dataset(
+        problem.dataset,
+        root=problem.data_root,
+        val_fraction=problem.val_fraction,
+        seed=problem.seed,
+        download=problem.download,
+        train_subset=problem.train_subset,
+    ).test
+
+
+def _complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number`` of ``study``, which must be complete and compress something."""
+    trials = study.get_trials(deepcopy=False)
+    name = study.study_name
+    if not 0 <= number < len(trials):
+        raise RanksearchError(
+            f"--trial {number}: study {name!r} has trials 0 to {len(trials) - 1}; list them with "
+            f"`ranksearch show {name} --all`"
+        )
+    trial = trials[number]
+    record = TrialRecord.of(trial)
+    if trial.state != TrialState.COMPLETE or not record.config:
+        reason = f" ({record.reason})" if record.reason else ""
+        raise RanksearchError(
+            f"--trial {number}: trial {number} of study {name!r} is {trial.state.name}{reason}, not complete; "
+            f"pick a complete one from `ranksearch show {name} --all`"
+        )
+    if not _compresses(record):
+        raise RanksearchError(
+            f"--trial {number}: trial {number} of study {name!r} compresses nothing (every layer kept); "
+            "pick a compressed trial"
+        )
+    return trial
+
+
+def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
+    """``top`` members of the front that compress something, spread over the latency range, fastest first.
+
+    Always the most accurate member (on validation accuracy) and the fastest within :data:`WITHIN_PP` points of the
+    dense model; then, one at a time, the member whose speedup (re-timed where it was) is farthest from those taken.
+    """
+    front, retimed = [TrialRecord.of(t) for t in front_trials(study)], RETIMED.read(study)
+    speedups = {r.number: speed_of(r, retimed).speedup for r in front}
+    members = sorted(
+        (r for r in front if _compresses(r) and speedups[r.number] is not None),
+        key=lambda r: (speedups[r.number], r.number),
+    )
+    if len(members) <= top:
+        return members[::-1]
+    chosen = [max(members, key=lambda r: (r.metrics["accuracy"], speedups[r.number]))]
+    within = [r for r in members if r.accuracy_drop_pp is not None and r.accuracy_drop_pp <= WITHIN_PP]
+    if top > 1 and within and within[-1].number != chosen[0].number:
+        chosen.append(within[-1])
+    while len(chosen) < top:
+        taken = {c.number for c in chosen}
+        rest = [r for r in members if r.number not in taken]
+        chosen.append(max(rest, key=lambda r: min(abs(speedups[r.number] - speedups[c.number]) for c in chosen)))
+    return sorted(chosen, key=lambda r: (speedups[r.number], r.number), reverse=True)
+
+
+def recover_front(
+    study: optuna.Study, context: RunContext, *, directory: Path, console: Console
+) -> list[RecoveredTrial]:
+    """The recovery stage of a run (its ``--final-epochs`` and ``--final-top``): :func:`recovery_candidates` each
+    recovered (or read back when already recovered so), models saved under ``directory / "recovered"``. A trial whose
+    recovery fails is reported and skipped; nothing is done with ``--final-epochs 0``."""
+    spec = context.settings.recovery
+    if spec.final_epochs == 0:
+        return []
+    candidates = recovery_candidates(study, spec.final_top)
+    if not candidates:
+        return []
+    recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
+    results = []
+    for record in candidates:
+        try:
+            result = recoverer.recover(record.number, epochs=spec.final_epochs)
+        except (RanksearchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            console.print(f"recovery: trial {record.number} failed ({describe(exc)})", soft_wrap=True)
+            continue
+        console.print(f"recovered {result.summary()}", soft_wrap=True)
+        results.append(result)
+    return results
+
+
+def recover_trial(
+    ref: str | Path,
+    *,
+    trial: int,
+    epochs: int,
+    lr: float = RECOVERY_LR,
+    results_dir: Path = Path("results"),
+    storage: str | None = None,
+    console: Console | None = None,
+) -> RecoveredTrial:
+    """``ranksearch finetune``: recover trial ``trial`` of the study ``ref`` (as in
+    :func:`~ranksearch.results.load_study`) on the study's problem, rebuilt from its stored settings
+    (:func:`load_study_problem`); print its test accuracy, drop and checkpoint."""
+    console = console or Console(stderr=True)
+    if epochs < 1:
+        raise RanksearchError(f"--epochs {epochs}: must be 1 or more; pass e.g. --epochs 2")
+    if lr <= 0:
+        raise RanksearchError(f"--lr {lr}: must be positive; pass e.g. --lr {RECOVERY_LR}")
+    study = load_study(ref, results_dir=results_dir, storage=storage)
+    _complete_trial(study, trial)
+    result = _recorded(study, trial, epochs=epochs, lr=lr)
+    if result is None:
+        path = Path(ref)
+        directory = path if (path / STORAGE_FILE).is_file() else results_dir / study.study_name
+        context = load_study_problem(study, console)
+        with torch_threads(context.settings.infra.threads):
+            recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
+            try:
+                result = recoverer.recover(trial, epochs=epochs, lr=lr)
+            except DivergedError as exc:
+                raise RanksearchError(f"trial {trial}: {exc}, e.g. --lr {lr / 10:g}") from None
+    console.print(f"recovered {result.summary()}", soft_wrap=True)
+    console.print(f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True)
+    return result
+
+
+def load_study_problem(study: optuna.Study, console: Console) -> RunContext:
+    """The problem ``study`` was measured on, rebuilt from its stored settings and trained weights; its weights and
+    data must be the study's (their fingerprint)."""
+    name = study.study_name
+    if not SETTINGS.stored(study):
+        raise RanksearchError(f"study {name!r} has no recorded settings; start it with `ranksearch run` first")
+    recorded = SETTINGS.read(study)
+    checkpoint = recorded.get("checkpoint") or MODEL.read(study).get("checkpoint")
+    settings = RunSettings.from_flat(recorded, checkpoint=checkpoint, workers=1)
+    context = load_problem(settings, resolve_device(settings.infra.device), console)
+    check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
+    return context
+
+
+def _save_recovered(model: nn.Module, config: CompressionConfig, path: Path, *, recovery: Mapping[str, Any]) -> None:
+    """``model`` (``config`` applied and fine-tuned) saved atomically as :func:`load_recovered` reads it: its
+    config with the model section, its state_dict, and what its recovery measured."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "state_dict": model.state_dict(),
+        "recovery": dict(recovery),
+    }
+    try:
+        with atomic_open(path, "wb") as handle:
+            torch.save(payload, handle)
+    except OSError as exc:
+        raise RanksearchError(f"{path}: cannot be written ({exc.strerror}); make its directory writable") from None
+
+
+def load_recovered(path: str | Path) -> nn.Module:
+    """A recovered model saved by the recovery stage or ``ranksearch finetune``, in eval mode on the CPU.
+
+    The model is rebuilt from the config's ``model`` section (its ``name`` must build here, as for
+    :func:`~ranksearch.results.build.build_from_config`) with the config's structure, then given the saved weights.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch's deprecation notices on rebuilding int8 tensors are noise here
+            warnings.simplefilter("ignore", UserWarning)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RanksearchError(f"{path}: no such file; pass a results/<study>/recovered/trial-<N>.pt file") from None
+    except Exception as exc:
+        raise RanksearchError(f"{path}: unreadable ({describe(exc)}); pass a file the recovery stage wrote") from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise RanksearchError(f"{path}: not a recovered model; pass a results/<study>/recovered/trial-<N>.pt file")
+    config = CompressionConfig.from_dict(saved["config"])
+    # The structure only: every weight, statistic and int8 scale comes from the file (data-aware layers differ from
+    # the others in how their factors were computed, not in their shape).
+    structure = replace(config, layers={name: replace(c, data_aware=False) for name, c in config.layers.items()})
+    spec = config.model
+    example = torch.randn(
+        2, int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"]),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    model = build_from_config(structure, init="random", calib_inputs=example)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def _compresses(record: TrialRecord) -> bool:
+    """Whether a trial's config changes any layer (a kept layer in int8 counts)."""
+    return any(c.get("technique") != "keep" or c.get("int8") for c in record.layers.values())
+
+
+@contextmanager
+def _progress_bar(label: str, console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar with an ETA on a terminal (elsewhere, where it would leave a blank line, none); the
+    block gets its ``update(done, total)``."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
