@@ -130,6 +130,16 @@ def run(
         float | None, typer.Option(help="constraint: accuracy drop in points")
     ] = SearchSpec.max_accuracy_drop,
     max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = SearchSpec.max_latency_ms,
+    promote_steps: Annotated[
+        str,
+        typer.Option(
+            help="after the budget, re-evaluate the best --promote-fraction with these longer fine-tunes, rung by "
+            "rung (comma-separated steps; 0 is off)"
+        ),
+    ] = SearchSpec.promote_steps,
+    promote_fraction: Annotated[
+        float, typer.Option(help="share of each rung promoted to the next")
+    ] = SearchSpec.promote_fraction,
     final_epochs: Annotated[
         int, typer.Option(help="after the search, fine-tune --final-top front members this many epochs; 0 is off")
     ] = RecoverySpec.final_epochs,
@@ -195,6 +205,8 @@ def run(
             max_accuracy_drop=max_accuracy_drop,
             max_latency_ms=max_latency_ms,
             study_name=study_name,
+            promote_steps=promote_steps,
+            promote_fraction=promote_fraction,
         ),
         recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top),
         infra=InfraSpec(

@@ -57,8 +57,9 @@ def space_yaml(**changes: object) -> str:
 
 def tiny_settings(workdir: Path, *, space_text: str | None = None, **changes: object) -> RunSettings:
     """The tiny problem's settings (ResNet-18, a 512-image Fashion-MNIST subset, a 1-epoch baseline, 3 fine-tuning
-    steps, 7 trials: the 5 anchors and 2 sampled), its space (``space_text``, default :func:`space_yaml`) and results
-    under ``workdir``, with ``changes``."""
+    steps, 7 trials: the 5 anchors and 2 sampled; promotion rungs of 6 and 12 steps for half of each rung; one
+    recovery epoch for 2 front members), its space (``space_text``, default :func:`space_yaml`) and results under
+    ``workdir``, with ``changes``."""
     space = workdir / "tiny.yaml"
     space.write_text(space_text or space_yaml())
     values: dict[str, object] = dict(
@@ -69,6 +70,10 @@ def tiny_settings(workdir: Path, *, space_text: str | None = None, **changes: ob
         eval_subset=256,
         baseline_epochs=1,
         finetune_steps=3,
+        promote_steps="6,12",
+        promote_fraction=0.5,
+        final_epochs=1,
+        final_top=2,
         sensitivity=False,
         early_reject=False,
         batch_size=64,

@@ -39,9 +39,11 @@ def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def recorded_settings(**changes: object) -> RunSettings:
-    """The settings the previous release stored with the study, as this release reads them."""
+    """The settings the previous release stored with the study, as this release reads them (with this release's
+    promotion and recovery stages scaled to the fixture: a few steps, one epoch)."""
     study = load_study("legacy")
-    return RunSettings.from_flat(SETTINGS.read(study), **changes)
+    stages = {"promote_steps": "4,8", "final_epochs": 1, "final_top": 2}
+    return RunSettings.from_flat(SETTINGS.read(study), **{**stages, **changes})
 
 
 def test_the_old_study_opens_with_its_records(legacy: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
@@ -10,7 +11,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ranksearch.results import front_trials, record
-from ranksearch.results.record import TrialRecord, promotion_attrs
+from ranksearch.results.record import TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import trial_counts
 from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts
 
@@ -87,3 +88,22 @@ def test_candidates_never_exceed_the_fraction(fraction) -> None:
     assert len(promotion_candidates(study, rung=1, fraction=fraction)) == min(
         math.ceil(fraction * 10), 9
     )  # 9: all but dense
+
+
+def test_the_tiny_search_promotes_rung_by_rung(tiny_search) -> None:
+    """The shared tiny search (rungs of 6 and 12 steps, half of each rung promoted): each promotion re-evaluates its
+    source's config with its steps, and the front holds each config once."""
+    study = tiny_search[1].study
+    trials = records(study)
+    rung0 = [t for t in trials if t.rung == 0 and t.state == TrialState.COMPLETE]
+    rung1 = [t for t in trials if t.rung == 1]
+    rung2 = [t for t in trials if t.rung == 2]
+    assert rung1 and len(rung1) <= math.ceil(0.5 * len(rung0)) and len(rung2) <= math.ceil(0.5 * len(rung1))
+    by_number = {t.number: t for t in trials}
+    for promotion in rung1 + rung2:
+        assert promotion.state == TrialState.COMPLETE and promotion.finetune_steps == (6 if promotion.rung == 1 else 12)
+        assert promotion.config == by_number[promotion.promotes].config and promotion.metrics["time_finetune_s"] > 0
+    assert {t.promotes for t in rung2} <= {t.promotes for t in rung1}
+    assert sum(t.counts_toward_budget for t in trials) == tiny_search[0].search.budget
+    configs = [json.dumps(TrialRecord.of(t).config, sort_keys=True) for t in front_trials(study)]
+    assert len(configs) == len(set(configs))

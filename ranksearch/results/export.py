@@ -65,14 +65,15 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
         metrics["test_drop"] = dict(stored.test_drop[key])
     if key in stored.retimed:
         metrics["retimed"] = dict(stored.retimed[key])
-    for name in ("speedup_low", "speedup_high"):
-        if name in record.metrics:
-            metrics[name] = record.metrics[name]
+    for bound in ("speedup_low", "speedup_high"):
+        if bound in record.metrics:
+            metrics[bound] = record.metrics[bound]
     meta = {
         "study": name,
         "storage": _hide_password(storage_url),
         "trial": trial.number,
         **({"anchor": record.anchor} if record.anchor else {}),
+        **({"rung": record.rung, "finetune_steps": record.finetune_steps} if record.rung else {}),
         "metrics": metrics,
         **({"recovered": dict(stored.recovered[key])} if key in stored.recovered else {}),
         "baseline": dict(stored.baseline),

@@ -55,7 +55,8 @@ def speed_of(record: TrialRecord, retimed: Mapping[str, Mapping[str, float]]) ->
 
 
 def compresses_nothing(record: TrialRecord) -> bool:
-    return all(choice.get("technique") == "keep" for choice in record.layers.values())
+    """Whether ``record``'s config is the dense model: every layer kept, none in int8."""
+    return all(choice.get("technique") == "keep" and not choice.get("int8") for choice in record.layers.values())
 
 
 def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenTrial]:

@@ -74,7 +74,7 @@ class Objective:
         drop_pp = 100.0 * (baseline["accuracy"] - metrics.accuracy)
         measured = metrics.as_dict()
         speedup = metrics.speedup(baseline["latency_ms"])
-        if all(choice.technique == "keep" for choice in config.layers.values()):
+        if all(choice.technique == "keep" and not choice.int8 for choice in config.layers.values()):
             speedup = 1.0  # the dense model against itself: a front member by definition, whatever the noise
             measured.update({key: 1.0 for key in DENSE_SPEEDUP_KEYS if key in measured})
         writer.measured(measured, accuracy_drop_pp=drop_pp, speedup=speedup)

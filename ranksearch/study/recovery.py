@@ -39,7 +39,7 @@ from ranksearch.results import STORAGE_FILE, front_trials, load_study
 from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
-from ranksearch.results.front import speed_of
+from ranksearch.results.front import compresses_nothing, speed_of
 from ranksearch.results.record import MODEL, RECOVERED, RETIMED, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
 from ranksearch.study.settings import RunSettings
@@ -250,7 +250,7 @@ def _complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
             f"--trial {number}: trial {number} of study {name!r} is {trial.state.name}{reason}, not complete; "
             f"pick a complete one from `ranksearch show {name} --all`"
         )
-    if not _compresses(record):
+    if compresses_nothing(record):
         raise RanksearchError(
             f"--trial {number}: trial {number} of study {name!r} compresses nothing (every layer kept); "
             "pick a compressed trial"
@@ -267,7 +267,7 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
     front, retimed = [TrialRecord.of(t) for t in front_trials(study)], RETIMED.read(study)
     speedups = {r.number: speed_of(r, retimed).speedup for r in front}
     members = sorted(
-        (r for r in front if _compresses(r) and speedups[r.number] is not None),
+        (r for r in front if not compresses_nothing(r) and speedups[r.number] is not None),
         key=lambda r: (speedups[r.number], r.number),
     )
     if len(members) <= top:
@@ -405,11 +405,6 @@ def load_recovered(path: str | Path) -> nn.Module:
     model = build_from_config(structure, init="random", calib_inputs=example)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
-
-
-def _compresses(record: TrialRecord) -> bool:
-    """Whether a trial's config changes any layer (a kept layer in int8 counts)."""
-    return any(c.get("technique") != "keep" or c.get("int8") for c in record.layers.values())
 
 
 @contextmanager

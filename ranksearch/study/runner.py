@@ -23,6 +23,8 @@ from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
 from ranksearch.study.progress import SearchProgress, print_summary, quiet_optuna
+from ranksearch.study.promotion import run_promotions
+from ranksearch.study.recovery import recover_front
 from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
 from ranksearch.study.storage import check_existing_study, open_study, storage_url
@@ -64,11 +66,17 @@ def run_search(
         try:
             _optimize(search, study, directory, layer_names, console)
             start = time.perf_counter()
+            _promote(search, study, directory, layer_names, console)
+            phases["promotion"] = time.perf_counter() - start
+            start = time.perf_counter()
             confirm_front_speedups(study, search.evaluator, console)
             phases["retime_front"] = time.perf_counter() - start
             start = time.perf_counter()
             measure_front_test_accuracy(study, search.evaluator, console)
             phases["test_front"] = time.perf_counter() - start
+            start = time.perf_counter()
+            recover_front(study, search.context, directory=directory, console=console)
+            phases["recovery"] = time.perf_counter() - start
         finally:
             write_results(study, directory, layer_names=layer_names)
             PHASES.write(study, phases)
@@ -118,3 +126,20 @@ def _optimize(
             refresh=refresh,
             console=console,
         )
+
+
+def _promote(
+    search: PreparedSearch, study: optuna.Study, directory: Path, layer_names: list[str], console: Console
+) -> None:
+    """The promotion rungs after the budget (:func:`~ranksearch.study.promotion.run_promotions`), in this process."""
+    settings = search.settings.search
+    run_promotions(
+        study,
+        Objective(search),
+        search.evaluator,
+        steps=settings.promotion_steps,
+        fraction=settings.promote_fraction,
+        budget=settings.budget,
+        console=console,
+        after_trial=lambda: write_results(study, directory, layer_names=layer_names),
+    )

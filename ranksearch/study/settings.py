@@ -10,6 +10,7 @@ settings from those names, and :meth:`RunSettings.to_flat` stores them by those 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -87,8 +88,30 @@ class SearchSpec:
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     study_name: str | None = None
+    promote_steps: str = "300,1500"
+    """Fine-tune steps of the promotion rungs after the budget, comma-separated ("0": no promotion)."""
+    promote_fraction: float = 0.2
+    """The share of each rung promoted to the next."""
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("space_digest",)
+
+    @property
+    def promotion_steps(self) -> tuple[int, ...]:
+        """:attr:`promote_steps` as numbers (empty: no promotion)."""
+        parts = [part.strip() for part in self.promote_steps.split(",") if part.strip()]
+        try:
+            steps = tuple(int(part) for part in parts)
+        except ValueError:
+            steps = ()
+        else:
+            if steps == (0,):
+                return ()
+            if steps and steps[0] > 0 and all(b > a for a, b in itertools.pairwise(steps)):
+                return steps
+        raise RanksearchError(
+            f"--promote-steps {self.promote_steps!r}: give increasing fine-tune steps per rung, e.g. 300,1500, "
+            "or 0 for no promotion"
+        )
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -106,6 +129,10 @@ class SearchSpec:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise RanksearchError(
                 f"--max-accuracy-drop {self.max_accuracy_drop}: must be >= 0 percentage points; pass e.g. 1.0"
+            )
+        if self.promotion_steps and not 0 < self.promote_fraction <= 1:
+            raise RanksearchError(
+                f"--promote-fraction {self.promote_fraction}: must be above 0 and at most 1; pass e.g. 0.2"
             )
         if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.study_name):
             raise RanksearchError(f"--study-name {self.study_name!r}: use letters, digits, '.', '_' and '-' only")
@@ -191,6 +218,12 @@ class RunSettings:
         """Cheap checks of the values alone (files and names are checked when loaded)."""
         for group in _GROUPS:
             getattr(self, group).validate()
+        rungs = self.search.promotion_steps
+        if rungs and rungs[0] <= self.evaluation.finetune_steps:
+            raise RanksearchError(
+                f"--promote-steps {self.search.promote_steps}: the first rung must fine-tune longer than "
+                f"--finetune-steps {self.evaluation.finetune_steps}; pass larger steps, or 0 for no promotion"
+            )
         if self.evaluation.latency_backend == "onnxruntime":
             if not self.infra.device.startswith("cpu"):
                 raise RanksearchError(
