@@ -1,5 +1,6 @@
-"""Per-layer sensitivity: measurement order, hopeless cut-off, cache, greedy configs; the evaluator's zero-shot
-check and the order in which it measures a compressed model."""
+"""Per-layer sensitivity: measurement order, hopeless cut-off, cache (and its older format), KL divergences, greedy
+configs; the evaluator's zero-shot check, its output divergence, and the order in which it measures a compressed
+model."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.data import load_dataset
 from ranksearch.evaluate import classification
 from ranksearch.evaluate.classification import ClassificationEvaluator, EvaluatorOptions
-from ranksearch.models import build_model
+from ranksearch.models import build_model, load_checkpoint
 from ranksearch.search import SearchSpace
 from ranksearch.search.latency_table import variant_key
-from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
+from ranksearch.search.sensitivity import Sensitivity, VariantScore, measure_sensitivity
 from ranksearch.search.space import record_input_shapes
 
 SPACE = {
@@ -49,22 +50,32 @@ def synthetic_accuracy(config: CompressionConfig) -> float:
     return 0.9 - weight * (0.75 - fraction(choice)) / 100 - (0.01 if choice.technique == "tucker2" else 0.0)
 
 
+def synthetic_score(config: CompressionConfig) -> VariantScore:
+    return VariantScore(synthetic_accuracy(config))
+
+
+def synthetic_divergence(config: CompressionConfig) -> VariantScore:
+    """The made-up accuracy, and a KL divergence of a tenth of its drop (in points)."""
+    accuracy = synthetic_accuracy(config)
+    return VariantScore(accuracy, 10 * (0.9 - accuracy))
+
+
 def test_measures_largest_rank_first_and_stops_once_hopeless(problem, tmp_path: Path) -> None:
     model, slots, shapes = problem
     calls: list[tuple[str, str]] = []
 
-    def zero_shot(config: CompressionConfig) -> float:
+    def zero_shot(config: CompressionConfig) -> VariantScore:
         ((name, choice),) = config.layers.items()
         calls.append((name, variant_key(choice)))
-        return synthetic_accuracy(config)
+        return synthetic_score(config)
 
     cache = tmp_path / "sensitivity.json"
     result = measure_sensitivity(
         model,
         slots,
         shapes,
-        zero_shot=zero_shot,
-        baseline_accuracy=0.9,
+        score=zero_shot,
+        baseline=VariantScore(0.9),
         hopeless=5.0,
         rank_multiple=8,
         cache_file=cache,
@@ -84,8 +95,8 @@ def test_measures_largest_rank_first_and_stops_once_hopeless(problem, tmp_path: 
         model,
         slots,
         shapes,
-        zero_shot=lambda config: pytest.fail("measured again despite the cache"),
-        baseline_accuracy=0.9,
+        score=lambda config: pytest.fail("measured again despite the cache"),
+        baseline=VariantScore(0.9),
         hopeless=5.0,
         rank_multiple=8,
         cache_file=cache,
@@ -99,8 +110,8 @@ def test_only_variants_worth_measuring_are_measured(problem) -> None:
         model,
         slots,
         shapes,
-        zero_shot=synthetic_accuracy,
-        baseline_accuracy=0.9,
+        score=synthetic_score,
+        baseline=VariantScore(0.9),
         hopeless=50.0,
         rank_multiple=8,
         worth=lambda name, choice: choice.technique == "svd",
@@ -112,7 +123,7 @@ def test_only_variants_worth_measuring_are_measured(problem) -> None:
 def test_hopeless_layer_and_greedy_configs(problem) -> None:
     model, slots, shapes = problem
     result = measure_sensitivity(
-        model, slots, shapes, zero_shot=synthetic_accuracy, baseline_accuracy=0.9, hopeless=50.0, rank_multiple=8
+        model, slots, shapes, score=synthetic_score, baseline=VariantScore(0.9), hopeless=50.0, rank_multiple=8
     )
     mild = CompressionConfig(layers={"0": LayerChoice("svd", 0.25), "2": LayerChoice("svd", 0.75)})
     harsh = CompressionConfig(layers={"0": LayerChoice("svd", 0.75), "2": LayerChoice("svd", 0.25, int8=True)})
@@ -142,6 +153,66 @@ def test_hopeless_layer_and_greedy_configs(problem) -> None:
 def test_sensitivity_roundtrips_through_json(problem) -> None:
     result = Sensitivity(baseline_accuracy=0.9, drops={"0": {variant_key(LayerChoice("svd", 0.5)): 1.5}})
     assert Sensitivity(**json.loads(json.dumps(result.to_json()))) == result
+    with_kl = Sensitivity(
+        baseline_accuracy=0.9,
+        drops={"0": {variant_key(LayerChoice("svd", 0.5)): math.inf}},
+        divergences={"0": {variant_key(LayerChoice("svd", 0.5)): math.inf}},
+    )
+    assert Sensitivity(**json.loads(json.dumps(with_kl.to_json()))) == with_kl
+
+
+def test_divergences_are_measured_cached_and_are_the_penalty(problem, tmp_path: Path) -> None:
+    """With a divergence measured, the penalty is the KL divergence; the cache keeps both numbers, and a pass that
+    measures accuracy only reads the accuracies from it (its penalty is then the drop in points)."""
+    model, slots, shapes = problem
+    cache = tmp_path / "sensitivity-kl.json"
+    settings = dict(hopeless=5.0, rank_multiple=8, cache_file=cache)
+    result = measure_sensitivity(
+        model, slots, shapes, score=synthetic_divergence, baseline=VariantScore(0.9, 0.0), **settings
+    )
+    svd = variant_key(LayerChoice("svd", 0.5))
+    assert result.drops["2"][svd] == pytest.approx(10.0) and result.divergences["2"][svd] == pytest.approx(1.0)
+    assert math.isinf(result.divergences["2"][variant_key(LayerChoice("svd", 0.25))])  # beyond hopeless
+    assert result.penalty("2", LayerChoice("svd", 0.5, int8=True)) == pytest.approx(1.0)  # its float variant's
+    assert result.penalty("2", LayerChoice("keep")) == 0.0
+    assert Sensitivity(baseline_accuracy=0.9, drops={}).penalty("2", LayerChoice("svd", 0.5)) is None  # unmeasured
+    assert json.loads(cache.read_text())["2"][svd] == {"accuracy": pytest.approx(0.8), "kl": pytest.approx(1.0)}
+
+    def unexpected(config: CompressionConfig) -> VariantScore:
+        pytest.fail("measured again despite the cache")
+
+    again = measure_sensitivity(model, slots, shapes, score=unexpected, baseline=VariantScore(0.9, 0.0), **settings)
+    assert again == result
+    accuracy_only = measure_sensitivity(model, slots, shapes, score=unexpected, baseline=VariantScore(0.9), **settings)
+    assert accuracy_only.divergences is None and accuracy_only.drops == result.drops
+    assert accuracy_only.penalty("2", LayerChoice("svd", 0.5)) == pytest.approx(10.0)
+
+
+def test_a_cache_without_divergences_is_measured_again(problem, tmp_path: Path) -> None:
+    """A cache of the first release's format (accuracies only), or with entries of no known shape, does not stop a
+    pass that measures divergences: what it lacks is measured and written in the new format."""
+    model, slots, shapes = problem
+    cache = tmp_path / "sensitivity.json"
+    settings = dict(hopeless=50.0, rank_multiple=8, cache_file=cache)
+    measure_sensitivity(model, slots, shapes, score=synthetic_score, baseline=VariantScore(0.9), **settings)
+    old = json.loads(cache.read_text())
+    svd = variant_key(LayerChoice("svd", 0.5))
+    assert isinstance(old["2"][svd], float)  # the first release's format
+    old["0"]["not a variant"], old["elsewhere"] = "junk", 3
+    cache.write_text(json.dumps(old))
+    measured: list[CompressionConfig] = []
+
+    def divergence(config: CompressionConfig) -> VariantScore:
+        measured.append(config)
+        return synthetic_divergence(config)
+
+    result = measure_sensitivity(model, slots, shapes, score=divergence, baseline=VariantScore(0.9, 0.0), **settings)
+    assert len(measured) == sum(len(drops) for drops in result.drops.values())
+    assert result.divergences["2"][svd] == pytest.approx(1.0)
+    assert json.loads(cache.read_text())["2"][svd] == {"accuracy": pytest.approx(0.8), "kl": pytest.approx(1.0)}
+    cache.write_text("[1, 2]")  # unreadable: measured again
+    again = measure_sensitivity(model, slots, shapes, score=divergence, baseline=VariantScore(0.9, 0.0), **settings)
+    assert again == result and len(measured) == 2 * sum(len(drops) for drops in result.drops.values())
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +255,49 @@ def test_a_config_scored_at_zero_shot_is_not_built_again_for_its_evaluation(eval
     assert "zero_shot_accuracy" not in evaluator.evaluate(other).extra  # another config is built afresh
 
 
+TRAINED = Path(__file__).parent / "fixtures" / "legacy"
+"""A small CNN with trained weights (the legacy fixture's): divergences mean something on it."""
+
+
+@pytest.fixture(scope="module")
+def trained() -> ClassificationEvaluator:
+    splits = load_dataset(
+        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=1024, eval_subset=512
+    )
+    model = build_model(f"{TRAINED / 'tinynet.py'}:tiny", num_classes=10, in_channels=1, image_size=28)
+    return ClassificationEvaluator(
+        model=load_checkpoint(model, TRAINED / "tiny.pt"),
+        splits=splits,
+        device=torch.device("cpu"),
+        options=EvaluatorOptions(batch_size=64, calib_batches=2),
+        threads=1,
+        divergence_images=384,
+    )
+
+
+def test_output_divergence_is_zero_uncompressed_and_grows_as_rank_shrinks(trained) -> None:
+    """On a trained model: keep is the uncompressed model (no divergence, its accuracy); the KL divergence grows as
+    a layer's rank shrinks; the scores repeat, and the global RNG is left as it was."""
+    rng = torch.get_rng_state()
+    dense = trained.output_divergence(CompressionConfig(layers={}))
+    assert dense.kl == pytest.approx(0.0, abs=1e-7) and dense.accuracy > 0.6
+    assert trained.output_divergence(CompressionConfig(layers={"conv2": LayerChoice("keep")})) == dense
+    scores = [
+        trained.output_divergence(CompressionConfig(layers={"conv2": LayerChoice("svd", rank)}))
+        for rank in (0.5, 0.25, 0.125)
+    ]
+    assert 0 < scores[0].kl < scores[1].kl < scores[2].kl
+    assert scores[-1].accuracy < dense.accuracy
+    assert trained.output_divergence(CompressionConfig(layers={"conv2": LayerChoice("svd", 0.125)})) == scores[-1]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert trained.divergence_key()["divergence_images"] == 384
+
+
 def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, monkeypatch) -> None:
     """A quantized conv tunes itself to the first batch size it runs: timing after the evaluation batches
     measured int8 models 2-3x slow."""
     order: list[str] = []
-    real_pair, real_accuracy = classification.measure_latency_pair, classification.evaluate_accuracy
+    real_pair, real_accuracy = classification.measure_speedup, classification.correct_predictions
 
     def latencies(reference, model, example, **kwargs):
         order.append(f"latency batch {len(example)}")
@@ -198,8 +307,8 @@ def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, 
         order.append("accuracy")
         return real_accuracy(model, loader, **kwargs)
 
-    monkeypatch.setattr(classification, "measure_latency_pair", latencies)
-    monkeypatch.setattr(classification, "evaluate_accuracy", accuracy)
+    monkeypatch.setattr(classification, "measure_speedup", latencies)
+    monkeypatch.setattr(classification, "correct_predictions", accuracy)
     evaluator.evaluate(CompressionConfig(layers={"layer4.0.conv1": LayerChoice("svd", 0.5, int8=True)}))
     assert order == ["latency batch 1", "accuracy"]
 
@@ -211,11 +320,14 @@ def test_paired_latency_alternates_rounds() -> None:
     order: list[nn.Module] = []
     for module in (fast, slow):
         module.register_forward_pre_hook(lambda m, args: order.append(m) if not order or order[-1] is not m else None)
-    reference, model = latency.measure_latency_pair(fast, slow, torch.randn(1, 4, 16, 16), threads=1, rounds=3)
+    paired = latency.measure_speedup(fast, slow, torch.randn(1, 4, 16, 16), threads=1, rounds=3)
+    reference, model = paired.reference, paired.candidate
     assert order == [fast, slow] * 3
     assert reference.attempts == model.attempts == 3 and reference.runs >= 30
     assert reference.p10_ms <= reference.median_ms <= reference.p90_ms
     assert model.median_ms > reference.median_ms
+    assert len(paired.ratios) == 3 and paired.speedup_low <= paired.speedup_high < 1  # the slow one is slower
+    assert paired.speedup == pytest.approx(reference.median_ms / model.median_ms)
 
 
 def test_greedy_cost_without_a_latency_table_is_macs(problem) -> None:

@@ -2,9 +2,13 @@
 
 from ranksearch.evaluate.base import (
     BaseEvaluator,
+    Divergence,
+    DivergenceScorer,
     Evaluator,
     LocalTorchTiming,
     Metrics,
+    MultiFidelity,
+    PairedTiming,
     Split,
     ZeroShotScorer,
 )
@@ -13,10 +17,14 @@ from ranksearch.evaluate.classification import ClassificationEvaluator, Evaluato
 __all__ = [
     "BaseEvaluator",
     "ClassificationEvaluator",
+    "Divergence",
+    "DivergenceScorer",
     "Evaluator",
     "EvaluatorOptions",
     "LocalTorchTiming",
     "Metrics",
+    "MultiFidelity",
+    "PairedTiming",
     "Split",
     "ZeroShotScorer",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.latency import PairedLatency
 
 Split = Literal["val", "test"]
 REQUIRED_KEYS = ("accuracy", "latency_ms")
@@ -29,6 +30,9 @@ class Metrics:
     latency_ms: float
     reference_latency_ms: float | None = None
     extra: Mapping[str, float] = field(default_factory=dict)
+    correct: Sequence[bool] | None = field(default=None, repr=False, compare=False)
+    """Optional: whether each image of the split was classified right, in the split's order (not recorded with the
+    trial). With it, the test accuracy of a front member gets a paired confidence interval against the baseline's."""
 
     def as_dict(self) -> dict[str, float]:
         """The flat mapping recorded with a trial."""
@@ -72,7 +76,8 @@ class Metrics:
                 f"non-finite metrics: accuracy={numbers['accuracy']}, latency_ms={numbers['latency_ms']}"
             )
         accuracy, latency = numbers.pop("accuracy"), numbers.pop("latency_ms")
-        return cls(accuracy, latency, numbers.pop("reference_latency_ms", None), numbers)
+        correct = value.correct if isinstance(value, Metrics) else None
+        return cls(accuracy, latency, numbers.pop("reference_latency_ms", None), numbers, correct=correct)
 
 
 class Evaluator(ABC):
@@ -85,7 +90,9 @@ class Evaluator(ABC):
     towards the budget); any other exception fails the trial with its message as the reason, and the search goes on.
 
     Optional capabilities: derive also from :class:`ZeroShotScorer` to get early rejection and the per-layer
-    sensitivity pass, and from :class:`LocalTorchTiming` to get the per-layer latency table.
+    sensitivity pass, from :class:`DivergenceScorer` to get that pass measured as output divergence (and its
+    knapsack warm starts), from :class:`LocalTorchTiming` to get the per-layer latency table, and from
+    :class:`PairedTiming` to get borderline front members timed again beside the dense model.
 
     Pass an instance to :func:`ranksearch.run_search`, or name a class on the command line
     (``--evaluator package.module:Class``): it is then built as ``Class(context=context)`` with the run's
@@ -117,6 +124,30 @@ class ZeroShotScorer(ABC):
         """What defines the scores besides the model, data and space (keys the sensitivity cache)."""
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """How far a config's outputs are from the uncompressed model's, on the same images."""
+
+    kl: float
+    """Mean KL(uncompressed softmax || compressed softmax) of the logits, in nats per image."""
+    accuracy: float
+    """The compressed model's accuracy on those images."""
+
+
+class DivergenceScorer(ABC):
+    """Capability: a config's output divergence from the uncompressed model without fine-tuning, for a per-layer
+    sensitivity that adds up over layers (the sensitivity pass prefers it to :class:`ZeroShotScorer`'s accuracy)."""
+
+    @abstractmethod
+    def output_divergence(self, config: CompressionConfig) -> Divergence:
+        """``config`` applied without fine-tuning (e.g. with BatchNorm recalibrated), compared with the uncompressed
+        model; the empty config is the uncompressed model (``kl`` 0, the baseline accuracy on the same images)."""
+
+    @abstractmethod
+    def divergence_key(self) -> dict[str, object]:
+        """What defines the divergences besides the model, data and space (keys the sensitivity cache)."""
+
+
 class LocalTorchTiming(ABC):
     """Capability: the evaluator times models in torch on this machine, as the per-layer latency table does."""
 
@@ -124,3 +155,22 @@ class LocalTorchTiming(ABC):
     @abstractmethod
     def times_local_torch(self) -> bool:
         """Whether latency is measured in torch on this machine (so a table of layer timings predicts it)."""
+
+
+class PairedTiming(ABC):
+    """Capability: time a config's model again beside the uncompressed one, so that a front member's speedup can be
+    confirmed with more rounds than a trial spends."""
+
+    @abstractmethod
+    def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
+        """``config``'s model (as evaluated; its weights need not be fine-tuned) and the uncompressed model, timed in
+        ``rounds`` alternating rounds over ``target_seconds`` in all, as the evaluation times them."""
+
+
+class MultiFidelity(ABC):
+    """Capability: evaluate a config with a longer fine-tune, so that promising trials can be promoted to higher
+    rungs (successive halving over the fine-tune budget)."""
+
+    @abstractmethod
+    def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: Split = "val") -> Metrics:
+        """:meth:`Evaluator.evaluate` with ``finetune_steps`` fine-tuning steps instead of the configured number."""

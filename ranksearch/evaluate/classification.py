@@ -17,12 +17,26 @@ from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, make_loader
 from ranksearch.errors import RanksearchError, TrialFailure
-from ranksearch.evaluate.base import Evaluator, LocalTorchTiming, Metrics, Split, ZeroShotScorer
-from ranksearch.measure.latency import LATENCY_BACKENDS, Latency, measure_latency_pair
-from ranksearch.training import evaluate_accuracy, finetune, recalibrate_batchnorm
+from ranksearch.evaluate.base import (
+    Divergence,
+    DivergenceScorer,
+    Evaluator,
+    LocalTorchTiming,
+    Metrics,
+    MultiFidelity,
+    PairedTiming,
+    Split,
+    ZeroShotScorer,
+)
+from ranksearch.measure.latency import LATENCY_BACKENDS, PairedLatency, measure_speedup
+from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
+from ranksearch.training.loop import channels_last
 
 ZERO_SHOT_IMAGES = 512
-"""Validation images of the zero-shot check (early rejection, per-layer sensitivity): two batches."""
+"""Validation images of the zero-shot check (early rejection): two batches."""
+
+DIVERGENCE_IMAGES = 2048
+"""Validation images of the output divergence (the per-layer sensitivity pass): eight batches."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +82,9 @@ class _Recalibrated:
     zero_shot_accuracy: float
 
 
-class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
+class ClassificationEvaluator(
+    Evaluator, ZeroShotScorer, DivergenceScorer, LocalTorchTiming, PairedTiming, MultiFidelity
+):
     """Top-1 accuracy after a short knowledge-distillation fine-tune, and measured latency.
 
     For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware
@@ -78,14 +94,17 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
     ``latency_batch`` on ``device`` (before the model runs any other batch size), or with
     ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime
     on CPU (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the
-    uncompressed model is timed right before it (``reference_latency_ms``), so the speedup compares
-    two measurements under the same load -> accuracy on the validation split (at most
-    ``eval_batches`` batches). Data order and initial state are seeded, so the same configuration gives
+    uncompressed model is timed in rounds alternating with it (``reference_latency_ms``; each round's
+    speedup gives ``speedup_low`` / ``speedup_high``), so the speedup compares measurements under the same
+    load -> accuracy on the validation split (at most ``eval_batches`` batches), with each image's
+    correctness (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same configuration gives
     the same model on ``split="test"`` as it did on ``"val"``.
 
     Its zero-shot score (:class:`~ranksearch.evaluate.ZeroShotScorer`) is the accuracy after recalibration, on the
     first ``zero_shot_images`` validation images; a config scored right before it is evaluated is not
-    built twice.
+    built twice. Its output divergence (:class:`~ranksearch.evaluate.DivergenceScorer`), the per-layer sensitivity,
+    compares the recalibrated model's outputs with the uncompressed model's on the first ``divergence_images``
+    validation images.
     """
 
     def __init__(
@@ -98,6 +117,7 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
         threads: int | None = None,
         eval_batches: int | None = None,
         zero_shot_images: int = ZERO_SHOT_IMAGES,
+        divergence_images: int = DIVERGENCE_IMAGES,
         seed: int = 0,
     ) -> None:
         self.options = options or EvaluatorOptions()
@@ -111,6 +131,8 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
         count = min(zero_shot_images, len(splits.val))
         self.zero_shot_set = torch.utils.data.Subset(splits.val, range(count))
         self._zero_shot_baseline: float | None = None
+        self.divergence_set = torch.utils.data.Subset(splits.val, range(min(divergence_images, len(splits.val))))
+        self._dense_log_probs: torch.Tensor | None = None  # the uncompressed model's outputs on the divergence set
         self._recalibrated: _Recalibrated | None = None
         self._teacher_logits: dict[bytes, torch.Tensor] = {}  # the seeded fine-tuning batches repeat every trial
         calib = calibration_batch(
@@ -125,6 +147,10 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
 
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics:
         """The metrics of ``config`` (see the class)."""
+        return self.evaluate_at(config, finetune_steps=self.options.finetune_steps, split=split)
+
+    def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: Split = "val") -> Metrics:
+        """The metrics of ``config`` after ``finetune_steps`` fine-tuning steps (a promotion's longer fine-tune)."""
         recalibrated, self._recalibrated = self._recalibrated, None
         if recalibrated is not None and recalibrated.config == config:
             model, train, phases = recalibrated.model, recalibrated.train, dict(recalibrated.phases)
@@ -134,14 +160,14 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
             model, train, phases = self._recalibrate(config)
             extra = {}
         options = self.options
-        if train is not None and options.finetune_steps > 0 and _trainable(model):
+        if train is not None and finetune_steps > 0 and _trainable(model):
             with _phase(phases, "finetune"):
                 finetune(
                     model,
                     self.model,
                     train,
                     device=self.device,
-                    steps=options.finetune_steps,
+                    steps=finetune_steps,
                     lr=options.finetune_lr,
                     teacher_cache=self._teacher_logits,
                 )
@@ -152,24 +178,36 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
         # Latency first: a quantized (oneDNN) conv tunes itself to the first batch size it runs, and one
         # first run on evaluation batches of 256 leaves it 2-3x slower at batch 1 from then on.
         with _phase(phases, "latency"):
-            reference, latency, backend_extra = self._latencies(model)
+            paired, backend_extra = self._paired_latency(model)
         dataset = self.splits.val if split == "val" else self.splits.test
         with _phase(phases, "accuracy"):
             loader = make_loader(dataset, batch_size=256, shuffle=False)
-            accuracy = evaluate_accuracy(model, loader, device=self.device, max_batches=self.eval_batches)
+            correct = correct_predictions(model, loader, device=self.device, max_batches=self.eval_batches)
+        latency = paired.candidate
         return Metrics(
-            accuracy=accuracy,
+            accuracy=correct.sum().item() / max(len(correct), 1),
             latency_ms=latency.median_ms,
-            reference_latency_ms=reference.median_ms,
+            reference_latency_ms=paired.reference.median_ms,
             extra={
                 "latency_p10_ms": latency.p10_ms,
                 "latency_p90_ms": latency.p90_ms,
                 "latency_spread": latency.spread,
+                **paired.summary(),
                 **backend_extra,
                 **extra,
                 **{f"time_{name}_s": seconds for name, seconds in phases.items()},
             },
+            correct=correct.tolist(),
         )
+
+    def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
+        """``config`` applied (int8 layers quantized, not fine-tuned: timing does not depend on the weights' values)
+        and timed beside the uncompressed model as :meth:`evaluate` times it, in ``rounds`` rounds."""
+        model = apply_config(self.model, config.split_int8()[0], calib_inputs=self._calib).to(self.device).eval()
+        int8_layers = config.split_int8()[1]
+        if int8_layers:
+            quantize_layers(model, int8_layers, self._calib)
+        return self._paired_latency(model, rounds=rounds, target_seconds=target_seconds)[0]
 
     def zero_shot_accuracy(self, config: CompressionConfig) -> float:
         """Accuracy of ``config`` applied in float with BatchNorm recalibrated, not fine-tuned, on the first
@@ -196,6 +234,34 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
             "images": len(self.zero_shot_set),
         }
 
+    def output_divergence(self, config: CompressionConfig) -> Divergence:
+        """``config`` applied in float with BatchNorm recalibrated (as for its zero-shot accuracy), not fine-tuned:
+        the mean KL divergence of its softmax outputs from the uncompressed model's, and its accuracy, on the first
+        ``divergence_images`` validation images. Leaves the global RNG as it was.
+
+        Validation images, not training images: unaugmented and held out like the images the search's accuracy is
+        measured on (on its training images the model is confident and right, which understates the damage), so a
+        drop in points means what an early rejection's does; the first ones, so that a small validation split
+        serves too (the zero-shot images are among them).
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = self._recalibrate(config)[0]
+            if self._dense_log_probs is None:
+                self._dense_log_probs = self._log_probs(self.model)[0]
+            log_probs, labels = self._log_probs(model)
+        kl = torch.nn.functional.kl_div(log_probs, self._dense_log_probs, reduction="sum", log_target=True)
+        accuracy = (log_probs.argmax(1) == labels).sum().item() / max(len(labels), 1)
+        return Divergence(kl=max(kl.item() / max(len(labels), 1), 0.0), accuracy=accuracy)
+
+    def divergence_key(self) -> dict[str, object]:
+        return {
+            "calib_batches": self.options.calib_batches,
+            "batch_size": self.options.batch_size,
+            "seed": self.seed,
+            "divergence_images": len(self.divergence_set),
+        }
+
     def _recalibrate(self, config: CompressionConfig) -> tuple[nn.Module, DataLoader | None, dict[str, float]]:
         """``config``'s float part applied to a copy of the model, BatchNorm recalibrated (unless all kept), with
         the seeded training loader (fine-tuning continues it) and the time per phase."""
@@ -216,26 +282,50 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, LocalTorchTiming):
         with torch.random.fork_rng(devices=[]):
             return evaluate_accuracy(model, loader, device=self.device)
 
-    def _latencies(self, model: nn.Module) -> tuple[Latency, Latency, dict[str, float]]:
-        """The uncompressed model's latency and ``model``'s (in torch: timed in alternating rounds), and with
-        ONNX Runtime the export's max abs error against torch (``onnx_max_abs_error``)."""
-        if self.times_local_torch:
-            pair = measure_latency_pair(self.model, model, self.example, device=self.device, threads=self.threads)
-            return *pair, {}
-        reference, _ = self._onnxruntime_latency(self.model)
-        return reference, *self._onnxruntime_latency(model)
+    def _log_probs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s log-softmax outputs on the divergence images (eval mode, batches of 256) and their labels."""
+        outputs, labels = [], []
+        model.eval()
+        with channels_last(model, self.device), torch.inference_mode():  # weights converted outside inference mode
+            for images, targets in make_loader(self.divergence_set, batch_size=256, shuffle=False):
+                outputs.append(torch.log_softmax(model(images.to(self.device)).float(), dim=1))
+                labels.append(targets.to(self.device))
+        return torch.cat(outputs), torch.cat(labels)
 
-    def _onnxruntime_latency(self, model: nn.Module) -> tuple[Latency, dict[str, float]]:
-        """ONNX Runtime's latency of ``model``'s export and the export's max abs error against torch."""
-        from ranksearch.measure.onnx import export_onnx, onnxruntime_latency
+    def _paired_latency(
+        self, model: nn.Module, *, rounds: int = 4, target_seconds: float = 0.5
+    ) -> tuple[PairedLatency, dict[str, float]]:
+        """``model`` timed beside the uncompressed model in alternating rounds (:func:`measure_speedup`), in torch or
+        (``latency_backend="onnxruntime"``) in ONNX Runtime on their exports, with the export's max abs error
+        against torch (``onnx_max_abs_error``)."""
+        if self.times_local_torch:
+            paired = measure_speedup(
+                self.model,
+                model,
+                self.example,
+                device=self.device,
+                threads=self.threads,
+                rounds=rounds,
+                target_seconds=target_seconds,
+            )
+            return paired, {}
+        from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
 
         try:
             with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
+                reference = export_onnx(self.model, self.example, Path(tmp) / "dense.onnx")
                 exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
-                latency = onnxruntime_latency(exported.path, self.example, threads=self.threads)
+                paired = onnxruntime_speedup(
+                    reference.path,
+                    exported.path,
+                    self.example,
+                    threads=self.threads,
+                    rounds=rounds,
+                    target_seconds=target_seconds,
+                )
         except RanksearchError as exc:  # a wrong export fails this trial, not the search
             raise TrialFailure(str(exc)) from None
-        return latency, {"onnx_max_abs_error": exported.max_abs_error}
+        return paired, {"onnx_max_abs_error": exported.max_abs_error}
 
 
 def calibration_batch(dataset: Dataset, *, batch_size: int, batches: int, seed: int) -> torch.Tensor:

@@ -20,13 +20,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ranksearch.compress import ModelCost, dense_model_cost, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import USER_ERRORS, RanksearchError
-from ranksearch.evaluate import ClassificationEvaluator, Evaluator, LocalTorchTiming, Metrics, Split, ZeroShotScorer
+from ranksearch.evaluate import (
+    ClassificationEvaluator,
+    DivergenceScorer,
+    Evaluator,
+    LocalTorchTiming,
+    Metrics,
+    Split,
+    ZeroShotScorer,
+)
 from ranksearch.measure.latency import resolve_device
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
+from ranksearch.search.knapsack import knapsack_configs
 from ranksearch.search.latency_table import LatencyTable, cache_name, variant_key
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
-from ranksearch.search.sensitivity import Sensitivity, measure_sensitivity
+from ranksearch.search.sensitivity import Sensitivity, VariantScore, measure_sensitivity
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
 from ranksearch.study.settings import RunSettings
 from ranksearch.util import describe, import_object
@@ -122,7 +131,7 @@ class PreparedSearch:
         return self.space.rank_multiple
 
     def variant_cost(self) -> Callable[[str, LayerChoice], float]:
-        """What the greedy configs minimise per layer: the table's time where there is one, else MACs."""
+        """A layer variant's cost for the warm starts: the latency table's time where there is one, else MACs."""
         table = self.table
         if table is not None:
             return lambda name, choice: table.layer_ms[name][variant_key(choice)]
@@ -138,7 +147,9 @@ class PreparedSearch:
         return macs
 
     def enqueue_starts(self, study: optuna.Study) -> None:
-        """The uniform anchors, then (with sensitivity) the greedy equal-sensitivity warm starts that differ."""
+        """The uniform anchors, then (with sensitivity) the ``--warm-starts`` configs that differ from those queued:
+        the knapsack solutions (per budget of the searched layers' dense cost, :meth:`variant_cost`, the config of least
+        summed sensitivity within it), or the greedy equal-sensitivity levels."""
         queued: set[tuple[tuple[str, object], ...]] = set()
         for technique, fraction in ANCHORS:
             params = config_to_params(
@@ -150,13 +161,30 @@ class PreparedSearch:
             queued.add(key)
             label = "baseline" if technique == "keep" else f"uniform {technique}@{fraction}"
             study.enqueue_trial(params, user_attrs=anchor_attrs(label))
-        if self.sensitivity is None:
-            return
-        greedy = self.sensitivity.greedy_configs(self.slots, self.variant_cost(), rank_multiple=self.rank_multiple)
-        for level, config in greedy.items():
+        for label, config in self._warm_starts().items():
             params = config_to_params(config, self.slots)
-            if tuple(sorted(params.items())) not in queued:
-                study.enqueue_trial(params, user_attrs=warm_start_attrs(f"greedy, each layer <= {level:g} pp alone"))
+            key = tuple(sorted(params.items()))
+            if key not in queued:
+                queued.add(key)
+                study.enqueue_trial(params, user_attrs=warm_start_attrs(label))
+
+    def _warm_starts(self) -> dict[str, CompressionConfig]:
+        """The ``--warm-starts`` configs by label (none without sensitivity)."""
+        kind = self.settings.search.warm_starts
+        if self.sensitivity is None or kind == "none":
+            return {}
+        if kind == "greedy":
+            greedy = self.sensitivity.greedy_configs(self.slots, self.variant_cost(), rank_multiple=self.rank_multiple)
+            return {f"greedy, each layer <= {level:g} pp alone": config for level, config in greedy.items()}
+        starts = knapsack_configs(
+            self.sensitivity,
+            self.slots,
+            self.variant_cost(),
+            rank_multiple=self.rank_multiple,
+            max_drop=self.settings.search.max_zero_shot_drop,
+        )
+        measure = "latency" if self.table is not None else "MACs"
+        return {f"knapsack, layer {measure} <= {100 * budget:.0f} % of dense": c for budget, c in starts.items()}
 
 
 def evaluator_factory(settings: RunSettings) -> Callable[[RunContext], Evaluator] | None:
@@ -280,26 +308,43 @@ class _Loaded:
         return table
 
     def sensitivity(self, fingerprint: dict[str, str], table: LatencyTable | None) -> Sensitivity | None:
-        """Each layer variant's zero-shot accuracy drop alone (cached under ``results/sensitivity/``) when
-        ``--sensitivity`` is on and the evaluator is a :class:`~ranksearch.evaluate.ZeroShotScorer`; otherwise None.
+        """Each layer variant's output divergence and accuracy drop alone (with a
+        :class:`~ranksearch.evaluate.DivergenceScorer`) or its zero-shot accuracy drop only (with a
+        :class:`~ranksearch.evaluate.ZeroShotScorer`), cached under ``results/sensitivity/``, when ``--sensitivity``
+        is on and the evaluator is either; otherwise None.
         ``fingerprint`` (of the run's model and data) keys the cache. With a latency ``table``, only variants faster
         than their dense layer are measured."""
         settings, evaluator = self.settings, self.evaluator
-        if not (settings.search.sensitivity and isinstance(evaluator, ZeroShotScorer)):
+        if not (settings.search.sensitivity and isinstance(evaluator, DivergenceScorer | ZeroShotScorer)):
             return None
         start = time.perf_counter()
         multiple = self.space.rank_multiple
-        parts = [fingerprint, settings.search.space_digest, multiple, *evaluator.zero_shot_key().values()]
-        key = hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()  # the first release's
-        cache_file = settings.infra.results_dir / "sensitivity" / f"sensitivity-{key}.json"
+        parts = [fingerprint, settings.search.space_digest, multiple]
+        if isinstance(evaluator, DivergenceScorer):
+
+            def score(config: CompressionConfig) -> VariantScore:
+                divergence = evaluator.output_divergence(config)
+                return VariantScore(divergence.accuracy, divergence.kl)
+
+            prefix, parts = "sensitivity-kl", [*parts, "kl", evaluator.divergence_key()]
+            baseline = score(CompressionConfig(layers={}))
+        else:
+
+            def score(config: CompressionConfig) -> VariantScore:
+                return VariantScore(evaluator.zero_shot_accuracy(config))
+
+            prefix, parts = "sensitivity", [*parts, *evaluator.zero_shot_key().values()]  # the first release's key
+            baseline = VariantScore(evaluator.zero_shot_baseline())
+        key = hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()
+        cache_file = settings.infra.results_dir / "sensitivity" / f"{prefix}-{key}.json"
         max_drop = settings.search.max_zero_shot_drop
         with _progress_bar("sensitivity", self.console) as update:
             sensitivity = measure_sensitivity(
                 self.context.model,
                 self.slots,
                 self.context.input_shapes,
-                zero_shot=evaluator.zero_shot_accuracy,
-                baseline_accuracy=evaluator.zero_shot_baseline(),
+                score=score,
+                baseline=baseline,
                 hopeless=max_drop,
                 rank_multiple=multiple,
                 worth=None if table is None else table.faster_than_dense,
@@ -309,9 +354,10 @@ class _Loaded:
         seconds = self.phases["sensitivity"] = time.perf_counter() - start
         drops = [d for layer in sensitivity.drops.values() for d in layer.values()]
         hopeless = sum(d > max_drop for d in drops)
+        measured = "KL divergence and zero-shot drop" if sensitivity.divergences is not None else "zero-shot drop"
         self.console.print(
-            f"sensitivity: {len(drops)} layer variants of {len(self.slots)} layers ready in {seconds:.0f} s; "
-            f"{hopeless} hopeless alone (zero-shot drop over {max_drop:g} points) are not evaluated"
+            f"sensitivity ({measured}): {len(drops)} layer variants of {len(self.slots)} layers ready in "
+            f"{seconds:.0f} s; {hopeless} hopeless alone (zero-shot drop over {max_drop:g} points) are not evaluated"
         )
         return sensitivity
 
