@@ -130,6 +130,13 @@ def run(
         float | None, typer.Option(help="constraint: accuracy drop in points")
     ] = SearchSpec.max_accuracy_drop,
     max_latency_ms: Annotated[float | None, typer.Option(help="constraint: latency in ms")] = SearchSpec.max_latency_ms,
+    warm_starts: Annotated[
+        str,
+        typer.Option(
+            help="configs that start the study after the anchors (with --sensitivity): knapsack solutions over "
+            "latency budgets, greedy equal-sensitivity levels, or none"
+        ),
+    ] = SearchSpec.warm_starts,
     promote_steps: Annotated[
         str,
         typer.Option(
@@ -205,6 +212,7 @@ def run(
             max_accuracy_drop=max_accuracy_drop,
             max_latency_ms=max_latency_ms,
             study_name=study_name,
+            warm_starts=warm_starts,
             promote_steps=promote_steps,
             promote_fraction=promote_fraction,
         ),

@@ -237,9 +237,8 @@ def warm_start_attrs(label: str) -> dict[str, str]:
 
 
 def promotion_attrs(source: TrialRecord, *, rung: int, finetune_steps: int) -> dict[str, Any]:
-    """The user attributes of an enqueued promotion of ``source`` to ``rung`` (its anchor or warm-start label kept)."""
-    labels = {key: value for key, value in ((ANCHOR, source.anchor), (WARM_START, source.warm_start)) if value}
-    return {**labels, RUNG: rung, PROMOTES: source.promotes or source.number, FINETUNE_STEPS: finetune_steps}
+    """The user attributes of an enqueued promotion of ``source`` (or of the trial ``source`` promotes) to ``rung``."""
+    return {RUNG: rung, PROMOTES: source.promotes or source.number, FINETUNE_STEPS: finetune_steps}
 
 
 class StudyField(Generic[T]):

@@ -25,6 +25,7 @@ from ranksearch.evaluate.classification import EvaluatorOptions
 from ranksearch.util import digest
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
+WARM_STARTS = ("knapsack", "greedy", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +89,9 @@ class SearchSpec:
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     study_name: str | None = None
+    warm_starts: str = "knapsack"
+    """Which sensitivity-based configs start the study after the anchors: the knapsack solutions over a sweep of
+    latency budgets, the equal-sensitivity greedy levels of earlier releases, or none."""
     promote_steps: str = "300,1500"
     """Fine-tune steps of the promotion rungs after the budget, comma-separated ("0": no promotion)."""
     promote_fraction: float = 0.2
@@ -129,6 +133,10 @@ class SearchSpec:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise RanksearchError(
                 f"--max-accuracy-drop {self.max_accuracy_drop}: must be >= 0 percentage points; pass e.g. 1.0"
+            )
+        if self.warm_starts not in WARM_STARTS:
+            raise RanksearchError(
+                f"--warm-starts {self.warm_starts!r} is unknown; choose one of {', '.join(WARM_STARTS)}"
             )
         if self.promotion_steps and not 0 < self.promote_fraction <= 1:
             raise RanksearchError(
