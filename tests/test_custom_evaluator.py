@@ -71,7 +71,7 @@ def settings(**changes: object) -> RunSettings:
         eval_subset=256,
         sampler="random",
         threads=1,
-        budget=12,
+        budget=16,
         max_zero_shot_drop=10.0,
     )
     return RunSettings.of(**{**values, **changes})
@@ -92,7 +92,7 @@ def test_a_zero_shot_scorer_gets_sensitivity_screens_and_early_rejection(folder:
         for t in trials
         if t.outcome == Outcome.COMPLETE and not t.protected
     )
-    assert sum(t.counts_toward_budget for t in trials) == 12
+    assert sum(t.counts_toward_budget for t in trials) == 16
 
 
 @pytest.mark.timeout(600)

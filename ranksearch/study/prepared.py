@@ -149,7 +149,8 @@ class PreparedSearch:
     def enqueue_starts(self, study: optuna.Study) -> None:
         """The uniform anchors, then (with sensitivity) the ``--warm-starts`` configs that differ from those queued:
         the knapsack solutions (per budget of the searched layers' dense cost, :meth:`variant_cost`, the config of least
-        summed sensitivity within it), or the greedy equal-sensitivity levels."""
+        summed sensitivity within it), or the greedy equal-sensitivity levels; no more than the budget leaves room for
+        (evenly spread over the sweep), so that nothing queued is left waiting when the budget is spent."""
         queued: set[tuple[tuple[str, object], ...]] = set()
         for technique, fraction in ANCHORS:
             params = config_to_params(
@@ -161,12 +162,18 @@ class PreparedSearch:
             queued.add(key)
             label = "baseline" if technique == "keep" else f"uniform {technique}@{fraction}"
             study.enqueue_trial(params, user_attrs=anchor_attrs(label))
+        starts: dict[tuple[tuple[str, object], ...], tuple[str, dict[str, object]]] = {}
         for label, config in self._warm_starts().items():
             params = config_to_params(config, self.slots)
             key = tuple(sorted(params.items()))
-            if key not in queued:
-                queued.add(key)
-                study.enqueue_trial(params, user_attrs=warm_start_attrs(label))
+            if key not in queued and key not in starts:
+                starts[key] = (label, params)
+        room = max(self.settings.search.budget - len(queued), 0)  # none left waiting once the budget is spent
+        chosen = list(starts.values())
+        if len(chosen) > room:  # evenly spread over the sweep, its ends included
+            chosen = [chosen[round(i * (len(chosen) - 1) / max(room - 1, 1))] for i in range(room)]
+        for label, params in chosen:
+            study.enqueue_trial(params, user_attrs=warm_start_attrs(label))
 
     def _warm_starts(self) -> dict[str, CompressionConfig]:
         """The ``--warm-starts`` configs by label (none without sensitivity)."""
