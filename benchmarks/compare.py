@@ -1,29 +1,37 @@
-"""Does the search beat what a user would do by hand? ranksearch's default against three baselines.
+"""Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
-    python benchmarks/compare.py [--budget 50] [--threads 2] [--results-dir results/compare]
+    python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2]
+                                 [--methods ranksearch previous random random-time uniform greedy nsga2]
+                                 [--results-dir results/compare]
 
-On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator):
+On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
-- ranksearch: ``ranksearch run`` as shipped (TPE, latency table, sensitivity warm starts, early rejection);
-- random: random sampling, none of the above (the same five anchors start it);
+- ranksearch: ``ranksearch run`` as shipped (TPE, knapsack warm starts, promotion rungs, recovery);
+- nsga2: the same with NSGA-II, its first population seeded by the same warm starts;
+- previous: the previous default (TPE, equal-sensitivity greedy warm starts, no promotion);
+- random: random sampling with none of the screens, at the same trial count;
+- random-time: the same at ranksearch's wall-clock time instead (its trial time as ``--timeout``);
 - uniform: one technique at one fraction of full rank on every layer, swept over techniques and fractions;
-- greedy: the equal-sensitivity configs of the sensitivity pass alone, at more levels than the search queues.
+- greedy: the equal-sensitivity configs of the sensitivity pass alone, at more levels than a search queues.
 
-Every config is scored by the same evaluator (fine-tuned, measured latency with the dense model timed beside
-it); each method's Pareto front on validation accuracy and latency is then scored on the test split. Reported:
-best speedup within 0.5 and 1.0 points of test-accuracy drop, the params reduction there, the hypervolume
-of the front (speedup above 1x times test accuracy above the baseline's minus 5 points) and wall time.
-ranksearch runs first, on cold caches (factorizations, latency table, sensitivity); the others reuse them.
-Writes ``compare.md`` (the table) and ``compare.png`` (the fronts) to the results directory.
+Every method is a study scored by the same evaluator, paired latency and rules: its front members are measurably
+faster than the dense model, are tested on the test split with paired intervals, and the same number of them
+(``--final-top``) is recovered by the same fine-tune (``--final-epochs``). Reported per method, as the median and
+range over the seeds: the best recovered speedup within 0.5 and 1.0 test points of the dense model, the params and
+MACs reduction there, the fastest uniform config's speedup (what the space offers), the hypervolume of the recovered
+front, wall time, front members not measurably faster than dense (must be 0), and Kendall's tau between the searched
+accuracy and the recovered one. Writes ``compare.md``, ``compare.json`` and ``compare.png`` (recovered fronts).
+A rerun resumes every finished study in seconds and keeps the first run's wall times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -31,230 +39,332 @@ import optuna
 import torch
 from rich.console import Console
 from rich.table import Table
+from scipy.stats import kendalltau
 
-from ranksearch.compress import dense_model_cost, model_cost
 from ranksearch.config import CompressionConfig
-from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.models import model_family
 from ranksearch.results import front_trials
+from ranksearch.results.front import compresses_nothing, speed_of
 from ranksearch.results.hypervolume import hypervolume_2d
-from ranksearch.results.record import BASELINE, TEST_ACCURACY, TrialRecord, records
-from ranksearch.search import default_space_path, uniform_config
-from ranksearch.study import PreparedSearch, RunContext, RunSettings, run_search
+from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
+from ranksearch.search import config_to_params, default_space_path, uniform_config
+from ranksearch.study import PreparedSearch, RunSettings, run_search
 from ranksearch.study.problem import load_space
+from ranksearch.study.storage import open_study
 from ranksearch.util import atomic_write_text, file_digest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+METHODS = ("ranksearch", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
 UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
 GREEDY_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 HV_DROP = 5.0
-"""Hypervolume region: test accuracy within this many points of the baseline's, speedup above 1x."""
+"""Hypervolume region: recovered test accuracy within this many points of the dense model's, speedup above 1x."""
 
 
 @dataclass(frozen=True)
 class Point:
-    """A front member: measured speedup, test accuracy and params."""
+    """A recovered front member: its speedup beside the dense model, recovered test accuracy, costs, and the
+    accuracy the search measured for it."""
 
+    trial: int
     speedup: float
     test_accuracy: float
+    drop_high_pp: float
     params: int
+    macs: int
+    searched_accuracy: float
 
 
 @dataclass
 class Outcome:
-    name: str
+    """One method on one seed."""
+
+    method: str
+    seed: int
     evaluated: int
-    front: list[Point]
     seconds: float
+    front: list[Point]
+    dense_test_accuracy: float
+    dense_params: int
+    dense_macs: int
+    front_size: int
+    not_faster: int
+    """Front members (the dense model aside) not measurably faster than the dense model: must be 0."""
+    fastest_uniform: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def best_within(self, drop_pp: float) -> Point | None:
+        within = [p for p in self.front if 100 * (self.dense_test_accuracy - p.test_accuracy) <= drop_pp]
+        return max(within, key=lambda p: p.speedup, default=None)
+
+    def hypervolume(self) -> float:
+        """Area dominated by the recovered front in (speedup - 1) x (test accuracy above dense - HV_DROP points)."""
+        reference = (100 * self.dense_test_accuracy - HV_DROP, -1.0)
+        return hypervolume_2d(((100 * p.test_accuracy, -p.speedup) for p in self.front), reference)
+
+    def tau(self) -> float | None:
+        """Kendall's tau between the searched accuracy and the recovered one over the recovered configs."""
+        if len(self.front) < 3:
+            return None
+        value = kendalltau([p.searched_accuracy for p in self.front], [p.test_accuracy for p in self.front])[0]
+        return None if value != value else float(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--final-epochs", type=int, default=2, help="recovery epochs, the same for every method")
+    parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--results-dir", type=Path, default=Path("results/compare"))
-    parser.add_argument(
-        "--also-max-zero-shot-drop",
-        type=float,
-        action="append",
-        default=[],
-        help="also run ranksearch with this --max-zero-shot-drop (repeatable)",
-    )
     args = parser.parse_args()
     console = Console()
     torch.set_num_threads(args.threads)
-    base = RunSettings.of(model="resnet18", budget=args.budget, threads=args.threads, results_dir=args.results_dir)
-    searched, phases, study = _study("ranksearch", base, console)
-    outcomes = [searched]
-
-    device = torch.device("cpu")
-    space_path = default_space_path(model_family(base.problem.model))
-    settings = base.replace(study_name=study.study_name, space=space_path, space_digest=file_digest(space_path))
-    start = time.perf_counter()
-    search, _ = PreparedSearch.prepare(
-        settings, space=load_space(space_path, device, console), open_study=lambda: study, console=console
-    )
-    assert search.sensitivity is not None and search.table is not None
-    context, evaluator, slots, space = search.context, search.evaluator, search.slots, search.space
-    greedy = search.sensitivity.greedy_configs(
-        slots, search.variant_cost(), rank_multiple=space.rank_multiple, levels=GREEDY_LEVELS
-    )
-    # greedy alone needs the table and the sensitivity pass: the cold times the search paid for them
-    prepare = phases.get("latency_table", 0.0) + phases.get("sensitivity", 0.0) + time.perf_counter() - start
-    outcomes.append(
-        _remembered(
-            args.results_dir / "compare-greedy.json",
-            lambda: _direct("greedy", list(greedy.values()), evaluator, context, console, extra_seconds=prepare),
+    outcomes = []
+    for seed in args.seeds:
+        base = RunSettings.of(
+            model="resnet18",
+            budget=args.budget,
+            threads=args.threads,
+            seed=seed,
+            final_epochs=args.final_epochs,
+            final_top=args.final_top,
+            results_dir=args.results_dir / f"seed-{seed}",
         )
+        outcomes += run_seed(base, args.methods, console)
+    report(outcomes, args.results_dir, console)
+
+
+def run_seed(base: RunSettings, methods: Sequence[str], console: Console) -> list[Outcome]:
+    """Every method of ``methods`` on ``base``'s seed; ranksearch first (on cold caches), whose wall time the
+    equal-time method gets."""
+    outcomes: dict[str, Outcome] = {}
+    searches: dict[str, Callable[[], Outcome]] = {
+        "ranksearch": lambda: study_outcome("ranksearch", base, console),
+        "nsga2": lambda: study_outcome("nsga2", base.replace(sampler="nsga2"), console),
+        "previous": lambda: study_outcome("previous", base.replace(warm_starts="greedy", promote_steps="0"), console),
+        "random": lambda: study_outcome("random", plain(base), console),
+        "random-time": lambda: study_outcome(
+            "random-time",
+            plain(base).replace(budget=10 * base.search.budget, timeout=outcomes["ranksearch"].extra["trials_s"]),
+            console,
+        ),
+    }
+    for method in ("ranksearch", *methods):
+        if method in outcomes or method not in searches:
+            continue
+        outcomes[method] = searches[method]()
+    direct = [m for m in methods if m in ("uniform", "greedy")]
+    if direct:
+        configs = direct_configs(base, console)
+        for method in direct:
+            outcomes[method] = study_outcome(method, plain(base), console, configs=configs[method])
+    fastest_uniform = outcomes["uniform"].fastest_uniform if "uniform" in outcomes else None
+    for outcome in outcomes.values():
+        outcome.fastest_uniform = fastest_uniform
+    return [outcomes[m] for m in methods if m in outcomes]
+
+
+def plain(settings: RunSettings) -> RunSettings:
+    """No screens, warm starts or promotion: what a plain sampler gets."""
+    return settings.replace(
+        sampler="random",
+        latency_table=False,
+        sensitivity=False,
+        early_reject=False,
+        warm_starts="none",
+        promote_steps="0",
     )
+
+
+def direct_configs(base: RunSettings, console: Console) -> dict[str, list[CompressionConfig]]:
+    """The uniform sweep and the greedy levels on ``base``'s problem (the sensitivity pass and table cached)."""
+    space_path = default_space_path(model_family(base.problem.model))
+    settings = base.replace(study_name="compare-configs", space=space_path, space_digest=file_digest(space_path))
+    directory = settings.infra.results_dir / settings.name()
+    directory.mkdir(parents=True, exist_ok=True)
+    search, _ = PreparedSearch.prepare(
+        settings,
+        space=load_space(space_path, torch.device("cpu"), console),
+        open_study=lambda: open_study(settings, directory),
+        console=console,
+    )
+    assert search.sensitivity is not None
+    dense = CompressionConfig(layers={})
     uniform = [
-        uniform_config(slots, technique, fraction, rank_multiple=space.rank_multiple)
+        uniform_config(search.slots, technique, fraction, rank_multiple=search.rank_multiple)
         for technique in UNIFORM_TECHNIQUES
         for fraction in FRACTIONS
     ]
-    outcomes.append(
-        _remembered(
-            args.results_dir / "compare-uniform.json", lambda: _direct("uniform", uniform, evaluator, context, console)
-        )
+    greedy = search.sensitivity.greedy_configs(
+        search.slots, search.variant_cost(), rank_multiple=search.rank_multiple, levels=GREEDY_LEVELS
     )
-    random_settings = base.replace(sampler="random", latency_table=False, sensitivity=False, early_reject=False)
-    outcomes.append(_study("random", random_settings, console)[0])
-    for drop in args.also_max_zero_shot_drop:
-        outcomes.append(_study(f"ranksearch-zero-shot-{drop:g}pp", base.replace(max_zero_shot_drop=drop), console)[0])
-
-    baseline = float(BASELINE.read(study)["test_accuracy"])
-    dense_params = sum(p.numel() for p in context.model.parameters())
-    _report(outcomes, baseline, dense_params, args.results_dir, console)
+    return {"uniform": [dense, *uniform], "greedy": [dense, *greedy.values()]}
 
 
-def _study(name: str, settings: RunSettings, console: Console) -> tuple[Outcome, dict[str, float], optuna.Study]:
-    console.rule(f"{name}: ranksearch run")
-    start = time.perf_counter()
-    result = run_search(settings.replace(study_name=f"compare-{name}"), console=console)
-    # a rerun of the benchmark resumes the finished study in seconds: keep the first run's times
-    seconds = result.study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
-    phases = result.study.user_attrs.get("compare_phases") or result.phase_seconds
-    result.study.set_user_attr("compare_wall_s", seconds)
-    result.study.set_user_attr("compare_phases", phases)
-    tests = TEST_ACCURACY.read(result.study)
-    front = [
-        Point(t.speedup, tests[str(t.number)], t.cost["params"])
-        for t in map(TrialRecord.of, front_trials(result.study))
-        if str(t.number) in tests
-    ]
-    evaluated = sum(t.counts_toward_budget for t in records(result.study))
-    return Outcome(name, evaluated, front, seconds), phases, result.study
-
-
-def _direct(
-    name: str,
-    configs: list[CompressionConfig],
-    evaluator: ClassificationEvaluator,
-    context: RunContext,
-    console: Console,
-    *,
-    extra_seconds: float = 0.0,
+def study_outcome(
+    method: str, settings: RunSettings, console: Console, *, configs: list[CompressionConfig] | None = None
 ) -> Outcome:
-    """Evaluate ``configs`` as the search would, keep the validation front, score it on the test split."""
-    console.rule(f"{name}: {len(configs)} configs")
+    """Run (or resume) ``method``'s study and read its recovered front. With ``configs``: a study of exactly those
+    configs, enqueued before the run (the direct methods)."""
+    console.rule(f"{method}: seed {settings.problem.seed}")
+    settings = settings.replace(study_name=f"compare-{method}")
+    if configs is not None:
+        settings = settings.replace(budget=len(configs))
+        _enqueue(settings, configs, console)
     start = time.perf_counter()
-    dense = dense_model_cost(context.model, context.example)
-    scored = []
-    for i, config in enumerate(configs, start=1):
-        metrics = evaluator.evaluate(config, split="val")
-        params = model_cost(context.model, config, context.input_shapes, dense=dense).params
-        scored.append((config, metrics, params))
-        console.print(
-            f"{name} {i}/{len(configs)}: val {100 * metrics.accuracy:.2f} %, "
-            f"{metrics.reference_latency_ms / metrics.latency_ms:.2f}x"
+    result = run_search(settings, console=console)
+    study = result.study
+    seconds = study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
+    study.set_user_attr("compare_wall_s", seconds)
+    return outcome_of(method, settings.problem.seed, study, seconds)
+
+
+def _enqueue(settings: RunSettings, configs: list[CompressionConfig], console: Console) -> None:
+    space_path = default_space_path(model_family(settings.problem.model))
+    settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
+    directory = settings.infra.results_dir / settings.name()
+    directory.mkdir(parents=True, exist_ok=True)
+    study = open_study(settings, directory)
+    if study.trials:
+        return
+    search, _ = PreparedSearch.prepare(
+        settings,
+        space=load_space(space_path, torch.device("cpu"), console),
+        open_study=lambda: study,
+        console=console,
+    )
+    for number, config in enumerate(configs):
+        study.enqueue_trial(config_to_params(config, search.slots), user_attrs=anchor_attrs(f"config {number}"))
+
+
+def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> Outcome:
+    stored = StudyRecord.of(study)
+    dense = BASELINE.read(study)
+    front = [TrialRecord.of(t) for t in front_trials(study)]
+    points = []
+    for trial in front:
+        recovered = stored.recovered.get(str(trial.number))
+        if recovered is None or compresses_nothing(trial):
+            continue
+        points.append(
+            Point(
+                trial=trial.number,
+                speedup=float(speed_of(trial, stored.retimed).speedup or 0.0),
+                test_accuracy=float(recovered["test_accuracy"]),
+                drop_high_pp=float(recovered["high_pp"]),
+                params=int(trial.cost["params"]),
+                macs=int(trial.cost["macs"]),
+                searched_accuracy=float(trial.metrics["accuracy"]),
+            )
         )
-    front = [
-        entry
-        for entry in scored
-        if not any(
-            o[1].accuracy >= entry[1].accuracy
-            and o[1].latency_ms <= entry[1].latency_ms
-            and (o[1].accuracy > entry[1].accuracy or o[1].latency_ms < entry[1].latency_ms)
-            for o in scored
-        )
+    complete = [r for r in records(study) if r.counts_toward_budget]
+    uniform = [
+        speed_of(r, stored.retimed).speedup or 0.0 for r in complete if r.anchor.startswith("config") and r.speedup
     ]
-    points = [
-        Point(
-            metrics.reference_latency_ms / metrics.latency_ms,
-            evaluator.evaluate(config, split="test").accuracy,
-            params,
-        )
-        for config, metrics, params in front
-    ]
-    return Outcome(name, len(configs), points, time.perf_counter() - start + extra_seconds)
+    recovered_dense = next(iter(stored.recovered.values()), {})
+    dense_test = float(dense["test_accuracy"])
+    if recovered_dense:  # recovery tests on the full test split: compare with the dense model's accuracy there
+        dense_test = float(recovered_dense["test_accuracy"]) + float(recovered_dense["drop_pp"]) / 100
+    return Outcome(
+        method=method,
+        seed=seed,
+        evaluated=len(complete),
+        seconds=seconds,
+        front=points,
+        dense_test_accuracy=dense_test,
+        dense_params=int(dense["params"]),
+        dense_macs=int(dense["macs"]),
+        front_size=len(front),
+        not_faster=sum(not compresses_nothing(r) and not speed_of(r, stored.retimed).measurably_faster for r in front),
+        fastest_uniform=max(uniform, default=None) if method == "uniform" else None,
+        extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **stored.phase_seconds},
+    )
 
 
-def _remembered(path: Path, evaluate: Callable[[], Outcome]) -> Outcome:
-    """A direct method's outcome, kept in ``path`` so that a rerun of the benchmark does not evaluate it again."""
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return Outcome(data["name"], data["evaluated"], [Point(**p) for p in data["front"]], data["seconds"])
-    outcome = evaluate()
-    atomic_write_text(path, json.dumps(asdict(outcome)))
-    return outcome
+def _summary(values: list[float | None], fmt: str) -> str:
+    """The median over seeds with the range: ``1.62x (1.41-1.80)``; a dash where a seed has none."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    text = fmt.format(statistics.median(known))
+    if len(known) > 1:
+        text += f" ({fmt.format(min(known))}-{fmt.format(max(known))})"
+    return text + ("" if len(known) == len(values) else f" [{len(known)}/{len(values)} seeds]")
 
 
-def hypervolume(points: list[Point], baseline: float, max_drop: float = HV_DROP) -> float:
-    """Area dominated by ``points`` in (speedup - 1) x (test accuracy points above baseline - max_drop)."""
-    reference = (100 * baseline - max_drop, -1.0)  # speedup is maximized: negated, it is minimized like a latency
-    return hypervolume_2d(((100 * p.test_accuracy, -p.speedup) for p in points), reference)
-
-
-def _best_within(points: list[Point], baseline: float, drop: float) -> Point | None:
-    within = [p for p in points if 100 * (baseline - p.test_accuracy) <= drop]
-    return max(within, key=lambda p: p.speedup, default=None)
-
-
-def _report(outcomes: list[Outcome], baseline: float, dense_params: int, out: Path, console: Console) -> None:
+def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
+    """The table (median and range over seeds per method), its JSON, and a plot of the recovered fronts."""
     columns = (
         "method",
+        "seeds",
         "configs evaluated",
         "best speedup, <= 0.5 pp",
+        "MACs reduction there",
         "params reduction there",
         "best speedup, <= 1.0 pp",
-        "params reduction there",
+        "fastest uniform",
         f"hypervolume (<= {HV_DROP:g} pp)",
         "wall time s",
+        "members not faster",
+        "Kendall tau",
     )
-    table = Table(title=f"resnet18 / Fashion-MNIST, CPU; baseline test accuracy {100 * baseline:.2f} %")
+    table = Table(title="resnet18 / Fashion-MNIST, CPU: recovered fronts on the test split")
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for outcome in outcomes:
-        cells = [outcome.name, str(outcome.evaluated)]
-        for drop in (0.5, 1.0):
-            best = _best_within(outcome.front, baseline, drop)
-            cells += [f"{best.speedup:.2f}x", f"{dense_params / best.params:.2f}x"] if best else ["-", "-"]
-        cells += [f"{hypervolume(outcome.front, baseline):.2f}", f"{outcome.seconds:.0f}"]
+    methods = list(dict.fromkeys(o.method for o in outcomes))
+    for method in methods:
+        runs = [o for o in outcomes if o.method == method]
+        best05 = [o.best_within(0.5) for o in runs]
+        cells = [
+            method,
+            ",".join(str(o.seed) for o in runs),
+            _summary([float(o.evaluated) for o in runs], "{:.0f}"),
+            _summary([None if p is None else p.speedup for p in best05], "{:.2f}x"),
+            _summary(
+                [None if p is None else o.dense_macs / p.macs for o, p in zip(runs, best05, strict=True)], "{:.1f}x"
+            ),
+            _summary(
+                [None if p is None else o.dense_params / p.params for o, p in zip(runs, best05, strict=True)], "{:.1f}x"
+            ),
+            _summary([None if (p := o.best_within(1.0)) is None else p.speedup for o in runs], "{:.2f}x"),
+            _summary([o.fastest_uniform for o in runs], "{:.2f}x"),
+            _summary([o.hypervolume() for o in runs], "{:.2f}"),
+            _summary([o.seconds for o in runs], "{:.0f}"),
+            _summary([float(o.not_faster) for o in runs], "{:.0f}"),
+            _summary([o.tau() for o in runs], "{:.2f}"),
+        ]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "compare.json", json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
     figure, axes = plt.subplots(figsize=(8, 5))
-    for outcome in outcomes:
-        front = sorted(outcome.front, key=lambda p: p.speedup)
-        axes.plot(
-            [p.speedup for p in front],
-            [100 * (baseline - p.test_accuracy) for p in front],
-            marker="o",
-            drawstyle="steps-post",
-            label=f"{outcome.name} (HV {hypervolume(outcome.front, baseline):.2f})",
-        )
-    axes.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("measured speedup over the dense model (x)")
-    axes.set_ylabel("test accuracy drop (points)")
-    axes.set_ylim(-0.5, HV_DROP + 1)
+    for method in methods:
+        runs = [o for o in outcomes if o.method == method]
+        for index, outcome in enumerate(runs):
+            front = sorted(outcome.front, key=lambda p: p.speedup)
+            axes.plot(
+                [p.speedup for p in front],
+                [100 * (outcome.dense_test_accuracy - p.test_accuracy) for p in front],
+                marker="o",
+                color=f"C{methods.index(method)}",
+                alpha=1.0 if index == 0 else 0.4,
+                label=method if index == 0 else None,
+            )
+    for level in (0.5, 1.0):
+        axes.axhline(level, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel("speedup over the dense model, timed beside it (x)")
+    axes.set_ylabel("test accuracy drop after recovery (points)")
     axes.invert_yaxis()
-    axes.set_title("Pareto fronts on the test split: up and right is better")
+    axes.set_title("Recovered fronts (one line per seed): up and right is better")
     axes.legend()
     figure.tight_layout()
     tmp = out / ".compare.png.tmp"
