@@ -25,6 +25,8 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
+from ranksearch.results import front_trials
+from ranksearch.results.record import records
 from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.storage import open_storage
 from ranksearch.study.workers import join_study
@@ -35,6 +37,8 @@ SPACE = {  # the tiny space with fewer variants: six trials of random configs ru
     "data_aware": False,
 }
 BUDGET = 6
+PROMOTE_STEPS = "30,60"
+"""Promotion rungs long enough for a kill to land inside one."""
 HEARTBEAT = 3
 WAIT_S = 900.0
 pytestmark = pytest.mark.timeout(1800)  # searches in several processes, each wait bounded by WAIT_S
@@ -65,6 +69,7 @@ def cli(workdir: Path, command: str, *args: str) -> list[str]:
             *("--train-subset", "512", "--eval-subset", "256", "--baseline-epochs", "1", "--finetune-steps", "3"),
             *("--batch-size", "64", "--calib-batches", "1", "--threads", "1", "--sampler", "random"),
             *("--heartbeat", str(HEARTBEAT), "--no-sensitivity", "--no-early-reject"),
+            *("--promote-steps", PROMOTE_STEPS, "--promote-fraction", "0.5", "--final-epochs", "1", "--final-top", "1"),
         ]
     return [sys.executable, "-m", "ranksearch.cli", command, *args, *common]
 
@@ -121,7 +126,7 @@ def check_outcome(study: optuna.Study, killed: FrozenTrial, directory: Path) -> 
     """Exactly the budget complete, unique numbers, the killed trial failed and retried with its params,
     and the results files agree with the storage."""
     trials = study.trials
-    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == BUDGET
+    assert sum(r.counts_toward_budget for r in records(study)) == BUDGET
     assert len({t.number for t in trials}) == len(trials)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[killed.number].state == TrialState.FAIL
@@ -132,9 +137,12 @@ def check_outcome(study: optuna.Study, killed: FrozenTrial, directory: Path) -> 
     assert list(rows["trial"]) == [t.number for t in trials]
     assert list(rows["state"]) == [t.state.name for t in trials]
     pareto = json.loads((directory / "pareto.json").read_text())
-    assert {m["trial"] for m in pareto["front"]} == {t.number for t in study.best_trials}
-    assert len(pd.read_csv(directory / "pareto.csv")) == len(study.best_trials)
+    front = {t.number for t in front_trials(study)}
+    assert {m["trial"] for m in pareto["front"]} == front
+    assert len(pd.read_csv(directory / "pareto.csv")) == len(front)
     assert not list(directory.glob(".*.tmp"))
+    promotions = [r for r in records(study) if r.rung > 0 and r.state == TrialState.COMPLETE]
+    assert promotions and len({(r.promotes, r.rung) for r in promotions}) == len(promotions)  # each once
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +166,31 @@ def resumed(workdir: Path) -> tuple[FrozenTrial, dict[int, list[float]]]:
     rerun = start(workdir, command, "resume.log")
     assert rerun.wait(timeout=WAIT_S) == 0, (workdir / "resume.log").read_text()[-3000:]
     return killed, before
+
+
+def test_run_killed_during_a_promotion_resumes_it(workdir: Path) -> None:
+    """kill -9 of the run while a promotion (a trial of its own) is evaluated: the rerun retries it with its rung
+    and steps, finishes the rungs, and every promotion is complete exactly once."""
+    command = cli(workdir, "run", "--study-name", "promoted")
+    url = f"sqlite:///{workdir / 'results' / 'promoted' / 'study.db'}"
+    run = start(workdir, command, "promoted.log")
+
+    def running_promotion() -> FrozenTrial | None:
+        if complete_trials(workdir / "results" / "promoted" / "study.db") < BUDGET:
+            return None
+        trial = running_trial("promoted", url)
+        return trial if trial is not None and trial.user_attrs.get("rung") else None
+
+    killed = wait_for(running_promotion, "a running promotion", run)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    rerun = start(workdir, command, "promoted.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (workdir / "promoted.log").read_text()[-3000:]
+    study = load("promoted", url)
+    check_outcome(study, killed, workdir / "results" / "promoted")
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert all(t.user_attrs["rung"] == killed.user_attrs["rung"] for t in retried)
+    assert all(t.user_attrs["finetune_steps"] == killed.user_attrs["finetune_steps"] for t in retried)
 
 
 def test_killed_run_resumes_with_every_completed_trial(workdir: Path, resumed) -> None:
