@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def tiny_settings(workdir: Path, *, space_text: str | None = None, **changes: ob
         seed=0,
     )
     return RunSettings.of(**{**values, **changes})
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+"""A study, trained weights and trial table written by the previous release (see its make_fixture.py)."""
+
+
+@pytest.fixture
+def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A copy of the legacy fixture folder as the working directory (its stored paths are relative)."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(LEGACY, folder, ignore=shutil.ignore_patterns("__pycache__", "make_fixture.py"))
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    yield folder
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ they were made. Paths in the stored settings are relative: each test runs in a c
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import LEGACY
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -24,18 +23,7 @@ from ranksearch.results import load_study
 from ranksearch.results.record import SETTINGS, Outcome, StudyRecord, records
 from ranksearch.study import RunSettings, run_search
 
-FIXTURE = Path(__file__).parent / "fixtures" / "legacy"
-OLD_TRIALS = json.loads((FIXTURE / "trials.json").read_text())
-
-
-@pytest.fixture
-def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A copy of the fixture folder as the working directory."""
-    folder = tmp_path / "legacy"
-    shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("__pycache__", "make_fixture.py"))
-    monkeypatch.chdir(folder)
-    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    yield folder
+OLD_TRIALS = json.loads((LEGACY / "trials.json").read_text())
 
 
 def recorded_settings(**changes: object) -> RunSettings:

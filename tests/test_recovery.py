@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -28,19 +26,8 @@ from ranksearch.study.recovery import Recoverer, load_recovered, recover_front, 
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.training import correct_predictions, warmup_cosine
 
-FIXTURE = Path(__file__).parent / "fixtures" / "legacy"
 QUIET = Console(file=io.StringIO())
 RECORD_KEYS = {"epochs", "lr", "steps", "seconds", "test_accuracy", "drop_pp", "low_pp", "high_pp", "images"}
-
-
-@pytest.fixture
-def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A copy of the legacy fixture folder as the working directory (its stored paths are relative)."""
-    folder = tmp_path / "legacy"
-    shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("__pycache__", "make_fixture.py"))
-    monkeypatch.chdir(folder)
-    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    yield folder
 
 
 def context(study: optuna.Study, **changes: object) -> RunContext:

@@ -55,6 +55,20 @@ def load_space(path: str | Path, device: torch.device, console: Console) -> Sear
     return space
 
 
+def load_splits(settings: RunSettings, *, eval_subset: int | None) -> DataSplits:
+    """The run's data splits, with ``eval_subset`` images of validation and test (None: all of them)."""
+    problem = settings.problem
+    return load_dataset(
+        problem.dataset,
+        root=problem.data_root,
+        val_fraction=problem.val_fraction,
+        seed=problem.seed,
+        download=problem.download,
+        train_subset=problem.train_subset,
+        eval_subset=eval_subset,
+    )
+
+
 def load_problem(
     settings: RunSettings,
     device: torch.device,
@@ -68,15 +82,7 @@ def load_problem(
     ``space``'s layer patterns are checked on the built model before any weights are loaded or trained.
     """
     problem = settings.problem
-    splits = load_dataset(
-        problem.dataset,
-        root=problem.data_root,
-        val_fraction=problem.val_fraction,
-        seed=problem.seed,
-        download=problem.download,
-        train_subset=problem.train_subset,
-        eval_subset=problem.eval_subset,
-    )
+    splits = load_splits(settings, eval_subset=problem.eval_subset)
     model = build_model(
         problem.model,
         num_classes=splits.num_classes,

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig
-from ranksearch.data import load_dataset, make_loader
+from ranksearch.data import make_loader
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import calibration_batch
 from ranksearch.measure.latency import resolve_device, torch_threads
@@ -41,7 +41,7 @@ from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
 from ranksearch.results.front import compresses_nothing, speed_of
 from ranksearch.results.record import MODEL, RECOVERED, RETIMED, SETTINGS, TrialRecord
-from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
+from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RunSettings
 from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm
 from ranksearch.util import atomic_open, describe
@@ -220,17 +220,9 @@ def _recorded(study: optuna.Study, trial: int, *, epochs: int, lr: float) -> Rec
 
 def _full_test_split(context: RunContext) -> Dataset:
     """The run's test split with every image (the search tests on ``--eval-subset`` of them)."""
-    problem = context.settings.problem
-    if problem.eval_subset is None:
+    if context.settings.problem.eval_subset is None:
         return context.splits.test
-    return load_dataset(
-        problem.dataset,
-        root=problem.data_root,
-        val_fraction=problem.val_fraction,
-        seed=problem.seed,
-        download=problem.download,
-        train_subset=problem.train_subset,
-    ).test
+    return load_splits(context.settings, eval_subset=None).test
 
 
 def _complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
