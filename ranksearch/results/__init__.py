@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.results.front import front_trials, speed_of
+from ranksearch.results.front import compresses_nothing, front_trials, speed_of
 from ranksearch.results.record import BASELINE, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url
 
@@ -133,11 +133,14 @@ def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
 
 
 def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float | None:
-    """The best measured speedup among complete trials whose accuracy drop is within ``max_drop_pp``."""
+    """The best speedup a trial measured (in the search) among the complete trials whose validation accuracy drop is
+    within ``max_drop_pp`` and that are the dense model or were faster than it in every timed round."""
     best = None
     for trial in records(study, states=(TrialState.COMPLETE,)):
         drop, speedup = trial.accuracy_drop_pp, trial.speedup
         if speedup is None or drop is None or (max_drop_pp is not None and drop > max_drop_pp):
+            continue
+        if not (compresses_nothing(trial) or speed_of(trial, {}).measurably_faster):
             continue
         best = speedup if best is None else max(best, speedup)
     return best

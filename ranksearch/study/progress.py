@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ranksearch.results import best_speedup_within, front_rows, front_trials
+from ranksearch.results import best_speedup_within, front_trials
 from ranksearch.results.phases import phase_seconds
 from ranksearch.results.record import Outcome, records
+from ranksearch.results.show import show_study
 from ranksearch.search.latency_table import prediction_errors
 from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
@@ -76,39 +77,8 @@ class SearchProgress:
 
 
 def print_summary(result: SearchResult, console: Console) -> None:
-    """The front as a table (fastest first) and where the time went."""
-    base = result.baseline
-    table = Table(
-        title=f"Pareto front of {result.study.study_name} (baseline: "
-        f"val {100 * base['accuracy']:.2f}%, test {100 * base.get('test_accuracy', float('nan')):.2f}%, "
-        f"{base['latency_ms']:.2f} ms, {base['params'] / 1e6:.2f} M params)"
-    )
-    for column in (
-        "trial",
-        "val acc %",
-        "test acc %",
-        "drop pp",
-        "latency ms",
-        "speedup",
-        "params M",
-        "MMACs",
-        "techniques",
-    ):
-        table.add_column(column, justify="left" if column == "techniques" else "right")
-    for row in front_rows(result.study):
-        test = "—" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}"
-        table.add_row(
-            f"{row['trial']}" + (f" ({row['anchor']})" if row["anchor"] else ""),
-            f"{100 * row['accuracy']:.2f}",
-            test,
-            f"{row['accuracy_drop_pp']:+.2f}",
-            f"{row['latency_ms']:.3f}",
-            f"{row['speedup']:.2f}x",
-            f"{row['params'] / 1e6:.2f}",
-            f"{row['macs'] / 1e6:.1f}",
-            row["techniques"] + (f" +int8x{row['int8_layers']}" if row["int8_layers"] else ""),
-        )
-    console.print(table)
+    """The front as ``ranksearch show`` prints it (fastest first) and where the time went."""
+    show_study(result.study, console=console)
     times = Table(title="time per phase")
     times.add_column("phase")
     times.add_column("seconds", justify="right")

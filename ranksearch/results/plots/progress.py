@@ -16,8 +16,10 @@ class ProgressInfo(PlotInfo):
     Hypervolume: the area the feasible front dominates in the (accuracy up, latency down)
     plane up to a fixed reference point, (lowest accuracy of any complete trial, 1.1 x the
     highest latency); fixed for the whole run, so the curve never decreases. Units are
-    accuracy (a fraction) x ms. Best speedup: the highest speedup among trials whose accuracy
-    drop is within the accuracy budget (``--max-accuracy-drop``, else 1 pp).
+    accuracy (a fraction) x the latency objective (relative to the dense model, or ms in studies of
+    earlier releases). Best speedup: the highest speedup among trials whose accuracy drop is within
+    the accuracy budget (``--max-accuracy-drop``, else 1 pp) and that were faster than the dense
+    model in every timed round (or are the dense model).
     """
 
     name: ClassVar[str] = "progress"
@@ -52,8 +54,9 @@ def progress_info(rows: StudyRows) -> ProgressInfo:
         if r["feasible"]:
             feasible.append((r["accuracy"], rows.latency(r)))
         hypervolume.append(hypervolume_2d(feasible, reference))
-        drop, speedup = r["accuracy_drop_pp"], r["speedup"]
-        within = drop is not None and speedup is not None and drop <= budget
+        drop, speedup, low = r["accuracy_drop_pp"], r["speedup"], r.get("speedup_low")
+        faster = speedup is not None and (speedup == 1.0 or (speedup > 1.0 and (low is None or low > 1.0)))
+        within = drop is not None and faster and drop <= budget
         if within:
             best = speedup if best is None else max(best, speedup)
         within_budget.append(within)
