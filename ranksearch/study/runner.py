@@ -17,7 +17,7 @@ from ranksearch.results import write_results
 from ranksearch.results.plots import write_plots_or_warn
 from ranksearch.results.record import MODEL, PHASES
 from ranksearch.search import default_space_path
-from ranksearch.study.budget import optimize_to_budget
+from ranksearch.study.budget import optimize_to_budget, trial_counts
 from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
 from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
@@ -131,8 +131,11 @@ def _optimize(
 def _promote(
     search: PreparedSearch, study: optuna.Study, directory: Path, layer_names: list[str], console: Console
 ) -> None:
-    """The promotion rungs after the budget (:func:`~ranksearch.study.promotion.run_promotions`), in this process."""
+    """The promotion rungs after the budget (:func:`~ranksearch.study.promotion.run_promotions`), in this process;
+    none when the budget is not complete (``--timeout`` ended the search)."""
     settings = search.settings.search
+    if trial_counts(study)["spent"] < settings.budget:
+        return
     run_promotions(
         study,
         Objective(search),
