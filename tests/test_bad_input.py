@@ -34,6 +34,7 @@ TINY = [
     *("--model", "resnet18", "--train-subset", "512", "--eval-subset", "256", "--baseline-epochs", "1"),
     *("--finetune-steps", "3", "--batch-size", "64", "--calib-batches", "1", "--threads", "1"),
     *("--no-sensitivity", "--no-early-reject"),
+    *("--promote-steps", "0", "--final-epochs", "0"),  # bad input is checked without the stages after the budget
 ]
 SPACE = space_yaml(
     layers={"include": ["layer4.*"], "types": ["Conv2d"]},
@@ -188,6 +189,10 @@ BAD_OPTIONS = [
     (["--dataset", "imagefolder:missing/path"], ["missing/path", "imagefolder:PATH"]),
     (["--storage", "not-a-url"], ["--storage not-a-url"]),
     (["--evaluator", "nowhere.module:Thing"], ["--evaluator 'nowhere.module:Thing'"]),
+    (["--promote-steps", "300,100"], ["--promote-steps '300,100'", "300,1500"]),
+    (["--promote-steps", "5", "--promote-fraction", "0"], ["--promote-fraction 0.0"]),
+    (["--final-epochs", "-1"], ["--final-epochs -1"]),
+    (["--final-epochs", "1", "--final-top", "0"], ["--final-top 0"]),
 ]
 
 

@@ -113,8 +113,8 @@ class SearchSpec:
             if steps and steps[0] > 0 and all(b > a for a, b in itertools.pairwise(steps)):
                 return steps
         raise RanksearchError(
-            f"--promote-steps {self.promote_steps!r}: give increasing fine-tune steps per rung, e.g. 300,1500, "
-            "or 0 for no promotion"
+            f"--promote-steps {self.promote_steps!r}: not increasing positive fine-tune steps per rung; pass e.g. "
+            "300,1500, or 0 for no promotion"
         )
 
     def validate(self) -> None:
