@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2]
                                  [--methods ranksearch previous random random-time uniform greedy nsga2]
-                                 [--results-dir results/compare]
+                                 [--latency-backend torch|onnxruntime] [--results-dir results/compare]
 
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
@@ -121,10 +121,15 @@ def main() -> None:
     parser.add_argument("--final-epochs", type=int, default=2, help="recovery epochs, the same for every method")
     parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--results-dir", type=Path, default=Path("results/compare"))
+    parser.add_argument(
+        "--latency-backend", default="torch", choices=("torch", "onnxruntime"), help="what speedups are timed in"
+    )
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/compare[-onnxruntime]")
     args = parser.parse_args()
     console = Console()
     torch.set_num_threads(args.threads)
+    suffix = "" if args.latency_backend == "torch" else f"-{args.latency_backend}"
+    results_dir = args.results_dir or Path(f"results/compare{suffix}")
     outcomes = []
     for seed in args.seeds:
         base = RunSettings.of(
@@ -134,10 +139,11 @@ def main() -> None:
             seed=seed,
             final_epochs=args.final_epochs,
             final_top=args.final_top,
-            results_dir=args.results_dir / f"seed-{seed}",
+            latency_backend=args.latency_backend,
+            results_dir=results_dir / f"seed-{seed}",
         )
         outcomes += run_seed(base, args.methods, console)
-    report(outcomes, args.results_dir, console)
+    report(outcomes, results_dir, console, backend=args.latency_backend)
 
 
 def run_seed(base: RunSettings, methods: Sequence[str], console: Console) -> list[Outcome]:
@@ -298,7 +304,7 @@ def _summary(values: list[float | None], fmt: str) -> str:
     return text + ("" if len(known) == len(values) else f" [{len(known)}/{len(values)} seeds]")
 
 
-def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
+def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str) -> None:
     """The table (median and range over seeds per method), its JSON, and a plot of the recovered fronts."""
     columns = (
         "method",
@@ -314,7 +320,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
         "members not faster",
         "Kendall tau",
     )
-    table = Table(title="resnet18 / Fashion-MNIST, CPU: recovered fronts on the test split")
+    table = Table(title=f"resnet18 / Fashion-MNIST, CPU ({backend}): recovered fronts on the test split")
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -364,7 +370,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
     axes.set_xlabel("speedup over the dense model, timed beside it (x)")
     axes.set_ylabel("test accuracy drop after recovery (points)")
     axes.invert_yaxis()
-    axes.set_title("Recovered fronts (one line per seed): up and right is better")
+    axes.set_title(f"Recovered fronts, timed in {backend} (one line per seed): up and right is better")
     axes.legend()
     figure.tight_layout()
     tmp = out / ".compare.png.tmp"
