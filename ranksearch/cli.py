@@ -251,6 +251,27 @@ def techniques() -> None:
     _console(stderr=False).print(table)
 
 
+@app.command()
+@user_errors
+def models(
+    pattern: Annotated[
+        str | None, typer.Argument(help="shell-style pattern (resnet*) or a word the names contain")
+    ] = None,
+) -> None:
+    """List the models --model can name: their search space and pretrained --weights."""
+    from rich.table import Table
+
+    from ranksearch.models import find_models
+    from ranksearch.search import default_space_path
+
+    table = Table("model", "search space", "--weights")
+    for entry in find_models(pattern):
+        table.add_row(entry.name, default_space_path(entry.family).name, ", ".join(entry.weights) or "—")
+    console = _console(stderr=False)
+    console.print(table)
+    console.print("also: path/to/file.py:factory or package.module:factory (see README)")
+
+
 StudyRef = Annotated[str, typer.Argument(help="study name (under --results-dir or in --storage) or its results/ dir")]
 ResultsDir = Annotated[Path, typer.Option(help="where results/<study>/ is")]
 Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding the study")]

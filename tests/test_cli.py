@@ -98,6 +98,28 @@ def test_techniques_lists_the_registry() -> None:
         assert name in result.stdout
 
 
+def test_models_lists_names_spaces_and_weights() -> None:
+    def rows(*pattern: str) -> dict[str, str]:
+        result = runner.invoke(app, ["models", *pattern], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") == 4}
+
+    containing = rows("resnet")  # a plain word: the names containing it
+    assert {"resnet18", "resnet50", "wide_resnet50_2"} <= set(containing)
+    assert "resnet.yaml" in containing["resnet18"] and "IMAGENET1K_V1" in containing["resnet18"]
+    assert set(rows("resnet*")) == {n for n in containing if n.startswith("resnet")}  # a glob
+    every = runner.invoke(app, ["models"], terminal_width=200).stdout
+    assert "mobilenet.yaml" in every and "default.yaml" in every  # a family with no space of its own
+
+
+def test_the_unknown_model_error_points_to_a_command_that_exists() -> None:
+    unknown = runner.invoke(app, ["run", "--model", "qqqqqq"])
+    assert unknown.exit_code == 2 and "`ranksearch models`" in unknown.stderr, unknown.stderr
+    result = runner.invoke(app, ["models", "qqqqqq"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "no model matches 'qqqqqq'" in lines[0], result.stderr
+
+
 def _demo_study(results: Path) -> None:
     """results/demo/study.db holding one COMPLETE two-objective trial."""
     import optuna

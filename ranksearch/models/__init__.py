@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,7 +20,7 @@ from torch import nn
 from ranksearch.errors import RanksearchError
 from ranksearch.util import describe, first_line, import_module_from
 
-__all__ = ["build_model", "list_model_names", "load_checkpoint", "model_family"]
+__all__ = ["ModelEntry", "build_model", "find_models", "list_model_names", "load_checkpoint", "model_family"]
 
 SMALL_IMAGE_SIZE = 64
 _FAMILIES = (("resnet", ("resnet", "resnext", "wide_resnet")), ("mobilenet", ("mobilenet",)))
@@ -27,6 +29,37 @@ _FAMILIES = (("resnet", ("resnet", "resnext", "wide_resnet")), ("mobilenet", ("m
 def list_model_names() -> list[str]:
     """The torchvision classification model names ``build_model`` accepts."""
     return torchvision.models.list_models(module=torchvision.models)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model ``--model`` can name: its family (which picks the shipped search space) and the pretrained weights
+    ``--weights`` can name for it (downloaded when online; offline, pass ``--checkpoint``)."""
+
+    name: str
+    family: str
+    weights: tuple[str, ...]
+
+
+def find_models(pattern: str | None = None) -> list[ModelEntry]:
+    """The torchvision classification models whose names match the shell-style ``pattern`` (``resnet*``; a plain
+    word matches names containing it; None: all), sorted by name; an error when none does."""
+    names = list_model_names()
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatchcase(n, glob.lower())]
+        if not names:
+            raise RanksearchError(
+                f"no model matches {pattern!r}; run `ranksearch models` to list them all, or pass file.py:factory"
+            )
+    return [
+        ModelEntry(
+            name=name,
+            family=model_family(name),
+            weights=tuple(w.name for w in torchvision.models.get_model_weights(name)),
+        )
+        for name in sorted(names)
+    ]
 
 
 def model_family(spec: str) -> str:
