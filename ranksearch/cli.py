@@ -48,6 +48,18 @@ def _console(*, stderr: bool) -> Console:
     return Console(stderr=stderr, width=shutil.get_terminal_size((160, 24)).columns)
 
 
+TrustCheckpoint = Annotated[
+    bool,
+    typer.Option(
+        help="load a checkpoint holding more than tensors (a whole pickled model): it can run code, so only "
+        "for files you trust"
+    ),
+]
+StudyRef = Annotated[str, typer.Argument(help="study name (under --results-dir or in --storage) or its results/ dir")]
+ResultsDir = Annotated[Path, typer.Option(help="where results/<study>/ is")]
+Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding the study")]
+
+
 @app.command()
 @user_errors
 def run(
@@ -164,9 +176,8 @@ def run(
     ] = InfraSpec.heartbeat,
     study_name: Annotated[str | None, typer.Option(help="default: <model>-<dataset>-<space>")] = SearchSpec.study_name,
     results_dir: Annotated[Path, typer.Option(help="where results/<study>/ goes")] = InfraSpec.results_dir,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="trained weights (state_dict or whole model)")
-    ] = ProblemSpec.checkpoint,
+    checkpoint: Annotated[Path | None, typer.Option(help="trained weights (a state_dict)")] = ProblemSpec.checkpoint,
+    trust_checkpoint: TrustCheckpoint = ProblemSpec.trust_checkpoint,
     weights: Annotated[
         str | None, typer.Option(help="torchvision pretrained weights name (online)")
     ] = ProblemSpec.weights,
@@ -182,6 +193,7 @@ def run(
             model=model,
             dataset=dataset,
             checkpoint=checkpoint,
+            trust_checkpoint=trust_checkpoint,
             weights=weights,
             data_root=data_root,
             download=download,
@@ -272,11 +284,6 @@ def models(
     console.print("also: path/to/file.py:factory or package.module:factory (see README)")
 
 
-StudyRef = Annotated[str, typer.Argument(help="study name (under --results-dir or in --storage) or its results/ dir")]
-ResultsDir = Annotated[Path, typer.Option(help="where results/<study>/ is")]
-Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding the study")]
-
-
 @app.command()
 @user_errors
 def show(
@@ -337,6 +344,7 @@ def apply(
     batch: Annotated[int, typer.Option(help="batch size of the ONNX check and latency measurement")] = 1,
     dataset: Annotated[str | None, typer.Option(help="int8/data-aware calibration data (default: the study's)")] = None,
     data_root: Annotated[Path | None, typer.Option(help="dataset directory (default: the study's)")] = None,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Compress trained weights as a config says; save the model (and ONNX); time it in torch and ONNX Runtime."""
     from ranksearch.results.apply import apply_to_checkpoint
@@ -350,6 +358,7 @@ def apply(
         batch=batch,
         dataset=dataset,
         data_root=data_root,
+        trust_checkpoint=trust_checkpoint,
         console=_console(stderr=False),
     )
 
@@ -396,6 +405,7 @@ def worker(
         Path | None, typer.Option(help="this machine's copy of the study's trained weights (default: its path)")
     ] = None,
     space: Annotated[Path | None, typer.Option(help="this machine's copy of the study's search space")] = None,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Join a study from this machine: run its trials (its model, data, space, baseline) until the budget is met."""
     from ranksearch.study.workers import join_study
@@ -408,6 +418,7 @@ def worker(
         data_root=data_root,
         checkpoint=checkpoint,
         space=space,
+        trust_checkpoint=trust_checkpoint,
         console=_console(stderr=True),
     )
 

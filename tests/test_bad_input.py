@@ -276,6 +276,24 @@ def test_corrupt_checkpoint(ws: Workspace, tmp_path: Path) -> None:
     assert_nothing_written(results)
 
 
+def test_model_factory_that_raises(ws: Workspace, tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text(
+        "def build(num_classes):\n    raise RuntimeError('weights not found\\nat line 2')\n"
+    )
+    results = tmp_path / "results"
+    outcome = run(ws, results, "--model", f"{tmp_path / 'mine.py'}:build")
+    answered(outcome, "mine.py:build", "RuntimeError: weights not found", "fix the factory")
+    assert_nothing_written(results)
+
+
+def test_whole_pickled_model_needs_trust(ws: Workspace, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "whole.pt"
+    torch.save(build_model("resnet18", num_classes=10, in_channels=1, image_size=28), checkpoint)
+    results = tmp_path / "results"
+    answered(run(ws, results, "--checkpoint", str(checkpoint)), "whole.pt", "ResNet", "any code", "--trust-checkpoint")
+    assert_nothing_written(results)
+
+
 def test_checkpoint_of_another_architecture(ws: Workspace, tmp_path: Path) -> None:
     checkpoint = tmp_path / "mobilenet.pt"
     torch.save(build_model("mobilenet_v3_small", num_classes=10, in_channels=1, image_size=28).state_dict(), checkpoint)

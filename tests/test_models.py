@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +26,10 @@ def plain():
 
 def not_a_model(num_classes):
     return num_classes
+
+
+def raises(num_classes):
+    raise ValueError(f"no head for {num_classes} classes\\nsecond line")
 """
 
 
@@ -90,8 +97,16 @@ def test_custom_factory_from_file_and_module(tmp_path, monkeypatch) -> None:
 
 def test_custom_factory_errors(tmp_path) -> None:
     (tmp_path / "mymodels.py").write_text(FACTORY)
-    with pytest.raises(RanksearchError, match="has no factory 'missing'; pick one of: make, not_a_model, plain"):
+    with pytest.raises(
+        RanksearchError, match="has no factory 'missing'; pick one of: make, not_a_model, plain, raises"
+    ):
         build_model(f"{tmp_path}/mymodels.py:missing", num_classes=10, in_channels=1, image_size=28)
+    with pytest.raises(
+        RanksearchError,
+        match=r"mymodels.py:raises' raised .*\(ValueError: no head for 10 classes\) .*\(num_classes=10\)",
+    ) as info:
+        build_model(f"{tmp_path}/mymodels.py:raises", num_classes=10, in_channels=1, image_size=28)
+    assert "\n" not in str(info.value) and "second line" not in str(info.value)
     with pytest.raises(RanksearchError, match="returned int"):
         build_model(f"{tmp_path}/mymodels.py:not_a_model", num_classes=10, in_channels=1, image_size=28)
     with pytest.raises(RanksearchError, match=r"outputs \(1, 10\).*\(1, 5\)"):
@@ -112,9 +127,33 @@ def test_checkpoint_round_trips(tmp_path, wrap: str) -> None:
         "data_parallel": {f"module.{k}": v for k, v in source.state_dict().items()},
     }[wrap]
     torch.save(payload, tmp_path / "ckpt.pt")
-    target = load_checkpoint(tiny(), tmp_path / "ckpt.pt")
+    pickled_model = wrap in ("wrapped_model", "model")
+    if pickled_model:  # a whole module unpickles only when trusted
+        with pytest.raises(RanksearchError, match=r"ckpt.pt holds pickled objects .*Sequential.*--trust-checkpoint"):
+            load_checkpoint(tiny(), tmp_path / "ckpt.pt")
+    target = load_checkpoint(tiny(), tmp_path / "ckpt.pt", trust=pickled_model)
     for key, value in source.state_dict().items():
         torch.testing.assert_close(target.state_dict()[key], value)
+
+
+class _RunsCode:
+    """Unpickling this runs ``os.mkdir(marker)``: what a malicious checkpoint would do, made harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_an_untrusted_checkpoint_runs_no_code(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": tiny().state_dict(), "extra": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(RanksearchError, match=r"evil.pt holds pickled objects .*mkdir.*could run any code") as info:
+        load_checkpoint(tiny(), tmp_path / "evil.pt")
+    assert "\n" not in str(info.value) and not marker.exists()
+    load_checkpoint(tiny(), tmp_path / "evil.pt", trust=True)
+    assert marker.is_dir()  # trusted, it did run: the flag is the only gate
 
 
 def test_mismatched_checkpoint_names_file_and_first_key(tmp_path) -> None:

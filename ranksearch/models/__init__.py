@@ -107,16 +107,32 @@ def build_model(
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state_dict (bare, or under "state_dict"/"model") or a whole pickled model from ``path`` into ``model``."""
+def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) -> nn.Module:
+    """Load a state_dict (bare, or under "state_dict"/"model") from ``path`` into ``model``.
+
+    Only tensors and plain containers are unpickled (``torch.load(weights_only=True)``): unpickling anything else
+    can run any code the file holds. A whole pickled model, or a state_dict saved with other objects, loads only
+    with ``trust=True`` (``--trust-checkpoint``), for files from a source the user trusts.
+    """
     path = Path(path)
     if not path.is_file():
         raise RanksearchError(f"checkpoint {path} does not exist; pass the path of a saved model to --checkpoint")
     try:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as exc:
+            needed = _unsafe_global(exc)
+            if not trust and needed is not None:
+                raise RanksearchError(
+                    f"checkpoint {path} holds pickled objects other than tensors (it needs {needed}), and "
+                    "loading them could run any code in the file; save only the weights with "
+                    "torch.save(model.state_dict(), path), or pass --trust-checkpoint if you trust its source"
+                ) from None
+            if not trust:
+                raise
             raw = torch.load(path, map_location="cpu", weights_only=False)
+    except RanksearchError:
+        raise
     except Exception as exc:
         raise RanksearchError(
             f"checkpoint {path} is unreadable ({first_line(exc).split('. ')[0]}); "
@@ -137,6 +153,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _unsafe_global(error: pickle.UnpicklingError) -> str | None:
+    """The object ``torch.load(weights_only=True)`` refused (its message names it ``GLOBAL x.Y``); None when the
+    file failed for another reason (not a pickle at all)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
 
 
 def _check_name(name: str) -> None:
@@ -247,7 +270,14 @@ def _build_custom(spec: str, *, num_classes: int, in_channels: int) -> nn.Module
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise RanksearchError(f"{target} has no factory {attr!r}; pick one of: {', '.join(found) or '(none)'}")
     kwargs = _factory_kwargs(factory, num_classes=num_classes, in_channels=in_channels)
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # user code: whatever it raises is reported in one line, not raised
+        arguments = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise RanksearchError(
+            f"model factory {spec!r} raised while building the model ({describe(exc)}) when called with "
+            f"({arguments}); fix the factory"
+        ) from None
     if not isinstance(model, nn.Module):
         raise RanksearchError(f"factory {spec!r} returned {type(model).__name__}; it must return a torch.nn.Module")
     return model

@@ -49,6 +49,7 @@ def apply_to_checkpoint(
     batch: int = 1,
     dataset: str | None = None,
     data_root: str | Path | None = None,
+    trust_checkpoint: bool = False,
     console: Console | None = None,
 ) -> ApplyResult:
     """Compress the trained model as ``config`` says and save it; optionally export it to ONNX; time both backends.
@@ -58,7 +59,8 @@ def apply_to_checkpoint(
     (see :func:`ranksearch.results.build.build_from_config`), and saved whole to ``out``:
     ``model = torch.load(out, weights_only=False)`` loads it back (with ranksearch installed).
     Int8 and data-aware layers are calibrated on training images of ``dataset`` (default: the
-    one the config's study used, read from ``data_root``). With ``onnx``, the single-file ONNX
+    one the config's study used, read from ``data_root``). ``trust_checkpoint`` lets a whole pickled model load
+    (see :func:`ranksearch.models.load_checkpoint`). With ``onnx``, the single-file ONNX
     model is written there after checking ONNX Runtime's output against torch's. The uncompressed
     and compressed models are then timed at batch ``batch`` on ``threads`` threads, in torch and
     (with ``onnx``) ONNX Runtime; the table goes to ``console``.
@@ -77,8 +79,9 @@ def apply_to_checkpoint(
             "no trained weights: the config records no checkpoint; pass --checkpoint with the uncompressed model's"
         )
     calib = _calibration_inputs(config, dataset, data_root)
-    dense = build_from_config(replace(config, layers={}), checkpoint=checkpoint)
-    compressed = build_from_config(config, checkpoint=checkpoint, calib_inputs=calib)
+    trust = trust_checkpoint
+    dense = build_from_config(replace(config, layers={}), checkpoint=checkpoint, trust_checkpoint=trust)
+    compressed = build_from_config(config, checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib)
     spec = config.model
     example = torch.randn(
         batch, int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"]),

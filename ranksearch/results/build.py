@@ -24,13 +24,15 @@ def build_from_config(
     config: CompressionConfig | Mapping[str, Any] | str | Path,
     *,
     checkpoint: str | Path | None = None,
+    trust_checkpoint: bool = False,
     init: Init = "decompose",
     calib_inputs: torch.Tensor | None = None,
 ) -> nn.Module:
     """A fresh model built from ``config``'s ``model`` section, compressed by its layers, in eval mode.
 
     ``checkpoint`` holds the uncompressed model's trained weights (an export records the study's
-    in ``config.model["checkpoint"]``); without it the model starts from random weights.
+    in ``config.model["checkpoint"]``); without it the model starts from random weights. It loads as
+    :func:`ranksearch.models.load_checkpoint` says (``trust_checkpoint``: a whole pickled model too).
     ``init`` and ``calib_inputs`` (model inputs, needed by int8 and data-aware layers) are as in
     :func:`ranksearch.apply_config`; as in the search, int8 layers are quantized last, their scales
     calibrated on the factorized model. This is the compressed model before fine-tuning: the
@@ -52,7 +54,7 @@ def build_from_config(
         image_size=int(spec["image_size"]),
     )
     if checkpoint is not None:
-        model = load_checkpoint(model, checkpoint)
+        model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
     float_config, int8_layers = config.split_int8()
     model = apply_config(model.eval(), float_config, inplace=True, calib_inputs=calib_inputs, init=init)
     return quantize_layers(model, int8_layers, calib_inputs) if int8_layers else model

@@ -93,7 +93,7 @@ def load_problem(
     if space is not None:
         space.check_layers(model)
     if problem.checkpoint is not None:
-        model = load_checkpoint(model, problem.checkpoint)
+        model = load_checkpoint(model, problem.checkpoint, trust=problem.trust_checkpoint)
         checkpoint = Path(problem.checkpoint)
     else:
         recipe = replace(

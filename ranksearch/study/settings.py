@@ -35,6 +35,8 @@ class ProblemSpec:
     model: str = "resnet18"
     dataset: str = "fashion_mnist"
     checkpoint: Path | None = None
+    trust_checkpoint: bool = False
+    """Unpickle a checkpoint holding more than tensors (a whole model): it can run code (see ``load_checkpoint``)."""
     weights: str | None = None
     data_root: Path = Path("data")
     download: bool = False

@@ -45,6 +45,7 @@ def join_study(
     data_root: Path | None = None,
     checkpoint: Path | None = None,
     space: Path | None = None,
+    trust_checkpoint: bool = False,
     console: Console | None = None,
 ) -> int:
     """Run trials of an existing study until its budget is complete; return how many this worker completed.
@@ -53,6 +54,8 @@ def join_study(
     ``ranksearch run``); ``data_root``, ``checkpoint`` and ``space`` point at this machine's copies
     (default: the paths the study recorded), which must match the study's digests. ``threads``
     defaults to the study's. Without ``storage`` the study is ``results_dir/<study>/study.db``.
+    ``trust_checkpoint`` is this worker's own say (never the study's): whether a checkpoint holding more than
+    tensors may be unpickled (see :func:`ranksearch.models.load_checkpoint`).
     """
     console = console or Console(stderr=True)
     study = load_study(study_name, results_dir=results_dir, storage=storage)
@@ -64,7 +67,7 @@ def join_study(
         raise RanksearchError(
             f"study {study_name!r} has no baseline yet; start workers once `ranksearch run` has measured it"
         )
-    changes: dict[str, object] = {"storage": storage, "workers": 1}
+    changes: dict[str, object] = {"storage": storage, "workers": 1, "trust_checkpoint": trust_checkpoint}
     local = {"threads": threads, "data_root": data_root, "space": space}
     changes.update({k: v for k, v in local.items() if v is not None})
     changes["checkpoint"] = checkpoint or recorded.get("checkpoint") or MODEL.read(study).get("checkpoint")
@@ -137,6 +140,7 @@ def run_local_workers(
         "data_root": settings.problem.data_root,
         "checkpoint": checkpoint,
         "space": settings.search.space,
+        "trust_checkpoint": settings.problem.trust_checkpoint,
     }
     workers = settings.infra.workers
     processes = [
