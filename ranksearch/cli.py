@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -12,7 +13,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from ranksearch.errors import USER_ERRORS
+from ranksearch.errors import USER_ERRORS, RanksearchError
 from ranksearch.evaluate.classification import EvaluatorOptions
 from ranksearch.study.recovery import RECOVERY_LR
 from ranksearch.study.settings import InfraSpec, ProblemSpec, RecoverySpec, SearchSpec
@@ -421,6 +422,52 @@ def worker(
         trust_checkpoint=trust_checkpoint,
         console=_console(stderr=True),
     )
+
+
+@app.command()
+@user_errors
+def cache(
+    clear: Annotated[
+        bool, typer.Option(help="remove cached files (with --older-than: only those unused as long)")
+    ] = False,
+    older_than: Annotated[
+        float | None, typer.Option(help="with --clear: only files not used for this many days")
+    ] = None,
+    to_gb: Annotated[
+        float | None, typer.Option(help="trim each cache to this many GB, least recently used first")
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="the caches to clear or trim: factors, baselines, latency-tables, sensitivity"),
+    ] = None,
+    results_dir: ResultsDir = Path("results"),
+) -> None:
+    """Show what is cached between runs (size, last use, limit); clear or trim it."""
+    from rich.table import Table
+
+    from ranksearch.study.cache import cache_areas, clear_caches
+
+    console = _console(stderr=False)
+    if clear or to_gb is not None:
+        for area, files, freed in clear_caches(results_dir, only=only or (), older_than_days=older_than, to_gb=to_gb):
+            console.print(f"{area.name}: removed {files} files, {freed / 1e6:.1f} MB ({area.directory})")
+    elif older_than is not None or only:
+        raise RanksearchError("--older-than and --only say what to remove; add --clear (or --to-gb GB to trim)")
+    table = Table("cache", "files", "size", "limit", "least recently used", "a miss costs", "where")
+    for area in cache_areas(results_dir):
+        used = "—" if area.least_recent is None else f"{(time.time() - area.least_recent) / 86400:.1f} days ago"
+        limit = "—" if area.limit_bytes is None else f"{area.limit_bytes / 1e9:g} GB"
+        table.add_row(
+            area.name,
+            str(len(area.files)),
+            f"{area.size / 1e6:.1f} MB",
+            limit,
+            used,
+            area.rebuilt_by,
+            str(area.directory),
+        )
+    console.print(table)
+    console.print("limit: RANKSEARCH_CACHE_MAX_GB; place: RANKSEARCH_CACHE_DIR (factors, baselines), --results-dir")
 
 
 @app.command()

@@ -11,7 +11,8 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -104,6 +105,71 @@ def package_version() -> str:
 def cache_dir() -> Path:
     """Where trained baselines and factors are cached: ``$RANKSEARCH_CACHE_DIR`` or ``~/.cache/ranksearch``."""
     return Path(os.environ.get("RANKSEARCH_CACHE_DIR") or Path.home() / ".cache" / "ranksearch")
+
+
+CACHE_LIMIT_GB = 4.0
+"""The factor cache's default size limit on disk (``$RANKSEARCH_CACHE_MAX_GB`` overrides it)."""
+
+
+def cache_limit_bytes() -> int:
+    """The factor cache's size limit: ``$RANKSEARCH_CACHE_MAX_GB`` gigabytes, else :data:`CACHE_LIMIT_GB`."""
+    raw = os.environ.get("RANKSEARCH_CACHE_MAX_GB")
+    try:
+        gigabytes = CACHE_LIMIT_GB if raw is None else float(raw)
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes >= 0:
+        raise RanksearchError(f"RANKSEARCH_CACHE_MAX_GB={raw!r}: not a size in GB; set e.g. RANKSEARCH_CACHE_MAX_GB=4")
+    return int(gigabytes * 1e9)
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A file of a cache directory: its size and when it was last used (its modification time)."""
+
+    path: Path
+    size: int
+    used: float
+
+
+def cached_files(directory: Path, pattern: str = "*") -> list[CachedFile]:
+    """The files of ``directory`` matching ``pattern``, least recently used first (temporary files left out;
+    files that vanish meanwhile, removed by another process, are skipped)."""
+    found = []
+    for path in directory.glob(pattern) if directory.is_dir() else ():
+        if path.name.startswith("."):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            found.append(CachedFile(path, stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda f: f.used)
+
+
+def mark_used(path: Path) -> None:
+    """Record that ``path`` was just used (its modification time), so least-recently-used eviction spares it."""
+    with suppress(OSError):
+        os.utime(path)
+
+
+def evict_least_recent(directory: Path, *, max_bytes: int, pattern: str = "*", target: float = 0.8) -> int:
+    """When ``directory``'s files exceed ``max_bytes``, remove the least recently used down to ``target`` of it;
+    return the bytes freed. Safe beside other processes: a reader holding a removed file still reads it, and one
+    that finds it gone recomputes it."""
+    files = cached_files(directory, pattern)
+    total = sum(f.size for f in files)
+    if total <= max_bytes:
+        return 0
+    freed = 0
+    for file in files:
+        if total - freed <= target * max_bytes:
+            break
+        with suppress(FileNotFoundError):
+            file.path.unlink()
+            freed += file.size
+    return freed
 
 
 def sqlite_url(database: Path) -> str:

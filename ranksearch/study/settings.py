@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import EvaluatorOptions
-from ranksearch.util import digest
+from ranksearch.util import cache_limit_bytes, digest
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 WARM_STARTS = ("knapsack", "greedy", "none")
@@ -187,6 +187,7 @@ class InfraSpec:
 
     def validate(self) -> None:
         _positive({"--threads": self.threads, "--workers": self.workers, "--heartbeat": self.heartbeat})
+        cache_limit_bytes()  # a malformed $RANKSEARCH_CACHE_MAX_GB is named before anything runs
 
 
 EVALUATION_IDENTITY = (

@@ -2,7 +2,8 @@
 
 Keys hold a digest of the layer's weights (and of calibration inputs for data-aware
 factorizations), so a changed weight never hits a stale entry. Disk entries are written to a
-temporary file and renamed, so a kill never leaves a half-written entry behind.
+temporary file and renamed, so a kill never leaves a half-written entry behind. The disk store is
+bounded (``$RANKSEARCH_CACHE_MAX_GB``, default 4 GB): past it, the least recently used entries go.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ranksearch.errors import RanksearchError
-from ranksearch.util import atomic_open
+from ranksearch.util import atomic_open, cache_limit_bytes, cached_files, evict_least_recent, mark_used
 
 Factors = dict[str, torch.Tensor]
 
@@ -53,14 +54,23 @@ class FactorStore:
     """Memory LRU (bounded in bytes) over a directory of ``torch.save`` files.
 
     Only factorizations that took longer than ``persist_after_s`` to compute are written to
-    disk; cheaper ones are faster to recompute than to load.
+    disk; cheaper ones are faster to recompute than to load. The directory holds at most
+    ``disk_max_bytes`` (None: no bound): a write that takes it past the bound removes the least
+    recently used entries (a load marks its entry used) down to 80 % of it.
     """
 
     def __init__(
-        self, *, directory: Path | None = None, max_bytes: int = 4 << 30, persist_after_s: float = 0.02
+        self,
+        *,
+        directory: Path | None = None,
+        max_bytes: int = 4 << 30,
+        disk_max_bytes: int | None = None,
+        persist_after_s: float = 0.02,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.disk_max_bytes = disk_max_bytes
+        self._disk_bytes: int | None = None  # the directory's size as this process last counted it, plus its writes
         self.persist_after_s = persist_after_s
         self._memory: OrderedDict[str, Factors] = OrderedDict()
         self._bytes = 0
@@ -110,9 +120,11 @@ class FactorStore:
         if path is None or not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a corrupt entry is recomputed and overwritten
+            factors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a corrupt entry (or one evicted meanwhile) is recomputed and written again
             return None
+        mark_used(path)
+        return factors
 
     def _save(self, key: str, factors: Factors) -> None:
         path = self._path(key)
@@ -120,6 +132,23 @@ class FactorStore:
             return
         with contextlib.suppress(OSError, RanksearchError), atomic_open(path, "wb") as handle:  # costs only speed
             torch.save({k: v.cpu() for k, v in factors.items()}, handle)
+        self._bound_disk(path)
+
+    def _bound_disk(self, written: Path) -> None:
+        """Count ``written`` towards the directory's size; past :attr:`disk_max_bytes`, evict and count again."""
+        if self.disk_max_bytes is None or self.directory is None:
+            return
+        with contextlib.suppress(OSError):
+            size = written.stat().st_size
+            with self._lock:
+                if self._disk_bytes is None:
+                    self._disk_bytes = sum(f.size for f in cached_files(self.directory, "*.pt"))
+                else:
+                    self._disk_bytes += size
+                if self._disk_bytes <= self.disk_max_bytes:
+                    return
+                evict_least_recent(self.directory, max_bytes=self.disk_max_bytes, pattern="*.pt")
+                self._disk_bytes = sum(f.size for f in cached_files(self.directory, "*.pt"))
 
 
 _default_store: FactorStore | None = None
@@ -129,7 +158,7 @@ def default_store() -> FactorStore:
     """The process-wide store, on disk under :func:`default_cache_dir`."""
     global _default_store
     if _default_store is None:
-        _default_store = FactorStore(directory=default_cache_dir())
+        _default_store = FactorStore(directory=default_cache_dir(), disk_max_bytes=cache_limit_bytes())
     return _default_store
 
 
