@@ -46,6 +46,7 @@ def test_splits_and_subsets_are_seeded(root: Path, splits: data.DataSplits) -> N
     other = load_dataset("fashion_mnist", root=root, seed=1, train_subset=1000, eval_subset=300)
     assert (len(again.train), len(again.val), len(again.test)) == (1000, 300, 300)
     assert torch.equal(again.val.indices, splits.val.indices[:300])
+    assert torch.equal(again.full_val.indices, splits.val.indices) and splits.full_val is None  # promotions' split
     for name in ("train", "val", "test"):
         assert torch.equal(getattr(again, name).indices, getattr(same, name).indices)
         assert not torch.equal(getattr(again, name).indices, getattr(other, name).indices)

@@ -100,6 +100,11 @@ def test_the_tiny_search_promotes_rung_by_rung(tiny_search) -> None:
     rung2 = [t for t in trials if t.rung == 2]
     assert rung1 and len(rung1) <= math.ceil(0.5 * len(rung0)) and len(rung2) <= math.ceil(0.5 * len(rung1))
     by_number = {t.number: t for t in trials}
+    baseline = record.BASELINE.read(study)  # promotions are scored on the whole validation split, rung 0 on 256 images
+    for trial in rung0 + rung1 + rung2:
+        assert trial.metrics["images"] == (6000 if trial.rung else 256)
+        reference = baseline["full_val_accuracy" if trial.rung else "accuracy"]
+        assert trial.accuracy_drop_pp == pytest.approx(100 * (reference - trial.metrics["accuracy"]))
     for promotion in rung1 + rung2:
         assert promotion.state == TrialState.COMPLETE and promotion.finetune_steps == (6 if promotion.rung == 1 else 12)
         assert promotion.config == by_number[promotion.promotes].config and promotion.metrics["time_finetune_s"] > 0

@@ -146,17 +146,18 @@ def check_outcome(study: optuna.Study, killed: FrozenTrial, directory: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def resumed(workdir: Path) -> tuple[FrozenTrial, dict[int, list[float]]]:
-    """kill -9 of the single-process run mid-trial, then the same command again, which must succeed.
+def resumed(workdir: Path, postgres_url: str) -> tuple[FrozenTrial, dict[int, list[float]]]:
+    """kill -9 of the whole single-process run on PostgreSQL mid-trial, then the same command again, which must
+    succeed (on SQLite, the promotion test below kills and reruns the whole run).
 
     Returns the killed trial and the values of the trials complete at the kill."""
-    command = cli(workdir, "run", "--study-name", "resume")
-    url = f"sqlite:///{workdir / 'results' / 'resume' / 'study.db'}"
+    command = cli(workdir, "run", "--study-name", "resume", "--storage", postgres_url)
+    url = postgres_url
     run = start(workdir, command, "resume.log")
 
     def two_complete_and_one_running() -> FrozenTrial | None:
-        # read-only SQL first: opening a half-created database with Optuna would race the run creating its tables
-        done = complete_trials(workdir / "results" / "resume" / "study.db") >= 2
+        study = load("resume", url)  # Optuna's tables exist already (the server fixture made them)
+        done = study is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2
         return running_trial("resume", url) if done else None
 
     killed = wait_for(two_complete_and_one_running, "two complete trials and a running one", run)
@@ -193,9 +194,9 @@ def test_run_killed_during_a_promotion_resumes_it(workdir: Path) -> None:
     assert all(t.user_attrs["finetune_steps"] == killed.user_attrs["finetune_steps"] for t in retried)
 
 
-def test_killed_run_resumes_with_every_completed_trial(workdir: Path, resumed) -> None:
+def test_killed_run_resumes_with_every_completed_trial(workdir: Path, resumed, postgres_url: str) -> None:
     killed, before = resumed
-    study = load("resume", f"sqlite:///{workdir / 'results' / 'resume' / 'study.db'}")
+    study = load("resume", postgres_url)
     assert {n: study.trials[n].values for n in before} == before
     check_outcome(study, killed, workdir / "results" / "resume")
 
@@ -217,22 +218,31 @@ def test_workers_share_the_budget_and_retry_a_killed_workers_trial(workdir: Path
     check_outcome(load("pg", postgres_url), killed, workdir / "results" / "pg")
 
 
-def test_worker_joins_a_complete_study_and_runs_nothing(workdir: Path, resumed) -> None:
-    assert join_study("resume", results_dir=workdir / "results", data_root=workdir / "data", threads=1) == 0
+def test_worker_joins_a_complete_study_and_runs_nothing(workdir: Path, resumed, postgres_url: str) -> None:
+    joined = join_study(
+        "resume", storage=postgres_url, results_dir=workdir / "results", data_root=workdir / "data", threads=1
+    )
+    assert joined == 0
 
 
-def test_worker_refuses_another_search_space(workdir: Path, resumed) -> None:
+def test_worker_refuses_another_search_space(workdir: Path, resumed, postgres_url: str) -> None:
     other = workdir / "other.yaml"
     other.write_text(space_yaml(**SPACE, ranks=[0.5]))
     with pytest.raises(RanksearchError, match=r"other\.yaml: differs from the search space the study was started with"):
-        join_study("resume", results_dir=workdir / "results", space=other)
+        join_study("resume", storage=postgres_url, results_dir=workdir / "results", space=other)
 
 
-def test_worker_refuses_other_weights(workdir: Path, resumed) -> None:
+def test_worker_refuses_other_weights(workdir: Path, resumed, postgres_url: str) -> None:
     checkpoint = workdir / "untrained.pt"
     torch.save(build_model("resnet18", num_classes=10, in_channels=1, image_size=28).state_dict(), checkpoint)
     with pytest.raises(RanksearchError, match=r"untrained\.pt\) differ from the study's; pass --checkpoint"):
-        join_study("resume", results_dir=workdir / "results", data_root=workdir / "data", checkpoint=checkpoint)
+        join_study(
+            "resume",
+            storage=postgres_url,
+            results_dir=workdir / "results",
+            data_root=workdir / "data",
+            checkpoint=checkpoint,
+        )
 
 
 def test_worker_refuses_a_missing_study(workdir: Path) -> None:

@@ -155,7 +155,8 @@ class TensorImageDataset(Dataset):
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train and val carved from the official training set with a seeded split; test is the official test set."""
+    """Train and val carved from the official training set with a seeded split; test is the official test set.
+    ``full_val`` is the whole validation split when ``val`` is only its first ``eval_subset`` images (else None)."""
 
     name: str
     train: Dataset
@@ -164,6 +165,7 @@ class DataSplits:
     num_classes: int
     in_channels: int
     image_size: int
+    full_val: Dataset | None = None
 
 
 def load_dataset(
@@ -212,6 +214,7 @@ def load_dataset(
     test_idx = torch.randperm(len(test_labels), generator=generator)
     if train_subset is not None:
         train_idx = train_idx[:train_subset]
+    all_val_idx = val_idx
     if eval_subset is not None:
         val_idx, test_idx = val_idx[:eval_subset], test_idx[:eval_subset]
     test = TensorImageDataset(test_images, test_labels, mean=info.mean, std=info.std)
@@ -223,6 +226,7 @@ def load_dataset(
         num_classes=classes,
         in_channels=train_images.shape[1],
         image_size=train_images.shape[-1],
+        full_val=full.subset(all_val_idx, augment=False) if len(all_val_idx) > len(val_idx) else None,
     )
 
 

@@ -12,7 +12,9 @@ from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.latency import PairedLatency
 
-Split = Literal["val", "test"]
+Split = Literal["val", "full_val", "test"]
+"""Where metrics are measured: the validation images a trial is scored on (``val``, possibly a subset of the
+validation split: ``--eval-subset``), the whole validation split (``full_val``: promotions to upper rungs), or test."""
 REQUIRED_KEYS = ("accuracy", "latency_ms")
 
 
@@ -169,7 +171,9 @@ class PairedTiming(ABC):
 
 class MultiFidelity(ABC):
     """Capability: evaluate a config with a longer fine-tune, so that promising trials can be promoted to higher
-    rungs (successive halving over the fine-tune budget)."""
+    rungs (successive halving over the fine-tune budget). Promotions are measured on ``split="full_val"``, the
+    whole validation split (the same images as ``"val"`` where the evaluator does not subset it), and compared with
+    the uncompressed model's ``evaluate(dense, split="full_val")``."""
 
     @abstractmethod
     def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: Split = "val") -> Metrics:

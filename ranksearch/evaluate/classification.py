@@ -96,7 +96,8 @@ class ClassificationEvaluator(
     on CPU (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the
     uncompressed model is timed in rounds alternating with it (``reference_latency_ms``; each round's
     speedup gives ``speedup_low`` / ``speedup_high``), so the speedup compares measurements under the same
-    load -> accuracy on the validation split (at most ``eval_batches`` batches), with each image's
+    load -> accuracy on ``split`` (``val``: the validation images kept by ``--eval-subset``; ``full_val``: all of
+    them; at most ``eval_batches`` batches), with each image's
     correctness (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same configuration gives
     the same model on ``split="test"`` as it did on ``"val"``.
 
@@ -179,7 +180,8 @@ class ClassificationEvaluator(
         # first run on evaluation batches of 256 leaves it 2-3x slower at batch 1 from then on.
         with _phase(phases, "latency"):
             paired, backend_extra = self._paired_latency(model)
-        dataset = self.splits.val if split == "val" else self.splits.test
+        full_val = self.splits.val if self.splits.full_val is None else self.splits.full_val
+        dataset = {"val": self.splits.val, "full_val": full_val}.get(split, self.splits.test)
         with _phase(phases, "accuracy"):
             loader = make_loader(dataset, batch_size=256, shuffle=False)
             correct = correct_predictions(model, loader, device=self.device, max_batches=self.eval_batches)
@@ -189,6 +191,7 @@ class ClassificationEvaluator(
             latency_ms=latency.median_ms,
             reference_latency_ms=paired.reference.median_ms,
             extra={
+                "images": float(len(correct)),
                 "latency_p10_ms": latency.p10_ms,
                 "latency_p90_ms": latency.p90_ms,
                 "latency_spread": latency.spread,

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from ranksearch.compress import model_cost
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError, Rejected
-from ranksearch.evaluate import Metrics, MultiFidelity, ZeroShotScorer
+from ranksearch.evaluate import Metrics, MultiFidelity, Split, ZeroShotScorer
 from ranksearch.results.record import FINETUNE_STEPS, OBJECTIVES, Outcome, TrialRecord, TrialWriter, records
 from ranksearch.search import sample_config
 from ranksearch.search.latency_table import Observation
@@ -62,7 +62,8 @@ class Objective:
                 writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
             self.screen(writer, first_verdict(list(search.screens), candidate))
             self.zero_shot_check(candidate)
-            metrics = Metrics.coerce(search.evaluator, self.evaluate(config, trial.user_attrs))
+            split = self.split_of(trial.user_attrs)
+            metrics = Metrics.coerce(search.evaluator, self.evaluate(config, trial.user_attrs, split=split))
         except Rejected as exc:
             writer.rejected_at_zero_shot(str(exc), metrics=exc.metrics, seconds_saved=time_saved(trial.study))
             raise optuna.TrialPruned(str(exc)) from None
@@ -71,7 +72,7 @@ class Objective:
         except Exception as exc:  # a trial failure, or a config that cannot be built: the search goes on
             return self.failed(writer, exc)
         baseline = search.baseline
-        drop_pp = 100.0 * (baseline["accuracy"] - metrics.accuracy)
+        drop_pp = 100.0 * (baseline["full_val_accuracy" if split == "full_val" else "accuracy"] - metrics.accuracy)
         measured = metrics.as_dict()
         speedup = metrics.speedup(baseline["latency_ms"])
         if all(choice.technique == "keep" and not choice.int8 for choice in config.layers.values()):
@@ -87,14 +88,22 @@ class Objective:
             return metrics.accuracy, 1.0 / speedup
         return metrics.accuracy, metrics.latency_ms  # a study of an earlier release, resumed: milliseconds
 
-    def evaluate(self, config: CompressionConfig, user_attrs: Mapping[str, object]) -> Metrics | Mapping[str, float]:
-        """The evaluator's metrics of ``config`` on the validation split: with a promotion's longer fine-tune
+    def split_of(self, user_attrs: Mapping[str, object]) -> Split:
+        """Where a trial is scored: a promotion on the whole validation split (when the dense model was measured
+        there), any other trial on the validation images of ``--eval-subset``."""
+        promoted = isinstance(user_attrs.get(FINETUNE_STEPS), int) and isinstance(self.search.evaluator, MultiFidelity)
+        return "full_val" if promoted and "full_val_accuracy" in self.search.baseline else "val"
+
+    def evaluate(
+        self, config: CompressionConfig, user_attrs: Mapping[str, object], *, split: Split
+    ) -> Metrics | Mapping[str, float]:
+        """The evaluator's metrics of ``config`` on ``split``: with a promotion's longer fine-tune
         (:class:`~ranksearch.evaluate.MultiFidelity`) when the trial is one."""
         evaluator = self.search.evaluator
         steps = user_attrs.get(FINETUNE_STEPS)
         if isinstance(steps, int) and isinstance(evaluator, MultiFidelity):
-            return evaluator.evaluate_at(config, finetune_steps=steps, split="val")
-        return evaluator.evaluate(config, split="val")
+            return evaluator.evaluate_at(config, finetune_steps=steps, split=split)
+        return evaluator.evaluate(config, split=split)
 
     def predict(self, study: optuna.Study, config: CompressionConfig) -> Prediction | None:
         """The latency table's prediction, refitted on every complete trial so far (:meth:`LatencyTable.fitted`):

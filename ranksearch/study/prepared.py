@@ -26,6 +26,7 @@ from ranksearch.evaluate import (
     Evaluator,
     LocalTorchTiming,
     Metrics,
+    MultiFidelity,
     Split,
     ZeroShotScorer,
 )
@@ -237,8 +238,12 @@ def measure_baseline(study: optuna.Study, evaluator: Evaluator, dense: ModelCost
         return dict(BASELINE.read(study))
     console.print("baseline: measuring the uncompressed model")
     val, test = (_baseline_metrics(evaluator, split) for split in ("val", "test"))
+    full_val = {}
+    if isinstance(evaluator, MultiFidelity):  # promotions are scored on the whole validation split
+        full_val = {"full_val_accuracy": _baseline_metrics(evaluator, "full_val").accuracy}
     baseline = {
         "accuracy": val.accuracy,
+        **full_val,
         "test_accuracy": test.accuracy,
         "latency_ms": val.latency_ms,
         "params": dense.params,
