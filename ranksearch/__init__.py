@@ -3,7 +3,16 @@
 from ranksearch.compress import CompressedLayer, CostReport, apply_config, compress_layer, cost_report, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError, Rejected, TrialFailure, UserError
-from ranksearch.evaluate.base import BaseEvaluator, Evaluator, LocalTorchTiming, Metrics, ZeroShotScorer
+from ranksearch.evaluate.base import (
+    BaseEvaluator,
+    DivergenceScorer,
+    Evaluator,
+    LocalTorchTiming,
+    Metrics,
+    MultiFidelity,
+    PairedTiming,
+    ZeroShotScorer,
+)
 from ranksearch.measure import Latency, measure_latency
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.techniques import Technique, get_technique, list_techniques, register_technique
@@ -18,13 +27,16 @@ __all__ = [
     "CompressionError",
     "Cost",
     "CostReport",
+    "DivergenceScorer",
     "Evaluator",
     "FactorStore",
     "Latency",
     "LayerChoice",
     "LocalTorchTiming",
     "Metrics",
+    "MultiFidelity",
     "NuclearNormPenalty",
+    "PairedTiming",
     "RanksearchError",
     "Rejected",
     "RunSettings",
