@@ -65,7 +65,7 @@ Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding th
 @user_errors
 def run(
     model: Annotated[
-        str, typer.Option(help="torchvision name, path/file.py:factory or package.module:factory")
+        str, typer.Option(help="torchvision name, timm:NAME, path/file.py:factory or package.module:factory")
     ] = ProblemSpec.model,
     dataset: Annotated[
         str, typer.Option(help="fashion_mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
@@ -268,7 +268,8 @@ def techniques() -> None:
 @user_errors
 def models(
     pattern: Annotated[
-        str | None, typer.Argument(help="shell-style pattern (resnet*) or a word the names contain")
+        str | None,
+        typer.Argument(help="shell-style pattern (resnet*) or a word the names contain; timm:PATTERN lists timm's"),
     ] = None,
 ) -> None:
     """List the models --model can name: their search space and pretrained --weights."""

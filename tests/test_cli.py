@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +112,9 @@ def test_models_lists_names_spaces_and_weights() -> None:
     assert set(rows("resnet*")) == {n for n in containing if n.startswith("resnet")}  # a glob
     every = runner.invoke(app, ["models"], terminal_width=200).stdout
     assert "mobilenet.yaml" in every and "default.yaml" in every  # a family with no space of its own
+    if importlib.util.find_spec("timm") or os.environ.get("CI"):  # the timm extra (CI installs it)
+        timm = rows("timm:resnet18")
+        assert "resnet.yaml" in timm["timm:resnet18"] and "DEFAULT" in timm["timm:resnet18"]
 
 
 def test_the_unknown_model_error_points_to_a_command_that_exists() -> None:

@@ -177,3 +177,40 @@ def test_corrupt_or_missing_checkpoint(tmp_path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(RanksearchError, match="holds no state_dict"):
         load_checkpoint(tiny(), tmp_path / "list.pt")
+
+
+TIMM_MODELS = ["resnet18", "mobilenetv3_small_050", "efficientnet_b0"]
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models_build_offline_and_compress(name: str) -> None:
+    """``timm:NAME`` from its architecture alone (no download), for grayscale 28 px inputs; a uniform config of the
+    family's search space applies and runs."""
+    if not os.environ.get("CI"):  # CI installs the timm extra: there a missing timm fails
+        pytest.importorskip("timm")
+    from ranksearch import apply_config
+    from ranksearch.search import SearchSpace, default_space_path, uniform_config
+    from ranksearch.search.space import record_input_shapes
+
+    model = build_model(f"timm:{name}", num_classes=10, in_channels=1, image_size=28).eval()
+    assert model_family(f"timm:{name}") == {"resnet18": "resnet", "mobilenetv3_small_050": "mobilenet"}.get(
+        name, "efficientnet"
+    )
+    space = SearchSpace.load(default_space_path(model_family(f"timm:{name}")))
+    example = torch.randn(2, 1, 28, 28)
+    slots = space.layers(model, record_input_shapes(model, example))
+    assert slots, "the family's search space finds layers to compress in the timm model"
+    config = uniform_config(slots, "svd", 0.5, rank_multiple=space.rank_multiple)
+    assert any(choice.technique == "svd" for choice in config.layers.values())
+    compressed = apply_config(model, config)
+    with torch.no_grad():
+        assert compressed(example).shape == (2, 10)
+
+
+def test_unknown_timm_model_and_weights_are_one_line() -> None:
+    if not os.environ.get("CI"):
+        pytest.importorskip("timm")
+    with pytest.raises(RanksearchError, match=r"unknown timm model 'resnet1800'; did you mean timm:resnet"):
+        build_model("timm:resnet1800", num_classes=10, in_channels=1, image_size=28)
+    with pytest.raises(RanksearchError, match=r"--weights 'IMAGENET1K_V1': timm models take --weights DEFAULT"):
+        build_model("timm:resnet18", num_classes=10, in_channels=1, image_size=28, weights="IMAGENET1K_V1")

@@ -87,3 +87,15 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
 def test_bad_values_are_one_line_errors(options: dict[str, object], message: str) -> None:
     with pytest.raises(RanksearchError, match=message.replace("(", r"\(")):
         RunSettings.of(**options).validate()
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("resnet18", "resnet18-fashion_mnist-resnet"),
+        ("timm:resnet18", "timm-resnet18-fashion_mnist-resnet"),
+        ("models/mine.py:build", "mine-fashion_mnist-resnet"),
+    ],
+)
+def test_the_default_study_name_names_the_model(model: str, name: str) -> None:
+    assert RunSettings.of(model=model, space=Path("spaces/resnet.yaml")).name() == name

@@ -23,6 +23,8 @@ from ranksearch.util import describe, first_line, import_module_from
 __all__ = ["ModelEntry", "build_model", "find_models", "list_model_names", "load_checkpoint", "model_family"]
 
 SMALL_IMAGE_SIZE = 64
+TIMM_PREFIX = "timm:"
+"""``--model timm:NAME`` builds a timm model (the optional ``timm`` extra)."""
 _FAMILIES = (("resnet", ("resnet", "resnext", "wide_resnet")), ("mobilenet", ("mobilenet",)))
 
 
@@ -43,11 +45,13 @@ class ModelEntry:
 
 def find_models(pattern: str | None = None) -> list[ModelEntry]:
     """The torchvision classification models whose names match the shell-style ``pattern`` (``resnet*``; a plain
-    word matches names containing it; None: all), sorted by name; an error when none does."""
+    word matches names containing it; None: all), sorted by name; an error when none does. A pattern starting with
+    ``timm:`` lists timm's models instead (``timm:`` alone: all of them)."""
+    if pattern and pattern.startswith(TIMM_PREFIX):
+        return _find_timm_models(pattern.removeprefix(TIMM_PREFIX))
     names = list_model_names()
     if pattern:
-        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatchcase(n, glob.lower())]
+        names = [n for n in names if fnmatch.fnmatchcase(n, _glob(pattern))]
         if not names:
             raise RanksearchError(
                 f"no model matches {pattern!r}; run `ranksearch models` to list them all, or pass file.py:factory"
@@ -62,15 +66,45 @@ def find_models(pattern: str | None = None) -> list[ModelEntry]:
     ]
 
 
+def _glob(pattern: str) -> str:
+    """A shell-style pattern as given, or a plain word as "names containing it"."""
+    return pattern.lower() if any(c in pattern for c in "*?[") else f"*{pattern.lower()}*"
+
+
+def _find_timm_models(pattern: str) -> list[ModelEntry]:
+    timm = _timm()
+    names = timm.list_models(_glob(pattern) if pattern else "*")
+    if not names:
+        raise RanksearchError(f"no timm model matches {pattern!r}; run `ranksearch models timm:` to list them all")
+    pretrained = {tag.split(".")[0] for tag in timm.list_pretrained(_glob(pattern) if pattern else "*")}
+    return [
+        ModelEntry(
+            name=f"{TIMM_PREFIX}{name}",
+            family=model_family(f"{TIMM_PREFIX}{name}"),
+            weights=("DEFAULT",) if name in pretrained else (),
+        )
+        for name in sorted(names)
+    ]
+
+
 def model_family(spec: str) -> str:
-    """The architecture family of ``spec`` ("resnet", "mobilenet", "vgg", "efficientnet", ... or "custom")."""
+    """The architecture family of ``spec`` ("resnet", "mobilenet", "vgg", "efficientnet", ... or "custom"); a timm
+    model's is read from its name as a torchvision one's (``timm:resnet50`` is a "resnet")."""
+    if spec.startswith(TIMM_PREFIX):
+        name = spec.removeprefix(TIMM_PREFIX)
+        return next((family for family, prefixes in _FAMILIES if name.startswith(prefixes)), _word(name))
     if ":" in spec:
         return "custom"
     _check_name(spec)
     for family, prefixes in _FAMILIES:
         if spec.startswith(prefixes):
             return family
-    return re.match(r"[a-z]+", spec).group(0)
+    return _word(spec)
+
+
+def _word(name: str) -> str:
+    found = re.match(r"[a-z]+", name)
+    return found.group(0) if found else "custom"
 
 
 def build_model(
@@ -95,9 +129,13 @@ def build_model(
     EfficientNet-B0 7.9 MMACs/image at 28x28.
     Every model is checked with one forward pass on a dummy batch.
     """
-    if ":" in spec:
+    if spec.startswith(TIMM_PREFIX):
+        model = _build_timm(
+            spec.removeprefix(TIMM_PREFIX), num_classes=num_classes, in_channels=in_channels, weights=weights
+        )
+    elif ":" in spec:
         if weights is not None:
-            raise RanksearchError(f"--weights applies to torchvision models, not {spec!r}; use --checkpoint instead")
+            raise RanksearchError(f"--weights applies to torchvision and timm models, not {spec!r}; use --checkpoint")
         model = _build_custom(spec, num_classes=num_classes, in_channels=in_channels)
     else:
         model = _build_torchvision(
@@ -168,6 +206,39 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run `ranksearch models` to list them"
         raise RanksearchError(f"unknown model {name!r}; pass a torchvision model name or file.py:factory ({hint})")
+
+
+def _timm() -> ModuleType:
+    try:
+        import timm
+    except ImportError:
+        raise RanksearchError(
+            "timm is not installed; pip install 'ranksearch[timm]' (or timm) to build timm:NAME models"
+        ) from None
+    return timm
+
+
+def _build_timm(name: str, *, num_classes: int, in_channels: int, weights: str | None) -> nn.Module:
+    """A timm model built offline from its architecture (``weights``: timm's pretrained weights, downloaded; the
+    head and stem are then adapted by timm itself to ``num_classes`` and ``in_channels``)."""
+    timm = _timm()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = (
+            f"did you mean {', '.join(f'timm:{c}' for c in close)}?"
+            if close
+            else "`ranksearch models timm:` lists them"
+        )
+        raise RanksearchError(f"unknown timm model {name!r}; {hint}")
+    if weights is not None and weights != "DEFAULT":
+        raise RanksearchError(f"--weights {weights!r}: timm models take --weights DEFAULT (its pretrained tag) or none")
+    try:
+        return timm.create_model(name, pretrained=weights is not None, num_classes=num_classes, in_chans=in_channels)
+    except Exception as exc:  # a download failure offline, or an architecture timm cannot build so
+        raise RanksearchError(
+            f"timm could not build {name!r} ({describe(exc)}); offline, build it without --weights and pass "
+            "--checkpoint"
+        ) from None
 
 
 def _build_torchvision(

@@ -257,7 +257,10 @@ class RunSettings:
             return self.search.study_name
         stem = self.search.space.stem if self.search.space else "space"
         model = self.problem.model
-        model = Path(model.split(":")[0]).stem if ":" in model else model
+        if model.startswith("timm:"):
+            model = model.replace(":", "-", 1)
+        elif ":" in model:
+            model = Path(model.split(":")[0]).stem
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{self.problem.dataset}-{stem}")
 
     def identity(self) -> dict[str, object]:
