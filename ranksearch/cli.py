@@ -378,6 +378,7 @@ def finetune(
     ] = RECOVERY_LR,
     results_dir: ResultsDir = Path("results"),
     storage: Storage = None,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Fine-tune one trial for real and test it on the full test split; save it under results/<study>/recovered/."""
     from ranksearch.study.recovery import recover_trial
@@ -389,6 +390,7 @@ def finetune(
         lr=lr,
         results_dir=results_dir,
         storage=storage,
+        trust_checkpoint=trust_checkpoint,
         console=_console(stderr=True),
     )
 

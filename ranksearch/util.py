@@ -7,9 +7,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -57,13 +59,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_json_cache(path: Path | None) -> Any:
-    """The JSON document cached at ``path``, or None when there is none or it is unreadable (it is rebuilt)."""
+    """The JSON document cached at ``path`` (marked used), or None when there is none or it is unreadable (it is
+    rebuilt)."""
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        document = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    mark_used(path)
+    return document
 
 
 def write_json_cache(path: Path, document: Any) -> None:
@@ -118,7 +123,7 @@ def cache_limit_bytes() -> int:
         gigabytes = CACHE_LIMIT_GB if raw is None else float(raw)
     except ValueError:
         gigabytes = -1.0
-    if not gigabytes >= 0:
+    if not (math.isfinite(gigabytes) and gigabytes >= 0):
         raise RanksearchError(f"RANKSEARCH_CACHE_MAX_GB={raw!r}: not a size in GB; set e.g. RANKSEARCH_CACHE_MAX_GB=4")
     return int(gigabytes * 1e9)
 
@@ -152,6 +157,23 @@ def mark_used(path: Path) -> None:
     """Record that ``path`` was just used (its modification time), so least-recently-used eviction spares it."""
     with suppress(OSError):
         os.utime(path)
+
+
+STALE_TEMPORARY_S = 3600.0
+"""A temporary file (``.name.*.tmp``, an atomic write in progress) untouched this long was left by a killed writer."""
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Remove the temporary files that killed writers left in ``directory``; return the bytes freed."""
+    freed = 0
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for path in directory.glob(".*.tmp") if directory.is_dir() else ():
+        with suppress(OSError):
+            stat = path.stat()
+            if stat.st_mtime < cutoff:
+                path.unlink()
+                freed += stat.st_size
+    return freed
 
 
 def evict_least_recent(directory: Path, *, max_bytes: int, pattern: str = "*", target: float = 0.8) -> int:

@@ -31,14 +31,23 @@ def test_the_disk_store_stays_under_its_bound_and_keeps_what_was_used(tmp_path: 
     store = FactorStore(directory=tmp_path, disk_max_bytes=5 * one, persist_after_s=0.0)
     for key in range(4):
         store.get(f"k{key}", lambda key=key: factors(key))
-        time.sleep(0.01)  # distinct modification times
+        past = time.time() - 1000 + 100 * key  # written long ago, in key order
+        os.utime(tmp_path / f"k{key}.pt", (past, past))
     store.clear()
     store.get("k0", lambda: pytest.fail("k0 is on disk"))  # a load marks it used: k1 is now the least recent
     for key in (4, 5):  # the sixth entry passes the bound: down to 80 %, the least recently used first
-        time.sleep(0.01)
         store.get(f"k{key}", lambda key=key: factors(key))
         assert entry_bytes(tmp_path) <= 5 * one
     assert {p.stem for p in tmp_path.glob("*.pt")} == {"k0", "k3", "k4", "k5"}
+
+
+def test_workers_sharing_the_directory_keep_it_near_the_bound(tmp_path: Path) -> None:
+    one = entry_size(tmp_path.parent / f"{tmp_path.name}-probe")
+    bound = 20 * one
+    workers = [FactorStore(directory=tmp_path, disk_max_bytes=bound, persist_after_s=0.0) for _ in range(3)]
+    for key in range(60):
+        workers[key % 3].get(f"k{key}", lambda key=key: factors(key))
+        assert entry_bytes(tmp_path) <= bound * (1 + 3 * FactorStore.RECOUNT_SHARE) + one
 
 
 def test_an_entry_evicted_by_another_process_is_recomputed(tmp_path: Path) -> None:
@@ -101,6 +110,17 @@ def test_clear_older_than_keeps_what_was_used_recently(tmp_path: Path) -> None:
     assert code == 0 and not any(path.exists() for path in files.values())
 
 
+def test_clear_removes_what_killed_writers_left(tmp_path: Path) -> None:
+    files = _cache_tree(tmp_path)
+    stale = files["new"].parent / ".gone.pt.abc.tmp"
+    fresh = files["new"].parent / ".writing.pt.def.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    code, out, _ = cache_cli(tmp_path, "--clear", "--older-than", "30")
+    assert code == 0 and not stale.exists() and fresh.exists(), out  # a write in progress is left alone
+
+
 def test_trim_to_a_size_removes_the_least_recently_used(tmp_path: Path) -> None:
     files = _cache_tree(tmp_path)
     code, out, _ = cache_cli(tmp_path, "--to-gb", "0.0015", "--only", "factors")
@@ -114,8 +134,11 @@ def test_trim_to_a_size_removes_the_least_recently_used(tmp_path: Path) -> None:
         (["--older-than", "3"], {}, "add --clear"),
         (["--clear", "--only", "weights"], {}, "--only 'weights': no such cache; choose from factors"),
         (["--clear", "--older-than", "-1"], {}, "--older-than -1.0: must be 0 or more days"),
+        (["--clear", "--older-than", "nan"], {}, "--older-than nan: must be 0 or more days"),
+        (["--to-gb", "inf"], {}, "--to-gb inf: must be 0 or more gigabytes"),
         (["--to-gb", "1", "--clear", "--older-than", "1"], {}, "pass one of them"),
         ([], {"RANKSEARCH_CACHE_MAX_GB": "lots"}, "RANKSEARCH_CACHE_MAX_GB='lots': not a size in GB"),
+        ([], {"RANKSEARCH_CACHE_MAX_GB": "inf"}, "RANKSEARCH_CACHE_MAX_GB='inf': not a size in GB"),
     ],
 )
 def test_bad_cache_options_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:

@@ -99,3 +99,9 @@ def test_bad_values_are_one_line_errors(options: dict[str, object], message: str
 )
 def test_the_default_study_name_names_the_model(model: str, name: str) -> None:
     assert RunSettings.of(model=model, space=Path("spaces/resnet.yaml")).name() == name
+
+
+def test_trust_in_a_checkpoint_is_never_read_back_from_a_study() -> None:
+    stored = json.loads(json.dumps(RunSettings.of(trust_checkpoint=True).to_flat()))
+    assert RunSettings.from_flat(stored).problem.trust_checkpoint is False  # a worker or finetune decides itself
+    assert RunSettings.from_flat(stored, trust_checkpoint=True).problem.trust_checkpoint is True

@@ -6,7 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
@@ -103,7 +103,8 @@ class Evaluator(ABC):
 
     @abstractmethod
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics | Mapping[str, float]:
-        """Metrics of the model compressed by ``config``, measured on ``split``."""
+        """Metrics of the model compressed by ``config``, measured on ``split``: ``"val"`` or ``"test"`` (and
+        ``"full_val"`` only for a :class:`MultiFidelity` evaluator that sets ``scores_full_val``)."""
 
 
 BaseEvaluator = Evaluator
@@ -171,9 +172,12 @@ class PairedTiming(ABC):
 
 class MultiFidelity(ABC):
     """Capability: evaluate a config with a longer fine-tune, so that promising trials can be promoted to higher
-    rungs (successive halving over the fine-tune budget). Promotions are measured on ``split="full_val"``, the
-    whole validation split (the same images as ``"val"`` where the evaluator does not subset it), and compared with
-    the uncompressed model's ``evaluate(dense, split="full_val")``."""
+    rungs (successive halving over the fine-tune budget). An evaluator that sets :attr:`scores_full_val` has its
+    promotions measured on ``split="full_val"``, the whole validation split, and compared with the uncompressed
+    model's ``evaluate(dense, split="full_val")``; others are given ``"val"`` throughout."""
+
+    scores_full_val: ClassVar[bool] = False
+    """Whether :meth:`evaluate_at` and ``evaluate`` take ``split="full_val"``."""
 
     @abstractmethod
     def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: Split = "val") -> Metrics:

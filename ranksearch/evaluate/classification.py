@@ -108,6 +108,8 @@ class ClassificationEvaluator(
     validation images.
     """
 
+    scores_full_val = True
+
     def __init__(
         self,
         *,
@@ -152,6 +154,7 @@ class ClassificationEvaluator(
 
     def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: Split = "val") -> Metrics:
         """The metrics of ``config`` after ``finetune_steps`` fine-tuning steps (a promotion's longer fine-tune)."""
+        self._dataset(split)  # an unknown split fails before any work
         recalibrated, self._recalibrated = self._recalibrated, None
         if recalibrated is not None and recalibrated.config == config:
             model, train, phases = recalibrated.model, recalibrated.train, dict(recalibrated.phases)
@@ -180,8 +183,7 @@ class ClassificationEvaluator(
         # first run on evaluation batches of 256 leaves it 2-3x slower at batch 1 from then on.
         with _phase(phases, "latency"):
             paired, backend_extra = self._paired_latency(model)
-        full_val = self.splits.val if self.splits.full_val is None else self.splits.full_val
-        dataset = {"val": self.splits.val, "full_val": full_val}.get(split, self.splits.test)
+        dataset = self._dataset(split)
         with _phase(phases, "accuracy"):
             loader = make_loader(dataset, batch_size=256, shuffle=False)
             correct = correct_predictions(model, loader, device=self.device, max_batches=self.eval_batches)
@@ -202,6 +204,13 @@ class ClassificationEvaluator(
             },
             correct=correct.tolist(),
         )
+
+    def _dataset(self, split: Split) -> torch.utils.data.Dataset:
+        full_val = self.splits.val if self.splits.full_val is None else self.splits.full_val
+        datasets = {"val": self.splits.val, "full_val": full_val, "test": self.splits.test}
+        if split not in datasets:
+            raise ValueError(f"split {split!r}: not one of {', '.join(datasets)}")
+        return datasets[split]
 
     def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
         """``config`` applied (int8 layers quantized, not fine-tuned: timing does not depend on the weights' values)

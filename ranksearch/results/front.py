@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.results.record import OBJECTIVES, RETIMED, TrialRecord
+from ranksearch.results.record import BASELINE, OBJECTIVES, RETIMED, TrialRecord
 
 __all__ = ["Speed", "compresses_nothing", "front_trials", "highest_fidelity", "speed_of"]
 
@@ -64,7 +64,8 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
 
     With paired latency: non-dominated on (validation accuracy, speedup) among the complete feasible trials that are
     measurably faster than the dense model, plus the dense model itself; a config promoted to longer fine-tunes
-    counts at the highest rung it reached. ``confirmed=False`` also admits borderline
+    counts at the highest rung it reached. Promotions are scored on other images (the whole validation split), so
+    accuracies are compared as :func:`comparable_accuracy` gives them. ``confirmed=False`` also admits borderline
     trials (faster at the point estimate, not yet timed again): the members to time again.
     """
     if OBJECTIVES.read(study).get("latency") != "relative":
@@ -86,11 +87,22 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
         if not compresses_nothing(r)
         and (speeds[r.number].measurably_faster or (not confirmed and speeds[r.number].borderline))
     ]
-    points = {r.number: (float(r.metrics["accuracy"]), float(speeds[r.number].speedup or 1.0)) for r in eligible}
-    points.update({r.number: (float(r.metrics["accuracy"]), 1.0) for r in dense})
+    dense_accuracy = BASELINE.read(study).get("accuracy") if BASELINE.stored(study) else None
+    points = {
+        r.number: (comparable_accuracy(r, dense_accuracy), float(speeds[r.number].speedup or 1.0)) for r in eligible
+    }
+    points.update({r.number: (comparable_accuracy(r, dense_accuracy), 1.0) for r in dense})
     members = [n for n in _non_dominated(points) if n not in {r.number for r in dense}]
     members += [r.number for r in dense]
     return [trials[n] for n in sorted(members, key=lambda n: (-points[n][1], -points[n][0], n))]
+
+
+def comparable_accuracy(record: TrialRecord, dense_accuracy: float | None) -> float:
+    """``record``'s validation accuracy on rung 0's images: the dense model's there minus the drop the trial measured
+    against the dense model on its own images (its measured accuracy where either is unknown)."""
+    if dense_accuracy is None or record.accuracy_drop_pp is None:
+        return float(record.metrics["accuracy"])
+    return float(dense_accuracy) - float(record.accuracy_drop_pp) / 100.0
 
 
 def highest_fidelity(records: Sequence[TrialRecord]) -> list[TrialRecord]:

@@ -25,7 +25,7 @@ from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.latency import measure_latency
 from ranksearch.search.space import LayerSlot
-from ranksearch.util import atomic_write_text
+from ranksearch.util import atomic_write_text, read_json_cache
 
 __all__ = ["LatencyTable", "Observation", "prediction_errors"]
 
@@ -225,10 +225,5 @@ def _cache_key(layer: nn.Module, input_shape: tuple[int, ...], choice: LayerChoi
 
 
 def _read_cache(path: Path | None) -> dict[str, float]:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # an unreadable table is rebuilt
+    data = read_json_cache(path)  # None when missing or unreadable: rebuilt
     return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}

@@ -28,7 +28,7 @@ from ranksearch.compress import layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.search.latency_table import variant_key
 from ranksearch.search.space import LayerSlot
-from ranksearch.util import atomic_write_text
+from ranksearch.util import atomic_write_text, read_json_cache
 
 __all__ = ["GREEDY_LEVELS", "Sensitivity", "VariantScore", "float_variants", "measure_sensitivity"]
 
@@ -198,12 +198,7 @@ def _entry(measured: VariantScore) -> float | dict[str, float]:
 
 def _read_cache(path: Path | None) -> dict[str, dict[str, VariantScore]]:
     """The cached scores by layer and variant; entries of another shape are left out (measured again)."""
-    if path is None or not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # an unreadable cache is measured again
+    data = read_json_cache(path)  # None when missing or unreadable: measured again
     if not isinstance(data, dict):
         return {}
     cache: dict[str, dict[str, VariantScore]] = {}

@@ -8,13 +8,21 @@ least-recently-used eviction; the others are a few files each. Everything here i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ranksearch.errors import RanksearchError
-from ranksearch.util import CachedFile, cache_dir, cache_limit_bytes, cached_files, evict_least_recent
+from ranksearch.util import (
+    CachedFile,
+    cache_dir,
+    cache_limit_bytes,
+    cached_files,
+    evict_least_recent,
+    remove_stale_temporaries,
+)
 
 __all__ = ["CACHE_AREAS", "CacheArea", "cache_areas", "clear_caches"]
 
@@ -74,9 +82,9 @@ def clear_caches(
     unknown = [name for name in only if name not in CACHE_AREAS]
     if unknown:
         raise RanksearchError(f"--only {unknown[0]!r}: no such cache; choose from {', '.join(CACHE_AREAS)}")
-    if older_than_days is not None and older_than_days < 0:
+    if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
         raise RanksearchError(f"--older-than {older_than_days}: must be 0 or more days; pass e.g. --older-than 30")
-    if to_gb is not None and to_gb < 0:
+    if to_gb is not None and not (math.isfinite(to_gb) and to_gb >= 0):
         raise RanksearchError(f"--to-gb {to_gb}: must be 0 or more gigabytes; pass e.g. --to-gb 2")
     if to_gb is not None and older_than_days is not None:
         raise RanksearchError("--to-gb and --older-than: pass one of them, not both")
@@ -85,12 +93,15 @@ def clear_caches(
     for area in cache_areas(results_dir):
         if only and area.name not in only:
             continue
+        stale = remove_stale_temporaries(area.directory)  # left by killed writers
         if to_gb is not None:
-            freed = evict_least_recent(area.directory, max_bytes=int(to_gb * 1e9), pattern=area.pattern, target=1.0)
+            freed = stale + evict_least_recent(
+                area.directory, max_bytes=int(to_gb * 1e9), pattern=area.pattern, target=1.0
+            )
             removed = len(area.files) - len(cached_files(area.directory, area.pattern))
             outcome.append((area, max(removed, 0), freed))
             continue
-        removed, freed = 0, 0
+        removed, freed = 0, stale
         for file in area.files:
             if cutoff is not None and file.used >= cutoff:
                 continue

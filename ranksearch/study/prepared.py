@@ -95,7 +95,8 @@ class PreparedSearch:
         fingerprint = problem_fingerprint(context.model, context.splits)
         check_fingerprint(study, fingerprint, checkpoint=context.checkpoint)
         dense = dense_model_cost(context.model, context.example)
-        baseline = measure_baseline(study, evaluator, dense, console)
+        full_val = bool(settings.search.promotion_steps) and context.splits.full_val is not None
+        baseline = measure_baseline(study, evaluator, dense, console, full_val=full_val)
         loaded = _Loaded(settings, context, space, slots, evaluator, console, phases)
         table = loaded.latency_table()
         sensitivity = loaded.sensitivity(fingerprint, table)
@@ -232,18 +233,22 @@ def _evaluator(
     return evaluator
 
 
-def measure_baseline(study: optuna.Study, evaluator: Evaluator, dense: ModelCost, console: Console) -> dict[str, float]:
-    """The uncompressed model's metrics and costs, measured once per study (recorded)."""
+def measure_baseline(
+    study: optuna.Study, evaluator: Evaluator, dense: ModelCost, console: Console, *, full_val: bool = False
+) -> dict[str, float]:
+    """The uncompressed model's metrics and costs, measured once per study (recorded). With ``full_val`` (promotions
+    ahead, on a validation split larger than the trials' subset) and an evaluator that scores there, also its
+    accuracy on the whole validation split, which promotions are compared with."""
     if BASELINE.stored(study):
         return dict(BASELINE.read(study))
     console.print("baseline: measuring the uncompressed model")
     val, test = (_baseline_metrics(evaluator, split) for split in ("val", "test"))
-    full_val = {}
-    if isinstance(evaluator, MultiFidelity):  # promotions are scored on the whole validation split
-        full_val = {"full_val_accuracy": _baseline_metrics(evaluator, "full_val").accuracy}
+    whole: dict[str, float] = {}
+    if full_val and isinstance(evaluator, MultiFidelity) and evaluator.scores_full_val:
+        whole["full_val_accuracy"] = _baseline_metrics(evaluator, "full_val").accuracy
     baseline = {
         "accuracy": val.accuracy,
-        **full_val,
+        **whole,
         "test_accuracy": test.accuracy,
         "latency_ms": val.latency_ms,
         "params": dense.params,

@@ -310,11 +310,13 @@ def recover_trial(
     lr: float = RECOVERY_LR,
     results_dir: Path = Path("results"),
     storage: str | None = None,
+    trust_checkpoint: bool = False,
     console: Console | None = None,
 ) -> RecoveredTrial:
     """``ranksearch finetune``: recover trial ``trial`` of the study ``ref`` (as in
     :func:`~ranksearch.results.load_study`) on the study's problem, rebuilt from its stored settings
-    (:func:`load_study_problem`); print its test accuracy, drop and checkpoint."""
+    (:func:`load_study_problem`; ``trust_checkpoint`` as ``--trust-checkpoint`` says, never the study's); print its
+    test accuracy, drop and checkpoint."""
     console = console or Console(stderr=True)
     if epochs < 1:
         raise RanksearchError(f"--epochs {epochs}: must be 1 or more; pass e.g. --epochs 2")
@@ -326,7 +328,7 @@ def recover_trial(
     if result is None:
         path = Path(ref)
         directory = path if (path / STORAGE_FILE).is_file() else results_dir / study.study_name
-        context = load_study_problem(study, console)
+        context = load_study_problem(study, console, trust_checkpoint=trust_checkpoint)
         with torch_threads(context.settings.infra.threads):
             recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
             try:
@@ -338,15 +340,16 @@ def recover_trial(
     return result
 
 
-def load_study_problem(study: optuna.Study, console: Console) -> RunContext:
+def load_study_problem(study: optuna.Study, console: Console, *, trust_checkpoint: bool = False) -> RunContext:
     """The problem ``study`` was measured on, rebuilt from its stored settings and trained weights; its weights and
-    data must be the study's (their fingerprint)."""
+    data must be the study's (their fingerprint). ``trust_checkpoint``: as in
+    :func:`ranksearch.models.load_checkpoint`."""
     name = study.study_name
     if not SETTINGS.stored(study):
         raise RanksearchError(f"study {name!r} has no recorded settings; start it with `ranksearch run` first")
     recorded = SETTINGS.read(study)
     checkpoint = recorded.get("checkpoint") or MODEL.read(study).get("checkpoint")
-    settings = RunSettings.from_flat(recorded, checkpoint=checkpoint, workers=1)
+    settings = RunSettings.from_flat(recorded, checkpoint=checkpoint, workers=1, trust_checkpoint=trust_checkpoint)
     context = load_problem(settings, resolve_device(settings.infra.device), console)
     check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
     return context

@@ -282,8 +282,9 @@ class RunSettings:
 
     @classmethod
     def from_flat(cls, recorded: Mapping[str, object], **changes: object) -> RunSettings:
-        """Settings stored by :meth:`to_flat` (options this version lacks are dropped), with ``changes`` applied."""
-        values = {name: value for name, value in recorded.items() if name in _OWNER}
+        """Settings stored by :meth:`to_flat` (options this version lacks are dropped), with ``changes`` applied.
+        Whether to trust a checkpoint is never read back: whoever loads the settings decides (``changes``)."""
+        values = {name: value for name, value in recorded.items() if name in _OWNER and name not in _NOT_INHERITED}
         return cls.of(**{**values, **changes})
 
 
@@ -296,6 +297,7 @@ _SPECS: dict[str, type] = {
     "infra": InfraSpec,
 }
 _OWNER = {f.name: group for group, spec in _SPECS.items() for f in fields(spec)}
+_NOT_INHERITED = frozenset({"trust_checkpoint"})
 """Option name -> the spec that holds it (names are unique across specs)."""
 _PATHS = {
     name

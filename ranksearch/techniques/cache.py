@@ -22,7 +22,14 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ranksearch.errors import RanksearchError
-from ranksearch.util import atomic_open, cache_limit_bytes, cached_files, evict_least_recent, mark_used
+from ranksearch.util import (
+    atomic_open,
+    cache_limit_bytes,
+    cached_files,
+    evict_least_recent,
+    mark_used,
+    remove_stale_temporaries,
+)
 
 Factors = dict[str, torch.Tensor]
 
@@ -56,8 +63,14 @@ class FactorStore:
     Only factorizations that took longer than ``persist_after_s`` to compute are written to
     disk; cheaper ones are faster to recompute than to load. The directory holds at most
     ``disk_max_bytes`` (None: no bound): a write that takes it past the bound removes the least
-    recently used entries (a load marks its entry used) down to 80 % of it.
+    recently used entries down to 80 % of it. Loading an entry marks it used, and so does a memory
+    hit every :attr:`MARK_USED_EVERY_S`. The directory is counted again once this process has
+    written a tenth of the bound since it last counted, so workers sharing it overshoot the bound
+    by at most a tenth each.
     """
+
+    MARK_USED_EVERY_S = 300.0
+    RECOUNT_SHARE = 0.1
 
     def __init__(
         self,
@@ -71,6 +84,8 @@ class FactorStore:
         self.max_bytes = max_bytes
         self.disk_max_bytes = disk_max_bytes
         self._disk_bytes: int | None = None  # the directory's size as this process last counted it, plus its writes
+        self._written_since_count = 0
+        self._marked: dict[str, float] = {}  # key -> when its disk entry was last marked used
         self.persist_after_s = persist_after_s
         self._memory: OrderedDict[str, Factors] = OrderedDict()
         self._bytes = 0
@@ -82,6 +97,10 @@ class FactorStore:
             if key in self._memory:
                 self._memory.move_to_end(key)
                 self.hits += 1
+                path = self._path(key)
+                if path is not None and time.monotonic() - self._marked.get(key, 0.0) > self.MARK_USED_EVERY_S:
+                    self._marked[key] = time.monotonic()
+                    mark_used(path)  # a hot entry is not the first evicted from disk
                 return self._memory[key]
         factors = self._load(key)
         if factors is not None:
@@ -124,6 +143,7 @@ class FactorStore:
         except Exception:  # a corrupt entry (or one evicted meanwhile) is recomputed and written again
             return None
         mark_used(path)
+        self._marked[key] = time.monotonic()
         return factors
 
     def _save(self, key: str, factors: Factors) -> None:
@@ -141,14 +161,21 @@ class FactorStore:
         with contextlib.suppress(OSError):
             size = written.stat().st_size
             with self._lock:
-                if self._disk_bytes is None:
-                    self._disk_bytes = sum(f.size for f in cached_files(self.directory, "*.pt"))
+                self._written_since_count += size
+                if self._disk_bytes is None or self._written_since_count > self.RECOUNT_SHARE * self.disk_max_bytes:
+                    self._count_disk()
                 else:
                     self._disk_bytes += size
                 if self._disk_bytes <= self.disk_max_bytes:
                     return
+                remove_stale_temporaries(self.directory)
                 evict_least_recent(self.directory, max_bytes=self.disk_max_bytes, pattern="*.pt")
-                self._disk_bytes = sum(f.size for f in cached_files(self.directory, "*.pt"))
+                self._count_disk()
+
+    def _count_disk(self) -> None:
+        assert self.directory is not None
+        self._disk_bytes = sum(f.size for f in cached_files(self.directory, "*.pt"))
+        self._written_since_count = 0
 
 
 _default_store: FactorStore | None = None

@@ -21,7 +21,7 @@ from ranksearch.data import DataSplits, TensorImageDataset, make_loader
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.training.evaluation import evaluate_accuracy
 from ranksearch.training.loop import check_finite, fast_training, to_device
-from ranksearch.util import atomic_open
+from ranksearch.util import atomic_open, mark_used
 
 __all__ = ["DEFAULT_RECIPE", "Recipe", "train_baseline"]
 
@@ -211,6 +211,7 @@ def _load_entry(model: nn.Module, entry: Path) -> dict[str, Any] | None:
     except Exception:
         return None
     model.load_state_dict(state)
+    mark_used(entry)  # `ranksearch cache --clear --older-than` keeps a baseline in use
     return meta
 
 
