@@ -206,6 +206,26 @@ def test_trial_values_are_the_latency_relative_to_the_dense_model(tiny_search) -
     assert record.StudyRecord.of(study).relative_latency
 
 
+def test_a_promoted_model_is_tested_as_it_was_fine_tuned_without_fine_tuning_again(tiny_evaluator) -> None:
+    """The test split of a config fine-tuned longer than the configured steps reuses the kept model and its timing;
+    it scores exactly what fine-tuning the same config again scores."""
+    layer = next(name for name, _ in tiny_evaluator.model.named_modules() if name.endswith("conv2") and "." in name)
+    config = CompressionConfig(layers={layer: LayerChoice("svd", 0.25)})
+    steps = tiny_evaluator.options.finetune_steps + 2
+    with torch_threads(1):
+        tiny_evaluator.KEEP_FINETUNED = 0  # nothing kept: the test split fine-tunes the config again
+        again = tiny_evaluator.evaluate_at(config, finetune_steps=steps, split="test")
+        tiny_evaluator.KEEP_FINETUNED = ClassificationEvaluator.KEEP_FINETUNED
+        val = tiny_evaluator.evaluate_at(config, finetune_steps=steps, split="val")
+        test = tiny_evaluator.evaluate_at(config, finetune_steps=steps, split="test")
+    assert "time_finetune_s" in again.extra and "time_finetune_s" not in test.extra and test.extra["reused_model"]
+    assert test.correct == again.correct  # the same seeded fine-tune: the same model
+    assert test.latency_ms == val.latency_ms  # timed once, before any evaluation batch
+    with torch_threads(1):
+        other = tiny_evaluator.evaluate_at(config, finetune_steps=steps + 1, split="test")
+    assert "reused_model" not in other.extra  # another fidelity is another model
+
+
 def test_time_beside_dense_times_the_config_in_rounds(tiny_search, tiny_evaluator) -> None:
     layer = next(name for name, _ in tiny_evaluator.model.named_modules() if name.endswith("conv1") and "." in name)
     config = CompressionConfig(layers={layer: LayerChoice("svd", 0.25, int8=True)})
