@@ -303,8 +303,9 @@ def test_exported_config_rebuilds_the_trial(real, tmp_path, which) -> None:
     )
     steps = trial.user_attrs.get("finetune_steps", settings.evaluation.finetune_steps)  # a promotion's are its own
     assert config.meta.get("finetune_steps", settings.evaluation.finetune_steps) == steps
+    split = "full_val" if trial.user_attrs.get("rung") else "val"  # promotions are scored on the whole split
     with torch_threads(settings.infra.threads):
-        metrics = evaluator.evaluate_at(config, finetune_steps=steps)
+        metrics = evaluator.evaluate_at(config, finetune_steps=steps, split=split)
     assert metrics.accuracy == trial.user_attrs["accuracy"]
 
 
