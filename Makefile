@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=77"  # the build backend (tests/test_packaging.py builds without isolation)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,plot,onnx,dist,dashboard,timm]"
+	$(PY) -m pip install -q -e ".[dev,plot,onnx,dist,dashboard,timm,grpc]"
 	touch $@
 
 # Debian packages: the offline Fashion-MNIST files; the tests also need a browser (report) and PostgreSQL (workers).

@@ -58,7 +58,10 @@ TrustCheckpoint = Annotated[
 ]
 StudyRef = Annotated[str, typer.Argument(help="study name (under --results-dir or in --storage) or its results/ dir")]
 ResultsDir = Annotated[Path, typer.Option(help="where results/<study>/ is")]
-Storage = Annotated[str | None, typer.Option(help="Optuna storage URL holding the study")]
+Storage = Annotated[
+    str | None,
+    typer.Option(help="Optuna storage URL holding the study, or grpc://HOST:PORT of `ranksearch serve-storage`"),
+]
 
 
 @app.command()
@@ -82,8 +85,12 @@ def run(
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, random or gp")] = SearchSpec.sampler,
     seed: Annotated[int, typer.Option(help="seed for data split, sampler and fine-tuning")] = ProblemSpec.seed,
     device: Annotated[
-        str, typer.Option(help="cpu or cuda: where models run and latency is measured")
+        str, typer.Option(help="cpu, cuda or mps: where models are fine-tuned and scored")
     ] = InfraSpec.device,
+    latency_device: Annotated[
+        str | None,
+        typer.Option(help="where latency is measured (default: --device), e.g. --device cuda --latency-device cpu"),
+    ] = InfraSpec.latency_device,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = InfraSpec.threads,
     latency_backend: Annotated[
         str, typer.Option(help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU)")
@@ -91,6 +98,13 @@ def run(
     latency_batch: Annotated[
         int, typer.Option(help="batch size of the latency measurement")
     ] = EvaluatorOptions.latency_batch,
+    fold_batchnorm: Annotated[
+        bool,
+        typer.Option(
+            "--fold-batchnorm/--no-fold-batchnorm",
+            help="time models as deployed, BatchNorm folded into the layer before it (dense and compressed alike)",
+        ),
+    ] = EvaluatorOptions.fold_batchnorm,
     latency_table: Annotated[
         bool,
         typer.Option(
@@ -212,6 +226,7 @@ def run(
             calib_batches=calib_batches,
             latency_backend=latency_backend,
             latency_batch=latency_batch,
+            fold_batchnorm=fold_batchnorm,
         ),
         search=SearchSpec(
             budget=budget,
@@ -232,6 +247,7 @@ def run(
         recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top),
         infra=InfraSpec(
             device=device,
+            latency_device=latency_device,
             threads=threads,
             storage=storage,
             workers=workers,
@@ -399,7 +415,9 @@ def finetune(
 @user_errors
 def worker(
     study: Annotated[str, typer.Argument(help="the study's name, as `ranksearch run` printed it")],
-    storage: Annotated[str | None, typer.Option(help="the study's storage URL (default: SQLite under results)")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="storage URL or grpc://HOST:PORT (default: SQLite under results)")
+    ] = None,
     results_dir: ResultsDir = Path("results"),
     threads: Annotated[int | None, typer.Option(help="torch threads (default: the study's)")] = None,
     data_root: Annotated[
@@ -425,6 +443,19 @@ def worker(
         trust_checkpoint=trust_checkpoint,
         console=_console(stderr=True),
     )
+
+
+@app.command("serve-storage")
+@user_errors
+def serve_storage(
+    storage: Annotated[str, typer.Option(help="the database holding the studies (postgresql://..., sqlite:///...)")],
+    host: Annotated[str, typer.Option(help="the address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the port to listen on")] = 13000,
+) -> None:
+    """Serve a study database to workers over gRPC: they join with --storage grpc://HOST:PORT, no driver or password."""
+    from ranksearch.study.storage import serve_storage as serve
+
+    serve(storage, host=host, port=port, console=_console(stderr=True))
 
 
 @app.command()

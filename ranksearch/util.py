@@ -199,6 +199,51 @@ def sqlite_url(database: Path) -> str:
     return f"sqlite:///{database.resolve()}"
 
 
+GRPC_SCHEME = "grpc://"
+"""A storage URL of this scheme names a storage server (``ranksearch serve-storage``): ``grpc://HOST:PORT``."""
+GRPC_CONNECT_TIMEOUT_S = 10.0
+
+
+def grpc_address(url: str) -> tuple[str, int]:
+    """HOST and PORT of ``grpc://HOST:PORT`` (a malformed one is a one-line error)."""
+    host, _, port = url.removeprefix(GRPC_SCHEME).rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RanksearchError(f"--storage {url}: not a storage server address; pass grpc://HOST:PORT")
+    return host, int(port)  # an IPv6 address keeps its brackets: grpc's target is "[::1]:13000"
+
+
+def grpc_storage(url: str) -> Any:
+    """An Optuna ``GrpcStorageProxy`` for ``grpc://HOST:PORT``, once its server answers (one-line errors when grpcio
+    is missing or no server answers within :data:`GRPC_CONNECT_TIMEOUT_S`)."""
+    import warnings
+
+    import optuna
+
+    host, port = grpc_address(url)
+    try:
+        import grpc  # noqa: F401  (optuna imports it lazily: fail here, with the fix)
+    except ImportError:
+        raise RanksearchError(
+            f"--storage {url}: the storage server client needs grpcio; pip install 'ranksearch[grpc]'"
+        ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=GRPC_CONNECT_TIMEOUT_S)
+    except ConnectionError:
+        raise RanksearchError(
+            f"--storage {url}: no storage server answered in {GRPC_CONNECT_TIMEOUT_S:g} s; start "
+            f"`ranksearch serve-storage --storage DATABASE_URL --port {port}` on {host}, or check the address"
+        ) from None
+    return proxy
+
+
+def storage_for(url: str) -> Any:
+    """What ``optuna`` takes as ``storage=``: the URL itself, or for ``grpc://HOST:PORT`` a connected proxy."""
+    return grpc_storage(url) if url.startswith(GRPC_SCHEME) else url
+
+
 def import_module_from(target: str) -> Any:
     """Import ``package.module`` or a ``path/file.py`` (registered in ``sys.modules`` under a private name).
 

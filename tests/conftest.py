@@ -80,6 +80,7 @@ def tiny_settings(workdir: Path, *, space_text: str | None = None, **changes: ob
         batch_size=64,
         calib_batches=1,
         threads=1,
+        fold_batchnorm=False,  # timed as trained, as the tiny search's expectations were set; folding: test_deployed
         results_dir=workdir / "results",
         data_root=workdir / "data",
         seed=0,

@@ -167,7 +167,10 @@ def test_apply_checkpoint_of_another_architecture_is_one_line_exit_2(apply_files
     ("args", "message"),
     [
         (["--latency-backend", "tvm"], "--latency-backend 'tvm' is unknown; choose torch or onnxruntime"),
-        (["--latency-backend", "onnxruntime", "--device", "cuda"], "use --device cpu or --latency-backend torch"),
+        (
+            ["--latency-backend", "onnxruntime", "--device", "cuda"],
+            "use --latency-device cpu or --latency-backend torch",
+        ),
     ],
 )
 def test_bad_latency_backend_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

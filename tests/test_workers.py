@@ -6,11 +6,13 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -23,13 +25,16 @@ from optuna.trial import FrozenTrial, TrialState
 from pgcluster import throwaway_postgres
 from rich.console import Console
 
+from ranksearch import util
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
 from ranksearch.results import front_trials
 from ranksearch.results.record import records
+from ranksearch.study import heartbeat
 from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.storage import open_storage
 from ranksearch.study.workers import join_study
+from ranksearch.util import storage_for
 
 SPACE = {  # the tiny space with fewer variants: six trials of random configs run in several processes
     "techniques": {"spatial_conv": ["keep", "svd", "spatial_svd"], "pointwise_conv": ["keep", "svd"]},
@@ -93,7 +98,7 @@ def wait_for(condition: Callable[[], object], what: str, *processes: subprocess.
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def load(name: str, storage: str) -> optuna.Study | None:
+def load(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -109,7 +114,7 @@ def complete_trials(database: Path) -> int:
         return 0
 
 
-def running_trial(name: str, storage: str) -> FrozenTrial | None:
+def running_trial(name: str, storage: str | optuna.storages.BaseStorage) -> FrozenTrial | None:
     """A trial some worker is evaluating (its config is recorded, so the kill lands mid-trial)."""
     study = load(name, storage)
     running = [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -284,3 +289,100 @@ def test_racing_workers_complete_exactly_the_budget(backend: str, tmp_path: Path
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     if backend == "postgresql":
         optuna.delete_study(study_name="race", storage=url)
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ranksearch.cli", "serve-storage", *args]
+
+
+@pytest.fixture(scope="module")
+def storage_server(workdir: Path, postgres_url: str) -> Iterator[str]:
+    """`ranksearch serve-storage` in front of the PostgreSQL server, on a free loopback port: its grpc:// URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = start(workdir, serve_command("--storage", postgres_url, "--port", str(port)), "server.log")
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, "the storage server", server)
+    yield f"grpc://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_silent_trials_through_the_server_fail_once_and_retry(storage_server: str) -> None:
+    """Through the storage server (no Optuna heartbeats): a running trial silent for 3 beats is failed and queued
+    again with its parameters and attributes, once however many workers look; one beating is left alone; a config
+    retried MAX_RETRIES times is not queued again."""
+    study = optuna.create_study(study_name="beats", storage=storage_for(storage_server), directions=["maximize"])
+    silent, alive, exhausted = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3))
+    silent.set_user_attr("rung", 1)
+    for trial, age in ((silent, 100.0), (alive, 1.0), (exhausted, 100.0)):
+        trial.set_user_attr(heartbeat.HEARTBEAT, [time.time() - age, 10])
+    exhausted.set_user_attr(heartbeat.RETRIES, heartbeat.MAX_RETRIES)
+    with ThreadPoolExecutor(4) as pool:
+        failed = [n for numbers in pool.map(heartbeat.fail_silent_trials, [study] * 4) for n in numbers]
+    assert sorted(failed) == [silent.number, exhausted.number]
+    trials = study.get_trials()
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(retries) == 1 and retries[0].system_attrs["fixed_params"] == trials[silent.number].params
+    assert retries[0].user_attrs == {"rung": 1, heartbeat.RETRY_OF: silent.number, heartbeat.RETRIES: 1}
+    assert trials[alive.number].state == TrialState.RUNNING
+
+
+def test_a_beating_trial_records_its_heartbeat_until_it_ends(storage_server: str) -> None:
+    study = optuna.create_study(study_name="beating", storage=storage_for(storage_server))
+    trial = study.ask()
+    with heartbeat.beating(trial, 1):
+        first = study.trials[0].user_attrs[heartbeat.HEARTBEAT]
+        time.sleep(2.5)
+        last = study.trials[0].user_attrs[heartbeat.HEARTBEAT]
+    assert first[1] == 1 and last[0] - first[0] >= 1.9
+    ended = study.trials[0].user_attrs[heartbeat.HEARTBEAT]
+    time.sleep(1.5)
+    assert study.trials[0].user_attrs[heartbeat.HEARTBEAT] == ended, "a beat after the block ended"
+    study.tell(trial, 1.0)
+
+
+def test_workers_through_the_storage_server_retry_a_killed_workers_trial(workdir: Path, storage_server: str) -> None:
+    """`run` and a `worker` reach PostgreSQL only through `ranksearch serve-storage`; the worker is killed mid-trial:
+    the run fails its silent trial, retries it, and ends with exactly the budget and unique trial numbers."""
+    command = cli(workdir, "run", "--study-name", "grpc", "--storage", storage_server)
+    run = start(workdir, [*command, "--promote-steps", "0", "--final-epochs", "0"], "grpc.log")
+    url, proxy = storage_server, storage_for(storage_server)
+    wait_for(lambda: (study := load("grpc", proxy)) and "baseline" in study.user_attrs, "the baseline", run)
+    worker = start(workdir, cli(workdir, "worker", "grpc", "--storage", url, "--threads", "1"), "grpc.log")
+
+    def workers_trial() -> FrozenTrial | None:
+        trial = running_trial("grpc", proxy)
+        return trial if trial is not None and trial.user_attrs["worker"].endswith(f":{worker.pid}") else None
+
+    killed = wait_for(workers_trial, "a trial of the worker", run, worker)
+    kill_worker_of(killed)
+    worker.wait()
+    assert run.wait(timeout=WAIT_S) == 0, (workdir / "grpc.log").read_text()[-3000:]
+    study = load("grpc", proxy)
+    trials = study.trials
+    assert sum(r.counts_toward_budget for r in records(study)) == BUDGET
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.user_attrs.get(heartbeat.RETRY_OF) == killed.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE] and retries[0].params == killed.params
+
+
+def test_a_storage_server_address_nobody_answers_is_a_one_line_error(
+    workdir: Path, storage_server: str, monkeypatch
+) -> None:
+    monkeypatch.setattr(util, "GRPC_CONNECT_TIMEOUT_S", 1.0)
+    port = int(storage_server.rsplit(":", 1)[1])
+    command = serve_command("--storage", f"sqlite:///{workdir / 'x.db'}", "--port", str(port))
+    taken = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in taken.stderr
+    with pytest.raises(RanksearchError, match=r"--storage grpc://127.0.0.1:1: no storage server answered in 1 s"):
+        storage_for("grpc://127.0.0.1:1")
+    with pytest.raises(RanksearchError, match=r"--storage grpc://nowhere: not a storage server address"):
+        storage_for("grpc://nowhere")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from ranksearch.evaluate.base import (
     Split,
     ZeroShotScorer,
 )
+from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.latency import LATENCY_BACKENDS, PairedLatency, measure_speedup
 from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
 from ranksearch.training.loop import channels_last
@@ -49,6 +52,8 @@ class EvaluatorOptions:
     calib_batches: int = 4
     latency_backend: str = "torch"
     latency_batch: int = 1
+    fold_batchnorm: bool = True
+    """Time models in their deployed form: BatchNorm folded into the layer before it (dense and compressed alike)."""
 
     def validate(self) -> None:
         """One-line errors for values that cannot work."""
@@ -82,6 +87,13 @@ class _Recalibrated:
     zero_shot_accuracy: float
 
 
+class _Deployed(NamedTuple):
+    """A config's model as it is timed, and how many BatchNorms were folded into it."""
+
+    model: nn.Module
+    folded: int
+
+
 @dataclass
 class _Finetuned:
     """A promotion's fine-tuned model and its timing, kept for the test split (see ``evaluate_at``)."""
@@ -89,6 +101,8 @@ class _Finetuned:
     config: CompressionConfig
     steps: int
     model: nn.Module
+    device: torch.device
+    """Where ``model`` is scored (the latency device for a model with int8 layers)."""
     paired: PairedLatency
     backend_extra: dict[str, float]
 
@@ -98,19 +112,21 @@ class ClassificationEvaluator(
 ):
     """Top-1 accuracy after a short knowledge-distillation fine-tune, and measured latency.
 
-    For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware
-    layers calibrated on ``calib_batches`` training batches) -> recalibrate BatchNorm statistics
-    -> fine-tune ``finetune_steps`` steps, distilling from the uncompressed model -> quantize the
-    int8 layers (post-training, scales from the calibration batches) -> median latency of batch
-    ``latency_batch`` on ``device`` (before the model runs any other batch size), or with
-    ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime
-    on CPU (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the
-    uncompressed model is timed in rounds alternating with it (``reference_latency_ms``; each round's
-    speedup gives ``speedup_low`` / ``speedup_high``), so the speedup compares measurements under the same
-    load -> accuracy on ``split`` (``val``: the validation images kept by ``--eval-subset``; ``full_val``: all of
-    them; at most ``eval_batches`` batches), with each image's
-    correctness (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same configuration gives
-    the same model on ``split="test"`` as it did on ``"val"``.
+    For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware layers calibrated
+    on ``calib_batches`` training batches) -> recalibrate BatchNorm statistics -> fine-tune ``finetune_steps`` steps,
+    distilling from the uncompressed model -> the deployed form: a copy with BatchNorm folded into the layer before it
+    (with ``fold_batchnorm``, in the dense and the compressed model alike), on ``latency_device`` (default ``device``:
+    a model fine-tuned on a GPU is timed on a CPU), its int8 layers quantized there (post-training, scales from the
+    calibration batches) -> median latency of batch ``latency_batch`` (before the model runs any other batch size),
+    or with ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime on CPU
+    (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the uncompressed model is timed
+    in rounds alternating with it (``reference_latency_ms``; each round's speedup gives ``speedup_low`` /
+    ``speedup_high``), so the speedup compares measurements under the same load -> accuracy on ``split`` (``val``:
+    the validation images kept by ``--eval-subset``; ``full_val``: all of them; at most ``eval_batches`` batches),
+    with each image's correctness (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same
+    configuration gives the same model on ``split="test"`` as it did on ``"val"``. A model with int8 layers is scored
+    in its deployed form, where it was timed (int8 kernels run on CPU only); any other is scored as fine-tuned, on
+    ``device``.
 
     Its zero-shot score (:class:`~ranksearch.evaluate.ZeroShotScorer`) is the accuracy after recalibration, on the
     first ``zero_shot_images`` validation images; a config scored right before it is evaluated is not
@@ -129,6 +145,7 @@ class ClassificationEvaluator(
         model: nn.Module,
         splits: DataSplits,
         device: torch.device,
+        latency_device: torch.device | None = None,
         options: EvaluatorOptions | None = None,
         threads: int | None = None,
         eval_batches: int | None = None,
@@ -141,6 +158,8 @@ class ClassificationEvaluator(
         self.model = model.to(device).eval()
         self.splits = splits
         self.device = device
+        self.latency_device = device if latency_device is None else latency_device
+        self._references: dict[bool, nn.Module | None] = {}  # the uncompressed model as timed, by folded or not
         self.threads = threads
         self.eval_batches = eval_batches
         self.seed = seed
@@ -156,7 +175,7 @@ class ClassificationEvaluator(
             splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=seed
         )
         self._calib = calib.to(device)
-        self.example = self._calib[: self.options.latency_batch].clone()
+        self.example = self._calib[: self.options.latency_batch].to(self.latency_device).clone()
 
     @property
     def times_local_torch(self) -> bool:
@@ -178,7 +197,7 @@ class ClassificationEvaluator(
         if kept is not None:
             phases: dict[str, float] = {}
             with _phase(phases, "accuracy"):
-                correct = self._correct(kept.model, dataset)
+                correct = self._correct(kept.model, dataset, device=kept.device)
             return self._metrics(correct, kept.paired, {**kept.backend_extra, "reused_model": 1.0}, phases)
         recalibrated, self._recalibrated = self._recalibrated, None
         if recalibrated is not None and recalibrated.config == config:
@@ -201,17 +220,21 @@ class ClassificationEvaluator(
                     teacher_cache=self._teacher_logits,
                 )
         int8_layers = config.split_int8()[1]
-        if int8_layers:
-            with _phase(phases, "quantize"):
-                quantize_layers(model.eval(), int8_layers, self._calib)
+        with _phase(phases, "quantize" if int8_layers else "latency"):
+            deployed = self._deployed(model.eval(), int8_layers)
         # Latency first: a quantized (oneDNN) conv tunes itself to the first batch size it runs, and one
         # first run on evaluation batches of 256 leaves it 2-3x slower at batch 1 from then on.
         with _phase(phases, "latency"):
-            paired, backend_extra = self._paired_latency(model)
+            paired, backend_extra = self._paired_latency(deployed)
+        scored, device = model, self.device
+        if int8_layers:  # scored as it is saved and recovered: quantized, BatchNorm not folded, where int8 runs
+            with _phase(phases, "quantize"):
+                scored = deployed.model if not deployed.folded else self._on_latency_device(model, int8_layers)
+            device = self.latency_device
         if finetune_steps > options.finetune_steps:
-            self._keep(_Finetuned(config, finetune_steps, model, paired, backend_extra))
+            self._keep(_Finetuned(config, finetune_steps, scored, device, paired, backend_extra))
         with _phase(phases, "accuracy"):
-            correct = self._correct(model, dataset)
+            correct = self._correct(scored, dataset, device=device)
         return self._metrics(correct, paired, {**backend_extra, **extra}, phases)
 
     def _kept(self, config: CompressionConfig, steps: int) -> _Finetuned | None:
@@ -221,9 +244,43 @@ class ClassificationEvaluator(
         self._finetuned = [k for k in self._finetuned if (k.config, k.steps) != (finetuned.config, finetuned.steps)]
         self._finetuned = [*self._finetuned, finetuned][-self.KEEP_FINETUNED :] if self.KEEP_FINETUNED > 0 else []
 
-    def _correct(self, model: nn.Module, dataset: Dataset) -> torch.Tensor:
+    def _correct(self, model: nn.Module, dataset: Dataset, *, device: torch.device) -> torch.Tensor:
         loader = make_loader(dataset, batch_size=256, shuffle=False)
-        return correct_predictions(model, loader, device=self.device, max_batches=self.eval_batches)
+        return correct_predictions(model, loader, device=device, max_batches=self.eval_batches)
+
+    def _deployed(self, model: nn.Module, int8_layers: list[str]) -> _Deployed:
+        """``model`` as it is timed: its deployed form (a copy with BatchNorm folded, when :meth:`_folds`) on the
+        latency device, its ``int8_layers`` quantized (:meth:`_on_latency_device`)."""
+        if not self._folds():
+            return _Deployed(self._on_latency_device(model, int8_layers), folded=0)
+        folded = fold_batchnorm(model)
+        return _Deployed(self._on_latency_device(folded.model, int8_layers, copied=True), folded=folded.folded)
+
+    def _on_latency_device(self, model: nn.Module, int8_layers: list[str], *, copied: bool = False) -> nn.Module:
+        """``model`` on the latency device (a copy when it trains elsewhere, unless ``copied`` already), its
+        ``int8_layers`` quantized there (in place)."""
+        if self.latency_device != self.device:
+            model = (model if copied else copy.deepcopy(model)).to(self.latency_device)
+        if int8_layers:
+            quantize_layers(model, int8_layers, self._calib.to(self.latency_device))
+        return model
+
+    def _folds(self) -> bool:
+        """Whether models are timed with BatchNorm folded: with ``fold_batchnorm``, when the uncompressed model folds
+        (one that cannot be traced is timed unfolded, and every config with it, in the same form)."""
+        return self.options.fold_batchnorm and self._reference(folded=True) is not None
+
+    def _reference(self, *, folded: bool) -> nn.Module | None:
+        """The uncompressed model timed beside a config timed in the same form (BatchNorm ``folded`` or not), on the
+        latency device, made once; None for ``folded`` when it does not fold."""
+        if folded not in self._references:
+            if folded:
+                dense = fold_batchnorm(self.model)
+                reference = self._on_latency_device(dense.model, [], copied=True).eval() if dense.folded else None
+            else:
+                reference = self._on_latency_device(self.model, []).eval()
+            self._references[folded] = reference
+        return self._references[folded]
 
     @staticmethod
     def _metrics(
@@ -256,11 +313,9 @@ class ClassificationEvaluator(
     def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
         """``config`` applied (int8 layers quantized, not fine-tuned: timing does not depend on the weights' values)
         and timed beside the uncompressed model as :meth:`evaluate` times it, in ``rounds`` rounds."""
-        model = apply_config(self.model, config.split_int8()[0], calib_inputs=self._calib).to(self.device).eval()
-        int8_layers = config.split_int8()[1]
-        if int8_layers:
-            quantize_layers(model, int8_layers, self._calib)
-        return self._paired_latency(model, rounds=rounds, target_seconds=target_seconds)[0]
+        float_config, int8_layers = config.split_int8()
+        model = apply_config(self.model, float_config, calib_inputs=self._calib).to(self.device).eval()
+        return self._paired_latency(self._deployed(model, int8_layers), rounds=rounds, target_seconds=target_seconds)[0]
 
     def zero_shot_accuracy(self, config: CompressionConfig) -> float:
         """Accuracy of ``config`` applied in float with BatchNorm recalibrated, not fine-tuned, on the first
@@ -346,30 +401,34 @@ class ClassificationEvaluator(
         return torch.cat(outputs), torch.cat(labels)
 
     def _paired_latency(
-        self, model: nn.Module, *, rounds: int = 4, target_seconds: float = 0.5
+        self, deployed: _Deployed, *, rounds: int = 4, target_seconds: float = 0.5
     ) -> tuple[PairedLatency, dict[str, float]]:
-        """``model`` timed beside the uncompressed model in alternating rounds (:func:`measure_speedup`), in torch or
-        (``latency_backend="onnxruntime"``) in ONNX Runtime on their exports, with the export's max abs error
-        against torch (``onnx_max_abs_error``)."""
+        """A config's ``deployed`` model timed beside the uncompressed model in the same form, in alternating rounds
+        (:func:`measure_speedup`), in torch or (``latency_backend="onnxruntime"``) in ONNX Runtime on their exports,
+        with the export's max abs error against torch (``onnx_max_abs_error``) and, with ``fold_batchnorm``, how
+        many BatchNorms were folded (``batchnorm_folded``)."""
+        model, reference = deployed.model, self._reference(folded=deployed.folded > 0)
+        assert reference is not None, "a config is folded only when the uncompressed model folds (_folds)"
+        folded = {"batchnorm_folded": float(deployed.folded)} if self.options.fold_batchnorm else {}
         if self.times_local_torch:
             paired = measure_speedup(
-                self.model,
+                reference,
                 model,
                 self.example,
-                device=self.device,
+                device=self.latency_device,
                 threads=self.threads,
                 rounds=rounds,
                 target_seconds=target_seconds,
             )
-            return paired, {}
+            return paired, folded
         from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
 
         try:
             with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
-                reference = export_onnx(self.model, self.example, Path(tmp) / "dense.onnx")
+                dense = export_onnx(reference, self.example, Path(tmp) / "dense.onnx")
                 exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
                 paired = onnxruntime_speedup(
-                    reference.path,
+                    dense.path,
                     exported.path,
                     self.example,
                     threads=self.threads,
@@ -378,7 +437,7 @@ class ClassificationEvaluator(
                 )
         except RanksearchError as exc:  # a wrong export fails this trial, not the search
             raise TrialFailure(str(exc)) from None
-        return paired, {"onnx_max_abs_error": exported.max_abs_error}
+        return paired, {"onnx_max_abs_error": exported.max_abs_error, **folded}
 
 
 def calibration_batch(dataset: Dataset, *, batch_size: int, batches: int, seed: int) -> torch.Tensor:

@@ -40,16 +40,19 @@ class Latency:
         return {**asdict(self), "spread": self.spread}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for where there is none is a user error."""
+def resolve_device(name: str, *, option: str = "--device") -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``; an accelerator asked for where there is none is a user error naming
+    ``option``."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RanksearchError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type not in {"cpu", "cuda"}:
-        raise RanksearchError(f"--device {name!r} is not supported; use cpu or cuda")
+        raise RanksearchError(f"{option} {name!r} is not a device; use cpu, cuda or mps") from None
+    if device.type not in {"cpu", "cuda", "mps"}:
+        raise RanksearchError(f"{option} {name!r} is not supported; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RanksearchError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+        raise RanksearchError(f"{option} {name} was asked for but CUDA is not available here; use {option} cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RanksearchError(f"{option} mps was asked for but MPS is not available here; use {option} cpu")
     return device
 
 
@@ -258,6 +261,10 @@ def _time_once(model: nn.Module, example: torch.Tensor, device: torch.device) ->
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end)
+    if device.type == "mps":
+        torch.mps.synchronize()
     begin = time.perf_counter_ns()
     model(example)
+    if device.type == "mps":
+        torch.mps.synchronize()
     return (time.perf_counter_ns() - begin) / 1e6

@@ -22,7 +22,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.results.front import compresses_nothing, front_trials, speed_of
 from ranksearch.results.record import BASELINE, SETTINGS, StudyRecord, TrialRecord, records
-from ranksearch.util import atomic_write_text, first_line, sqlite_url
+from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
 STORAGE_FILE = "study.db"
 
@@ -197,8 +197,10 @@ def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage:
     """Open a finished or running study read-write (``ref``, ``results_dir``, ``storage``: see :func:`locate_study`)."""
     storage, name = locate_study(ref, results_dir=results_dir, storage=storage)
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=storage_for(storage))
     except KeyError:
         raise RanksearchError(f"study {name!r} is not in {storage}; check the name with `optuna studies`") from None
+    except RanksearchError:
+        raise
     except Exception as exc:  # sqlalchemy errors for unreachable or malformed URLs
         raise RanksearchError(f"storage {storage}: cannot open study {name!r} ({first_line(exc)})") from None

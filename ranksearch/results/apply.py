@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ranksearch.compress import quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.latency import Latency, measure_latency
 from ranksearch.measure.onnx import OnnxExport, export_onnx, onnxruntime_latency, require_onnxruntime
 from ranksearch.util import atomic_open
@@ -37,6 +39,8 @@ class ApplyResult:
     onnx: OnnxExport | None
     batch: int
     rows: list[ApplyRow]
+    folded: bool = True
+    """Whether torch timed both models with BatchNorm folded (as the search does)."""
 
 
 def apply_to_checkpoint(
@@ -62,7 +66,8 @@ def apply_to_checkpoint(
     one the config's study used, read from ``data_root``). ``trust_checkpoint`` lets a whole pickled model load
     (see :func:`ranksearch.models.load_checkpoint`). With ``onnx``, the single-file ONNX
     model is written there after checking ONNX Runtime's output against torch's. The uncompressed
-    and compressed models are then timed at batch ``batch`` on ``threads`` threads, in torch and
+    and compressed models are then timed at batch ``batch`` on ``threads`` threads, in torch (as deployed, BatchNorm
+    folded into the layer before it: :func:`~ranksearch.measure.deployed.fold_batchnorm`) and
     (with ``onnx``) ONNX Runtime; the table goes to ``console``.
     """
     from ranksearch.results.build import build_from_config
@@ -87,6 +92,8 @@ def apply_to_checkpoint(
         batch, int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"]),
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
+    deployed = _deployed_forms(dense, config, checkpoint, trust, calib)
+    timed_dense, timed_compressed = deployed or (dense, compressed)
     exported = None if onnx is None else export_onnx(compressed, example, onnx)
     out = Path(out)
     try:
@@ -97,19 +104,39 @@ def apply_to_checkpoint(
     with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
         dense_onnx = None if exported is None else export_onnx(dense, example, Path(tmp) / "dense.onnx").path
         rows = [
-            _measure("uncompressed", dense, example, threads, dense_onnx),
-            _measure("compressed", compressed, example, threads, exported and exported.path),
+            _measure("uncompressed", dense, timed_dense, example, threads, dense_onnx),
+            _measure("compressed", compressed, timed_compressed, example, threads, exported and exported.path),
         ]
-    result = ApplyResult(out, exported, batch, rows)
+    result = ApplyResult(out, exported, batch, rows, folded=deployed is not None)
     print_apply(result, console or Console())
     return result
 
 
-def _measure(name: str, model: nn.Module, example: torch.Tensor, threads: int | None, onnx: Path | None) -> ApplyRow:
+def _deployed_forms(
+    dense: nn.Module, config: CompressionConfig, checkpoint: str | Path, trust: bool, calib: torch.Tensor | None
+) -> tuple[nn.Module, nn.Module] | None:
+    """The uncompressed and the compressed model as the search timed them: BatchNorm folded into the layer before it,
+    then the int8 layers quantized; None when either does not fold (both are then timed as built)."""
+    from ranksearch.results.build import build_from_config
+
+    float_config, int8_layers = config.split_int8()
+    float_model = build_from_config(float_config, checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib)
+    folded_dense, folded_model = fold_batchnorm(dense), fold_batchnorm(float_model)
+    if not (folded_dense.folded and folded_model.folded):
+        return None
+    if int8_layers:
+        quantize_layers(folded_model.model, int8_layers, calib)
+    return folded_dense.model, folded_model.model
+
+
+def _measure(
+    name: str, model: nn.Module, timed: nn.Module, example: torch.Tensor, threads: int | None, onnx: Path | None
+) -> ApplyRow:
+    """``model``'s parameters, the latency of its ``timed`` form in torch and of its ONNX export."""
     return ApplyRow(
         name,
         _param_count(model),
-        measure_latency(model, example, threads=threads),
+        measure_latency(timed, example, threads=threads),
         None if onnx is None else onnxruntime_latency(onnx, example, threads=threads),
     )
 
@@ -158,7 +185,8 @@ def _calibration_inputs(
 def print_apply(result: ApplyResult, console: Console) -> None:
     """The table of :func:`apply_to_checkpoint`: median ms (p10-p90) per model and backend, speedups, files written."""
     first = result.rows[0]
-    title = f"latency at batch {result.batch}, {first.torch.threads} thread(s), CPU"
+    form = "BatchNorm folded" if result.folded else "BatchNorm not folded (the model cannot be traced)"
+    title = f"latency at batch {result.batch}, {first.torch.threads} thread(s), CPU; torch: {form}"
     table = Table("model", "params M", "torch ms (p10-p90)", "speedup", title=title)
     written = [f"wrote {result.out} (load: torch.load(path, weights_only=False))"]
     if result.onnx is not None:

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.results import load_study, locate_study
+from ranksearch.util import GRPC_SCHEME
 
 
 def serve_dashboard(
@@ -33,6 +34,10 @@ def serve_dashboard(
         ) from None
     load_study(ref, results_dir=results_dir, storage=storage)  # one-line errors for a missing study
     url, name = locate_study(ref, results_dir=results_dir, storage=storage)
+    if url.startswith(GRPC_SCHEME):
+        raise RanksearchError(
+            f"--storage {url}: optuna-dashboard reads a database, not a storage server; pass the server's database URL"
+        )
     opened = optuna.storages.get_storage(url)
     study_id = opened.get_study_id_from_name(name)
     console.print(

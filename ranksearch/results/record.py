@@ -60,7 +60,13 @@ REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
 COST_KEYS = (PARAMS, MACS, SIZE_BYTES)
 BOOKKEEPING = {CONFIG, ANCHOR, WARM_START, WORKER, OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED, REJECTED_AT_ZERO_SHOT}
 BOOKKEEPING |= {*COST_KEYS, PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP, ACCURACY_DROP_PP, SPEEDUP}
-BOOKKEEPING |= {RUNG, PROMOTES, FINETUNE_STEPS}
+HEARTBEAT = "heartbeat"
+"""A trial run through a storage server: ``[unix time of its last heartbeat, seconds between beats]``."""
+RETRY_OF = "retry_of"
+"""A retried trial (through a storage server): the number of the trial whose worker died."""
+RETRIES = "retries"
+"""A retried trial (through a storage server): how many times its config was retried."""
+BOOKKEEPING |= {RUNG, PROMOTES, FINETUNE_STEPS, HEARTBEAT, RETRY_OF, RETRIES}
 """Trial attributes that are not the evaluator's metrics."""
 
 

@@ -168,7 +168,7 @@ def variant_key(choice: LayerChoice) -> str:
 
 def cache_name(device: torch.device, threads: int | None) -> str:
     """A table file name for this device, thread count and torch version."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     slug = "".join(c if c.isalnum() else "-" for c in where).strip("-").lower()
     return f"latency-{slug}-threads{threads or torch.get_num_threads()}-torch{torch.__version__}.json"
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.results.record import Outcome, TrialRecord, TrialWriter, records
+from ranksearch.study.heartbeat import beating, fail_silent_trials
 from ranksearch.study.storage import POLL_S, fail_stale_trials, worker_label
 
 Objective = Callable[[optuna.Trial], "tuple[float, float] | float"]
@@ -42,14 +43,20 @@ class BudgetGuard:
     trials count.
     """
 
-    def __init__(self, *, study: optuna.Study, objective: Objective, budget: int) -> None:
+    def __init__(self, *, study: optuna.Study, objective: Objective, budget: int, heartbeat: int | None = None) -> None:
         self.study = study
         self.objective = objective
         self.budget = budget
+        self.heartbeat = heartbeat
+        """Seconds between a trial's attribute heartbeats (:func:`~ranksearch.study.heartbeat.beating`; None: off)."""
         self.number: int | None = None
         self.evaluated = False
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float] | float:
+        with beating(trial, self.heartbeat):
+            return self._guarded(trial)
+
+    def _guarded(self, trial: optuna.Trial) -> tuple[float, float] | float:
         self.number, self.evaluated = trial.number, False
         writer = TrialWriter(trial)
         writer.worker(worker_label())
@@ -83,6 +90,7 @@ def optimize_to_budget(
     budget: int,
     timeout: float | None = None,
     after_trial: Callable[[], None] | None = None,
+    heartbeat: int | None = None,
     console: Console,
 ) -> int:
     """Run trials in this process until ``budget`` trials of the study count
@@ -91,11 +99,12 @@ def optimize_to_budget(
     Before asking for a trial, a worker waits while counted plus RUNNING trials fill the budget
     (a running trial may still fail, and its retry needs a worker), failing stale trials as it
     polls; :class:`BudgetGuard` prunes the rare surplus trial of a race between workers before it is
-    evaluated. ``after_trial`` runs whenever the study's trials change. Returns how many trials this
-    process completed.
+    evaluated. ``after_trial`` runs whenever the study's trials change. ``heartbeat``: seconds between attribute
+    heartbeats (through a storage server; None in a database). Returns how many trials this process completed.
     """
+    guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     with _remember_sigint() as interrupted:
-        return _optimize_loop(study, objective, budget, timeout, after_trial, console, interrupted)
+        return _optimize_loop(study, guard, timeout, after_trial, console, interrupted)
 
 
 @contextlib.contextmanager
@@ -122,14 +131,13 @@ def _remember_sigint() -> Iterator[threading.Event]:
 
 def _optimize_loop(
     study: optuna.Study,
-    objective: Objective,
-    budget: int,
+    guard: BudgetGuard,
     timeout: float | None,
     after_trial: Callable[[], None] | None,
     console: Console,
     interrupted: threading.Event,
 ) -> int:
-    guard = BudgetGuard(study=study, objective=objective, budget=budget)
+    budget = guard.budget
     deadline = None if timeout is None else time.monotonic() + timeout
     completed = failures_in_a_row = 0
     seen: Counter[TrialState] | None = None
@@ -150,6 +158,8 @@ def _optimize_loop(
             fail_stale_trials(study)
             time.sleep(POLL_S)
             continue
+        if guard.heartbeat is not None:  # as Optuna fails stale trials before each trial in a database
+            fail_silent_trials(study)
         finished.clear()
         try:
             study.optimize(guard, n_trials=1, callbacks=[lambda _, trial: finished.append(trial)])

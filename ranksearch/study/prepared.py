@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from ranksearch.evaluate import (
     Split,
     ZeroShotScorer,
 )
-from ranksearch.measure.latency import resolve_device
+from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
 from ranksearch.search.knapsack import knapsack_configs
@@ -83,7 +84,7 @@ class PreparedSearch:
         """
         phases = {} if phases is None else phases
         start = time.perf_counter()
-        context = load_problem(settings, resolve_device(settings.infra.device), console, phases, space=space)
+        context = load_problem(settings, settings.infra.devices()[0], console, phases, space=space)
         phases["load"] = time.perf_counter() - start - phases.get("baseline_training", 0.0)
         slots = space.layers(context.model, context.input_shapes)
         if not slots:
@@ -213,6 +214,7 @@ def _evaluator(
             model=context.model,
             splits=context.splits,
             device=context.device,
+            latency_device=context.timing_device,
             options=settings.evaluation,
             threads=settings.infra.threads,
             seed=settings.problem.seed,
@@ -275,19 +277,25 @@ def _baseline_metrics(evaluator: Evaluator, split: Split) -> Metrics:
 def build_latency_table(
     settings: RunSettings, context: RunContext, slots: dict[str, LayerSlot], rank_multiple: int, console: Console
 ) -> LatencyTable:
-    """:meth:`LatencyTable.build` for a run's model and slots, with a progress bar, cached under
-    ``results_dir / "latency-tables"``."""
+    """:meth:`LatencyTable.build` for a run's model and slots on its latency device (a copy of the model goes there
+    when it trains elsewhere), in its deployed form (``fold_batchnorm``: folded layers have a bias, timed as such), with
+    a progress bar, cached under ``results_dir / "latency-tables"``."""
     threads = settings.infra.threads
+    timing = context.timing_device
+    if settings.evaluation.fold_batchnorm:
+        model = fold_batchnorm(context.model).model.to(timing)
+    else:
+        model = context.model if timing == context.device else copy.deepcopy(context.model).to(timing)
     with _progress_bar("latency table", console) as update:
         return LatencyTable.build(
-            context.model,
+            model,
             slots,
             context.input_shapes,
-            context.example,
-            device=context.device,
+            context.example.to(timing),
+            device=timing,
             threads=threads,
             rank_multiple=rank_multiple,
-            cache_file=settings.infra.results_dir / "latency-tables" / cache_name(context.device, threads),
+            cache_file=settings.infra.results_dir / "latency-tables" / cache_name(timing, threads),
             progress=update,
         )
 

@@ -34,6 +34,13 @@ class RunContext:
     input_shapes: dict[str, tuple[int, ...]]
     checkpoint: Path | None = None
     """The file holding ``model``'s trained weights: ``--checkpoint`` or the cached baseline."""
+    latency_device: torch.device | None = None
+    """Where latency is measured (``--latency-device``); None: ``device``."""
+
+    @property
+    def timing_device(self) -> torch.device:
+        """Where latency is measured: ``latency_device``, or ``device``."""
+        return self.device if self.latency_device is None else self.latency_device
 
     def model_spec(self) -> dict[str, object]:
         """How to rebuild ``model``: the ``build_model`` arguments and its weights file (an export's ``model``)."""
@@ -46,11 +53,12 @@ class RunContext:
         }
 
 
-def load_space(path: str | Path, device: torch.device, console: Console) -> SearchSpace:
-    """The search space at ``path``; int8 is left out on a GPU (its kernels run on CPU only)."""
+def load_space(path: str | Path, latency_device: torch.device, console: Console) -> SearchSpace:
+    """The search space at ``path``; int8 is left out unless latency is measured on a CPU (its kernels run there
+    only; models trained on a GPU are quantized on the CPU that times them)."""
     space = SearchSpace.load(path)
-    if device.type != "cpu" and space.int8:
-        console.print(f"int8: its kernels run on CPU only; not searched on {device.type}")
+    if latency_device.type != "cpu" and space.int8:
+        console.print(f"int8: its kernels run on CPU only; not searched with latency on {latency_device.type}")
         space = replace(space, int8=False)
     return space
 
@@ -79,8 +87,10 @@ def load_problem(
 ) -> RunContext:
     """The data splits and the trained model (from ``--checkpoint`` or the cached baseline) of a run.
 
-    ``space``'s layer patterns are checked on the built model before any weights are loaded or trained.
+    ``space``'s layer patterns are checked on the built model before any weights are loaded or trained. Latency is
+    measured on ``--latency-device`` (resolved here), or on ``device`` without it.
     """
+    timing = settings.infra.devices()[1]
     problem = settings.problem
     splits = load_splits(settings, eval_subset=problem.eval_subset)
     model = build_model(
@@ -126,7 +136,14 @@ def load_problem(
     _check_weights(model, problem.checkpoint)
     example = splits.val[0][0].unsqueeze(0).repeat(settings.evaluation.latency_batch, 1, 1, 1).to(device)
     return RunContext(
-        settings, model, splits, device, example, record_input_shapes(model, example), checkpoint.resolve()
+        settings,
+        model,
+        splits,
+        device,
+        example,
+        record_input_shapes(model, example),
+        checkpoint.resolve(),
+        None if timing == device else timing,
     )
 
 

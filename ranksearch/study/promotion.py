@@ -99,13 +99,15 @@ def run_promotions(
     budget: int,
     console: Console,
     after_trial: Callable[[], None] | None = None,
+    heartbeat: int | None = None,
 ) -> int:
     """Promote rung by rung (``steps[r - 1]`` fine-tune steps at rung ``r``) and evaluate the promotions in this
     process, waiting for those other processes run; returns how many this process evaluated. Needs a
-    :class:`~ranksearch.evaluate.MultiFidelity` evaluator."""
+    :class:`~ranksearch.evaluate.MultiFidelity` evaluator. ``heartbeat``: as for
+    :func:`~ranksearch.study.budget.optimize_to_budget`."""
     if not steps or not isinstance(evaluator, MultiFidelity):
         return 0
-    guard = BudgetGuard(study=study, objective=objective, budget=budget)
+    guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     evaluated = 0
     for rung, rung_steps in enumerate(steps, start=1):
         added = enqueue_promotions(study, rung=rung, steps=rung_steps, fraction=fraction)

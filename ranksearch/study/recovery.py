@@ -34,7 +34,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.data import make_loader
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import calibration_batch
-from ranksearch.measure.latency import resolve_device, torch_threads
+from ranksearch.measure.latency import torch_threads
 from ranksearch.results import STORAGE_FILE, front_trials, load_study
 from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
@@ -150,8 +150,8 @@ class Recoverer:
         if done is not None:
             return done
         start = time.perf_counter()
-        model, steps = self._finetuned(TrialRecord.of(frozen).compression_config(), trial, epochs=epochs, lr=lr)
-        correct = correct_predictions(model, self._test_loader(), device=self.context.device)
+        model, steps, device = self._finetuned(TrialRecord.of(frozen).compression_config(), trial, epochs=epochs, lr=lr)
+        correct = correct_predictions(model, self._test_loader(), device=device)
         drop = paired_drop(self.dense_correct(), correct)
         checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
         result = RecoveredTrial(
@@ -177,9 +177,12 @@ class Recoverer:
             self._dense_correct = correct_predictions(dense, self._test_loader(), device=self.context.device)
         return self._dense_correct
 
-    def _finetuned(self, config: CompressionConfig, trial: int, *, epochs: int, lr: float) -> tuple[nn.Module, int]:
+    def _finetuned(
+        self, config: CompressionConfig, trial: int, *, epochs: int, lr: float
+    ) -> tuple[nn.Module, int, torch.device]:
         """``config`` applied to the dense model, BatchNorm recalibrated, distilled for ``epochs`` epochs, its int8
-        layers quantized; with the number of fine-tuning steps."""
+        layers quantized (on the latency device, a CPU, where they run); with the number of fine-tuning steps and
+        the device the model is on."""
         context, options = self.context, self.options
         float_config, int8_layers = config.split_int8()
         with torch.random.fork_rng(devices=[]):  # augmentation draws from the global RNG: seeded, and left as it was
@@ -202,9 +205,11 @@ class Recoverer:
                     progress=update,
                 )
         model.eval()
-        if int8_layers:
-            quantize_layers(model, int8_layers, self._calib)
-        return model, steps
+        if not int8_layers:
+            return model, steps, context.device
+        timing = context.timing_device
+        quantize_layers(model.to(timing), int8_layers, self._calib.to(timing))
+        return model, steps, timing
 
     def _test_loader(self) -> DataLoader:
         return make_loader(self.test, batch_size=256, shuffle=False)
@@ -350,7 +355,7 @@ def load_study_problem(study: optuna.Study, console: Console, *, trust_checkpoin
     recorded = SETTINGS.read(study)
     checkpoint = recorded.get("checkpoint") or MODEL.read(study).get("checkpoint")
     settings = RunSettings.from_flat(recorded, checkpoint=checkpoint, workers=1, trust_checkpoint=trust_checkpoint)
-    context = load_problem(settings, resolve_device(settings.infra.device), console)
+    context = load_problem(settings, settings.infra.devices()[0], console)
     check_fingerprint(study, problem_fingerprint(context.model, context.splits), checkpoint=context.checkpoint)
     return context
 

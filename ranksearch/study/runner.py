@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator
-from ranksearch.measure.latency import resolve_device, torch_threads
+from ranksearch.measure.latency import torch_threads
 from ranksearch.models import model_family
 from ranksearch.results import write_results
 from ranksearch.results.plots import write_plots_or_warn
@@ -27,7 +27,7 @@ from ranksearch.study.promotion import run_promotions
 from ranksearch.study.recovery import recover_front
 from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
-from ranksearch.study.storage import check_existing_study, open_study, storage_url
+from ranksearch.study.storage import attribute_heartbeat, check_existing_study, open_study, storage_url
 from ranksearch.study.workers import run_local_workers
 from ranksearch.util import file_digest
 
@@ -41,9 +41,9 @@ def run_search(
     if evaluator is not None and settings.infra.workers > 1:
         raise RanksearchError("--workers: worker processes cannot share an evaluator object; pass --evaluator NAME")
     settings = settings.with_worker_threads()
-    device = resolve_device(settings.infra.device)
+    timing_device = settings.infra.devices()[1]
     space_path = Path(settings.search.space or default_space_path(model_family(settings.problem.model)))
-    space = load_space(space_path, device, console)
+    space = load_space(space_path, timing_device, console)
     settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
     directory = settings.infra.results_dir / settings.name()
     factory = evaluator_factory(settings) if evaluator is None else lambda _: evaluator
@@ -115,6 +115,7 @@ def _optimize(
                 budget=settings.search.budget,
                 timeout=settings.search.timeout,
                 after_trial=refresh,
+                heartbeat=attribute_heartbeat(settings),
                 console=console,
             )
             return
@@ -145,4 +146,5 @@ def _promote(
         budget=settings.budget,
         console=console,
         after_trial=lambda: write_results(study, directory, layer_names=layer_names),
+        heartbeat=attribute_heartbeat(search.settings),
     )

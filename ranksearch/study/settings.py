@@ -20,8 +20,11 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
+import torch
+
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import EvaluatorOptions
+from ranksearch.measure.latency import resolve_device
 from ranksearch.util import cache_limit_bytes, digest
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
@@ -177,6 +180,9 @@ class InfraSpec:
     """Where it runs: device, threads, storage, workers, and where results go."""
 
     device: str = "cpu"
+    """Where models are fine-tuned and scored."""
+    latency_device: str | None = None
+    """Where latency is measured (None: ``device``), e.g. ``cuda`` for training and ``cpu`` for timing."""
     threads: int | None = None
     storage: str | None = None
     workers: int = 1
@@ -185,7 +191,20 @@ class InfraSpec:
     evaluator: str | None = None
     """A custom evaluator class, ``package.module:Class`` or ``path/file.py:Class`` (default: the built-in)."""
 
-    IDENTITY: ClassVar[tuple[str, ...]] = ("device", "evaluator")
+    IDENTITY: ClassVar[tuple[str, ...]] = ("device", "latency_device", "evaluator")
+
+    @property
+    def timing_device(self) -> str:
+        """Where latency is measured: ``latency_device``, or ``device`` when it is not given."""
+        return self.latency_device or self.device
+
+    def devices(self) -> tuple[torch.device, torch.device]:
+        """Where models are fine-tuned and where latency is measured, resolved (a device missing here is a one-line
+        error naming its option)."""
+        device = resolve_device(self.device)
+        if self.latency_device is None:
+            return device, device
+        return device, resolve_device(self.latency_device, option="--latency-device")
 
     def validate(self) -> None:
         _positive({"--threads": self.threads, "--workers": self.workers, "--heartbeat": self.heartbeat})
@@ -195,12 +214,16 @@ class InfraSpec:
 EVALUATION_IDENTITY = (
     "latency_backend",
     "latency_batch",
+    "fold_batchnorm",
     "finetune_steps",
     "finetune_lr",
     "batch_size",
     "calib_batches",
 )
 """The evaluator options that define what a study measures."""
+
+BEFORE_THEIR_OPTION = {"fold_batchnorm": False}
+"""What a study made before an option existed measured, by option name (where that is not the option's default)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,10 +261,12 @@ class RunSettings:
                 f"--finetune-steps {self.evaluation.finetune_steps}; pass larger steps, or 0 for no promotion"
             )
         if self.evaluation.latency_backend == "onnxruntime":
-            if not self.infra.device.startswith("cpu"):
+            timing = self.infra.timing_device
+            if not timing.startswith("cpu"):
+                option = "--latency-device" if self.infra.latency_device else "--device"
                 raise RanksearchError(
-                    f"--latency-backend onnxruntime times on CPU, not --device {self.infra.device}; "
-                    "use --device cpu or --latency-backend torch"
+                    f"--latency-backend onnxruntime times on CPU, not {option} {timing}; "
+                    "use --latency-device cpu or --latency-backend torch"
                 )
             from ranksearch.measure.onnx import require_onnxruntime
 
@@ -268,15 +293,18 @@ class RunSettings:
     def identity(self) -> dict[str, object]:
         """What defines the problem and the evaluation, by option name: a study resumed with other values is refused."""
         flat = self.to_flat()
+        if flat["latency_device"] == flat["device"]:  # timing where it trains, as a study without the option did
+            flat["latency_device"] = None
         return {key: flat[key] for key in IDENTITY}
 
     def identity_digest(self) -> str:
         return digest(self.identity())
 
     @staticmethod
-    def default_identity() -> dict[str, object]:
-        """The identity of default settings (what a study recorded before an identity entry existed)."""
-        return RunSettings().identity()
+    def recorded_identity(recorded: Mapping[str, object]) -> dict[str, object]:
+        """A study's recorded identity completed with what it measured before an option existed: the option's
+        default, or its :data:`BEFORE_THEIR_OPTION` value."""
+        return {**RunSettings().identity(), **BEFORE_THEIR_OPTION, **recorded}
 
     def to_flat(self) -> dict[str, object]:
         """JSON-able settings by option name (how a study stores them)."""
@@ -287,7 +315,7 @@ class RunSettings:
         """Settings stored by :meth:`to_flat` (options this version lacks are dropped), with ``changes`` applied.
         Whether to trust a checkpoint is never read back: whoever loads the settings decides (``changes``)."""
         values = {name: value for name, value in recorded.items() if name in _OWNER and name not in _NOT_INHERITED}
-        return cls.of(**{**values, **changes})
+        return cls.of(**{**BEFORE_THEIR_OPTION, **values, **changes})
 
 
 _GROUPS = ("problem", "evaluation", "search", "recovery", "infra")

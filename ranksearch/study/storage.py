@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sqlite3
 import warnings
@@ -18,29 +19,31 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.results import STORAGE_FILE
 from ranksearch.results.record import IDENTITY, OBJECTIVES, SETTINGS
+from ranksearch.study.heartbeat import MAX_RETRIES, STALE_HEARTBEATS, fail_silent_trials
 from ranksearch.study.settings import RunSettings
-from ranksearch.util import describe, digest, sqlite_url
+from ranksearch.util import GRPC_SCHEME, describe, digest, grpc_storage, sqlite_url
 
-STALE_HEARTBEATS = 3
-"""A running trial whose last heartbeat is this many intervals old is failed and retried."""
-MAX_RETRIES = 3
-"""How often one trial is retried after its worker died."""
 POLL_S = 1.0
 """How often a worker with nothing to run looks at the study again."""
 SQLITE_BUSY_TIMEOUT_S = 60
 
 
-def open_storage(url: str, *, heartbeat: int) -> optuna.storages.RDBStorage:
-    """An Optuna relational storage at ``url`` with heartbeats and the retry of stale trials.
+def open_storage(url: str, *, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    """An Optuna relational storage at ``url`` with heartbeats and the retry of stale trials; for ``grpc://HOST:PORT``
+    a proxy of the storage server there (``ranksearch serve-storage``), whose trials beat through an attribute
+    (:mod:`ranksearch.study.heartbeat`).
 
     SQLite runs in WAL mode with a long busy timeout, and every transaction takes the write lock up
     front (``BEGIN IMMEDIATE``): with pysqlite's default deferred transactions, two workers can pop
     the same queued trial (17 of 90 trials were evaluated twice with 3 processes; none this way).
     """
+    if url.startswith(GRPC_SCHEME):
+        return grpc_storage(url)
     sqlite = url.startswith("sqlite:///")
     if sqlite:
         _enable_wal(Path(url.removeprefix("sqlite:///")))
@@ -49,8 +52,10 @@ def open_storage(url: str, *, heartbeat: int) -> optuna.storages.RDBStorage:
         storage = optuna.storages.RDBStorage(
             url,
             heartbeat_interval=heartbeat,
-            grace_period=STALE_HEARTBEATS * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            grace_period=None if heartbeat is None else STALE_HEARTBEATS * heartbeat,
+            heartbeat_stale_trial_callback=None
+            if heartbeat is None
+            else optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
             engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}}
             if sqlite
             else {},
@@ -76,10 +81,54 @@ def worker_label() -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the running trials whose worker stopped sending heartbeats; each is re-queued for retry."""
+    """Fail the running trials whose worker stopped sending heartbeats; each is re-queued for retry (Optuna's
+    heartbeats in a database, ours through a storage server)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    fail_silent_trials(study)
+
+
+def attribute_heartbeat(settings: RunSettings) -> int | None:
+    """Seconds between the attribute heartbeats of this run's trials: ``--heartbeat`` through a storage server (its
+    proxy has no heartbeat of Optuna's), None in a database (Optuna's own)."""
+    storage = settings.infra.storage
+    return settings.infra.heartbeat if storage is not None and storage.startswith(GRPC_SCHEME) else None
+
+
+def serve_storage(url: str, *, host: str, port: int, console: Console) -> None:
+    """Serve the storage at ``url`` (a database URL) to workers over gRPC on ``host:port`` until interrupted: Optuna's
+    storage proxy server, so that workers need neither a database driver nor its credentials."""
+    if url.startswith(GRPC_SCHEME):
+        raise RanksearchError(f"--storage {url}: serve a database (postgresql://..., sqlite:///...), not a server")
+    try:
+        storage = open_storage(url, heartbeat=None)
+        storage.get_all_studies()  # fails now on an unreachable database, not at the first worker
+    except RanksearchError:
+        raise
+    except Exception as exc:
+        raise RanksearchError(
+            f"--storage {url}: cannot be opened ({describe(exc)}); check the URL and that the database is up"
+        ) from None
+    _check_port_free(host, port)
+    console.print(f"serving {_without_password(url)} on grpc://{host}:{port}; workers: --storage grpc://HOST:{port}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise RanksearchError(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick a free port or another --host"
+        ) from None
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def storage_url(settings: RunSettings, directory: Path) -> str:
@@ -97,6 +146,8 @@ def check_existing_study(settings: RunSettings, directory: Path) -> None:
         study_id = storage.get_study_id_from_name(settings.name())
     except KeyError:
         return
+    except RanksearchError:
+        raise
     except Exception as exc:  # sqlalchemy and driver errors: malformed or unreachable URLs, unreadable files
         raise _storage_error(settings, directory, exc) from None
     _check_identity(settings, storage.get_study_user_attrs(study_id).get(IDENTITY.key))
@@ -114,6 +165,8 @@ def open_study(settings: RunSettings, directory: Path) -> optuna.Study:
             directions=["maximize", "minimize"],
             load_if_exists=True,
         )
+    except RanksearchError:
+        raise
     except Exception as exc:  # sqlalchemy and driver errors: malformed or unreachable URLs, a full disk
         if new_database:
             _remove_database(database)
@@ -144,16 +197,24 @@ def sampler(settings: RunSettings) -> optuna.samplers.BaseSampler:
 def _check_identity(settings: RunSettings, recorded: dict[str, object] | None) -> None:
     if recorded is None:
         return
-    recorded = {**RunSettings.default_identity(), **recorded}  # keys added since the study was made
+    recorded = RunSettings.recorded_identity(recorded)  # keys added since the study was made
     if digest(recorded) == settings.identity_digest():
         return
     identity = settings.identity()
     key = next((k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k)), None)
     if key is None:  # equal values written differently (1 and 1.0)
         return
+    value = recorded.get(key)
+    option = f"--{key.replace('_', '-')}"
+    if key == "space_digest":
+        same = "the search space file the study was started with"
+    elif isinstance(value, bool):
+        same = option if value else f"--no-{option[2:]}"
+    else:
+        same = f"without {option}" if value is None else f"{option} {value}"
     raise RanksearchError(
-        f"study {settings.name()!r} exists with {key}={recorded.get(key)!r}, not {identity.get(key)!r}; "
-        "rerun with the same settings or pass --study-name for a new study"
+        f"study {settings.name()!r} exists with {key}={value!r}, not {identity.get(key)!r}; "
+        f"rerun with the same settings ({same}) or pass --study-name for a new study"
     )
 
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from ranksearch.errors import USER_ERRORS, RanksearchError
-from ranksearch.measure.latency import resolve_device, torch_threads
+from ranksearch.measure.latency import torch_threads
 from ranksearch.results import STORAGE_FILE, load_study
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS
 from ranksearch.study.budget import optimize_to_budget, trial_counts
@@ -29,7 +29,7 @@ from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
 from ranksearch.study.progress import quiet_optuna
 from ranksearch.study.settings import RunSettings
-from ranksearch.study.storage import POLL_S, fail_stale_trials, open_storage, worker_label
+from ranksearch.study.storage import POLL_S, attribute_heartbeat, fail_stale_trials, open_storage, worker_label
 from ranksearch.util import file_digest, sqlite_url
 
 STOP_GRACE_S = 10.0
@@ -74,21 +74,26 @@ def join_study(
     settings = RunSettings.from_flat(recorded, **changes)
     settings.validate()
     _check_local_files(settings, recorded)
-    device = resolve_device(settings.infra.device)
+    timing_device = settings.infra.devices()[1]
     factory = evaluator_factory(settings)
     label = worker_label()
     with torch_threads(settings.infra.threads), quiet_optuna():
         study = optuna.load_study(
             study_name=study.study_name, storage=open_storage(url, heartbeat=settings.infra.heartbeat)
         )
-        space = load_space(settings.search.space, device, console)
+        space = load_space(settings.search.space, timing_device, console)
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=lambda: study, console=console
         )
         budget = settings.search.budget
         console.print(f"worker {label}: joined study {study.study_name} ({_progress(study, budget)})")
         done = optimize_to_budget(
-            study, Objective(search), budget=budget, timeout=settings.search.timeout, console=console
+            study,
+            Objective(search),
+            budget=budget,
+            timeout=settings.search.timeout,
+            heartbeat=attribute_heartbeat(settings),
+            console=console,
         )
     console.print(f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, budget)}")
     return done

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ranksearch.data import DataSplits, TensorImageDataset, make_loader
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.training.evaluation import evaluate_accuracy
-from ranksearch.training.loop import check_finite, fast_training, to_device
+from ranksearch.training.loop import check_finite, fast_training, mixed_precision, to_device
 from ranksearch.util import atomic_open, mark_used
 
 __all__ = ["DEFAULT_RECIPE", "Recipe", "train_baseline"]
@@ -116,7 +116,8 @@ def train_baseline(
             with fast_training(model, device):
                 for images, labels in loader:
                     images, labels = to_device(images, device), labels.to(device)
-                    loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
+                    with mixed_precision(device):
+                        loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
                     if penalty is not None:
                         loss = loss + penalty()
                     optimizer.zero_grad(set_to_none=True)

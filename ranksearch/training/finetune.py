@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ranksearch.training.loop import DivergedError, channels_last, check_finite, cycle, fast_training, to_device
+from ranksearch.training.loop import (
+    DivergedError,
+    channels_last,
+    check_finite,
+    cycle,
+    fast_training,
+    mixed_precision,
+    to_device,
+)
 
 __all__ = ["EXPLODED", "distillation_loss", "finetune", "warmup_cosine"]
 
@@ -56,11 +64,12 @@ def finetune(
     """Distil ``teacher`` into ``student`` for ``steps`` SGD steps (momentum 0.9, Nesterov): the learning rate rises
     linearly to ``lr`` over the first ``warmup_steps``, then decays to 0 along a cosine (:func:`warmup_cosine`).
 
-    ``teacher_cache`` keeps the teacher's logits per batch (keyed by a digest of the images): pass the
-    same dict to every fine-tune from one teacher over a seeded loader, and on CPU each batch's teacher
-    pass runs once. ``progress(done, steps)`` is called after each step. Returns ``{"loss": mean loss of
-    the last 10 steps, "steps": steps}``; raises :class:`DivergedError` as soon as the loss is NaN or
-    infinite, or above ``EXPLODED`` x max(first loss, 1).
+    ``teacher_cache`` keeps the teacher's logits per batch (keyed by a digest of the images): pass the same dict to
+    every fine-tune from one teacher over a seeded loader, and on CPU each batch's teacher pass runs once (on a GPU
+    the teacher pass costs less than hashing the batch, so nothing is cached there). Forward passes on a GPU run in
+    bf16 (:func:`~ranksearch.training.loop.mixed_precision`). ``progress(done, steps)`` is called after each step.
+    Returns ``{"loss": mean loss of the last 10 steps, "steps": steps}``; raises :class:`DivergedError` as soon as the
+    loss is NaN or infinite, or above ``EXPLODED`` x max(first loss, 1).
     """
     device = torch.device(device)
     student.to(device)
@@ -82,12 +91,14 @@ def finetune(
                 key = _batch_digest(images) if teacher_cache is not None and device.type == "cpu" else None
                 images, labels = to_device(images, device), labels.to(device)
                 teacher_logits = None if key is None else teacher_cache.get(key)
-                if teacher_logits is None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                    if key is not None:
-                        teacher_cache[key] = teacher_logits
-                loss = distillation_loss(student(images), teacher_logits, labels, temperature=temperature, alpha=alpha)
+                with mixed_precision(device):
+                    if teacher_logits is None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(images).float()
+                        if key is not None:
+                            teacher_cache[key] = teacher_logits
+                    logits = student(images)
+                    loss = distillation_loss(logits, teacher_logits, labels, temperature=temperature, alpha=alpha)
                 check_finite(loss, f"distillation fine-tuning at step {step}")
                 if step == 1:
                     limit = EXPLODED * loss.detach().clamp_min(1.0)

@@ -1,0 +1,117 @@
+"""Which latency target rewards what factorization saves? Speedup per MAC reduction in eager torch, eager torch
+with BatchNorm folded, torch.compile (inductor, CPU) and ONNX Runtime.
+
+    python benchmarks/deployed_form.py [--threads 2] [--rounds 6] [--seconds 3] [--no-compile] [--sizes 28 224]
+
+For ResNet-18 at 28 px (1 channel, the default problem's shape) and 224 px (3 channels; random weights: latency does
+not depend on them), batch 1: the dense model and uniform configs (SVD, Tucker-2 and spatial SVD at rank choice
+0.25 on every layer of the default search space) are timed per target, each config beside the dense model of the
+same target in alternating rounds (``measure_speedup`` / ``onnxruntime_speedup``). Prints the paired speedup
+(median of the rounds' ratios, and their range), the MAC reduction counted on the built module, and their ratio:
+1.0 means every MAC saved shows up as time saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from ranksearch.compress import apply_config, dense_model_cost
+from ranksearch.measure.deployed import fold_batchnorm
+from ranksearch.measure.latency import PairedLatency, measure_speedup
+from ranksearch.models import build_model
+from ranksearch.search import SearchSpace, default_space_path, record_input_shapes, uniform_config
+
+CONFIGS = {"svd@0.25": ("svd", 0.25), "tucker2@0.25": ("tucker2", 0.25), "spatial_svd@0.25": ("spatial_svd", 0.25)}
+
+
+def timed_pair(target: str, dense: nn.Module, model: nn.Module, example: torch.Tensor, args) -> PairedLatency:
+    """``model`` beside ``dense``, both in ``target``'s form."""
+    if target == "onnxruntime":
+        from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
+
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = export_onnx(fold_batchnorm(dense).model, example, Path(tmp) / "dense.onnx").path
+            candidate = export_onnx(fold_batchnorm(model).model, example, Path(tmp) / "model.onnx").path
+            return onnxruntime_speedup(
+                reference, candidate, example, threads=args.threads, rounds=args.rounds, target_seconds=args.seconds
+            )
+    form: Callable[[nn.Module], nn.Module] = {
+        "eager": lambda m: m,
+        "eager, BatchNorm folded": lambda m: fold_batchnorm(m).model,
+        "torch.compile, BatchNorm folded": lambda m: _compiled(fold_batchnorm(m).model, example),
+    }[target]
+    return measure_speedup(
+        form(dense), form(model), example, threads=args.threads, rounds=args.rounds, target_seconds=args.seconds
+    )
+
+
+def _compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    compiled = torch.compile(model, backend="inductor", dynamic=False)
+    with torch.inference_mode():
+        compiled(example)  # compile now, not inside the timing
+    return compiled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per model and pair, over all rounds")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28, 224])
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (compiling takes minutes)")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out ONNX Runtime")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=150)
+    targets = ["eager", "eager, BatchNorm folded"]
+    targets += [] if args.no_compile else ["torch.compile, BatchNorm folded"]
+    targets += [] if args.no_onnx else ["onnxruntime"]
+    space = SearchSpace.load(default_space_path("resnet"))
+    table = Table(title=f"speedup beside the dense model (median \\[min, max] of {args.rounds} rounds) / MAC reduction")
+    for column in ("model", "config", "MAC reduction", *targets):
+        table.add_column(column)
+    summary: dict[str, list[float]] = {target: [] for target in targets}
+    for size in args.sizes:
+        channels = 1 if size == 28 else 3
+        torch.manual_seed(0)
+        dense = build_model("resnet18", num_classes=10, in_channels=channels, image_size=size).eval()
+        example = torch.randn(1, channels, size, size)
+        slots = space.layers(dense, record_input_shapes(dense, example))
+        dense_macs = dense_model_cost(dense, example).macs
+        for label, (technique, fraction) in CONFIGS.items():
+            config = uniform_config(slots, technique, fraction, rank_multiple=space.rank_multiple)
+            model = apply_config(dense, config, calib_inputs=example, init="random").eval()
+            reduction = dense_macs / dense_model_cost(model, example).macs
+            cells = []
+            for target in targets:
+                start = time.perf_counter()
+                paired = timed_pair(target, dense, model, example, args)
+                speedup = statistics.median(paired.ratios)
+                summary[target].append(speedup / reduction)
+                cells.append(
+                    f"{speedup:.2f}x [{paired.speedup_low:.2f}, {paired.speedup_high:.2f}] / {speedup / reduction:.2f}"
+                )
+                console.print(
+                    f"resnet18@{size} {label} {target}: dense {paired.reference.median_ms:.3f} ms, "
+                    f"model {paired.candidate.median_ms:.3f} ms, {speedup:.2f}x ({time.perf_counter() - start:.0f} s)"
+                )
+            table.add_row(f"resnet18 @ {size} px", label, f"{reduction:.2f}x", *cells)
+    console.print(table)
+    console.print(
+        "median speedup per MAC reduction over all rows: "
+        + ", ".join(f"{target} {statistics.median(values):.2f}" for target, values in summary.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
