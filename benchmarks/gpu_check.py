@@ -92,8 +92,9 @@ def training_speed(console: Console, *, repeats: int, threads: int) -> None:
     )
 
 
-def ranksearch(*args: str, console: Console) -> subprocess.CompletedProcess[str]:
-    """One ``ranksearch`` command, as a user runs it; its output echoed, a failure fatal."""
+def ranksearch(*args: str, console: Console, refusal_ok: bool = False) -> subprocess.CompletedProcess[str]:
+    """One ``ranksearch`` command, as a user runs it; its output echoed, a failure fatal (with ``refusal_ok``, not a
+    one-line refusal, exit code 2: e.g. nothing to export)."""
     command = [sys.executable, "-c", "from ranksearch.cli import app; app()", *args]
     console.print(f"$ ranksearch {' '.join(args)}")
     start = time.perf_counter()
@@ -101,7 +102,7 @@ def ranksearch(*args: str, console: Console) -> subprocess.CompletedProcess[str]
     console.print(
         done.stdout[-4000:], done.stderr[-4000:], f"({time.perf_counter() - start:.0f} s, rc {done.returncode})"
     )
-    if done.returncode != 0:
+    if done.returncode != 0 and not (refusal_ok and done.returncode == 2):
         raise SystemExit(f"ranksearch {args[0]} failed with exit code {done.returncode}")
     return done
 
@@ -144,8 +145,19 @@ def end_to_end(
     )
     ranksearch("show", "gpu-check", *common, console=console)
     config = results_dir / "gpu-check.yaml"
-    ranksearch("export", "gpu-check", "--max-accuracy-drop", "1.0", "--out", str(config), *common, console=console)
-    ranksearch("apply", "--config", str(config), "--out", str(results_dir / "gpu-check.pt"), console=console)
+    exported = ranksearch(
+        "export",
+        "gpu-check",
+        "--max-accuracy-drop",
+        "1.0",
+        "--out",
+        str(config),
+        *common,
+        console=console,
+        refusal_ok=True,
+    )
+    if exported.returncode == 0:
+        ranksearch("apply", "--config", str(config), "--out", str(results_dir / "gpu-check.pt"), console=console)
     study = optuna.load_study(study_name="gpu-check", storage=f"sqlite:///{results_dir / 'gpu-check' / 'study.db'}")
     trials = list(records(study))
     int8 = sum(any(choice.int8 for choice in t.compression_config().layers.values()) for t in trials if t.config)

@@ -333,6 +333,30 @@ def test_silent_trials_through_the_server_fail_once_and_retry(storage_server: st
     assert trials[alive.number].state == TrialState.RUNNING
 
 
+def test_an_orphan_trial_is_failed_and_retried_a_labelled_one_is_left_to_its_heartbeats(
+    postgres_url: str, monkeypatch
+) -> None:
+    """A trial whose process died between creating it and evaluating it (no worker label, no heartbeat) held the
+    budget's last slot forever in a database (benchmarks/chaos.py found it): after UNSIGNED_GRACE_S it is failed and
+    queued again with its queued parameters; a trial with a worker label is left to Optuna's heartbeats."""
+    monkeypatch.setattr(heartbeat, "UNSIGNED_GRACE_S", 0.0)
+    study = optuna.create_study(study_name="orphans", storage=open_storage(postgres_url, heartbeat=HEARTBEAT))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"anchor": "uniform svd@0.25"})
+    orphan, labelled = study.ask(), study.ask()
+    labelled.set_user_attr("worker", "host:1")
+    time.sleep(0.05)
+    assert heartbeat.fail_silent_trials(study) == [orphan.number]
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == {"x": 0.25}
+    assert retry[0].user_attrs == {
+        "anchor": "uniform svd@0.25",
+        heartbeat.RETRY_OF: orphan.number,
+        heartbeat.RETRIES: 1,
+    }
+    assert study.trials[labelled.number].state == TrialState.RUNNING
+    optuna.delete_study(study_name="orphans", storage=postgres_url)
+
+
 def test_a_beating_trial_records_its_heartbeat_until_it_ends(storage_server: str) -> None:
     study = optuna.create_study(study_name="beating", storage=storage_for(storage_server))
     trial = study.ask()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.results.record import HEARTBEAT, RETRIES, RETRY_OF, WORKER
 
@@ -25,6 +25,8 @@ STALE_HEARTBEATS = 3
 """A running trial whose last heartbeat is this many intervals old is failed and retried."""
 MAX_RETRIES = 3
 """How often one trial is retried after its worker died."""
+UNSIGNED_GRACE_S = 60.0
+"""A running trial with no sign of life (no heartbeat, no worker label) this long after it started is an orphan."""
 _NOT_CARRIED = frozenset({HEARTBEAT, WORKER})
 
 
@@ -60,15 +62,13 @@ def beating(trial: optuna.Trial, every: int | None) -> Iterator[None]:
 
 
 def fail_silent_trials(study: optuna.Study) -> list[int]:
-    """Fail the running trials whose :data:`HEARTBEAT` is older than ``STALE_HEARTBEATS`` beats and queue each again
-    (its parameters and attributes, :data:`RETRY_OF` and :data:`RETRIES` added) unless it was retried
-    ``MAX_RETRIES`` times; returns the numbers failed. Of two workers failing the same trial, one succeeds: only it
-    queues the retry."""
+    """Fail the running trials that went silent (:func:`is_silent`) and queue each again (its parameters and
+    attributes, :data:`RETRY_OF` and :data:`RETRIES` added) unless it was retried ``MAX_RETRIES`` times; returns the
+    numbers failed. Of two workers failing the same trial, one succeeds: only it queues the retry."""
     failed = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = trial.user_attrs.get(HEARTBEAT)
-        if not isinstance(beat, list) or len(beat) != 2 or now - beat[0] <= STALE_HEARTBEATS * beat[1]:
+        if not is_silent(trial, now):
             continue
         try:
             study.tell(trial.number, state=TrialState.FAIL)
@@ -77,6 +77,21 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
         failed.append(trial.number)
         retries = int(trial.user_attrs.get(RETRIES, 0))
         if retries < MAX_RETRIES:
+            params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}  # a queued trial's own, if any
             attrs = {key: value for key, value in trial.user_attrs.items() if key not in _NOT_CARRIED}
-            study.enqueue_trial(dict(trial.params), user_attrs={**attrs, RETRY_OF: trial.number, RETRIES: retries + 1})
+            study.enqueue_trial(params, user_attrs={**attrs, RETRY_OF: trial.number, RETRIES: retries + 1})
     return failed
+
+
+def is_silent(trial: FrozenTrial, now: float) -> bool:
+    """Whether a running trial's process is gone: its :data:`HEARTBEAT` is older than ``STALE_HEARTBEATS`` beats,
+    or it shows no sign of life at all (no heartbeat, no worker label) ``UNSIGNED_GRACE_S`` after it started: its
+    process died between creating it and evaluating it, before even Optuna's first heartbeat in a database (found
+    by ``benchmarks/chaos.py``: such a trial held the last slot of the budget forever). A labelled trial without
+    this heartbeat is watched by Optuna's heartbeats in the database."""
+    beat = trial.user_attrs.get(HEARTBEAT)
+    if isinstance(beat, list) and len(beat) == 2:
+        return now - beat[0] > STALE_HEARTBEATS * beat[1]
+    if WORKER in trial.user_attrs or trial.datetime_start is None:
+        return False
+    return now - trial.datetime_start.timestamp() > UNSIGNED_GRACE_S

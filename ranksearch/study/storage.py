@@ -81,8 +81,9 @@ def worker_label() -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the running trials whose worker stopped sending heartbeats; each is re-queued for retry (Optuna's
-    heartbeats in a database, ours through a storage server)."""
+    """Fail the running trials whose worker stopped sending heartbeats, and orphans that never showed a sign of life;
+    each is re-queued for retry (Optuna's heartbeats in a database; ours through a storage server, and the orphans:
+    :func:`~ranksearch.study.heartbeat.is_silent`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
