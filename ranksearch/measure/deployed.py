@@ -50,7 +50,7 @@ def _layer_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     nothing else does; none when the model cannot be traced."""
     try:
         graph = fx.symbolic_trace(model).graph
-    except Exception:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError) on untraceable code
+    except Exception:  # torch.fx raises errors of many kinds on code it cannot trace
         return []
     modules = dict(model.named_modules())
     pairs = []
