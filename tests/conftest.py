@@ -22,6 +22,9 @@ from pgcluster import postgres_bindir
 from rich.console import Console
 
 import ranksearch as rs
+from ranksearch.data import load_dataset
+from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
+from ranksearch.models import build_model, load_checkpoint
 from ranksearch.study import RunSettings, SearchResult, run_search
 
 torch.set_num_threads(1)  # tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread
@@ -47,6 +50,33 @@ TINY_SPACE: dict[str, object] = {
     "data_aware": True,
 }
 """The search space of the tiny search (ResNet-18 on a Fashion-MNIST subset) that the end-to-end tests run."""
+
+
+TRAINED = Path(__file__).parent / "fixtures" / "legacy"
+"""A small CNN with trained weights (the legacy fixture's)."""
+
+
+def trained_tiny_evaluator(
+    options: EvaluatorOptions,
+    *,
+    latency_device: torch.device | None = None,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> ClassificationEvaluator:
+    """The trained tiny CNN (``wrap``-ped, if given) in the built-in evaluator on 512 Fashion-MNIST training images,
+    on CPU with one thread, timed on ``latency_device``."""
+    splits = load_dataset(
+        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=512, eval_subset=256
+    )
+    model = build_model(f"{TRAINED / 'tinynet.py'}:tiny", num_classes=10, in_channels=1, image_size=28)
+    model = load_checkpoint(model, TRAINED / "tiny.pt")
+    return ClassificationEvaluator(
+        model=model if wrap is None else wrap(model),
+        splits=splits,
+        device=torch.device("cpu"),
+        latency_device=latency_device,
+        options=options,
+        threads=1,
+    )
 
 
 def space_yaml(**changes: object) -> str:

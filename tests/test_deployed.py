@@ -6,21 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trained_tiny_evaluator
 from torch import nn
 
 from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.data import load_dataset
 from ranksearch.errors import RanksearchError
-from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
+from ranksearch.evaluate import EvaluatorOptions
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.models import build_model, load_checkpoint
+from ranksearch.models import build_model
 from ranksearch.search import SearchSpace, default_space_path, record_input_shapes, uniform_config
 from ranksearch.study.settings import RunSettings
 from ranksearch.study.storage import check_existing_study, open_study
 from ranksearch.techniques import get_technique, list_techniques
-
-TRAINED = Path(__file__).parent / "fixtures" / "legacy"
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +107,9 @@ def test_the_evaluator_times_the_deployed_form() -> None:
     """Folded or not, a config's accuracy is the same (scoring uses the fine-tuned model; an int8 config is timed
     folded then quantized, but scored quantized unfolded, as apply saves it), the folded BatchNorms are counted, and
     the trained model keeps its BatchNorms."""
-    splits = load_dataset(
-        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=512, eval_subset=256
-    )
     evaluators = {
-        fold: ClassificationEvaluator(
-            model=load_checkpoint(
-                build_model(f"{TRAINED / 'tinynet.py'}:tiny", num_classes=10, in_channels=1, image_size=28),
-                TRAINED / "tiny.pt",
-            ),
-            splits=splits,
-            device=torch.device("cpu"),
-            options=EvaluatorOptions(finetune_steps=3, batch_size=64, calib_batches=1, fold_batchnorm=fold),
-            threads=1,
+        fold: trained_tiny_evaluator(
+            EvaluatorOptions(finetune_steps=3, batch_size=64, calib_batches=1, fold_batchnorm=fold)
         )
         for fold in (False, True)
     }
@@ -150,17 +138,8 @@ class Guarded(nn.Module):
 def test_an_untraceable_model_is_timed_unfolded_beside_an_unfolded_dense_model() -> None:
     """When the uncompressed model cannot be folded, no config is: both are timed as trained (no folded count), so
     the speedup compares one form."""
-    splits = load_dataset(
-        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=512, eval_subset=256
-    )
-    tiny = build_model(f"{TRAINED / 'tinynet.py'}:tiny", num_classes=10, in_channels=1, image_size=28)
-    evaluator = ClassificationEvaluator(
-        model=Guarded(load_checkpoint(tiny, TRAINED / "tiny.pt")),
-        splits=splits,
-        device=torch.device("cpu"),
-        options=EvaluatorOptions(finetune_steps=2, batch_size=64, calib_batches=1),
-        threads=1,
-    )
+    options = EvaluatorOptions(finetune_steps=2, batch_size=64, calib_batches=1)
+    evaluator = trained_tiny_evaluator(options, wrap=Guarded)
     metrics = evaluator.evaluate(CompressionConfig(layers={"net.conv2": LayerChoice("svd", 0.25)}))
     assert metrics.extra["batchnorm_folded"] == 0.0 and metrics.latency_ms > 0
 

@@ -10,20 +10,16 @@ quantized there and the model is scored there), and the results must equal those
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import trained_tiny_evaluator
 
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.data import load_dataset
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
-from ranksearch.models import build_model, load_checkpoint
 from ranksearch.study.settings import RunSettings
 from ranksearch.training.loop import mixed_precision
-
-TRAINED = Path(__file__).parent / "fixtures" / "legacy"
 
 CONFIGS = {
     "float": CompressionConfig(layers={"conv2": LayerChoice("svd", 0.25)}),
@@ -34,18 +30,8 @@ CONFIGS = {
 
 
 def _evaluator(latency_device: torch.device | None) -> ClassificationEvaluator:
-    splits = load_dataset(
-        "fashion_mnist", root=Path("data"), val_fraction=0.1, seed=0, train_subset=512, eval_subset=256
-    )
-    model = build_model(f"{TRAINED / 'tinynet.py'}:tiny", num_classes=10, in_channels=1, image_size=28)
-    return ClassificationEvaluator(
-        model=load_checkpoint(model, TRAINED / "tiny.pt"),
-        splits=splits,
-        device=torch.device("cpu"),
-        latency_device=latency_device,
-        options=EvaluatorOptions(finetune_steps=4, batch_size=64, calib_batches=1, fold_batchnorm=False),
-        threads=1,
-    )
+    options = EvaluatorOptions(finetune_steps=4, batch_size=64, calib_batches=1, fold_batchnorm=False)
+    return trained_tiny_evaluator(options, latency_device=latency_device)
 
 
 @pytest.fixture(scope="module")
