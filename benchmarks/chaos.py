@@ -34,8 +34,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from ranksearch.results.record import RETRY_OF
 from ranksearch.study.budget import optimize_to_budget
-from ranksearch.study.storage import STALE_HEARTBEATS, fail_stale_trials, open_storage
+from ranksearch.study.heartbeat import STALE_HEARTBEATS, fail_silent_trials
+from ranksearch.study.storage import open_storage
 
 HEARTBEAT_S = 1
 STUDY = "chaos"
@@ -49,11 +51,8 @@ def worker(url: str, budget: int, trial_seconds: float) -> None:
         time.sleep(trial_seconds)
         return x, 1.0 - x
 
-    grpc = url.startswith("grpc://")
-    study = optuna.load_study(study_name=STUDY, storage=open_storage(url, heartbeat=HEARTBEAT_S))
-    optimize_to_budget(
-        study, objective, budget=budget, heartbeat=HEARTBEAT_S if grpc else None, console=Console(quiet=True)
-    )
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(url))
+    optimize_to_budget(study, objective, budget=budget, heartbeat=HEARTBEAT_S, console=Console(quiet=True))
 
 
 @dataclass
@@ -106,8 +105,8 @@ class StorageServer:
 
 
 def one_run(backend: str, url: str, args: argparse.Namespace, *, chaos: bool, server: StorageServer | None) -> Outcome:
-    optuna.create_study(study_name=STUDY, storage=open_storage(url, heartbeat=HEARTBEAT_S), directions=["maximize"] * 2)
-    study = optuna.load_study(study_name=STUDY, storage=open_storage(url, heartbeat=HEARTBEAT_S))
+    optuna.create_study(study_name=STUDY, storage=open_storage(url), directions=["maximize"] * 2)
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(url))
     command = [sys.executable, __file__, "--worker", url, "--trials", str(args.trials)]
     command += ["--trial-seconds", str(args.trial_seconds)]
     rng = random.Random(args.seed)
@@ -149,13 +148,13 @@ def one_run(backend: str, url: str, args: argparse.Namespace, *, chaos: bool, se
                 process.wait()
     seconds = time.monotonic() - start
     time.sleep(STALE_HEARTBEATS * HEARTBEAT_S + 1)  # the trials of killed workers go stale, as the next worker sees
-    fail_stale_trials(study)
+    fail_silent_trials(study)
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     states = [t.state for t in trials]
     complete = {t.number for t in trials if t.state == TrialState.COMPLETE}
-    retries = sum("failed_trial" in t.system_attrs or "retry_of" in t.user_attrs for t in trials)
-    optuna.delete_study(study_name=STUDY, storage=open_storage(url, heartbeat=None))
+    retries = sum(RETRY_OF in t.user_attrs for t in trials)
+    optuna.delete_study(study_name=STUDY, storage=open_storage(url))
     return Outcome(
         backend,
         "chaos" if chaos else "undisturbed",

@@ -138,13 +138,21 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny-cache")
 
 
+TINY_SEARCH_DROP = 30.0
+"""The shared tiny search's accuracy constraint (points)."""
+
+
 @pytest.fixture(scope="session")
 def tiny_search(
     tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path
 ) -> Iterator[tuple[RunSettings, SearchResult]]:
-    """One finished tiny search with an accuracy constraint (3 points) and its settings, shared by the tests that
-    only read a study: rows, show, export, plots, report. Tests that change a study run their own."""
-    settings = tiny_settings(tmp_path_factory.mktemp("tiny-search"), max_accuracy_drop=3.0, study_name="tiny")
+    """One finished tiny search with an accuracy constraint of 30 points and its settings, shared by the tests that
+    only read a study: rows, show, export, plots, report. Tests that change a study run their own. Its baseline is
+    barely trained (about 35 % accuracy), so 3-step fine-tunes drop 5 to 20 points, host by host: a tighter
+    constraint left no feasible trial to promote on some hosts."""
+    settings = tiny_settings(
+        tmp_path_factory.mktemp("tiny-search"), max_accuracy_drop=TINY_SEARCH_DROP, study_name="tiny"
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RANKSEARCH_CACHE_DIR", str(tiny_cache))
         rs.set_default_store(rs.FactorStore())

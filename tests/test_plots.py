@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_SEARCH_DROP
 from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner
@@ -31,7 +32,7 @@ NAMES = ("pareto", "layers", "progress")
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_search):
-    """The session's tiny search (7 trials: 5 anchors, 2 sampled; an accuracy constraint of 3 points)."""
+    """The session's tiny search (7 trials: 5 anchors, 2 sampled; an accuracy constraint of TINY_SEARCH_DROP points)."""
     return tiny_search[1]
 
 
@@ -86,7 +87,7 @@ def test_pareto_plot_shows_what_the_tables_hold(tiny_run) -> None:
         assert f"trial {point.trial}" in point.hover[0] and any("speedup" in line for line in point.hover)
     assert {p.anchor for p in info.points} >= {"baseline", "uniform svd@0.5"}
     baseline = tiny_run.baseline["accuracy"]
-    assert info.accuracy_floor == pytest.approx(baseline - 0.03)
+    assert info.accuracy_floor == pytest.approx(baseline - TINY_SEARCH_DROP / 100)
     assert info.latency_label.startswith("latency relative to the dense model")
 
 
@@ -133,8 +134,8 @@ def test_progress_is_monotone_and_agrees_with_the_progress_bar(tiny_run) -> None
     assert list(info.trials) == complete
     assert all(b >= a for a, b in zip(info.hypervolume, info.hypervolume[1:]))
     assert info.hypervolume[-1] > 0
-    assert info.budget_pp == 3.0
-    assert info.best_speedup[-1] == pytest.approx(best_speedup_within(study, 3.0))
+    assert info.budget_pp == TINY_SEARCH_DROP
+    assert info.best_speedup[-1] == pytest.approx(best_speedup_within(study, TINY_SEARCH_DROP))
 
 
 def synthetic_study() -> optuna.Study:

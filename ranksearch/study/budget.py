@@ -20,7 +20,7 @@ from rich.console import Console
 from ranksearch.errors import RanksearchError
 from ranksearch.results.record import Outcome, TrialRecord, TrialWriter, records
 from ranksearch.study.heartbeat import beating, fail_silent_trials
-from ranksearch.study.storage import POLL_S, fail_stale_trials, worker_label
+from ranksearch.study.storage import POLL_S, worker_label
 
 Objective = Callable[[optuna.Trial], "tuple[float, float] | float"]
 
@@ -96,11 +96,11 @@ def optimize_to_budget(
     """Run trials in this process until ``budget`` trials of the study count
     (:attr:`~ranksearch.results.record.TrialRecord.counts_toward_budget`), counting every worker's.
 
-    Before asking for a trial, a worker waits while counted plus RUNNING trials fill the budget
-    (a running trial may still fail, and its retry needs a worker), failing stale trials as it
-    polls; :class:`BudgetGuard` prunes the rare surplus trial of a race between workers before it is
-    evaluated. ``after_trial`` runs whenever the study's trials change. ``heartbeat``: seconds between attribute
-    heartbeats (through a storage server; None in a database). Returns how many trials this process completed.
+    Before asking for a trial, a worker fails stale trials, and waits while counted plus RUNNING trials
+    fill the budget (a running trial may still fail, and its retry needs a worker); :class:`BudgetGuard` prunes
+    the rare surplus trial of a race between workers before it is evaluated. ``after_trial`` runs whenever the
+    study's trials change. ``heartbeat``: seconds between the trials' heartbeats (None: none, for a study no other
+    process watches). Returns how many trials this process completed.
     """
     guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     with _remember_sigint() as interrupted:
@@ -154,12 +154,10 @@ def _optimize_loop(
         if deadline is not None and time.monotonic() >= deadline:
             console.print(f"--timeout {timeout:g}s reached with {counts['spent']} trials evaluated")
             return completed
+        fail_silent_trials(study)
         if counts["spent"] + counts[TrialState.RUNNING] >= budget:
-            fail_stale_trials(study)
             time.sleep(POLL_S)
             continue
-        if guard.heartbeat is not None:  # as Optuna fails stale trials before each trial in a database
-            fail_silent_trials(study)
         finished.clear()
         try:
             study.optimize(guard, n_trials=1, callbacks=[lambda _, trial: finished.append(trial)])

@@ -1,12 +1,13 @@
-"""Heartbeats through a storage server: a running trial's worker writes the time into a trial attribute.
+"""Heartbeats: a running trial's worker writes the time into a trial attribute, in every storage.
 
-Optuna's heartbeats live in the relational storage (a table a worker writes and every worker reads); its gRPC
-storage proxy does not carry them. So a worker that talks to a storage server (``--storage grpc://HOST:PORT``)
-records ``[unix time, seconds between beats]`` in the running trial's ``heartbeat`` attribute, and any worker that
-finds a running trial silent for ``STALE_HEARTBEATS`` beats fails it and queues it again with the same parameters
-and attributes, at most ``MAX_RETRIES`` times (as Optuna's ``RetryHeartbeatStaleTrialCallback`` does in a
-database). Workers compare their own clocks with the recorded time: machines' clocks must agree within a beat or
-two (NTP does). The attribute names are :mod:`ranksearch.results.record`'s.
+A worker records ``[unix time, seconds between beats]`` in the running trial's ``heartbeat`` attribute before it
+writes anything else on the trial, and any worker that finds a running trial silent for ``STALE_HEARTBEATS`` beats
+fails it and queues it again with the same parameters and attributes, at most ``MAX_RETRIES`` times (as Optuna's
+``RetryHeartbeatStaleTrialCallback`` does). One mechanism serves a database and a storage server alike: Optuna's
+own heartbeats live in a table of the relational storage, which its gRPC storage proxy does not carry, and they
+start after the trial is created, so a worker killed in between left a trial running forever (``benchmarks/
+chaos.py`` found it on SQLite). Workers compare their own clocks with the recorded time: machines' clocks must
+agree within a beat or two (NTP does). The attribute names are :mod:`ranksearch.results.record`'s.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ STALE_HEARTBEATS = 3
 MAX_RETRIES = 3
 """How often one trial is retried after its worker died."""
 UNSIGNED_GRACE_S = 60.0
-"""A running trial with no sign of life (no heartbeat, no worker label) this long after it started is an orphan."""
+"""A running trial with no heartbeat this long after it started is an orphan (or was left by an earlier release)."""
 _NOT_CARRIED = frozenset({HEARTBEAT, WORKER})
 
 
 @contextlib.contextmanager
 def beating(trial: optuna.Trial, every: int | None) -> Iterator[None]:
     """Around a trial's evaluation: with ``every`` (seconds), record a heartbeat now and then every ``every`` seconds
-    from a thread, which stops before the block ends; with None, nothing (the storage keeps Optuna's heartbeats)."""
+    from a thread, which stops before the block ends; with None, nothing (a study no other process watches)."""
     if every is None:
         yield
         return
@@ -85,13 +86,10 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
 
 def is_silent(trial: FrozenTrial, now: float) -> bool:
     """Whether a running trial's process is gone: its :data:`HEARTBEAT` is older than ``STALE_HEARTBEATS`` beats,
-    or it shows no sign of life at all (no heartbeat, no worker label) ``UNSIGNED_GRACE_S`` after it started: its
-    process died between creating it and evaluating it, before even Optuna's first heartbeat in a database (found
-    by ``benchmarks/chaos.py``: such a trial held the last slot of the budget forever). A labelled trial without
-    this heartbeat is watched by Optuna's heartbeats in the database."""
+    or it has none ``UNSIGNED_GRACE_S`` after it started: its process died between creating it and its first beat
+    (such a trial held the last slot of the budget forever), or an earlier release, whose trials beat in Optuna's
+    table, left it running when it was killed."""
     beat = trial.user_attrs.get(HEARTBEAT)
     if isinstance(beat, list) and len(beat) == 2:
         return now - beat[0] > STALE_HEARTBEATS * beat[1]
-    if WORKER in trial.user_attrs or trial.datetime_start is None:
-        return False
-    return now - trial.datetime_start.timestamp() > UNSIGNED_GRACE_S
+    return trial.datetime_start is not None and now - trial.datetime_start.timestamp() > UNSIGNED_GRACE_S

@@ -22,7 +22,8 @@ from ranksearch.evaluate import MultiFidelity
 from ranksearch.results.front import compresses_nothing
 from ranksearch.results.record import TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import BudgetGuard, Objective
-from ranksearch.study.storage import POLL_S, fail_stale_trials
+from ranksearch.study.heartbeat import fail_silent_trials
+from ranksearch.study.storage import POLL_S
 
 __all__ = ["promotion_candidates", "rank_by_fronts", "run_promotions"]
 
@@ -120,7 +121,7 @@ def run_promotions(
             if not pending:
                 break
             if not any(r.state == TrialState.WAITING for r in pending):
-                fail_stale_trials(study)  # a dead process's promotion is failed and re-queued
+                fail_silent_trials(study)  # a dead process's promotion is failed and re-queued
                 time.sleep(POLL_S)
                 continue
             study.optimize(guard, n_trials=1)

@@ -27,7 +27,7 @@ from ranksearch.study.promotion import run_promotions
 from ranksearch.study.recovery import recover_front
 from ranksearch.study.result import SearchResult
 from ranksearch.study.settings import RunSettings
-from ranksearch.study.storage import attribute_heartbeat, check_existing_study, open_study, storage_url
+from ranksearch.study.storage import check_existing_study, open_study, storage_url
 from ranksearch.study.workers import run_local_workers
 from ranksearch.util import file_digest
 
@@ -115,7 +115,7 @@ def _optimize(
                 budget=settings.search.budget,
                 timeout=settings.search.timeout,
                 after_trial=refresh,
-                heartbeat=attribute_heartbeat(settings),
+                heartbeat=settings.infra.heartbeat,
                 console=console,
             )
             return
@@ -146,5 +146,5 @@ def _promote(
         budget=settings.budget,
         console=console,
         after_trial=lambda: write_results(study, directory, layer_names=layer_names),
-        heartbeat=attribute_heartbeat(search.settings),
+        heartbeat=search.settings.infra.heartbeat,
     )

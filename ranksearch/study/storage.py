@@ -1,10 +1,8 @@
-"""The study's storage, shared by every worker: opening it, heartbeats and stale-trial retry, the study's identity.
+"""The study's storage, shared by every worker: opening it, the storage server, the study's identity.
 
 Optuna's relational storage is the distributed engine: workers on any machine share one study
-through PostgreSQL (or, on one machine, the embedded SQLite file). A running trial records a
-heartbeat every ``heartbeat`` seconds; one silent for ``STALE_HEARTBEATS`` heartbeats (its worker
-was killed) is failed by the next worker that looks and re-queued with the same parameters
-(:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`).
+through PostgreSQL (or, on one machine, the embedded SQLite file), directly or through its gRPC storage
+server. Running trials beat through an attribute (:mod:`ranksearch.study.heartbeat`) in every storage.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from rich.console import Console
 from ranksearch.errors import RanksearchError
 from ranksearch.results import STORAGE_FILE
 from ranksearch.results.record import IDENTITY, OBJECTIVES, SETTINGS
-from ranksearch.study.heartbeat import MAX_RETRIES, STALE_HEARTBEATS, fail_silent_trials
 from ranksearch.study.settings import RunSettings
 from ranksearch.util import GRPC_SCHEME, describe, digest, grpc_storage, sqlite_url
 
@@ -33,10 +30,9 @@ POLL_S = 1.0
 SQLITE_BUSY_TIMEOUT_S = 60
 
 
-def open_storage(url: str, *, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    """An Optuna relational storage at ``url`` with heartbeats and the retry of stale trials; for ``grpc://HOST:PORT``
-    a proxy of the storage server there (``ranksearch serve-storage``), whose trials beat through an attribute
-    (:mod:`ranksearch.study.heartbeat`).
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna relational storage at ``url``; for ``grpc://HOST:PORT`` a proxy of the storage server there
+    (``ranksearch serve-storage``).
 
     SQLite runs in WAL mode with a long busy timeout, and every transaction takes the write lock up
     front (``BEGIN IMMEDIATE``): with pysqlite's default deferred transactions, two workers can pop
@@ -47,19 +43,10 @@ def open_storage(url: str, *, heartbeat: int | None) -> optuna.storages.BaseStor
     sqlite = url.startswith("sqlite:///")
     if sqlite:
         _enable_wal(Path(url.removeprefix("sqlite:///")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=None if heartbeat is None else STALE_HEARTBEATS * heartbeat,
-            heartbeat_stale_trial_callback=None
-            if heartbeat is None
-            else optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}}
-            if sqlite
-            else {},
-        )
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}} if sqlite else {},
+    )
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage
@@ -80,30 +67,13 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the running trials whose worker stopped sending heartbeats, and orphans that never showed a sign of life;
-    each is re-queued for retry (Optuna's heartbeats in a database; ours through a storage server, and the orphans:
-    :func:`~ranksearch.study.heartbeat.is_silent`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    fail_silent_trials(study)
-
-
-def attribute_heartbeat(settings: RunSettings) -> int | None:
-    """Seconds between the attribute heartbeats of this run's trials: ``--heartbeat`` through a storage server (its
-    proxy has no heartbeat of Optuna's), None in a database (Optuna's own)."""
-    storage = settings.infra.storage
-    return settings.infra.heartbeat if storage is not None and storage.startswith(GRPC_SCHEME) else None
-
-
 def serve_storage(url: str, *, host: str, port: int, console: Console) -> None:
     """Serve the storage at ``url`` (a database URL) to workers over gRPC on ``host:port`` until interrupted: Optuna's
     storage proxy server, so that workers need neither a database driver nor its credentials."""
     if url.startswith(GRPC_SCHEME):
         raise RanksearchError(f"--storage {url}: serve a database (postgresql://..., sqlite:///...), not a server")
     try:
-        storage = open_storage(url, heartbeat=None)
+        storage = open_storage(url)
         storage.get_all_studies()  # fails now on an unreachable database, not at the first worker
     except RanksearchError:
         raise
@@ -143,7 +113,7 @@ def check_existing_study(settings: RunSettings, directory: Path) -> None:
     if settings.infra.storage is None and not (directory / STORAGE_FILE).is_file():
         return
     try:
-        storage = open_storage(storage_url(settings, directory), heartbeat=settings.infra.heartbeat)
+        storage = open_storage(storage_url(settings, directory))
         study_id = storage.get_study_id_from_name(settings.name())
     except KeyError:
         return
@@ -160,7 +130,7 @@ def open_study(settings: RunSettings, directory: Path) -> optuna.Study:
     new_database = settings.infra.storage is None and not database.exists()
     try:
         study = optuna.create_study(
-            storage=open_storage(storage_url(settings, directory), heartbeat=settings.infra.heartbeat),
+            storage=open_storage(storage_url(settings, directory)),
             sampler=sampler(settings),
             study_name=settings.name(),
             directions=["maximize", "minimize"],

@@ -24,12 +24,13 @@ from ranksearch.measure.latency import torch_threads
 from ranksearch.results import STORAGE_FILE, load_study
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS
 from ranksearch.study.budget import optimize_to_budget, trial_counts
+from ranksearch.study.heartbeat import fail_silent_trials
 from ranksearch.study.objective import Objective
 from ranksearch.study.prepared import PreparedSearch, evaluator_factory
 from ranksearch.study.problem import load_space
 from ranksearch.study.progress import quiet_optuna
 from ranksearch.study.settings import RunSettings
-from ranksearch.study.storage import POLL_S, attribute_heartbeat, fail_stale_trials, open_storage, worker_label
+from ranksearch.study.storage import POLL_S, open_storage, worker_label
 from ranksearch.util import file_digest, sqlite_url
 
 STOP_GRACE_S = 10.0
@@ -78,9 +79,7 @@ def join_study(
     factory = evaluator_factory(settings)
     label = worker_label()
     with torch_threads(settings.infra.threads), quiet_optuna():
-        study = optuna.load_study(
-            study_name=study.study_name, storage=open_storage(url, heartbeat=settings.infra.heartbeat)
-        )
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
         space = load_space(settings.search.space, timing_device, console)
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=lambda: study, console=console
@@ -92,7 +91,7 @@ def join_study(
             Objective(search),
             budget=budget,
             timeout=settings.search.timeout,
-            heartbeat=attribute_heartbeat(settings),
+            heartbeat=settings.infra.heartbeat,
             console=console,
         )
     console.print(f"worker {label}: completed {done} trials; study {study.study_name}: {_progress(study, budget)}")
@@ -161,7 +160,7 @@ def run_local_workers(
             if counts != seen:
                 refresh()
                 seen = counts
-            fail_stale_trials(study)
+            fail_silent_trials(study)
             multiprocessing.connection.wait([p.sentinel for p in alive], timeout=POLL_S)
     finally:
         _stop(processes)
