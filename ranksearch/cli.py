@@ -194,8 +194,16 @@ def run(
     checkpoint: Annotated[Path | None, typer.Option(help="trained weights (a state_dict)")] = ProblemSpec.checkpoint,
     trust_checkpoint: TrustCheckpoint = ProblemSpec.trust_checkpoint,
     weights: Annotated[
-        str | None, typer.Option(help="torchvision pretrained weights name (online)")
+        str | None,
+        typer.Option(
+            help="pretrained weights name, downloaded (with --checkpoint: only how images are preprocessed); "
+            "image folders are preprocessed as the weights expect"
+        ),
     ] = ProblemSpec.weights,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="imagefolder: crop side in pixels (default: the images' own size, or the weights')"),
+    ] = ProblemSpec.image_size,
     data_root: Annotated[Path, typer.Option(help="dataset directory")] = ProblemSpec.data_root,
     download: Annotated[bool, typer.Option(help="download the dataset when online")] = ProblemSpec.download,
     evaluator: Annotated[str | None, typer.Option(help="custom evaluator, package.module:Class")] = InfraSpec.evaluator,
@@ -210,6 +218,7 @@ def run(
             checkpoint=checkpoint,
             trust_checkpoint=trust_checkpoint,
             weights=weights,
+            image_size=image_size,
             data_root=data_root,
             download=download,
             train_subset=train_subset,
@@ -278,6 +287,33 @@ def techniques() -> None:
             "yes" if t.data_aware_capable else "no",
         )
     _console(stderr=False).print(table)
+
+
+@app.command("sample-folder")
+@user_errors
+def sample_folder(
+    path: Annotated[Path, typer.Argument(help="where train/CLASS/*.jpg and test/CLASS/*.jpg are written")],
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 224,
+    train_per_class: Annotated[int, typer.Option(help="training images per class")] = 300,
+    test_per_class: Annotated[int, typer.Option(help="test images per class")] = 60,
+    classes: Annotated[int, typer.Option(help="classes (2 to 10)")] = 10,
+    data_root: Annotated[Path, typer.Option(help="where Fashion-MNIST is read from")] = ProblemSpec.data_root,
+) -> None:
+    """Write an RGB image folder to try --dataset imagefolder:PATH offline (Fashion-MNIST, upscaled into colour)."""
+    from ranksearch.data.sample import write_sample_folder
+
+    written = write_sample_folder(
+        path,
+        data_root=data_root,
+        size=size,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        classes=classes,
+    )
+    _console(stderr=False).print(
+        f"wrote {written['train']} training and {written['test']} test images under {path}; "
+        f"search it with --dataset imagefolder:{path}"
+    )
 
 
 @app.command()

@@ -185,6 +185,7 @@ TOOLS: dict[str, tuple[Callable[[], str | None], ...]] = {
     "postgresql": (_postgresql_server, _PSYCOPG2),
     "chromium": (_python_package("playwright", "pip install -e '.[dev]'"), _chromium_binary),
     "tensorly": (_python_package("tensorly", "pip install -e '.[dev]'"),),
+    "timm": (_python_package("timm", "pip install -e '.[timm]'"),),
 }
 """What each tool needs: checks that return why it is missing, or None."""
 

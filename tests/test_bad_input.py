@@ -188,6 +188,8 @@ BAD_OPTIONS = [
     (["--val-fraction", "1.5"], ["--val-fraction 1.5"]),
     (["--val-fraction", "0"], ["--val-fraction 0.0"]),
     (["--dataset", "imagefolder:missing/path"], ["missing/path", "imagefolder:PATH"]),
+    (["--image-size", "64"], ["--image-size 64", "applies to imagefolder:PATH"]),
+    (["--dataset", "imagefolder:x", "--image-size", "0"], ["--image-size 0"]),
     (["--storage", "not-a-url"], ["--storage not-a-url"]),
     (["--evaluator", "nowhere.module:Thing"], ["--evaluator 'nowhere.module:Thing'"]),
     (["--promote-steps", "300,100"], ["--promote-steps '300,100'", "300,1500"]),

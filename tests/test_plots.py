@@ -89,6 +89,26 @@ def test_pareto_plot_shows_what_the_tables_hold(tiny_run) -> None:
     baseline = tiny_run.baseline["accuracy"]
     assert info.accuracy_floor == pytest.approx(baseline - TINY_SEARCH_DROP / 100)
     assert info.latency_label.startswith("latency relative to the dense model")
+    assert "eager torch on cpu, batch 1, 1 thread)" in info.latency_label  # the target: tiny runs time unfolded
+
+
+@pytest.mark.parametrize(
+    ("settings", "target"),
+    [
+        (
+            {"device": "cuda", "latency_device": "cpu", "fold_batchnorm": True, "threads": 4},
+            "eager torch, BatchNorm folded on cpu, batch 1, 4 threads",
+        ),
+        (
+            {"latency_backend": "onnxruntime", "device": "cpu", "latency_batch": 8},
+            "ONNX Runtime on cpu, batch 8, default threads",
+        ),
+        ({}, "eager torch on cpu, batch 1, default threads"),  # a study from before these settings were recorded
+    ],
+)
+def test_the_latency_axis_names_the_target(settings: dict, target: str) -> None:
+    rows = StudyRows("s", [], [], [], {}, settings, {}, None, relative=True)
+    assert rows.latency_label().endswith(f"(1 / speedup; {target})")
 
 
 def test_heatmap_rows_are_the_searched_layers_and_cells_match_the_tables(tiny_run) -> None:

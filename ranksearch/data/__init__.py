@@ -1,30 +1,51 @@
-"""Datasets as in-memory uint8 tensors with cheap batched augmentation, split into train/val/test.
+"""Datasets split into train/val/test: the small built-in ones in memory, image folders streamed from disk.
 
-Every supported dataset fits in memory, so images are decoded once and each batch is gathered,
-augmented (random crop with zero padding, horizontal flip where it makes sense) and normalised
-with a few tensor operations instead of a PIL transform per image.
+The built-in datasets (Fashion-MNIST, MNIST, CIFAR) fit in memory, so their images are decoded once and each batch
+is gathered, augmented (random crop with zero padding, horizontal flip where it makes sense) and normalised with a
+few tensor operations instead of a PIL transform per image. ``imagefolder:PATH`` is read lazily at native
+resolution by DataLoader worker processes (:mod:`ranksearch.data.folder`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ranksearch.data.folder import (
+    FolderImageDataset,
+    PathTable,
+    Preprocessing,
+    collate_readable,
+    default_loader_workers,
+    measured_normalisation,
+    scan_folder,
+    skipped_message,
+)
 from ranksearch.errors import RanksearchError
 from ranksearch.util import first_line
 
-__all__ = ["DATASETS", "DataSplits", "TensorImageDataset", "load_dataset", "make_loader"]
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "FolderImageDataset",
+    "ImageDataset",
+    "Preprocessing",
+    "TensorImageDataset",
+    "load_dataset",
+    "make_loader",
+]
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder:PATH")
+IMAGEFOLDER_PREFIX = "imagefolder:"
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGEFOLDER_MAX_SIZE = 64
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,8 @@ class TensorImageDataset(Dataset):
         return images * self._scale - self._shift, self.labels[indices]
 
     def subset(self, indices: torch.Tensor, *, augment: bool | None = None) -> TensorImageDataset:
-        """A dataset over ``indices`` sharing normalisation (and augmentation unless overridden)."""
+        """A dataset over ``indices`` (positions in this one) sharing normalisation (and augmentation unless
+        overridden)."""
         return TensorImageDataset(
             self.images[indices],
             self.labels[indices],
@@ -136,6 +158,11 @@ class TensorImageDataset(Dataset):
             hflip=self.hflip,
             indices=self.indices[indices],
         )
+
+    def digest_into(self, hasher: hashlib.blake2b) -> None:
+        """Feed what defines this dataset to ``hasher``: its images and labels."""
+        hasher.update(self.images.contiguous().numpy().tobytes())
+        hasher.update(self.labels.contiguous().numpy().tobytes())
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -153,19 +180,38 @@ class TensorImageDataset(Dataset):
         return images.contiguous()
 
 
+class ImageDataset(Protocol):
+    """What the tool needs of a split: items ``(image, label)``, labels, index subsets and a digest."""
+
+    augment: bool
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None: ...
+
+    def subset(self, indices: torch.Tensor, *, augment: bool | None = None) -> ImageDataset: ...
+
+    def digest_into(self, hasher: hashlib.blake2b) -> None: ...
+
+
 @dataclass(frozen=True)
 class DataSplits:
     """Train and val carved from the official training set with a seeded split; test is the official test set.
-    ``full_val`` is the whole validation split when ``val`` is only its first ``eval_subset`` images (else None)."""
+    ``full_val`` is the whole validation split when ``val`` is only its first ``eval_subset`` images (else None).
+    ``notes``: what the run should tell the user about the data (unreadable files skipped)."""
 
     name: str
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     num_classes: int
     in_channels: int
     image_size: int
-    full_val: Dataset | None = None
+    full_val: ImageDataset | None = None
+    notes: tuple[str, ...] = ()
 
 
 def load_dataset(
@@ -177,64 +223,163 @@ def load_dataset(
     download: bool = False,
     train_subset: int | None = None,
     eval_subset: int | None = None,
+    preprocessing: Preprocessing | None = None,
+    image_size: int | None = None,
+    loader_workers: int | None = None,
 ) -> DataSplits:
-    """Load ``name`` (one of ``DATASETS``) from ``root`` into memory and split it.
+    """Load ``name`` (one of ``DATASETS``) from ``root`` and split it.
 
     ``val_fraction`` of the training set (seeded by ``seed``) becomes the validation split.
     ``train_subset`` / ``eval_subset`` keep a seeded random subset of the train / val and test splits.
     ``imagefolder:PATH`` reads ``PATH/train`` plus ``PATH/val`` or ``PATH/test`` (the test split), or a
-    single folder of class subfolders; images are resized to the smallest side found (at most
-    ``IMAGEFOLDER_MAX_SIZE`` pixels) and the normalisation is measured on the training images.
+    single folder of class subfolders (``val_fraction`` of it becomes the test split), streamed from disk by
+    ``loader_workers`` processes (default :func:`~ranksearch.data.folder.default_loader_workers`): with
+    ``preprocessing`` (a pretrained model's), as its weights expect; otherwise at ``image_size`` (default: the
+    images' own size) with the normalisation measured on the training images. ``image_size`` and
+    ``preprocessing`` apply to image folders only.
     """
     if not 0.0 < val_fraction < 1.0:
         raise RanksearchError(f"val_fraction {val_fraction} is out of range; pass a value between 0 and 1")
-    root = Path(root).expanduser()
-    if name.startswith("imagefolder:"):
-        train_images, train_labels, test_images, test_labels, classes = _load_imagefolder(Path(name[12:]))
-        mean, std = _channel_stats(train_images)
-        info = _Info(mean, std, max(1, train_images.shape[-1] // 8), True, "")
-    elif name in _INFO:
-        info = _INFO[name]
-        train_images, train_labels, test_images, test_labels, classes = _load_torchvision(name, root, download, info)
-    else:
+    split = _Split(val_fraction, seed, train_subset, eval_subset)
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        workers = default_loader_workers() if loader_workers is None else loader_workers
+        return _load_imagefolder(
+            name, Path(name.removeprefix(IMAGEFOLDER_PREFIX)).expanduser(), split, preprocessing, image_size, workers
+        )
+    if name not in _INFO:
         raise RanksearchError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
-
-    generator = torch.Generator().manual_seed(seed)
-    if not test_labels.numel():
-        order = torch.randperm(len(train_labels), generator=generator)
-        n_test = max(1, round(len(order) * val_fraction))
-        test_images, test_labels = train_images[order[:n_test]], train_labels[order[:n_test]]
-        train_images, train_labels = train_images[order[n_test:]], train_labels[order[n_test:]]
+    if image_size is not None:
+        raise RanksearchError(
+            f"--image-size {image_size}: {name} is used at its own size; --image-size applies to imagefolder:PATH"
+        )
+    info = _INFO[name]
+    train_images, train_labels, test_images, test_labels, classes = _load_torchvision(
+        name, Path(root).expanduser(), download, info
+    )
     full = TensorImageDataset(
         train_images, train_labels, mean=info.mean, std=info.std, crop_padding=info.crop_padding, hflip=info.hflip
     )
-    order = torch.randperm(len(full), generator=generator)
-    n_val = max(1, round(len(order) * val_fraction))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    test_idx = torch.randperm(len(test_labels), generator=generator)
-    if train_subset is not None:
-        train_idx = train_idx[:train_subset]
-    all_val_idx = val_idx
-    if eval_subset is not None:
-        val_idx, test_idx = val_idx[:eval_subset], test_idx[:eval_subset]
     test = TensorImageDataset(test_images, test_labels, mean=info.mean, std=info.std)
-    return DataSplits(
-        name=name,
-        train=full.subset(train_idx, augment=True),
-        val=full.subset(val_idx, augment=False),
-        test=test.subset(test_idx.sort().values),
+    return split.of(
+        name,
+        full,
+        test,
+        split.generator(),
         num_classes=classes,
         in_channels=train_images.shape[1],
         image_size=train_images.shape[-1],
-        full_val=full.subset(all_val_idx, augment=False) if len(all_val_idx) > len(val_idx) else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Split:
+    """How a dataset is split and subset (seeded)."""
+
+    val_fraction: float
+    seed: int
+    train_subset: int | None
+    eval_subset: int | None
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def of(
+        self,
+        name: str,
+        full: ImageDataset,
+        test: ImageDataset,
+        generator: torch.Generator,
+        *,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        notes: tuple[str, ...] = (),
+    ) -> DataSplits:
+        """Val carved from ``full`` (the official training set), the rest train; subsets of each; ``test``."""
+        order = torch.randperm(len(full), generator=generator)
+        n_val = max(1, round(len(order) * self.val_fraction))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        test_idx = torch.randperm(len(test), generator=generator)
+        if self.train_subset is not None:
+            train_idx = train_idx[: self.train_subset]
+        all_val_idx = val_idx
+        if self.eval_subset is not None:
+            val_idx, test_idx = val_idx[: self.eval_subset], test_idx[: self.eval_subset]
+        return DataSplits(
+            name=name,
+            train=full.subset(train_idx, augment=True),
+            val=full.subset(val_idx, augment=False),
+            test=test.subset(test_idx.sort().values, augment=False),
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            full_val=full.subset(all_val_idx, augment=False) if len(all_val_idx) > len(val_idx) else None,
+            notes=notes,
+        )
+
+
+def _load_imagefolder(
+    name: str,
+    path: Path,
+    split: _Split,
+    preprocessing: Preprocessing | None,
+    image_size: int | None,
+    workers: int,
+) -> DataSplits:
+    scan = scan_folder(path)
+    if preprocessing is None:
+        side = image_size or scan.side
+        preprocessing = Preprocessing(size=side, resize=side)
+    elif image_size is not None:
+        preprocessing = preprocessing.with_size(image_size)
+    train_names, train_labels = scan.train
+    test_names, test_labels = scan.test or ([], [])
+    files = PathTable(scan.root, [*train_names, *test_names])
+    labels = torch.tensor([*train_labels, *test_labels], dtype=torch.int64)
+    generator = split.generator()
+    train_positions = torch.arange(len(train_names))
+    test_positions = torch.arange(len(train_names), len(labels))
+    if scan.test is None:  # a single folder: its test split is carved out first
+        order = torch.randperm(len(train_names), generator=generator)
+        n_test = max(1, round(len(order) * split.val_fraction))
+        test_positions, train_positions = order[:n_test].sort().values, order[n_test:].sort().values
+    if preprocessing.mean is None or preprocessing.std is None:
+        mean, std = measured_normalisation(files, labels[train_positions], preprocessing, grey=scan.grey, seed=0)
+        preprocessing = replace(preprocessing, mean=mean, std=std)
+    full, test = (
+        FolderImageDataset(
+            files, labels, preprocessing=preprocessing, grey=scan.grey, indices=positions, loader_workers=workers
+        )
+        for positions in (train_positions, test_positions)
+    )
+    note = skipped_message(scan)
+    return split.of(
+        name,
+        full,
+        test,
+        generator,
+        num_classes=len(scan.classes),
+        in_channels=1 if scan.grey else 3,
+        image_size=preprocessing.size,
+        notes=() if note is None else (note,),
     )
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int | None = None) -> DataLoader:
-    """A single-process loader; shuffled loaders (seeded by ``seed``) drop a ragged last batch."""
+    """A loader (shuffled loaders, seeded by ``seed``, drop a ragged last batch); an image folder's batches are
+    decoded by its worker processes, and an unreadable image is dropped from its batch."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     drop_last = shuffle and len(dataset) > batch_size
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+    workers = getattr(dataset, "loader_workers", 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=workers,
+        collate_fn=collate_readable if isinstance(dataset, FolderImageDataset) else None,
+    )
 
 
 def _load_torchvision(
@@ -280,55 +425,3 @@ def _copy_system_fashion_mnist(raw: Path) -> None:
         with gzip.open(source, "rb") as src, partial.open("wb") as dst:
             shutil.copyfileobj(src, dst)
         partial.replace(target)
-
-
-def _load_imagefolder(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    if not path.is_dir():
-        raise RanksearchError(f"imagefolder {path} is not a directory; pass imagefolder:PATH with class subfolders")
-    train_dir = path / "train"
-    test_dir = next((path / sub for sub in ("val", "test") if (path / sub).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        train_dir, test_dir = path, None
-    classes = sorted(entry.name for entry in train_dir.iterdir() if entry.is_dir())
-    train_files = _image_files(train_dir, classes)
-    test_files = _image_files(test_dir, classes) if test_dir is not None else []
-    if not classes or not train_files:
-        raise RanksearchError(f"imagefolder {train_dir} holds no class subfolders with images; add CLASS/*.png etc.")
-    from PIL import Image
-
-    sizes, modes = [], set()
-    for file, _ in train_files + test_files:
-        with Image.open(file) as image:
-            sizes.append(min(image.size))
-            modes.add(image.mode)
-    size = min(min(sizes), IMAGEFOLDER_MAX_SIZE)
-    mode = "L" if modes <= {"L", "1", "I", "I;16", "F"} else "RGB"
-    return (*_decode(train_files, size, mode), *_decode(test_files, size, mode), len(classes))
-
-
-def _image_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    return [
-        (file, label)
-        for label, cls in enumerate(classes)
-        if (folder / cls).is_dir()
-        for file in sorted((folder / cls).rglob("*"))
-        if file.suffix.lower() in IMAGE_SUFFIXES
-    ]
-
-
-def _decode(files: list[tuple[Path, int]], size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
-    channels = 1 if mode == "L" else 3
-    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
-    for i, (file, _) in enumerate(files):
-        with Image.open(file) as image:
-            tensor = F.pil_to_tensor(image.convert(mode))
-        images[i] = F.center_crop(F.resize(tensor, [size], antialias=True), [size, size])
-    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
-
-
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    flat = images.transpose(0, 1).reshape(images.shape[1], -1).float() / 255.0
-    return tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-3).tolist())

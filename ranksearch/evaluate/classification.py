@@ -164,9 +164,9 @@ class ClassificationEvaluator(
         self.eval_batches = eval_batches
         self.seed = seed
         count = min(zero_shot_images, len(splits.val))
-        self.zero_shot_set = torch.utils.data.Subset(splits.val, range(count))
+        self.zero_shot_set = splits.val.subset(torch.arange(count))
         self._zero_shot_baseline: float | None = None
-        self.divergence_set = torch.utils.data.Subset(splits.val, range(min(divergence_images, len(splits.val))))
+        self.divergence_set = splits.val.subset(torch.arange(min(divergence_images, len(splits.val))))
         self._dense_log_probs: torch.Tensor | None = None  # the uncompressed model's outputs on the divergence set
         self._recalibrated: _Recalibrated | None = None
         self._finetuned: list[_Finetuned] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -20,7 +21,15 @@ from torch import nn
 from ranksearch.errors import RanksearchError
 from ranksearch.util import describe, first_line, import_module_from
 
-__all__ = ["ModelEntry", "build_model", "find_models", "list_model_names", "load_checkpoint", "model_family"]
+__all__ = [
+    "ModelEntry",
+    "build_model",
+    "find_models",
+    "list_model_names",
+    "load_checkpoint",
+    "model_family",
+    "pretrained_preprocessing",
+]
 
 SMALL_IMAGE_SIZE = 64
 TIMM_PREFIX = "timm:"
@@ -257,13 +266,46 @@ def _build_torchvision(
     return model
 
 
-def _pretrained(name: str, weights: str) -> nn.Module:
+def pretrained_preprocessing(spec: str, weights: str | None) -> dict[str, Any] | None:
+    """How the images behind ``spec``'s pretrained ``weights`` were preprocessed, read offline from the weights'
+    metadata: ``{"size": crop side, "resize": shorter side before the crop, "mean", "std", "interpolation"}``; None
+    without weights (or for a custom model)."""
+    if weights is None or ":" in spec.removeprefix(TIMM_PREFIX):
+        return None
+    if spec.startswith(TIMM_PREFIX):
+        config = _timm().models.get_pretrained_cfg(spec.removeprefix(TIMM_PREFIX))
+        if config is None:
+            return None
+        size = int(config.input_size[-1])
+        return {
+            "size": size,
+            "resize": math.floor(size / config.crop_pct),
+            "mean": tuple(config.mean),
+            "std": tuple(config.std),
+            "interpolation": str(config.interpolation or "bilinear"),
+        }
+    _check_name(spec)
+    transforms = _weights_enum(spec, weights).transforms()
+    return {
+        "size": int(transforms.crop_size[0]),
+        "resize": int(transforms.resize_size[0]),
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+        "interpolation": transforms.interpolation.value,
+    }
+
+
+def _weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:
     enum = torchvision.models.get_model_weights(name)
     try:
-        resolved = enum[weights.upper()]
+        return enum[weights.upper()]
     except KeyError:
         known = ", ".join(["DEFAULT", *(w.name for w in enum)])
         raise RanksearchError(f"unknown weights {weights!r} for {name}; use one of {known}") from None
+
+
+def _pretrained(name: str, weights: str) -> nn.Module:
+    resolved = _weights_enum(name, weights)
     try:
         return torchvision.models.get_model(name, weights=resolved)
     except Exception as exc:

@@ -157,8 +157,9 @@ def _calibration_inputs(
     needing = [name for name, choice in config.layers.items() if choice.int8 or choice.data_aware]
     if not needing:
         return None
-    from ranksearch.data import load_dataset
+    from ranksearch.data import Preprocessing, load_dataset
     from ranksearch.evaluate.classification import calibration_batch
+    from ranksearch.models import pretrained_preprocessing
 
     settings = dict(config.meta.get("settings") or {})
     dataset = dataset or settings.get("dataset")
@@ -167,12 +168,15 @@ def _calibration_inputs(
             f"layer {needing[0]!r} is int8/data-aware and needs calibration images, but the config names no dataset; "
             "pass --dataset"
         )
+    pretrained = pretrained_preprocessing(str(settings.get("model", "")), settings.get("weights"))
     splits = load_dataset(
         str(dataset),
         root=Path(data_root or settings.get("data_root") or "data"),
         val_fraction=float(settings.get("val_fraction", 0.1)),
         seed=int(settings.get("seed", 0)),
         train_subset=settings.get("train_subset"),
+        preprocessing=None if pretrained is None else Preprocessing(**pretrained),
+        image_size=settings.get("image_size"),
     )
     return calibration_batch(
         splits.train,

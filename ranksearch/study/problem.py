@@ -12,10 +12,17 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ranksearch.data import DataSplits, TensorImageDataset, load_dataset
+from ranksearch.data import (
+    DataSplits,
+    FolderImageDataset,
+    ImageDataset,
+    Preprocessing,
+    load_dataset,
+    make_loader,
+)
 from ranksearch.errors import RanksearchError
-from ranksearch.models import build_model, load_checkpoint
-from ranksearch.results.record import FINGERPRINT
+from ranksearch.models import build_model, load_checkpoint, pretrained_preprocessing
+from ranksearch.results.record import FINGERPRINT, SETTINGS
 from ranksearch.search import SearchSpace, record_input_shapes
 from ranksearch.study.settings import RunSettings
 from ranksearch.training import DEFAULT_RECIPE, train_baseline
@@ -66,6 +73,7 @@ def load_space(path: str | Path, latency_device: torch.device, console: Console)
 def load_splits(settings: RunSettings, *, eval_subset: int | None) -> DataSplits:
     """The run's data splits, with ``eval_subset`` images of validation and test (None: all of them)."""
     problem = settings.problem
+    pretrained = pretrained_preprocessing(problem.model, problem.weights)
     return load_dataset(
         problem.dataset,
         root=problem.data_root,
@@ -74,6 +82,8 @@ def load_splits(settings: RunSettings, *, eval_subset: int | None) -> DataSplits
         download=problem.download,
         train_subset=problem.train_subset,
         eval_subset=eval_subset,
+        preprocessing=None if pretrained is None else Preprocessing(**pretrained),
+        image_size=problem.image_size,
     )
 
 
@@ -93,12 +103,14 @@ def load_problem(
     timing = settings.infra.devices()[1]
     problem = settings.problem
     splits = load_splits(settings, eval_subset=problem.eval_subset)
+    for note in splits.notes:
+        console.print(note)
     model = build_model(
         problem.model,
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         image_size=splits.image_size,
-        weights=problem.weights,
+        weights=None if problem.checkpoint is not None else problem.weights,  # the checkpoint holds the weights
     )
     if space is not None:
         space.check_layers(model)
@@ -125,6 +137,7 @@ def load_problem(
                 "train_subset": problem.train_subset,
                 "val_fraction": problem.val_fraction,
                 "seed": problem.seed,
+                **({"data": _digest_of(splits.train)} if isinstance(splits.train, FolderImageDataset) else {}),
             },
         )
         if phases is not None:
@@ -134,7 +147,8 @@ def load_problem(
         checkpoint = Path(info["path"])
     model = model.to(device).eval()
     _check_weights(model, problem.checkpoint)
-    example = splits.val[0][0].unsqueeze(0).repeat(settings.evaluation.latency_batch, 1, 1, 1).to(device)
+    first = next(iter(make_loader(splits.val, batch_size=1, shuffle=False)))[0]  # an unreadable image is skipped
+    example = first.repeat(settings.evaluation.latency_batch, 1, 1, 1).to(device)
     return RunContext(
         settings,
         model,
@@ -145,6 +159,13 @@ def load_problem(
         checkpoint.resolve(),
         None if timing == device else timing,
     )
+
+
+def _digest_of(dataset: ImageDataset) -> str:
+    """A digest of what defines ``dataset`` (an image folder's files, labels and preprocessing)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    dataset.digest_into(hasher)
+    return hasher.hexdigest()
 
 
 def _check_weights(model: nn.Module, checkpoint: Path | None) -> None:
@@ -163,10 +184,7 @@ def problem_fingerprint(model: nn.Module, splits: DataSplits) -> dict[str, str]:
             weights.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     data = hashlib.blake2b(digest_size=16)
     for split in (splits.train, splits.val, splits.test):
-        if not isinstance(split, TensorImageDataset):
-            raise TypeError(f"cannot fingerprint a {type(split).__name__}; expected a TensorImageDataset")
-        data.update(split.images.contiguous().numpy().tobytes())
-        data.update(split.labels.contiguous().numpy().tobytes())
+        split.digest_into(data)
     return {"model": weights.hexdigest(), "data": data.hexdigest()}
 
 
@@ -183,6 +201,11 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict[str, str], *, check
             f"pass --checkpoint with the file the study was measured with (its 'model' attribute names it)"
         )
     if recorded.get("data") != fingerprint["data"]:
-        raise RanksearchError(
-            f"study {name!r}: the dataset here differs from the study's; point --data-root at the same dataset files"
+        dataset = str(SETTINGS.read(study).get("dataset", "")) if SETTINGS.stored(study) else ""
+        fix = (
+            "the same files must be in the folder (a study of an image folder recorded before 2026-11-30 measured it "
+            "at 64 px at most and does not resume; start a new one with --study-name)"
+            if dataset.startswith("imagefolder:")
+            else "point --data-root at the same dataset files"
         )
+        raise RanksearchError(f"study {name!r}: the dataset here differs from the study's; {fix}")

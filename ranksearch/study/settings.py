@@ -41,6 +41,8 @@ class ProblemSpec:
     trust_checkpoint: bool = False
     """Unpickle a checkpoint holding more than tensors (a whole model): it can run code (see ``load_checkpoint``)."""
     weights: str | None = None
+    image_size: int | None = None
+    """An image folder's crop side (None: the images' own size, or the pretrained weights')."""
     data_root: Path = Path("data")
     download: bool = False
     train_subset: int | None = None
@@ -55,6 +57,7 @@ class ProblemSpec:
         "dataset",
         "checkpoint",
         "weights",
+        "image_size",
         "eval_subset",
         "train_subset",
         "val_fraction",
@@ -64,9 +67,14 @@ class ProblemSpec:
 
     def validate(self) -> None:
         _positive(
-            {"--eval-subset": self.eval_subset, "--train-subset": self.train_subset},
+            {"--eval-subset": self.eval_subset, "--train-subset": self.train_subset, "--image-size": self.image_size},
             {"--baseline-epochs": self.baseline_epochs},
         )
+        if self.image_size is not None and not self.dataset.startswith("imagefolder:"):
+            raise RanksearchError(
+                f"--image-size {self.image_size}: {self.dataset} is used at its own size; "
+                "--image-size applies to imagefolder:PATH"
+            )
         if self.baseline_nuclear_norm < 0:
             raise RanksearchError(
                 f"--baseline-nuclear-norm {self.baseline_nuclear_norm}: must be 0 (off) or more; pass e.g. 1e-4"

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ranksearch.data import DataSplits, TensorImageDataset, make_loader
+from ranksearch.data import DataSplits, make_loader
 from ranksearch.regularize import NuclearNormPenalty
 from ranksearch.training.evaluation import evaluate_accuracy
 from ranksearch.training.loop import check_finite, fast_training, mixed_precision, to_device
@@ -95,7 +95,7 @@ def train_baseline(
     torch.manual_seed(recipe.seed)
     model.to(device)
     train = splits.train
-    if isinstance(train, TensorImageDataset) and train.augment != recipe.augment:
+    if train.augment != recipe.augment:
         train = train.subset(torch.arange(len(train)), augment=recipe.augment)
     loader = make_loader(train, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed)
     steps = recipe.epochs * len(loader)

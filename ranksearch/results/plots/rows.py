@@ -58,11 +58,16 @@ class StudyRows:
         return float(row["relative_latency"] if self.relative else row["latency_ms"])
 
     def latency_label(self) -> str:
-        """The latency axis' title: what was measured, where."""
+        """The latency axis' title: what was measured, in which target (runtime, form, device, batch, threads)."""
         settings = self.settings
         threads = settings.get("threads")
+        target = {"torch": "eager torch", "onnxruntime": "ONNX Runtime"}.get(
+            str(settings.get("latency_backend", "torch")), str(settings.get("latency_backend"))
+        )
+        form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
+        device = settings.get("latency_device") or settings.get("device", "cpu")
         where = (
-            f"{settings.get('device', 'cpu')}, batch {settings.get('latency_batch', 1)}, "
+            f"{target}{form} on {device}, batch {settings.get('latency_batch', 1)}, "
             f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''}"
         )
         if self.relative:
