@@ -3,12 +3,15 @@ resnet50, mobilenet_v3_large, efficientnet_b0 and a timm model (random init, sma
 
     python benchmarks/imagefolder_models.py [--models resnet50 ...] [--size 224] [--budget 4] [--out DIR]
 
-Writes a sample folder (``ranksearch sample-folder``), then for each model runs the commands a user runs, as
-subprocesses: ``run`` (baseline of 1 epoch, 2 fine-tune steps per trial, no promotion or recovery, BatchNorm
-folded), ``show``, ``export`` (the fastest config within 100 points: any config faster than the dense model) and
-``apply``. Prints per model: each command's exit code and wall time, the baseline's validation accuracy, the
-number of complete trials, the front and its best speedup. An ``export`` that refuses with exit code 2 because no
-config was measurably faster than the dense model is a result, not a failure (``apply`` is then skipped).
+Writes a sample folder (``ranksearch sample-folder``; by default 10 classes x 250 training and 50 test images),
+then for each model runs the commands a user runs, as subprocesses: ``run`` (a baseline of 1 epoch on
+``--train-subset`` images, 2 fine-tune steps per trial, ``--eval-subset`` validation and test images, no promotion
+or recovery, BatchNorm folded; without the latency table and the sensitivity pass, which time and score every
+layer variant, unless ``--screens``), ``show``, ``export`` (the fastest config within 100 points: any config
+faster than the dense model) and ``apply``. Prints per model: each command's exit code and wall time, the
+baseline's validation accuracy, the number of complete trials, the front and its best speedup; then the run's
+seconds per phase. An ``export`` that refuses with exit code 2 because no config was measurably faster than the
+dense model is a result, not a failure (``apply`` is then skipped).
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ from rich.console import Console
 from rich.table import Table
 
 MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:mobilenetv3_small_100")
+PHASES = (
+    "baseline_training",
+    "latency_table",
+    "sensitivity",
+    "trials (wall)",
+    "apply",
+    "recalibrate",
+    "finetune",
+    "accuracy",
+    "latency",
+    "test_front",
+)
 
 
 def ranksearch(*args: str, log: Path) -> tuple[int, float]:
@@ -41,11 +56,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--train-per-class", type=int, default=40)
-    parser.add_argument("--test-per-class", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--train-per-class", type=int, default=250)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--train-subset", type=int, default=320)
+    parser.add_argument("--eval-subset", type=int, default=160)
     parser.add_argument("--budget", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--screens", action="store_true", help="build the latency table and the sensitivity pass")
     parser.add_argument(
         "--out", type=Path, default=None, help="where the folder, results and log go (default: a temp dir)"
     )
@@ -87,6 +105,8 @@ def main() -> None:
             *("run", "--model", model, "--dataset", f"imagefolder:{photos}", "--study-name", study, *where),
             *("--budget", str(args.budget), "--baseline-epochs", "1", "--finetune-steps", "2", "--batch-size", "16"),
             *("--promote-steps", "0", "--final-epochs", "0", "--threads", str(args.threads)),
+            *("--train-subset", str(args.train_subset), "--eval-subset", str(args.eval_subset)),
+            *(() if args.screens else ("--no-latency-table", "--no-sensitivity")),
             *("--data-root", str(work / "data")),
             log=log,
         )
@@ -133,6 +153,25 @@ def main() -> None:
             *summary,
         )
     console.print(table)
+    phases = Table("model", *PHASES, title="run: seconds per phase")
+    for model in args.models:
+        seconds = _phases(results / model.replace(":", "-"))
+        phases.add_row(model, *(f"{seconds[p]:.1f}" if p in seconds else "" for p in PHASES))
+    console.print(phases)
+
+
+def _phases(directory: Path) -> dict[str, float]:
+    """The run's seconds per phase, as it printed them (empty when the study is missing)."""
+    import optuna
+
+    from ranksearch.results.phases import phase_seconds
+    from ranksearch.results.record import PHASES as STUDY_PHASES
+
+    database = directory / "study.db"
+    if not database.exists():
+        return {}
+    study = optuna.load_study(study_name=directory.name, storage=f"sqlite:///{database}")
+    return {**STUDY_PHASES.read(study), **phase_seconds(study)}
 
 
 def _complete_trials(directory: Path) -> int:

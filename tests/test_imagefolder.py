@@ -48,6 +48,7 @@ def test_an_image_folder_runs_end_to_end(photos: Path, tmp_path: Path, monkeypat
     result = runner.invoke(app, run)
     assert result.exit_code == 0, result.output
     assert "skipped 1 unreadable image files: train/dress/broken.jpg" in result.output
+    assert "search space: resnet.yaml; pass --space FILE for another" in result.output
     rows = json.loads((results / "photos" / "pareto.json").read_text())
     assert rows["front"]
     shown = runner.invoke(app, ["show", "photos", "--results-dir", str(results)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 from pathlib import Path
@@ -205,6 +206,22 @@ def test_cpu_conv_grads_match_autograd(
                 y = F.conv2d(*leaves, stride=stride, padding=padding)
             assert (type(y.grad_fn).__name__ == "_MatmulWeightGradConv2dBackward") == routed
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([y, *(t.grad for t in leaves)])
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_cpu_conv_grads_allow_an_in_place_activation_after_a_1x1_map() -> None:
+    """A squeeze-excitation conv on a pooled 1x1 map followed by ReLU(inplace=True), as timm builds them: the routed
+    conv's output may be modified in place, and the gradients match autograd's."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 16, 1, 1, dtype=torch.float64), torch.randn(8, 16, 1, 1, dtype=torch.float64)
+    grads = []
+    for mode in (None, CpuConvGrads()):
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        with mode or contextlib.nullcontext():
+            y = torch.relu_(F.conv2d(*leaves))
+        y.sum().backward()
         grads.append([y, *(t.grad for t in leaves)])
     for expected, actual in zip(*grads):
         torch.testing.assert_close(actual, expected)

@@ -42,6 +42,7 @@ def run_search(
         raise RanksearchError("--workers: worker processes cannot share an evaluator object; pass --evaluator NAME")
     settings = settings.with_worker_threads()
     timing_device = settings.infra.devices()[1]
+    shipped = settings.search.space is None
     space_path = Path(settings.search.space or default_space_path(model_family(settings.problem.model)))
     space = load_space(space_path, timing_device, console)
     settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
@@ -59,6 +60,9 @@ def run_search(
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=create_study, console=console, phases=phases
         )
+        if shipped:
+            generic = " (generic: no shipped file for this model's family)" if space_path.stem == "default" else ""
+            console.print(f"search space: {space_path.name}{generic}; pass --space FILE for another")
         MODEL.write(study, search.context.model_spec())
         if not study.trials:
             search.enqueue_starts(study)

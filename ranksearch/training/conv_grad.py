@@ -54,7 +54,8 @@ class _MatmulWeightGradConv2d(torch.autograd.Function):
         ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
         tap = _single_tap(x, weight, stride, padding)
         if tap is not None:  # a 1x1 map to a 1x1 output: a matrix product with one kernel tap
-            return F.linear(x.flatten(1), weight[:, :, tap[0], tap[1]], bias)[:, :, None, None]
+            # a copy, not a view of it: an in-place activation may follow (timm's squeeze-excitation convs)
+            return F.linear(x.flatten(1), weight[:, :, tap[0], tap[1]], bias)[:, :, None, None].clone()
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
