@@ -93,7 +93,7 @@ def test_an_image_folder_study_refuses_other_files_with_its_fix() -> None:
     SETTINGS.write(study, {"dataset": "imagefolder:photos"})
     check_fingerprint(study, {"model": "m", "data": "before"}, checkpoint=None)
     with pytest.raises(RanksearchError, match=r"the same files must be in the folder .* start a new one"):
-        check_fingerprint(study, {"model": "m", "data": "after"}, checkpoint=None)
+        check_fingerprint(study, {"model": "other weights", "data": "after"}, checkpoint=None)  # data comes first
 
 
 @pytest.mark.parametrize(

@@ -189,17 +189,13 @@ def problem_fingerprint(model: nn.Module, splits: DataSplits) -> dict[str, str]:
 
 
 def check_fingerprint(study: optuna.Study, fingerprint: dict[str, str], *, checkpoint: Path | None) -> None:
-    """Record a new study's fingerprint; refuse weights or data that differ from those the study was measured with."""
+    """Record a new study's fingerprint; refuse data or weights that differ from those the study was measured with
+    (data first: other data trains other baseline weights)."""
     if not FINGERPRINT.stored(study):
         FINGERPRINT.write(study, fingerprint)
         return
     recorded = FINGERPRINT.read(study)
     name = study.study_name
-    if recorded.get("model") != fingerprint["model"]:
-        raise RanksearchError(
-            f"study {name!r}: the trained weights here ({checkpoint or 'the baseline'}) differ from the study's; "
-            f"pass --checkpoint with the file the study was measured with (its 'model' attribute names it)"
-        )
     if recorded.get("data") != fingerprint["data"]:
         dataset = str(SETTINGS.read(study).get("dataset", "")) if SETTINGS.stored(study) else ""
         fix = (
@@ -209,3 +205,8 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict[str, str], *, check
             else "point --data-root at the same dataset files"
         )
         raise RanksearchError(f"study {name!r}: the dataset here differs from the study's; {fix}")
+    if recorded.get("model") != fingerprint["model"]:
+        raise RanksearchError(
+            f"study {name!r}: the trained weights here ({checkpoint or 'the baseline'}) differ from the study's; "
+            f"pass --checkpoint with the file the study was measured with (its 'model' attribute names it)"
+        )
