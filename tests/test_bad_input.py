@@ -3,6 +3,7 @@ one line naming the culprit and the fix, no traceback, and nothing half-written 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -159,7 +161,19 @@ def assert_empty_study(results: Path) -> None:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's bytes, and a SQLite database as its rows: opening a database to read it may checkpoint its
+    write-ahead log into the file, which changes the bytes of ``study.db`` and its ``-wal``/``-shm`` files but
+    not what they hold."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.name.endswith(("-wal", "-shm")):
+            continue
+        if path.suffix == ".db":
+            with contextlib.closing(sqlite3.connect(path)) as connection:
+                files[str(path.relative_to(directory))] = "\n".join(connection.iterdump()).encode()
+        else:
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
 
 
 @pytest.fixture(scope="module")
