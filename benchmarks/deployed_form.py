@@ -27,7 +27,8 @@ from torch import nn
 
 from ranksearch.compress import apply_config, dense_model_cost
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.measure.latency import PairedLatency, measure_speedup
+from ranksearch.measure.latency import measure_speedup
+from ranksearch.measure.timing import PairedLatency
 from ranksearch.models import build_model
 from ranksearch.search import SearchSpace, default_space_path, record_input_shapes, uniform_config
 

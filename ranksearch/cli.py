@@ -93,8 +93,19 @@ def run(
     ] = InfraSpec.latency_device,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = InfraSpec.threads,
     latency_backend: Annotated[
-        str, typer.Option(help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU)")
-    ] = EvaluatorOptions.latency_backend,
+        str | None,
+        typer.Option(
+            help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU) "
+            "(default: torch; onnxruntime with --target)"
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="time on a remote device: http://HOST:PORT of `ranksearch target serve` there "
+            "(token in $RANKSEARCH_TARGET_TOKEN)"
+        ),
+    ] = EvaluatorOptions.target,
     latency_batch: Annotated[
         int, typer.Option(help="batch size of the latency measurement")
     ] = EvaluatorOptions.latency_batch,
@@ -233,8 +244,9 @@ def run(
             finetune_lr=finetune_lr,
             batch_size=batch_size,
             calib_batches=calib_batches,
-            latency_backend=latency_backend,
+            latency_backend=latency_backend or ("onnxruntime" if target else EvaluatorOptions.latency_backend),
             latency_batch=latency_batch,
+            target=target,
             fold_batchnorm=fold_batchnorm,
         ),
         search=SearchSpec(
@@ -479,6 +491,32 @@ def worker(
         trust_checkpoint=trust_checkpoint,
         console=_console(stderr=True),
     )
+
+
+target_app = typer.Typer(
+    help="Remote latency targets: time models on the device they will run on.", no_args_is_help=True
+)
+app.add_typer(target_app, name="target")
+
+
+@target_app.command("serve")
+@user_errors
+def target_serve(
+    host: Annotated[str, typer.Option(help="the address to listen on (0.0.0.0: every interface)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="the port to listen on")] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option(help="the token searches must send (default: $RANKSEARCH_TARGET_TOKEN, else a new one, printed)"),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: every core)")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="refuse models larger than this")] = 512,
+) -> None:
+    """Serve this device as a latency target: searches elsewhere time their ONNX models here with --target."""
+    from ranksearch.measure.target_server import ServerOptions, resolve_token, serve
+
+    resolved, generated = resolve_token(token)
+    options = ServerOptions(host=host, port=port, token=resolved, threads=threads, max_upload_mb=max_upload_mb)
+    serve(options, generated_token=generated, announce=lambda text: print(text, flush=True))
 
 
 @app.command("serve-storage")

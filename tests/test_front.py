@@ -15,7 +15,8 @@ import ranksearch as rs
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
 from ranksearch.evaluate.classification import ClassificationEvaluator
-from ranksearch.measure.latency import Latency, PairedLatency, torch_threads
+from ranksearch.measure.latency import torch_threads
+from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.results import front_rows, front_trials, record
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import accuracy_statements

@@ -11,6 +11,7 @@ from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.timers import ModuleTimer, OnnxRuntimeTimer, TorchTimer
 from ranksearch.search import SearchSpace, latency_table
 from ranksearch.search.latency_table import (
     LatencyTable,
@@ -21,6 +22,9 @@ from ranksearch.search.latency_table import (
     variants,
 )
 from ranksearch.search.space import record_input_shapes
+from ranksearch.techniques.int8 import int8_available
+
+CPU = TorchTimer(device=torch.device("cpu"), threads=1)
 
 SPACE = {
     "layers": {"include": ["1", "3", "4"], "types": ["Conv2d"]},
@@ -59,12 +63,27 @@ def build(problem, cache_file: Path | None = None, **kwargs) -> LatencyTable:
         slots,
         shapes,
         example,
-        device=torch.device("cpu"),
-        threads=1,
+        timer=kwargs.pop("timer", CPU),
         rank_multiple=8,
         cache_file=cache_file,
         **kwargs,
     )
+
+
+@pytest.mark.parametrize("timer", [CPU, OnnxRuntimeTimer(threads=1)], ids=["torch", "onnxruntime"])
+def test_every_target_times_every_variant(problem, timer: ModuleTimer) -> None:
+    """In torch and in ONNX Runtime (each variant exported, int8 ones as QDQ), every variant gets a time, and the
+    table is calibrated on the whole model timed by the same timer."""
+    model, slots, _, example = problem
+    table = build(problem, timer=timer)
+    for name, slot in slots.items():
+        assert set(table.layer_ms[name]) == {variant_key(v) for v in variants(slot)}
+        assert all(ms > 0 for ms in table.layer_ms[name].values())
+    if int8_available():
+        assert any(json_key.endswith("true]") for json_key in table.layer_ms["1"])
+    dense = table.predict(CompressionConfig(layers={}))
+    whole = timer.median_ms(model, example)
+    assert 0.3 < dense / whole < 3  # calibrated on the dense model timed by the same timer (two noisy timings)
 
 
 def test_variants_cover_technique_rank_and_int8(problem) -> None:
@@ -98,7 +117,7 @@ def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path) ->
 
 
 def test_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: Path, monkeypatch) -> None:
-    cache = tmp_path / cache_name(torch.device("cpu"), 1)
+    cache = tmp_path / cache_name(CPU)
     timed: list[str] = []
     real = latency_table._time_variant
 
@@ -127,8 +146,10 @@ def test_choice_outside_the_table_is_named(problem) -> None:
 
 
 def test_cache_name_and_errors() -> None:
-    name = cache_name(torch.device("cpu"), 2)
+    name = cache_name(TorchTimer(device=torch.device("cpu"), threads=2))
     assert name.startswith("latency-cpu-threads2-torch") and name.endswith(".json")
+    name = cache_name(OnnxRuntimeTimer(threads=2))
+    assert name.startswith("latency-onnxruntime") and "-threads2-torch" in name and name.endswith(".json")
     errors = prediction_errors([1.1, 2.0, 2.7], [1.0, 2.0, 3.0])
     assert errors["median_pct"] == pytest.approx(10.0) and errors["max_pct"] == pytest.approx(10.0)
 

@@ -1,12 +1,15 @@
-"""The wheel ships the search spaces, and a non-editable install finds its default space (about 10 s)."""
+"""The wheel ships the search spaces, a non-editable install finds its default space, and its latency target server
+runs without torch (about 15 s)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -49,6 +52,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+def installed(wheel: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The wheel installed into a fresh venv (not editable): the venv and its site-packages. torch and the other
+    dependencies come from this environment, after the venv's own site-packages."""
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    run(
+        sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path
+    )
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv, site
+
+
 def test_wheel_contains_every_module_and_search_space(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     spaces = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml"))
@@ -61,17 +78,30 @@ def test_wheel_contains_every_module_and_search_space(wheel: Path) -> None:
 
 def test_installed_wheel_finds_its_default_space(wheel: Path, tmp_path: Path) -> None:
     """Installed into a fresh venv (not editable), the package reads the space it ships, not the repository's."""
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    pip = (sys.executable, "-m", "pip", "--python", python)
-    run(*pip, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
-    # torch and the other dependencies come from this environment, after the venv's own site-packages
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-
-    found = json.loads(run(python, "-c", CHECK, cwd=tmp_path))
+    venv, site = installed(wheel, tmp_path)
+    found = json.loads(run(venv / "bin" / "python", "-c", CHECK, cwd=tmp_path))
 
     assert Path(found["package"]).is_relative_to(site)
     assert Path(found["space"]) == site / "ranksearch" / "search_spaces" / "resnet.yaml"
     assert found["digest"] == file_digest(ROOT / "search_spaces" / "resnet.yaml")
+
+
+def test_installed_wheel_serves_a_latency_target_without_torch(wheel: Path, tmp_path: Path) -> None:
+    """`ranksearch-target` from the installed wheel, torch and optuna made unimportable (as on a board with only
+    onnxruntime and numpy), starts and answers."""
+    venv, site = installed(wheel, tmp_path)
+    (site / "zz_no_torch.pth").write_text("import sys; sys.modules['torch'] = None; sys.modules['optuna'] = None\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [venv / "bin" / "ranksearch-target", "--host", "127.0.0.1", "--port", str(port), "--token", "t"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = server.stdout.readline()  # type: ignore[union-attr]
+        assert first.startswith("ranksearch target: onnxruntime"), first + server.communicate(timeout=5)[0]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/info", headers={"Authorization": "Bearer t"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.loads(answer.read())["server"] == "ranksearch-target"
+    finally:
+        server.kill()
+        server.wait()

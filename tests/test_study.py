@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 import ranksearch as rs
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.timers import TorchTimer
 from ranksearch.models import build_model
 from ranksearch.results import front_trials
 from ranksearch.results.record import records
@@ -133,9 +134,8 @@ def table_config(settings: RunSettings, *, slowest: bool) -> tuple[rs.Compressio
     (cache,) = (settings.infra.results_dir / "latency-tables").glob("latency-cpu-threads1-torch*.json")
     before = cache.read_bytes()
     cpu, multiple = torch.device("cpu"), space.rank_multiple
-    table = LatencyTable.build(
-        model, slots, shapes, example, device=cpu, threads=1, rank_multiple=multiple, cache_file=cache
-    )
+    timer = TorchTimer(device=cpu, threads=1)
+    table = LatencyTable.build(model, slots, shapes, example, timer=timer, rank_multiple=multiple, cache_file=cache)
     assert cache.read_bytes() == before, "variants timed anew: the table is not the run's"
     layers = {}
     for name, slot in slots.items():

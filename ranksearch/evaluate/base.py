@@ -10,7 +10,8 @@ from typing import ClassVar, Literal
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.latency import PairedLatency
+from ranksearch.measure.timers import ModuleTimer
+from ranksearch.measure.timing import PairedLatency
 
 Split = Literal["val", "full_val", "test"]
 """Where metrics are measured: the validation images a trial is scored on (``val``, possibly a subset of the
@@ -93,8 +94,9 @@ class Evaluator(ABC):
 
     Optional capabilities: derive also from :class:`ZeroShotScorer` to get early rejection and the per-layer
     sensitivity pass, from :class:`DivergenceScorer` to get that pass measured as output divergence (and its
-    knapsack warm starts), from :class:`LocalTorchTiming` to get the per-layer latency table, and from
-    :class:`PairedTiming` to get borderline front members timed again beside the dense model.
+    knapsack warm starts), from :class:`LayerTiming` (or, for torch timings on this machine,
+    :class:`LocalTorchTiming`) to get the per-layer latency table, and from :class:`PairedTiming` to get borderline
+    front members timed again beside the dense model.
 
     Pass an instance to :func:`ranksearch.run_search`, or name a class on the command line
     (``--evaluator package.module:Class``): it is then built as ``Class(context=context)`` with the run's
@@ -158,6 +160,15 @@ class LocalTorchTiming(ABC):
     @abstractmethod
     def times_local_torch(self) -> bool:
         """Whether latency is measured in torch on this machine (so a table of layer timings predicts it)."""
+
+
+class LayerTiming(ABC):
+    """Capability: time one layer where the evaluator times whole models (torch, ONNX Runtime, a remote target), so
+    that a per-layer latency table predicts its latencies. It supersedes :class:`LocalTorchTiming`."""
+
+    @abstractmethod
+    def layer_timer(self) -> ModuleTimer:
+        """The timer of the evaluator's latency target (:mod:`ranksearch.measure.timers`)."""
 
 
 class PairedTiming(ABC):

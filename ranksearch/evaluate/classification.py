@@ -23,7 +23,7 @@ from ranksearch.evaluate.base import (
     Divergence,
     DivergenceScorer,
     Evaluator,
-    LocalTorchTiming,
+    LayerTiming,
     Metrics,
     MultiFidelity,
     PairedTiming,
@@ -31,7 +31,10 @@ from ranksearch.evaluate.base import (
     ZeroShotScorer,
 )
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.measure.latency import LATENCY_BACKENDS, PairedLatency, measure_speedup
+from ranksearch.measure.latency import LATENCY_BACKENDS, measure_speedup
+from ranksearch.measure.remote import RemoteTarget
+from ranksearch.measure.timers import ModuleTimer, OnnxRuntimeTimer, RemoteTimer, TorchTimer
+from ranksearch.measure.timing import PairedLatency
 from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
 from ranksearch.training.loop import channels_last
 
@@ -54,6 +57,9 @@ class EvaluatorOptions:
     latency_batch: int = 1
     fold_batchnorm: bool = True
     """Time models in their deployed form: BatchNorm folded into the layer before it (dense and compressed alike)."""
+    target: str | None = None
+    """A remote target, ``http://HOST:PORT`` (``ranksearch target serve`` on the device): ONNX exports are timed
+    there, in ONNX Runtime (``latency_backend="onnxruntime"``), the token read from ``$RANKSEARCH_TARGET_TOKEN``."""
 
     def validate(self) -> None:
         """One-line errors for values that cannot work."""
@@ -61,6 +67,13 @@ class EvaluatorOptions:
             raise RanksearchError(
                 f"--latency-backend {self.latency_backend!r} is unknown; choose {' or '.join(LATENCY_BACKENDS)}"
             )
+        if self.target is not None:
+            RemoteTarget.from_url(self.target)  # a malformed address is named before anything runs
+            if self.latency_backend != "onnxruntime":
+                raise RanksearchError(
+                    f"--target {self.target} times ONNX exports in ONNX Runtime, not --latency-backend "
+                    f"{self.latency_backend}; pass --latency-backend onnxruntime, or leave it out"
+                )
         positive = {
             "--finetune-lr": self.finetune_lr,
             "--batch-size": self.batch_size,
@@ -107,9 +120,7 @@ class _Finetuned:
     backend_extra: dict[str, float]
 
 
-class ClassificationEvaluator(
-    Evaluator, ZeroShotScorer, DivergenceScorer, LocalTorchTiming, PairedTiming, MultiFidelity
-):
+class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, LayerTiming, PairedTiming, MultiFidelity):
     """Top-1 accuracy after a short knowledge-distillation fine-tune, and measured latency.
 
     For each configuration: apply its low-rank part to a copy of the trained ``model`` (data-aware layers calibrated
@@ -119,7 +130,8 @@ class ClassificationEvaluator(
     a model fine-tuned on a GPU is timed on a CPU), its int8 layers quantized there (post-training, scales from the
     calibration batches) -> median latency of batch ``latency_batch`` (before the model runs any other batch size),
     or with ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime on CPU
-    (the export's max abs error against torch is returned as ``onnx_max_abs_error``); the uncompressed model is timed
+    (the export's max abs error against torch is returned as ``onnx_max_abs_error``), or with ``target`` on a remote
+    target (:class:`~ranksearch.measure.remote.RemoteTarget`); the uncompressed model is timed
     in rounds alternating with it (``reference_latency_ms``; each round's speedup gives ``speedup_low`` /
     ``speedup_high``), so the speedup compares measurements under the same load -> accuracy on ``split`` (``val``:
     the validation images kept by ``--eval-subset``; ``full_val``: all of them; at most ``eval_batches`` batches),
@@ -176,10 +188,18 @@ class ClassificationEvaluator(
         )
         self._calib = calib.to(device)
         self.example = self._calib[: self.options.latency_batch].to(self.latency_device).clone()
+        self.target = RemoteTarget.from_url(self.options.target) if self.options.target else None
+        if self.target is not None:
+            self.target.info()  # an unreachable target, or a refused token, stops the run before any trial
 
-    @property
-    def times_local_torch(self) -> bool:
-        return self.options.latency_backend == "torch"
+    def layer_timer(self) -> ModuleTimer:
+        """Layers timed as trials are: in torch on the latency device, or their ONNX exports in ONNX Runtime, here or
+        on the remote target."""
+        if self.options.latency_backend == "torch":
+            return TorchTimer(device=self.latency_device, threads=self.threads)
+        if self.target is not None:
+            return RemoteTimer(target=self.target, threads=self.threads)
+        return OnnxRuntimeTimer(threads=self.threads)
 
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics:
         """The metrics of ``config`` (see the class)."""
@@ -410,7 +430,7 @@ class ClassificationEvaluator(
         model, reference = deployed.model, self._reference(folded=deployed.folded > 0)
         assert reference is not None, "a config is folded only when the uncompressed model folds (_folds)"
         folded = {"batchnorm_folded": float(deployed.folded)} if self.options.fold_batchnorm else {}
-        if self.times_local_torch:
+        if self.options.latency_backend == "torch":
             paired = measure_speedup(
                 reference,
                 model,
@@ -423,20 +443,30 @@ class ClassificationEvaluator(
             return paired, folded
         from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
 
-        try:
-            with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
+            try:
                 dense = export_onnx(reference, self.example, Path(tmp) / "dense.onnx")
                 exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
-                paired = onnxruntime_speedup(
-                    dense.path,
-                    exported.path,
-                    self.example,
+                if self.target is None:
+                    paired = onnxruntime_speedup(
+                        dense.path,
+                        exported.path,
+                        self.example,
+                        threads=self.threads,
+                        rounds=rounds,
+                        target_seconds=target_seconds,
+                    )
+            except RanksearchError as exc:  # a wrong export fails this trial, not the search
+                raise TrialFailure(str(exc)) from None
+            if self.target is not None:  # a model the device cannot run, or a lost target, fails the trial
+                paired = self.target.speedup(
+                    dense.path.read_bytes(),
+                    exported.path.read_bytes(),
+                    self.example.cpu().numpy(),
                     threads=self.threads,
                     rounds=rounds,
                     target_seconds=target_seconds,
                 )
-        except RanksearchError as exc:  # a wrong export fails this trial, not the search
-            raise TrialFailure(str(exc)) from None
         return paired, {"onnx_max_abs_error": exported.max_abs_error, **folded}
 
 

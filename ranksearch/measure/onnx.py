@@ -10,10 +10,8 @@ Runtime runs with its own int8 kernels.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import io
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +22,8 @@ import torch
 from torch import nn
 
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.latency import Latency, PairedLatency, paired_rounds, time_repeatedly
+from ranksearch.measure.ort import ort_session, paired_sessions, session_timer
+from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.util import atomic_open, first_line
 
@@ -102,6 +101,19 @@ def export_onnx(
     return OnnxExport(path, len(data), error, allowed, opset)
 
 
+def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET) -> bytes:
+    """``model`` (eval mode) exported as :func:`export_onnx` exports it, unchecked and in memory: what a per-layer
+    latency table times (its values do not matter, its operators do)."""
+    require_onnxruntime()
+    int8_layers = [name for name, module in model.named_modules() if isinstance(module, Int8Module)]
+    was_training = model.training
+    model.eval()
+    try:
+        return _onnx_bytes(model, example, opset, int8_layers)
+    finally:
+        model.train(was_training)
+
+
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, int8_layers: list[str]) -> bytes:
     buffer = io.BytesIO()
     try:
@@ -125,23 +137,8 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, int8_layers
 
 
 def _session(model: str | Path | bytes, *, threads: int | None) -> onnxruntime.InferenceSession:
-    """A CPU session running ops one after another on ``threads`` intra-op threads (torch's count when None)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    source = str(model) if isinstance(model, Path) else model
-    try:
-        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        name = model if isinstance(model, str | Path) else "the exported model"
-        raise RanksearchError(
-            f"{name}: ONNX Runtime cannot load it ({first_line(exc)}); pass an ONNX model file"
-        ) from None
+    """:func:`ort_session` on ``threads`` intra-op threads (torch's count when None)."""
+    return ort_session(model, threads=threads if threads is not None else torch.get_num_threads())
 
 
 def onnxruntime_latency(
@@ -183,24 +180,21 @@ def onnxruntime_speedup(
 ) -> PairedLatency:
     """The ONNX models at ``reference`` and ``path`` timed in alternating rounds in ONNX Runtime on CPU, each in
     its own session loaded once (as :func:`~ranksearch.measure.latency.measure_speedup` times torch models)."""
-    timers = [
-        functools.partial(onnxruntime_timer(model, example, threads=threads), warmup=2, max_attempts=1)
-        for model in (reference, path)
-    ]
-    return paired_rounds(*timers, rounds=rounds, target_seconds=target_seconds)
-
-
-def onnxruntime_timer(path: str | Path, example: torch.Tensor, *, threads: int | None = None) -> Callable[..., Latency]:
-    """A session of the ONNX model at ``path``, loaded once, and a function that times it on ``example`` with
-    :func:`time_repeatedly` (its keyword arguments: warm-up, runs, target seconds, attempts)."""
     require_onnxruntime()
     used = threads if threads is not None else torch.get_num_threads()
-    session = _session(Path(path), threads=used)
-    feed = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
+    sessions = [_session(Path(model), threads=used) for model in (reference, path)]
+    return paired_sessions(
+        *sessions, example.detach().cpu().numpy(), threads=used, rounds=rounds, target_seconds=target_seconds
+    )
 
-    def time_once() -> float:
-        begin = time.perf_counter_ns()
-        session.run(None, feed)
-        return (time.perf_counter_ns() - begin) / 1e6
 
-    return functools.partial(time_repeatedly, time_once, device="cpu", threads=used, backend="onnxruntime")
+def onnxruntime_timer(
+    model: str | Path | bytes, example: torch.Tensor, *, threads: int | None = None
+) -> Callable[..., Latency]:
+    """A session of the ONNX model (a file, or its bytes), loaded once, and a function that times it on ``example``
+    with :func:`~ranksearch.measure.timing.time_repeatedly` (its keyword arguments: warm-up, runs, target seconds,
+    attempts)."""
+    require_onnxruntime()
+    used = threads if threads is not None else torch.get_num_threads()
+    source = model if isinstance(model, bytes) else Path(model)
+    return session_timer(_session(source, threads=used), example.detach().cpu().numpy(), threads=used)

@@ -16,8 +16,9 @@ from ranksearch.compress import quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.measure.latency import Latency, measure_latency
+from ranksearch.measure.latency import measure_latency
 from ranksearch.measure.onnx import OnnxExport, export_onnx, onnxruntime_latency, require_onnxruntime
+from ranksearch.measure.timing import Latency
 from ranksearch.util import atomic_open
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from ranksearch.compress import compress_layer
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.latency import measure_latency
+from ranksearch.measure.timers import ModuleTimer
 from ranksearch.search.space import LayerSlot
 from ranksearch.util import atomic_write_text, read_json_cache
 
@@ -62,18 +62,17 @@ class LatencyTable:
         input_shapes: Mapping[str, tuple[int, ...]],
         example: torch.Tensor,
         *,
-        device: torch.device,
-        threads: int | None,
+        timer: ModuleTimer,
         rank_multiple: int,
         cache_file: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> LatencyTable:
-        """Time every variant the slots offer (technique x rank x int8) of each layer of ``model``.
+        """Time every variant the slots offer (technique x rank x int8) of each layer of ``model`` with ``timer``
+        (where the trials are timed: torch, ONNX Runtime, a remote target), and the whole model on ``example``.
 
         Timings are kept in ``cache_file`` (JSON, keyed by the layer's geometry and the variant),
-        so a table for the same device, threads and torch version is built once; pick a file per
-        device, threads and torch version (:func:`cache_name`). ``progress(done, total)`` is
-        called after each variant.
+        so a table for the same target, threads and versions is built once; pick a file per
+        target (:func:`cache_name`). ``progress(done, total)`` is called after each variant.
         """
         cache = _read_cache(cache_file)
         modules = dict(model.named_modules())
@@ -84,14 +83,14 @@ class LatencyTable:
             layer, shape = modules[name], input_shapes[name]
             key = _cache_key(layer, shape, choice, rank_multiple)
             if key not in cache:
-                cache[key] = _time_variant(layer, shape, choice, rank_multiple, device=device, threads=threads)
+                cache[key] = _time_variant(layer, shape, choice, rank_multiple, timer)
                 fresh += 1
             layer_ms[name][variant_key(choice)] = cache[key]
             if progress is not None:
                 progress(done, len(jobs))
         if cache_file is not None and fresh:
             atomic_write_text(cache_file, json.dumps(cache, sort_keys=True))
-        dense = measure_latency(model, example, device=device, threads=threads).median_ms
+        dense = timer.median_ms(model, example)
         return cls(layer_ms=layer_ms).calibrated(dense)
 
     @property
@@ -166,11 +165,10 @@ def variant_key(choice: LayerChoice) -> str:
     return json.dumps([choice.technique, choice.rank, choice.int8])
 
 
-def cache_name(device: torch.device, threads: int | None) -> str:
-    """A table file name for this device, thread count and torch version."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    slug = "".join(c if c.isalnum() else "-" for c in where).strip("-").lower()
-    return f"latency-{slug}-threads{threads or torch.get_num_threads()}-torch{torch.__version__}.json"
+def cache_name(timer: ModuleTimer) -> str:
+    """A table file name for the timer's target (device or runtime), thread count and versions."""
+    slug = "".join(c if c.isalnum() or c == "." else "-" for c in timer.slug()).strip("-").lower()
+    return f"latency-{slug}.json"
 
 
 def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -191,9 +189,7 @@ def _time_variant(
     input_shape: tuple[int, ...],
     choice: LayerChoice,
     rank_multiple: int,
-    *,
-    device: torch.device,
-    threads: int | None,
+    timer: ModuleTimer,
 ) -> float:
     """Median ms of the variant built with random factors (latency does not depend on the values)."""
     inputs = torch.randn(input_shape)
@@ -210,7 +206,7 @@ def _time_variant(
             init="random",
             **choice.options,
         )
-    return measure_latency(module.to(device), inputs, device=device, threads=threads, **TIMING).median_ms
+    return timer.median_ms(module, inputs, **TIMING)
 
 
 def _cache_key(layer: nn.Module, input_shape: tuple[int, ...], choice: LayerChoice, rank_multiple: int) -> str:

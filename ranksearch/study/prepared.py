@@ -25,6 +25,7 @@ from ranksearch.evaluate import (
     ClassificationEvaluator,
     DivergenceScorer,
     Evaluator,
+    LayerTiming,
     LocalTorchTiming,
     Metrics,
     MultiFidelity,
@@ -32,6 +33,7 @@ from ranksearch.evaluate import (
     ZeroShotScorer,
 )
 from ranksearch.measure.deployed import fold_batchnorm
+from ranksearch.measure.timers import ModuleTimer, TorchTimer
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
 from ranksearch.search.knapsack import knapsack_configs
@@ -275,12 +277,16 @@ def _baseline_metrics(evaluator: Evaluator, split: Split) -> Metrics:
 
 
 def build_latency_table(
-    settings: RunSettings, context: RunContext, slots: dict[str, LayerSlot], rank_multiple: int, console: Console
+    settings: RunSettings,
+    context: RunContext,
+    slots: dict[str, LayerSlot],
+    rank_multiple: int,
+    timer: ModuleTimer,
+    console: Console,
 ) -> LatencyTable:
-    """:meth:`LatencyTable.build` for a run's model and slots on its latency device (a copy of the model goes there
-    when it trains elsewhere), in its deployed form (``fold_batchnorm``: folded layers have a bias, timed as such), with
-    a progress bar, cached under ``results_dir / "latency-tables"``."""
-    threads = settings.infra.threads
+    """:meth:`LatencyTable.build` for a run's model and slots, timed by ``timer`` (the evaluator's latency target), in
+    its deployed form (``fold_batchnorm``: folded layers have a bias, timed as such), with a progress bar, cached
+    under ``results_dir / "latency-tables"``."""
     timing = context.timing_device
     if settings.evaluation.fold_batchnorm:
         model = fold_batchnorm(context.model).model.to(timing)
@@ -292,10 +298,9 @@ def build_latency_table(
             slots,
             context.input_shapes,
             context.example.to(timing),
-            device=timing,
-            threads=threads,
+            timer=timer,
             rank_multiple=rank_multiple,
-            cache_file=settings.infra.results_dir / "latency-tables" / cache_name(timing, threads),
+            cache_file=settings.infra.results_dir / "latency-tables" / cache_name(timer),
             progress=update,
         )
 
@@ -313,24 +318,31 @@ class _Loaded:
     phases: dict[str, float]
 
     def latency_table(self) -> LatencyTable | None:
-        """The per-layer latency table (built once per device, threads and torch version, cached under
-        ``results/latency-tables/``) when ``--latency-table`` is on and the evaluator times models in torch on this
-        machine (:class:`~ranksearch.evaluate.LocalTorchTiming`); otherwise None."""
-        evaluator = self.evaluator
-        if not (
-            self.settings.search.latency_table
-            and isinstance(evaluator, LocalTorchTiming)
-            and evaluator.times_local_torch
-        ):
+        """The per-layer latency table (built once per target, threads and versions, cached under
+        ``results/latency-tables/``) when ``--latency-table`` is on and the evaluator can time layers where it times
+        models (:class:`~ranksearch.evaluate.LayerTiming`, or :class:`~ranksearch.evaluate.LocalTorchTiming` for
+        torch on this machine); otherwise None."""
+        timer = self._layer_timer()
+        if not self.settings.search.latency_table or timer is None:
             return None
         start = time.perf_counter()
-        table = build_latency_table(self.settings, self.context, self.slots, self.space.rank_multiple, self.console)
+        table = build_latency_table(
+            self.settings, self.context, self.slots, self.space.rank_multiple, timer, self.console
+        )
         seconds = self.phases["latency_table"] = time.perf_counter() - start
         variants = sum(len(times) for times in table.layer_ms.values())
         self.console.print(
             f"latency table: {variants} layer variants of {len(self.slots)} layers ready in {seconds:.0f} s"
         )
         return table
+
+    def _layer_timer(self) -> ModuleTimer | None:
+        evaluator = self.evaluator
+        if isinstance(evaluator, LayerTiming):
+            return evaluator.layer_timer()
+        if isinstance(evaluator, LocalTorchTiming) and evaluator.times_local_torch:
+            return TorchTimer(device=self.context.timing_device, threads=self.settings.infra.threads)
+        return None
 
     def sensitivity(self, fingerprint: dict[str, str], table: LatencyTable | None) -> Sensitivity | None:
         """Each layer variant's output divergence and accuracy drop alone (with a

@@ -223,6 +223,7 @@ EVALUATION_IDENTITY = (
     "latency_backend",
     "latency_batch",
     "fold_batchnorm",
+    "target",
     "finetune_steps",
     "finetune_lr",
     "batch_size",

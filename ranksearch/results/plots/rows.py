@@ -65,7 +65,7 @@ class StudyRows:
             str(settings.get("latency_backend", "torch")), str(settings.get("latency_backend"))
         )
         form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
-        device = settings.get("latency_device") or settings.get("device", "cpu")
+        device = settings.get("target") or settings.get("latency_device") or settings.get("device", "cpu")
         where = (
             f"{target}{form} on {device}, batch {settings.get('latency_batch', 1)}, "
             f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''}"
