@@ -11,7 +11,7 @@ from test_plots import decoded_png, external_references, synthetic_study
 from typer.testing import CliRunner
 
 from ranksearch.cli import app
-from ranksearch.results import front_rows
+from ranksearch.results import front_rows, time_per_arithmetic
 from ranksearch.results.html_report import render_report, write_report
 from ranksearch.results.record import SETTINGS
 
@@ -49,6 +49,17 @@ def test_report_holds_the_front_baseline_plots_layers_and_time(tiny_run, report)
     assert html.count('class="plot"') == 3 and html.count("Plotly.newPlot") == 3
     assert "all trials (wall clock)" in html and "run: load" in html  # trial phases and the run's phases
     assert "layer1.0.conv1" in html
+    arithmetic = time_per_arithmetic(front, tiny_run.baseline["macs"])
+    if arithmetic is not None:  # compressed members on the front
+        assert f"MAC reduction, median over {arithmetic['members']:.0f} compressed members" in html
+        assert f"<b>{arithmetic['median']:.2f}</b>" in html and "eager torch on cpu, batch 1, 1 thread" in html
+
+
+def test_time_per_arithmetic_is_speedup_over_mac_reduction() -> None:
+    rows = [{"speedup": 2.0, "macs": 25.0}, {"speedup": 1.5, "macs": 50.0}, {"speedup": 1.0, "macs": 100.0}]
+    assert time_per_arithmetic(rows, 100.0) == {"median": 0.625, "min": 0.5, "max": 0.75, "members": 2.0}
+    assert time_per_arithmetic(rows[2:], 100.0) is None  # the dense model alone
+    assert time_per_arithmetic(rows, None) is None  # a study without the dense model's MACs
 
 
 def test_report_references_nothing_outside_itself(report) -> None:

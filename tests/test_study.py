@@ -78,6 +78,8 @@ def test_results_files_agree_with_the_storage(first_run) -> None:
     assert {m["trial"] for m in pareto["front"]} == front
     assert all(m["test_accuracy"] is not None for m in pareto["front"])
     assert pareto["baseline"]["params"] > 0
+    arithmetic = pareto["time_per_arithmetic"]  # speedup / MAC reduction over the compressed members, if any
+    assert arithmetic is None or 0 < arithmetic["min"] <= arithmetic["median"] <= arithmetic["max"]
     assert not list(result.directory.glob(".*.tmp"))
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,35 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
+def time_per_arithmetic(rows: Sequence[Mapping[str, Any]], dense_macs: float | None) -> dict[str, float] | None:
+    """How much of the arithmetic saved became time saved, over the front's compressed members (``rows`` of
+    :func:`front_rows`): each member's measured speedup divided by its MAC reduction (``dense_macs`` over its MACs;
+    1.0: every MAC saved became time saved, below it: per-operator overhead ate part of it), their median, min and
+    max, and how many members. None without a compressed member or the dense model's MACs."""
+    ratios = [
+        row["speedup"] / (dense_macs / row["macs"])
+        for row in rows
+        if dense_macs and row.get("macs") and row.get("speedup") and row["macs"] < dense_macs
+    ]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "members": float(len(ratios))}
+
+
+def latency_target(settings: Mapping[str, Any]) -> str:
+    """Where a study's latency was measured, in words: runtime, deployed form, device or remote target, batch,
+    threads (e.g. ``eager torch, BatchNorm folded on cpu, batch 1, 2 threads``)."""
+    threads = settings.get("threads")
+    backend = str(settings.get("latency_backend", "torch"))
+    runtime = {"torch": "eager torch", "onnxruntime": "ONNX Runtime"}.get(backend, backend)
+    form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
+    device = settings.get("target") or settings.get("latency_device") or settings.get("device", "cpu")
+    return (
+        f"{runtime}{form} on {device}, batch {settings.get('latency_batch', 1)}, "
+        f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''}"
+    )
+
+
 def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
     return {t.number: TrialRecord.of(t).compression_config() for t in front_trials(study)}
 
@@ -159,7 +189,13 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     write_csv(front, directory / "pareto.csv")
     configs = front_configs(study)
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
-    document = {"study": study.study_name, "baseline": baseline(study), "front": members}
+    dense = baseline(study)
+    document = {
+        "study": study.study_name,
+        "baseline": dense,
+        "front": members,
+        "time_per_arithmetic": time_per_arithmetic(front, dense.get("macs")),
+    }
     atomic_write_text(directory / "pareto.json", json.dumps(finite(document), indent=2) + "\n")
     settings = SETTINGS.read(study)
     atomic_write_text(directory / "settings.json", json.dumps(finite(settings), indent=2) + "\n")

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ranksearch.results import load_study
+from ranksearch.results import latency_target, load_study, time_per_arithmetic
 from ranksearch.results.phases import WALL, phase_seconds
 from ranksearch.results.plots import (
     LayersInfo,
@@ -168,6 +168,13 @@ def _front_table(rows: StudyRows) -> str:
         "the dense model on the same images; recovery fine-tunes a few members for real before measuring them "
         "again. Drop is in percentage points.</p>"
     )
+    arithmetic = time_per_arithmetic(rows.front, rows.baseline.get("macs"))
+    if arithmetic is not None:
+        note += (
+            f"<p>How much of the arithmetic saved became time saved (measured speedup / MAC reduction, median over "
+            f"{arithmetic['members']:.0f} compressed members): <b>{arithmetic['median']:.2f}</b> (min "
+            f"{arithmetic['min']:.2f}, max {arithmetic['max']:.2f}), in {escape(latency_target(rows.settings))}.</p>"
+        )
     return _table(header, body, text_columns={0, 1, 3, 4, 7, 11}) + note
 
 

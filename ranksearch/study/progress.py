@@ -14,9 +14,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ranksearch.results import best_speedup_within, front_trials
+from ranksearch.results import (
+    baseline,
+    best_speedup_within,
+    front_rows,
+    front_trials,
+    latency_target,
+    time_per_arithmetic,
+)
 from ranksearch.results.phases import phase_seconds
-from ranksearch.results.record import Outcome, records
+from ranksearch.results.record import SETTINGS, Outcome, records
 from ranksearch.results.show import show_study
 from ranksearch.search.latency_table import prediction_errors
 from ranksearch.study.result import SearchResult
@@ -97,6 +104,13 @@ def print_summary(result: SearchResult, console: Console) -> None:
                 else ""
             )
             + f"; {prediction['rejected']:.0f} configs rejected before evaluation"
+        )
+    arithmetic = time_per_arithmetic(front_rows(result.study), baseline(result.study).get("macs"))
+    if arithmetic is not None:
+        console.print(
+            f"front: median speedup / MAC reduction {arithmetic['median']:.2f} over {arithmetic['members']:.0f} "
+            f"compressed members (min {arithmetic['min']:.2f}, max {arithmetic['max']:.2f}): how much of the "
+            f"arithmetic saved became time saved, in {latency_target(SETTINGS.read(result.study))}"
         )
     rejected = [t for t in records(result.study) if t.outcome == Outcome.REJECTED_AT_ZERO_SHOT]
     if rejected:

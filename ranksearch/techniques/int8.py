@@ -32,7 +32,14 @@ class Int8Module(nn.Module):
         self.dequant = dequant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.layers(self.quant(x)))
+        """The int8 layers on ``x``; the output in ``x``'s memory format. The x86 quantized conv writes channels-last
+        outputs: passed on as they are, they would send every float conv after this layer (its weights contiguous)
+        down torch's slow path, a copy and an unblocked convolution each (measured: one int8 layer in a 28 px
+        ResNet-18 doubled its latency, 3.4 to 8.0 ms, while timed alone it was faster than the float layer)."""
+        out = self.dequant(self.layers(self.quant(x)))
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        # clone, not contiguous(): a 1x1 map in channels-last strides counts as contiguous and would be kept as is
+        return out.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     # Quantized convs pickle only through their own state tuple (plain pickling loses the
     # nn.Module internals), so the layers are stored as (class, state) pairs and rebuilt on load.

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import optuna
 
 from ranksearch.config import CompressionConfig
-from ranksearch.results import baseline, front_configs, front_rows, layer_order, trial_rows
+from ranksearch.results import baseline, front_configs, front_rows, latency_target, layer_order, trial_rows
 from ranksearch.results.record import MODEL, OBJECTIVES, SETTINGS
 
 DEFAULT_ACCURACY_BUDGET_PP = 1.0
@@ -59,17 +59,7 @@ class StudyRows:
 
     def latency_label(self) -> str:
         """The latency axis' title: what was measured, in which target (runtime, form, device, batch, threads)."""
-        settings = self.settings
-        threads = settings.get("threads")
-        target = {"torch": "eager torch", "onnxruntime": "ONNX Runtime"}.get(
-            str(settings.get("latency_backend", "torch")), str(settings.get("latency_backend"))
-        )
-        form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
-        device = settings.get("target") or settings.get("latency_device") or settings.get("device", "cpu")
-        where = (
-            f"{target}{form} on {device}, batch {settings.get('latency_batch', 1)}, "
-            f"{threads if threads else 'default'} thread{'s' if threads != 1 else ''}"
-        )
+        where = latency_target(self.settings)
         if self.relative:
             return f"latency relative to the dense model timed beside it (1 / speedup; {where})"
         return f"measured latency (ms; {where})"
