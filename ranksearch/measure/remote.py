@@ -103,8 +103,8 @@ class RemoteTarget:
     ) -> PairedLatency:
         """``reference`` and ``candidate`` (ONNX) timed on the device in alternating rounds on ``example`` (a float32
         numpy array), as :func:`ranksearch.measure.ort.paired_sessions` times them locally."""
-        models = {hashlib.sha256(m).hexdigest(): m for m in (reference, candidate)}
         shas = [hashlib.sha256(m).hexdigest() for m in (reference, candidate)]
+        models = dict(zip(shas, (reference, candidate), strict=True))
         request = {
             "reference": shas[0],
             "candidate": shas[1],
