@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.timers import ModuleTimer, OnnxRuntimeTimer, TorchTimer
+from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer
 from ranksearch.search import SearchSpace, latency_table
 from ranksearch.search.latency_table import (
     LatencyTable,
@@ -25,6 +27,19 @@ from ranksearch.search.space import record_input_shapes
 from ranksearch.techniques.int8 import int8_available
 
 CPU = TorchTimer(device=torch.device("cpu"), threads=1)
+
+
+class AloneTimer(ModuleTimer):
+    """Eager torch with each variant timed alone: the path of timers that cannot time inside the model."""
+
+    def median_ms(self, module: nn.Module, inputs: torch.Tensor, **timing: Any) -> float:
+        return CPU.median_ms(module, inputs, **timing)
+
+    def slug(self) -> str:
+        return "alone"
+
+
+ALONE = AloneTimer()
 
 SPACE = {
     "layers": {"include": ["1", "3", "4"], "types": ["Conv2d"]},
@@ -70,10 +85,10 @@ def build(problem, cache_file: Path | None = None, **kwargs) -> LatencyTable:
     )
 
 
-@pytest.mark.parametrize("timer", [CPU, OnnxRuntimeTimer(threads=1)], ids=["torch", "onnxruntime"])
+@pytest.mark.parametrize("timer", [CPU, ALONE, OnnxRuntimeTimer(threads=1)], ids=["torch", "alone", "onnxruntime"])
 def test_every_target_times_every_variant(problem, timer: ModuleTimer) -> None:
-    """In torch and in ONNX Runtime (each variant exported, int8 ones as QDQ), every variant gets a time, and the
-    table is calibrated on the whole model timed by the same timer."""
+    """In torch (inside the model, or each variant alone) and in ONNX Runtime (each variant exported, int8 ones as
+    QDQ), every variant gets a time, and the table is calibrated on the whole model timed by the same timer."""
     model, slots, _, example = problem
     table = build(problem, timer=timer)
     for name, slot in slots.items():
@@ -95,14 +110,18 @@ def test_variants_cover_technique_rank_and_int8(problem) -> None:
     assert {v.technique for v in variants(slots["4"])} == {"keep", "svd"}
 
 
-def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path) -> None:
+@pytest.mark.parametrize("timer", [CPU, ALONE], ids=["in-model", "alone"])
+def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path, timer: ModuleTimer) -> None:
     _, slots, _, _ = problem
-    calls: list[int] = []
-    table = build(problem, tmp_path / "table.json", progress=lambda done, total: calls.append(total))
+    calls: list[tuple[int, int]] = []
+    table = build(
+        problem, tmp_path / "table.json", timer=timer, progress=lambda done, total: calls.append((done, total))
+    )
     for name, slot in slots.items():
         assert set(table.layer_ms[name]) == {variant_key(v) for v in variants(slot)}
         assert all(ms > 0 for ms in table.layer_ms[name].values())
-    assert calls and calls[0] == sum(len(variants(s)) for s in slots.values())
+    total = sum(len(variants(s)) for s in slots.values())
+    assert calls and {t for _, t in calls} == {total} and calls[-1][0] == total
     svd = LayerChoice("svd", 0.25, True, False, {})
     config = CompressionConfig(layers={"1": svd, "4": LayerChoice("svd", 0.5)})
     layers = (
@@ -111,13 +130,70 @@ def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path) ->
         + table.layer_ms["4"][variant_key(LayerChoice("svd", 0.5))]
     )
     assert table.layers_ms(config) == pytest.approx(layers)
-    assert table.overhead_ms == 0 and table.predict(config) == pytest.approx(table.scale * layers)
+    assert table.predict(config) == pytest.approx(table.scale * layers + table.overhead_ms)
+    if timer is ALONE:
+        assert table.overhead_ms == 0  # timed alone: proportional
     data_aware = CompressionConfig(layers={"1": LayerChoice("svd", 0.25, True, True, {"ignored": 1})})
     assert table.predict(data_aware) == table.predict(CompressionConfig(layers={"1": svd}))
 
 
+class Sleep(nn.Module):
+    """Passes its input on after ``seconds``: a layer of known duration."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+class WithSpare(nn.Module):
+    """A module whose forward never calls its ``spare``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_layers_are_timed_inside_the_models_in_alternation() -> None:
+    """Each named layer's own time inside each model, whatever runs around it."""
+    first = nn.Sequential(nn.Conv2d(1, 4, 3), Sleep(0.004), Sleep(0.0))
+    second = nn.Sequential(nn.Conv2d(1, 4, 3), Sleep(0.0), Sleep(0.002))
+    times = CPU.layers_in_models_ms([first, second], torch.randn(1, 1, 8, 8), ["1", "2"], runs=3, warmup=1)
+    assert 4.0 <= times[0]["1"] < 40 and times[0]["2"] < 1.0
+    assert times[1]["1"] < 1.0 and 2.0 <= times[1]["2"] < 20
+    assert not first[1]._forward_hooks and not first[1]._forward_pre_hooks  # the stopwatches are removed
+    with pytest.raises(RanksearchError, match=r"layer 'spare' never runs in the model's forward pass"):
+        CPU.layers_in_models_ms([WithSpare()], torch.randn(1), ["spare"], runs=1, warmup=0)
+
+
+def test_the_rest_of_the_model_is_the_overhead() -> None:
+    """Timed inside the model, the layers outside the search (here a 3 ms one) make the table's overhead, which a
+    compressed config does not shrink."""
+    model = nn.Sequential(Sleep(0.003), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    example = torch.randn(1, 16, 8, 8)
+    shapes = record_input_shapes(model, example)
+    space = SearchSpace.from_dict(
+        {
+            "layers": {"include": ["1", "2"], "types": ["Conv2d"]},
+            "techniques": {"spatial_conv": ["keep", "svd"]},
+            "ranks": [0.25],
+        }
+    )
+    slots = space.layers(model, shapes)
+    table = LatencyTable.build(model, slots, shapes, example, timer=CPU, rank_multiple=8)
+    assert 2.5 < table.overhead_ms < 30 and table.scale == pytest.approx(1.0, rel=0.6)
+    assert table.predict(CompressionConfig(layers={})) > table.overhead_ms + table.dense_layers_ms * 0.3
+
+
 def test_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: Path, monkeypatch) -> None:
-    cache = tmp_path / cache_name(CPU)
+    """Timed alone: each (layer geometry, variant) once; a second build reads them all from the cache."""
+    cache = tmp_path / cache_name(ALONE)
     timed: list[str] = []
     real = latency_table._time_variant
 
@@ -126,17 +202,47 @@ def test_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: Path, mon
         return real(layer, shape, choice, *args, **kwargs)
 
     monkeypatch.setattr(latency_table, "_time_variant", counting)
-    first = build(problem, cache)
+    first = build(problem, cache, timer=ALONE)
     _, slots, _, _ = problem
     # layers 1 and 3 share geometry and input shape: timed once for both
     assert len(timed) == len(variants(slots["1"])) + len(variants(slots["4"]))
     assert first.layer_ms["1"] == first.layer_ms["3"]
     timed.clear()
-    second = build(problem, cache)
+    second = build(problem, cache, timer=ALONE)
     assert timed == [] and second.layer_ms == first.layer_ms
     cache.write_text("{ not json")
-    build(problem, cache)
+    build(problem, cache, timer=ALONE)
     assert len(timed) == len(variants(slots["1"])) + len(variants(slots["4"]))  # a corrupt cache is rebuilt
+
+
+def test_in_model_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: Path, monkeypatch) -> None:
+    """Timed inside the model: every variant but the dense layer gets into one round's model once (layers of equal
+    geometry share), in as many rounds as the layer with most variants has; a second build times only the dense
+    layers, to turn the cached ratios into this machine's ms."""
+    cache = tmp_path / cache_name(CPU)
+    rounds: list[dict[str, str]] = []
+    real = latency_table.apply_config
+
+    def recording(model, config, **kwargs):
+        rounds.append({name: variant_key(choice) for name, choice in config.layers.items()})
+        return real(model, config, **kwargs)
+
+    monkeypatch.setattr(latency_table, "apply_config", recording)
+    first = build(problem, cache)
+    _, slots, _, _ = problem
+    timed = [(name, key) for layers in rounds for name, key in layers.items()]
+    dense = variant_key(LayerChoice("keep"))
+    assert sorted(timed) == sorted(
+        (name, variant_key(v)) for name in ("1", "4") for v in variants(slots[name]) if variant_key(v) != dense
+    )
+    assert len(rounds) == len(variants(slots["1"])) - 1
+    ratio = {key: first.layer_ms["1"][key] / first.layer_ms["1"][dense] for key in first.layer_ms["1"]}
+    assert ratio == pytest.approx({key: first.layer_ms["3"][key] / first.layer_ms["3"][dense] for key in ratio})
+    rounds.clear()
+    second = build(problem, cache)
+    assert rounds == [] and set(second.layer_ms) == set(first.layer_ms)
+    assert "-in-model" in cache.name and "-in-model" not in cache_name(ALONE)
+    assert isinstance(CPU, InModelTiming) and not isinstance(OnnxRuntimeTimer(threads=1), InModelTiming)
 
 
 def test_choice_outside_the_table_is_named(problem) -> None:

@@ -1,10 +1,14 @@
-"""Per-layer latency lookup table: each searched layer's variants timed once, in isolation, on its real input.
+"""Per-layer latency lookup table: each searched layer's variants timed once on its real input.
 
 A configuration's latency is predicted as ``scale * (sum of its layers' variant times) + overhead``.
-Built, the table is purely proportional (``overhead`` 0, ``scale`` = dense latency / dense layers' sum):
-a layer runs slower inside the model than alone (cold caches, the unsearched BatchNorms and
-activations around it grow and shrink with it), and for uniform configs the measured ratio to the
-dense model follows the ratio of layer sums to within a few percent. During a search,
+
+Where the target can time layers inside the whole model (:class:`~ranksearch.measure.timers.InModelTiming`: eager
+torch), each variant is timed there, with the layers before it evicting its weights from the caches as they do in a
+trial: every layer of the model gets one of its variants in each round, and each variant's time is taken relative
+to the dense layer's, timed inside the dense model in alternation with it, which cancels the machine's drift. The
+table then adds the rest of the model (the dense model's time less its searched layers': stem, pooling, additions)
+as ``overhead``. Elsewhere (ONNX Runtime, a remote target) each variant is timed alone, and the built table is
+purely proportional (``overhead`` 0, ``scale`` = dense latency / dense layers' sum). During a search,
 :meth:`LatencyTable.fitted` refits both terms on the configs measured so far.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ranksearch.compress import compress_layer
+from ranksearch.compress import apply_config, compress_layer
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.timers import ModuleTimer
+from ranksearch.measure.timers import InModelTiming, ModuleTimer
 from ranksearch.search.space import LayerSlot
 from ranksearch.util import atomic_write_text, read_json_cache
 
@@ -31,6 +36,10 @@ __all__ = ["LatencyTable", "Observation", "prediction_errors"]
 
 TIMING = {"warmup": 3, "min_runs": 10, "target_seconds": 0.05, "max_attempts": 2}
 """A layer runs in well under a millisecond: short timing loops keep a table of ~600 distinct variants to ~20 s."""
+
+IN_MODEL_TIMING = {"warmup": 2, "runs": 12}
+"""Passes per round of in-model timing, each of the round's model and the dense model (a 28 px ResNet-18's 1,114
+variants: 68 rounds, about 30 s on 2 cores)."""
 
 
 MIN_FIT_POINTS = 3
@@ -70,28 +79,23 @@ class LatencyTable:
         """Time every variant the slots offer (technique x rank x int8) of each layer of ``model`` with ``timer``
         (where the trials are timed: torch, ONNX Runtime, a remote target), and the whole model on ``example``.
 
-        Timings are kept in ``cache_file`` (JSON, keyed by the layer's geometry and the variant),
-        so a table for the same target, threads and versions is built once; pick a file per
-        target (:func:`cache_name`). ``progress(done, total)`` is called after each variant.
+        Timings are kept in ``cache_file`` (JSON, keyed by the layer's geometry and the variant; in-model timings as
+        ratios to the dense layer's), so a table for the same target, threads and versions is built once; pick a
+        file per target (:func:`cache_name`). ``progress(done, total)`` is called as variants are timed.
         """
         cache = _read_cache(cache_file)
-        modules = dict(model.named_modules())
-        jobs = [(name, choice) for name, slot in slots.items() for choice in variants(slot)]
-        layer_ms: dict[str, dict[str, float]] = {name: {} for name in slots}
-        fresh = 0
-        for done, (name, choice) in enumerate(jobs, start=1):
-            layer, shape = modules[name], input_shapes[name]
-            key = _cache_key(layer, shape, choice, rank_multiple)
-            if key not in cache:
-                cache[key] = _time_variant(layer, shape, choice, rank_multiple, timer)
-                fresh += 1
-            layer_ms[name][variant_key(choice)] = cache[key]
-            if progress is not None:
-                progress(done, len(jobs))
-        if cache_file is not None and fresh:
+        before = len(cache)
+        if isinstance(timer, InModelTiming):
+            layer_ms = _time_in_model(model, slots, input_shapes, example, timer, rank_multiple, cache, progress)
+        else:
+            layer_ms = _time_alone(model, slots, input_shapes, timer, rank_multiple, cache, progress)
+        if cache_file is not None and len(cache) > before:
             atomic_write_text(cache_file, json.dumps(cache, sort_keys=True))
         dense = timer.median_ms(model, example)
-        return cls(layer_ms=layer_ms).calibrated(dense)
+        table = cls(layer_ms=layer_ms)
+        if isinstance(timer, InModelTiming):  # the rest of the model, outside the searched layers
+            table = replace(table, overhead_ms=max(dense - table.dense_layers_ms, 0.0))
+        return table.calibrated(dense)
 
     @property
     def dense_layers_ms(self) -> float:
@@ -166,9 +170,10 @@ def variant_key(choice: LayerChoice) -> str:
 
 
 def cache_name(timer: ModuleTimer) -> str:
-    """A table file name for the timer's target (device or runtime), thread count and versions."""
+    """A table file name for the timer's target (device or runtime), thread count and versions, and whether layers
+    are timed inside the model."""
     slug = "".join(c if c.isalnum() or c == "." else "-" for c in timer.slug()).strip("-").lower()
-    return f"latency-{slug}.json"
+    return f"latency-{slug}{'-in-model' if isinstance(timer, InModelTiming) else ''}.json"
 
 
 def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -184,6 +189,94 @@ def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
     return slope, mean_y - slope * mean_x
 
 
+def _time_alone(
+    model: nn.Module,
+    slots: Mapping[str, LayerSlot],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    timer: ModuleTimer,
+    rank_multiple: int,
+    cache: dict[str, float],
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, dict[str, float]]:
+    """Each variant's ms timed alone (:func:`_time_variant`), from ``cache`` where it has it (and added to it)."""
+    modules = dict(model.named_modules())
+    jobs = [(name, choice) for name, slot in slots.items() for choice in variants(slot)]
+    layer_ms: dict[str, dict[str, float]] = {name: {} for name in slots}
+    for done, (name, choice) in enumerate(jobs, start=1):
+        layer, shape = modules[name], input_shapes[name]
+        key = _cache_key(layer, shape, choice, rank_multiple)
+        if key not in cache:
+            cache[key] = _time_variant(layer, shape, choice, rank_multiple, timer)
+        layer_ms[name][variant_key(choice)] = cache[key]
+        if progress is not None:
+            progress(done, len(jobs))
+    return layer_ms
+
+
+def _time_in_model(
+    model: nn.Module,
+    slots: Mapping[str, LayerSlot],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    example: torch.Tensor,
+    timer: InModelTiming,
+    rank_multiple: int,
+    cache: dict[str, float],
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, dict[str, float]]:
+    """Each variant's ms inside the model: in rounds, every layer with a variant still to time gets one (in a seeded
+    random order, so each round mixes cheap and costly neighbours), built with random factors; the round's model and
+    ``model`` run in alternation, and each variant's time over its dense layer's in the same round is cached. The
+    dense layers' times, the median over the rounds, turn the ratios into ms. Layers of equal geometry and input
+    share their variants' timings, as in :func:`_time_alone`."""
+    modules = dict(model.named_modules())
+    rng = random.Random(0)
+    keys: dict[tuple[str, str], str] = {}
+    todo: dict[str, list[LayerChoice]] = {}
+    scheduled: set[str] = set()
+    for name, slot in slots.items():
+        todo[name] = []
+        for choice in variants(slot):
+            key = keys[name, variant_key(choice)] = _cache_key(modules[name], input_shapes[name], choice, rank_multiple)
+            if not _is_dense(choice) and key not in cache and key not in scheduled:
+                scheduled.add(key)
+                todo[name].append(choice)
+        rng.shuffle(todo[name])
+    total = len(keys)
+    done = total - sum(len(choices) for choices in todo.values())
+    names = list(slots)
+    dense_ms: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(max((len(choices) for choices in todo.values()), default=0)):
+        layers = {name: choices[round_] for name, choices in todo.items() if round_ < len(choices)}
+        config = CompressionConfig(layers=layers, rank_multiple=rank_multiple)
+        candidate = apply_config(model, config, init="random", calib_inputs=example)
+        inside, dense = timer.layers_in_models_ms([candidate, model], example, names, **IN_MODEL_TIMING)
+        for name, choice in layers.items():
+            cache[keys[name, variant_key(choice)]] = inside[name] / dense[name]
+        for name in names:
+            dense_ms[name].append(dense[name])
+        done += len(layers)
+        if progress is not None:
+            progress(done, total)
+    if not dense_ms[names[0]]:  # every variant cached: the dense layers alone
+        timing = {"warmup": IN_MODEL_TIMING["warmup"], "runs": 4 * IN_MODEL_TIMING["runs"]}
+        for name, ms in timer.layers_in_models_ms([model], example, names, **timing)[0].items():
+            dense_ms[name].append(ms)
+        if progress is not None:
+            progress(total, total)
+    keep = {name: statistics.median(samples) for name, samples in dense_ms.items()}
+    return {
+        name: {
+            variant_key(choice): keep[name] * (1.0 if _is_dense(choice) else cache[keys[name, variant_key(choice)]])
+            for choice in variants(slot)
+        }
+        for name, slot in slots.items()
+    }
+
+
+def _is_dense(choice: LayerChoice) -> bool:
+    return choice.technique == "keep" and not choice.int8
+
+
 def _time_variant(
     layer: nn.Module,
     input_shape: tuple[int, ...],
@@ -193,7 +286,7 @@ def _time_variant(
 ) -> float:
     """Median ms of the variant built with random factors (latency does not depend on the values)."""
     inputs = torch.randn(input_shape)
-    if choice.technique == "keep" and not choice.int8:
+    if _is_dense(choice):
         module = layer
     else:
         module = compress_layer(
