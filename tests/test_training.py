@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,3 +227,48 @@ def test_cpu_conv_grads_allow_an_in_place_activation_after_a_1x1_map() -> None:
         grads.append([y, *(t.grad for t in leaves)])
     for expected, actual in zip(*grads):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "size", "stride", "groups"),
+    [(8, 16, 56, 2, 1), (8, 16, 57, 2, 1), (8, 16, 12, (2, 1), 1), (8, 16, 12, 3, 4)],
+)
+def test_cpu_conv_grads_run_strided_pointwise_convs_on_the_subsampled_input(
+    channels: int, out: int, size: int, stride: int | tuple[int, int], groups: int
+) -> None:
+    """A strided 1x1 conv becomes the stride-1 conv of the pixels it visits: the same outputs and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, size, size, dtype=torch.float64)
+    w = torch.randn(out, channels // groups, 1, 1, dtype=torch.float64)
+    b = torch.randn(out, dtype=torch.float64)
+    grads = []
+    for mode in (None, CpuConvGrads()):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with mode or contextlib.nullcontext():
+            y = F.conv2d(*leaves, stride=stride, groups=groups)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([y, *(t.grad for t in leaves)])
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_training_a_strided_pointwise_conv_in_channels_last_survives() -> None:
+    """torch 2.14's CPU backward of a strided 1x1 conv with 8 input channels on a 56x56 map in channels-last memory
+    writes out of bounds (a segmentation fault here; what Tucker-2 at rank 0.125 makes of ResNet-18's first
+    downsample layer at 224 px). Under the training context it trains; run in a child process, so that a
+    regression kills the child, not the test session."""
+    code = """
+import torch
+from torch import nn
+from ranksearch.training.loop import fast_training
+torch.manual_seed(0)
+conv = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+x = torch.randn(16, 8, 56, 56, requires_grad=True)
+with fast_training(conv, torch.device("cpu")):
+    for _ in range(3):
+        conv(x).sum().backward()
+print("trained", tuple(conv.weight.grad.shape))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained (16, 8, 1, 1)" in done.stdout

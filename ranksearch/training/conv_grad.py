@@ -1,8 +1,14 @@
-"""CPU convolution weight gradients as matrix products, where oneDNN's backward kernels are slow.
+"""CPU convolution backward passes around oneDNN's slow and broken kernels.
 
 oneDNN computes the weight gradient of convolutions with tiny outputs (at most 2x2 pixels) or
 single-channel inputs up to 20x slower than the forward pass (measured on a 2-core AVX2 CPU). Inside
 :class:`CpuConvGrads`, such ``conv2d`` calls compute it as one matrix product over unfolded inputs instead.
+
+And torch 2.14's CPU backward of a strided 1x1 convolution in channels-last memory with few input channels writes
+out of bounds: a segmentation fault, or glibc's "free(): invalid next size" (8 -> 16 channels, stride 2, 56x56 or
+112x112 maps, batch 16; 24 -> 16 channels or a 28x28 map survive). Tucker-2 at low rank on a ResNet downsample
+layer at 224 px makes one, and fine-tuning it killed the search. Inside :class:`CpuConvGrads`, every strided 1x1
+convolution runs as the stride-1 convolution of the subsampled input, which is the same function.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ __all__ = ["CpuConvGrads"]
 
 
 class CpuConvGrads(TorchFunctionMode):
-    """Route CPU ``conv2d`` calls whose oneDNN backward is slow through :class:`_MatmulWeightGradConv2d`.
+    """Route CPU ``conv2d`` calls whose oneDNN backward is slow through :class:`_MatmulWeightGradConv2d`, and strided
+    1x1 ones (whose backward can corrupt memory) through a stride-1 convolution of the subsampled input.
 
     Measured (batch 256, channels-last, 2 threads), forward + backward: 512->512 3x3 conv on a 1x1 map
     344 ms with oneDNN vs 41 ms here; 256->512 stride 2 onto 1x1: 98 vs 48 ms; 256->256 on 2x2: 70 vs
@@ -31,6 +38,9 @@ class CpuConvGrads(TorchFunctionMode):
             call = _matmul_conv_call(*args, **kwargs)
             if call is not None:
                 return _MatmulWeightGradConv2d.apply(*call)
+            subsampled = _subsampled_pointwise_call(*args, **kwargs)
+            if subsampled is not None:
+                return F.conv2d(*subsampled)
         return func(*args, **kwargs)
 
 
@@ -120,6 +130,31 @@ def _matmul_conv_call(
     if out_h * out_w > 4 and x.shape[1] != 1:
         return None
     return x, weight, bias, stride, padding
+
+
+def _subsampled_pointwise_call(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | str | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, int] | None:
+    """For a strided 1x1 CPU conv without padding that will be differentiated: the stride-1 ``conv2d`` arguments on
+    the subsampled input (``x[:, :, ::sh, ::sw]``, the pixels the kernel visits), else None."""
+    if (
+        x.dim() != 4
+        or x.device.type != "cpu"
+        or tuple(weight.shape[2:]) != (1, 1)
+        or isinstance(padding, str)
+        or _pair(padding) != (0, 0)
+        or _pair(stride) == (1, 1)
+        or not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    ):
+        return None
+    step_h, step_w = _pair(stride)
+    return x[:, :, ::step_h, ::step_w], weight, bias, 1, 0, 1, groups
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
