@@ -168,6 +168,7 @@ def test_layers_are_timed_inside_the_models_in_alternation() -> None:
     assert 4.0 <= times[0]["1"] < 40 and times[0]["2"] < 1.0
     assert times[1]["1"] < 1.0 and 2.0 <= times[1]["2"] < 20
     assert not first[1]._forward_hooks and not first[1]._forward_pre_hooks  # the stopwatches are removed
+    assert first.training and second.training  # timed in eval mode, each module's mode restored
     with pytest.raises(RanksearchError, match=r"layer 'spare' never runs in the model's forward pass"):
         CPU.layers_in_models_ms([WithSpare()], torch.randn(1), ["spare"], runs=1, warmup=0)
 

@@ -68,6 +68,7 @@ class TorchTimer(ModuleTimer, InModelTiming):
     ) -> list[dict[str, float]]:
         inputs = inputs.to(self.device)
         watches = [{name: _Stopwatch(name, model, self.device) for name in layers} for model in models]
+        modes = [{module: module.training for module in model.modules()} for model in models]
         try:
             with torch_threads(self.threads), torch.inference_mode():
                 for model in models:
@@ -81,6 +82,9 @@ class TorchTimer(ModuleTimer, InModelTiming):
             for watch in watches:
                 for stopwatch in watch.values():
                     stopwatch.remove()
+            for mode in modes:
+                for module, training in mode.items():
+                    module.training = training
         return [{name: stopwatch.median_ms() for name, stopwatch in watch.items()} for watch in watches]
 
     def slug(self) -> str:

@@ -257,7 +257,7 @@ def _time_in_model(
         done += len(layers)
         if progress is not None:
             progress(done, total)
-    if not dense_ms[names[0]]:  # every variant cached: the dense layers alone
+    if names and not dense_ms[names[0]]:  # every variant cached: the dense layers alone
         timing = {"warmup": IN_MODEL_TIMING["warmup"], "runs": 4 * IN_MODEL_TIMING["runs"]}
         for name, ms in timer.layers_in_models_ms([model], example, names, **timing)[0].items():
             dense_ms[name].append(ms)
