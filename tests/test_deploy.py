@@ -4,7 +4,7 @@ a search timed in ONNX Runtime."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import conftest
@@ -19,7 +19,14 @@ from typer.testing import CliRunner
 
 import ranksearch as rs
 from ranksearch.cli import app
-from ranksearch.measure.onnx import FLOAT_TOLERANCE, INT8_TOLERANCE, export_onnx, onnxruntime_latency
+from ranksearch.measure.onnx import (
+    FLOAT_TOLERANCE,
+    INT8_GAP_FACTOR,
+    INT8_TOLERANCE,
+    export_onnx,
+    int8_export_checked,
+    onnxruntime_latency,
+)
 from ranksearch.models import build_model
 from ranksearch.study import RunSettings, run_search
 from ranksearch.techniques.int8 import int8_available
@@ -97,6 +104,48 @@ def test_export_over_tolerance_raises_and_writes_nothing(model, tmp_path: Path) 
     with pytest.raises(rs.RanksearchError, match=r"differs from torch's by .* over the tolerance"):
         export_onnx(compressed(model, "svd", int8=False), images(1, seed=2), path, tolerance=1e-12)
     assert not list(tmp_path.iterdir())
+
+
+class TorchOnly(torch.nn.Module):
+    """``net``, whose output in torch (not in its ONNX export) is replaced by ``torch_output(x, output)``: torch and
+    ONNX Runtime made to differ by a known amount."""
+
+    def __init__(
+        self, net: torch.nn.Module, torch_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        super().__init__()
+        self.net, self.torch_output = net, torch_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y if torch.onnx.is_in_onnx_export() else self.torch_output(x, y)
+
+
+@needs_int8
+def test_int8_export_is_checked_against_the_float_model(model, tmp_path: Path) -> None:
+    """Given its float model, an int8 export that differs from torch beyond the tolerance passes while ONNX Runtime
+    stays within 2x torch's distance from the float model's output, and is refused farther from it."""
+    x = images(1, seed=2)
+    float_net = compressed(model, "svd", int8=False)
+    int8_net = compressed(model, "svd", int8=True)
+    with torch.no_grad():
+        exact, rounded = float_net(x), int8_net(x)
+    gap = (rounded - exact).abs().max().item()
+    assert gap > 0
+    # torch's output moved away from the float model by half its int8 error: ONNX Runtime (the int8 model) is closer
+    farther = TorchOnly(int8_net, lambda _x, y: y + 0.5 * gap)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(rs.RanksearchError, match=r"differs from torch's by .* over the tolerance"):
+        export_onnx(farther, x, path, tolerance=0.0)
+    exported = export_onnx(farther, x, path, tolerance=0.0, float_model=float_net)
+    assert path.exists() and exported.max_abs_error == pytest.approx(0.5 * gap, rel=1e-3)
+    assert exported.tolerance >= INT8_GAP_FACTOR * 0.5 * gap  # torch 0.5-1.5 x gap from the float model
+    # torch's output is the float model's itself: ONNX Runtime's int8 rounding is then more than 2x torch's (zero)
+    exact_in_torch = TorchOnly(int8_net, lambda x_, _y: float_net(x_))
+    with pytest.raises(rs.RanksearchError, match=r"from the float model's .* over 2x torch's int8 output's"):
+        export_onnx(exact_in_torch, x, tmp_path / "refused.onnx", tolerance=0.0, float_model=float_net)
+    assert not (tmp_path / "refused.onnx").exists()
+    assert int8_export_checked(path, exact + 1.5 * (rounded - exact), rounded, exact) > 0
 
 
 def test_onnxruntime_latency_stats(model, tmp_path: Path) -> None:

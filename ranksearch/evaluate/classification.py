@@ -105,6 +105,9 @@ class _Deployed(NamedTuple):
 
     model: nn.Module
     folded: int
+    float_model: nn.Module | None = None
+    """With int8 layers and ONNX Runtime: the model before quantization, on the latency device, which the int8
+    export is checked against (:func:`~ranksearch.measure.onnx.export_onnx`)."""
 
 
 @dataclass
@@ -271,10 +274,16 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
     def _deployed(self, model: nn.Module, int8_layers: list[str]) -> _Deployed:
         """``model`` as it is timed: its deployed form (a copy with BatchNorm folded, when :meth:`_folds`) on the
         latency device, its ``int8_layers`` quantized (:meth:`_on_latency_device`)."""
+        float_model = None
+        if int8_layers and self.options.latency_backend == "onnxruntime":
+            float_model = model if self.latency_device == self.device else copy.deepcopy(model).to(self.latency_device)
         if not self._folds():
-            return _Deployed(self._on_latency_device(model, int8_layers), folded=0)
+            if float_model is model:  # quantized in place below
+                float_model = copy.deepcopy(model)
+            return _Deployed(self._on_latency_device(model, int8_layers), folded=0, float_model=float_model)
         folded = fold_batchnorm(model)
-        return _Deployed(self._on_latency_device(folded.model, int8_layers, copied=True), folded=folded.folded)
+        deployed = self._on_latency_device(folded.model, int8_layers, copied=True)
+        return _Deployed(deployed, folded=folded.folded, float_model=float_model)
 
     def _on_latency_device(self, model: nn.Module, int8_layers: list[str], *, copied: bool = False) -> nn.Module:
         """``model`` on the latency device (a copy when it trains elsewhere, unless ``copied`` already), its
@@ -446,7 +455,7 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
         with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
             try:
                 dense = export_onnx(reference, self.example, Path(tmp) / "dense.onnx")
-                exported = export_onnx(model, self.example, Path(tmp) / "model.onnx")
+                exported = export_onnx(model, self.example, Path(tmp) / "model.onnx", float_model=deployed.float_model)
                 if self.target is None:
                     paired = onnxruntime_speedup(
                         dense.path,

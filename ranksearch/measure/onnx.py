@@ -37,6 +37,12 @@ INT8_TOLERANCE = 5e-2
 """Allowed max abs error of ONNX Runtime against torch, relative to ``max(1, max |torch output|)``. With int8
 layers, fbgemm and ONNX Runtime may round a requantized value to neighbouring int8 steps (measured: 1% of
 the output range when the classifier is int8)."""
+INT8_GAP_FACTOR = 2.0
+"""With several int8 layers the two runtimes' rounding differences add up past :data:`INT8_TOLERANCE` (ONNX Runtime
+0.07-0.63 from torch in the logits of a 224 px ResNet-18 with 7-11 int8 layers), while each stays about as far from
+the float model as the other (on the default problem's trained model, 1 to 19 int8 layers: ONNX Runtime 0.3-4.3 %
+of the largest logit from the float model, torch's int8 0.3-7.4 %). Given the float model, an int8 export passes
+when ONNX Runtime is at most this many times torch's distance from it."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,10 @@ class OnnxExport:
     path: Path
     size_bytes: int
     max_abs_error: float
+    """ONNX Runtime's output against torch's, max abs."""
     tolerance: float
+    """The bound the check applied: to ``max_abs_error``, or (an int8 export checked against its float model) to
+    ONNX Runtime's distance from the float model's output."""
     opset: int
 
 
@@ -64,13 +73,17 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     tolerance: float | None = None,
+    float_model: nn.Module | None = None,
 ) -> OnnxExport:
     """Write ``model`` (eval mode) as one self-contained ONNX file, input ``input``, output ``output``, dynamic batch.
 
     Before ``path`` is written, ONNX Runtime (CPU) runs the model on ``example`` and its output
     is compared with torch's: a max abs error over ``tolerance`` (relative to
     ``max(1, max |torch output|)``; default :data:`FLOAT_TOLERANCE`, or :data:`INT8_TOLERANCE`
-    when the model has int8 layers) raises :class:`RanksearchError`.
+    when the model has int8 layers) raises :class:`RanksearchError`, unless the model has int8 layers and
+    ``float_model`` (the same model before quantization, on ``example``'s device) is given: then ONNX Runtime may
+    differ from torch as long as it stays within :data:`INT8_GAP_FACTOR` times torch's distance from the float model
+    (both runtimes approximate the float model; neither is the reference).
     """
     require_onnxruntime()
     path = Path(path)
@@ -89,16 +102,42 @@ def export_onnx(
     error = (output - reference).abs().max().item()
     allowed = tolerance * max(1.0, reference.abs().max().item())
     if not error <= allowed:
-        raise RanksearchError(
-            f"{path}: ONNX Runtime's output differs from torch's by {error:.3g} (max abs), over the tolerance "
-            f"{allowed:.3g}; the export is wrong, not written"
-        )
+        if not int8_layers or float_model is None:
+            raise RanksearchError(
+                f"{path}: ONNX Runtime's output differs from torch's by {error:.3g} (max abs), over the tolerance "
+                f"{allowed:.3g}; the export is wrong, not written"
+            )
+        allowed = int8_export_checked(path, output, reference, _float_output(float_model, example))
     try:
         with atomic_open(path, "wb") as handle:
             handle.write(data)
     except OSError as exc:
         raise RanksearchError(f"{path}: cannot be written ({exc.strerror}); pass a writable path") from None
     return OnnxExport(path, len(data), error, allowed, opset)
+
+
+def _float_output(float_model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    was_training = float_model.training
+    float_model.eval()
+    try:
+        with torch.no_grad():
+            return float_model(example).float().cpu()
+    finally:
+        float_model.train(was_training)
+
+
+def int8_export_checked(path: Path, output: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor) -> float:
+    """The bound ONNX Runtime's ``output`` met: within :data:`INT8_GAP_FACTOR` times torch's int8 ``reference``'s
+    distance from the float model's ``exact`` output (plus :data:`FLOAT_TOLERANCE`); raises otherwise."""
+    torch_gap = (reference - exact).abs().max().item()
+    onnx_gap = (output - exact).abs().max().item()
+    allowed = INT8_GAP_FACTOR * torch_gap + FLOAT_TOLERANCE * max(1.0, exact.abs().max().item())
+    if not onnx_gap <= allowed:
+        raise RanksearchError(
+            f"{path}: ONNX Runtime's output is {onnx_gap:.3g} from the float model's (max abs), over "
+            f"{INT8_GAP_FACTOR:g}x torch's int8 output's {torch_gap:.3g}; the export is wrong, not written"
+        )
+    return allowed
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET) -> bytes:

@@ -95,7 +95,15 @@ def apply_to_checkpoint(
     )  # fmt: skip
     deployed = _deployed_forms(dense, config, checkpoint, trust, calib)
     timed_dense, timed_compressed = deployed or (dense, compressed)
-    exported = None if onnx is None else export_onnx(compressed, example, onnx)
+    exported = None
+    if onnx is not None:
+        float_config, int8_layers = config.split_int8()
+        float_model = None  # an int8 export is checked against the model before quantization
+        if int8_layers:
+            float_model = build_from_config(
+                float_config, checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib
+            )
+        exported = export_onnx(compressed, example, onnx, float_model=float_model)
     out = Path(out)
     try:
         with atomic_open(out, "wb") as handle:
