@@ -13,7 +13,7 @@ convolution runs as the stride-1 convolution of the subsampled input, which is t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,12 @@ class CpuConvGrads(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.conv2d:
-            call = _matmul_conv_call(*args, **kwargs)
-            if call is not None:
-                return _MatmulWeightGradConv2d.apply(*call)
-            subsampled = _subsampled_pointwise_call(*args, **kwargs)
-            if subsampled is not None:
-                return F.conv2d(*subsampled)
+            call = _ConvCall.of(*args, **kwargs)
+            if call is not None and _matmul_beats_onednn(call):
+                return _MatmulWeightGradConv2d.apply(call.x, call.weight, call.bias, call.stride, call.padding)
+            if call is not None and _strided_pointwise(call):  # the pixels a 1x1 kernel visits, at stride 1
+                step_h, step_w = call.stride
+                return F.conv2d(call.x[:, :, ::step_h, ::step_w], call.weight, call.bias, groups=call.groups)
         return func(*args, **kwargs)
 
 
@@ -106,55 +106,50 @@ def _single_tap(
     return padding[0], padding[1]
 
 
-def _matmul_conv_call(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: int | tuple[int, ...] = 1,
-    padding: int | str | tuple[int, ...] = 0,
-    dilation: int | tuple[int, ...] = 1,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int], tuple[int, int]] | None:
-    """The arguments for :class:`_MatmulWeightGradConv2d` when it beats oneDNN for this call, else None."""
-    if (
-        groups != 1
-        or isinstance(padding, str)
-        or _pair(dilation) != (1, 1)
-        or x.dim() != 4
-        or x.device.type != "cpu"
-        or not (weight.requires_grad and torch.is_grad_enabled())
-    ):
-        return None
-    stride, padding = _pair(stride), _pair(padding)
-    out_h, out_w = ((x.shape[i + 2] + 2 * padding[i] - weight.shape[i + 2]) // stride[i] + 1 for i in range(2))
-    if out_h * out_w > 4 and x.shape[1] != 1:
-        return None
-    return x, weight, bias, stride, padding
+class _ConvCall(NamedTuple):
+    """A CPU ``conv2d`` call on a 4-D input with numeric padding, its arguments in one form."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(
+        cls,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+    ) -> _ConvCall | None:
+        """The call as ``F.conv2d`` takes it; None for one this module leaves alone (not CPU, not 4-D, padding
+        named as a string, or nothing to differentiate)."""
+        if x.dim() != 4 or x.device.type != "cpu" or isinstance(padding, str) or not torch.is_grad_enabled():
+            return None
+        if not (weight.requires_grad or x.requires_grad):
+            return None
+        return cls(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
 
 
-def _subsampled_pointwise_call(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: int | tuple[int, ...] = 1,
-    padding: int | str | tuple[int, ...] = 0,
-    dilation: int | tuple[int, ...] = 1,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, int] | None:
-    """For a strided 1x1 CPU conv without padding that will be differentiated: the stride-1 ``conv2d`` arguments on
-    the subsampled input (``x[:, :, ::sh, ::sw]``, the pixels the kernel visits), else None."""
-    if (
-        x.dim() != 4
-        or x.device.type != "cpu"
-        or tuple(weight.shape[2:]) != (1, 1)
-        or isinstance(padding, str)
-        or _pair(padding) != (0, 0)
-        or _pair(stride) == (1, 1)
-        or not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-    ):
-        return None
-    step_h, step_w = _pair(stride)
-    return x[:, :, ::step_h, ::step_w], weight, bias, 1, 0, 1, groups
+def _matmul_beats_onednn(call: _ConvCall) -> bool:
+    """Whether :class:`_MatmulWeightGradConv2d` beats oneDNN: a trained ungrouped, undilated conv onto at most 4
+    output pixels, or from a single-channel input."""
+    if call.groups != 1 or call.dilation != (1, 1) or not call.weight.requires_grad:
+        return False
+    x, kernel = call.x, call.weight.shape[2:]
+    out_h, out_w = ((x.shape[i + 2] + 2 * call.padding[i] - kernel[i]) // call.stride[i] + 1 for i in range(2))
+    return out_h * out_w <= 4 or x.shape[1] == 1
+
+
+def _strided_pointwise(call: _ConvCall) -> bool:
+    """Whether ``call`` is a strided 1x1 conv without padding (whose channels-last backward can corrupt memory)."""
+    return tuple(call.weight.shape[2:]) == (1, 1) and call.padding == (0, 0) and call.stride != (1, 1)
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
