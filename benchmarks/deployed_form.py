@@ -1,5 +1,6 @@
 """Which latency target rewards what factorization saves? Speedup per MAC reduction in eager torch, eager torch
-with BatchNorm folded, torch.compile (inductor, CPU) and ONNX Runtime.
+with BatchNorm folded, torch.compile (inductor, CPU; weights frozen or not, whichever is faster)
+and ONNX Runtime.
 
     python benchmarks/deployed_form.py [--threads 2] [--rounds 6] [--seconds 3] [--no-compile] [--sizes 28 224]
 
@@ -26,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from ranksearch.compress import apply_config, dense_model_cost
+from ranksearch.measure.compiled import compiled_speedup
 from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.latency import measure_speedup
 from ranksearch.measure.timing import PairedLatency
@@ -46,21 +48,18 @@ def timed_pair(target: str, dense: nn.Module, model: nn.Module, example: torch.T
             return onnxruntime_speedup(
                 reference, candidate, example, threads=args.threads, rounds=args.rounds, target_seconds=args.seconds
             )
+    if target == "torch.compile, BatchNorm folded":  # as --latency-backend compile times trials
+        pair = (fold_batchnorm(dense).model, fold_batchnorm(model).model)
+        return compiled_speedup(*pair, example, threads=args.threads, rounds=args.rounds, target_seconds=args.seconds)[
+            0
+        ]
     form: Callable[[nn.Module], nn.Module] = {
         "eager": lambda m: m,
         "eager, BatchNorm folded": lambda m: fold_batchnorm(m).model,
-        "torch.compile, BatchNorm folded": lambda m: _compiled(fold_batchnorm(m).model, example),
     }[target]
     return measure_speedup(
         form(dense), form(model), example, threads=args.threads, rounds=args.rounds, target_seconds=args.seconds
     )
-
-
-def _compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    compiled = torch.compile(model, backend="inductor", dynamic=False)
-    with torch.inference_mode():
-        compiled(example)  # compile now, not inside the timing
-    return compiled
 
 
 def main() -> None:
@@ -69,7 +68,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per model and pair, over all rounds")
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 224])
-    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (compiling takes minutes)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out torch.compile (each pair compiles, 5-25 s)"
+    )
     parser.add_argument("--no-onnx", action="store_true", help="leave out ONNX Runtime")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -95,8 +95,8 @@ def run(
     latency_backend: Annotated[
         str | None,
         typer.Option(
-            help="torch, or onnxruntime: time each trial's ONNX export in ONNX Runtime (CPU) "
-            "(default: torch; onnxruntime with --target)"
+            help="torch (eager), compile: torch.compile (inductor, CPU, no int8), or onnxruntime: time each trial's "
+            "ONNX export in ONNX Runtime (CPU) (default: torch; onnxruntime with --target)"
         ),
     ] = None,
     target: Annotated[

@@ -215,7 +215,7 @@ def test_apply_checkpoint_of_another_architecture_is_one_line_exit_2(apply_files
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--latency-backend", "tvm"], "--latency-backend 'tvm' is unknown; choose torch or onnxruntime"),
+        (["--latency-backend", "tvm"], "--latency-backend 'tvm' is unknown; choose torch, onnxruntime or compile"),
         (
             ["--latency-backend", "onnxruntime", "--device", "cuda"],
             "use --latency-device cpu or --latency-backend torch",

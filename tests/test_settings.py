@@ -74,7 +74,7 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
     [
         ({"budget": 0}, "--budget 0: must be a positive number"),
         ({"sampler": "grid"}, "--sampler 'grid' is unknown"),
-        ({"latency_backend": "tvm"}, "--latency-backend 'tvm' is unknown; choose torch or onnxruntime"),
+        ({"latency_backend": "tvm"}, "--latency-backend 'tvm' is unknown; choose torch, onnxruntime or compile"),
         ({"finetune_steps": -1}, "--finetune-steps -1: must be 0 or more"),
         ({"batch_size": 0}, "--batch-size 0: must be positive"),
         ({"threads": 0}, "--threads 0: must be positive"),
@@ -84,6 +84,7 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
         ({"final_epochs": -1}, "--final-epochs -1: must be 0"),
         ({"final_top": 0}, "--final-top 0: must be positive"),
         ({"latency_backend": "onnxruntime", "device": "cuda"}, "times on CPU, not --device cuda"),
+        ({"latency_backend": "compile", "device": "cuda"}, "--latency-backend compile times on CPU, not --device cuda"),
     ],
 )
 def test_bad_values_are_one_line_errors(options: dict[str, object], message: str) -> None:

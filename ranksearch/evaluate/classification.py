@@ -33,7 +33,7 @@ from ranksearch.evaluate.base import (
 from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.latency import LATENCY_BACKENDS, measure_speedup
 from ranksearch.measure.remote import RemoteTarget
-from ranksearch.measure.timers import ModuleTimer, OnnxRuntimeTimer, RemoteTimer, TorchTimer
+from ranksearch.measure.timers import CompiledTimer, ModuleTimer, OnnxRuntimeTimer, RemoteTimer, TorchTimer
 from ranksearch.measure.timing import PairedLatency
 from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
 from ranksearch.training.loop import channels_last
@@ -65,7 +65,8 @@ class EvaluatorOptions:
         """One-line errors for values that cannot work."""
         if self.latency_backend not in LATENCY_BACKENDS:
             raise RanksearchError(
-                f"--latency-backend {self.latency_backend!r} is unknown; choose {' or '.join(LATENCY_BACKENDS)}"
+                f"--latency-backend {self.latency_backend!r} is unknown; "
+                f"choose {', '.join(LATENCY_BACKENDS[:-1])} or {LATENCY_BACKENDS[-1]}"
             )
         if self.target is not None:
             RemoteTarget.from_url(self.target)  # a malformed address is named before anything runs
@@ -133,15 +134,16 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
     a model fine-tuned on a GPU is timed on a CPU), its int8 layers quantized there (post-training, scales from the
     calibration batches) -> median latency of batch ``latency_batch`` (before the model runs any other batch size),
     or with ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime on CPU
-    (the export's max abs error against torch is returned as ``onnx_max_abs_error``), or with ``target`` on a remote
-    target (:class:`~ranksearch.measure.remote.RemoteTarget`); the uncompressed model is timed
-    in rounds alternating with it (``reference_latency_ms``; each round's speedup gives ``speedup_low`` /
-    ``speedup_high``), so the speedup compares measurements under the same load -> accuracy on ``split`` (``val``:
-    the validation images kept by ``--eval-subset``; ``full_val``: all of them; at most ``eval_batches`` batches),
-    with each image's correctness (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same
-    configuration gives the same model on ``split="test"`` as it did on ``"val"``. A model with int8 layers is scored
-    in its deployed form, where it was timed (int8 kernels run on CPU only); any other is scored as fine-tuned, on
-    ``device``.
+    (the export's max abs error against torch is returned as ``onnx_max_abs_error``), or with
+    ``latency_backend="compile"`` compiled by torch.compile (inductor, CPU, weights frozen or not, whichever is
+    faster; its graph breaks returned as ``compile_graph_breaks``), or with ``target`` on a remote target
+    (:class:`~ranksearch.measure.remote.RemoteTarget`); the uncompressed model is timed in rounds alternating with
+    it (``reference_latency_ms``; each round's speedup gives ``speedup_low`` / ``speedup_high``), so the speedup
+    compares measurements under the same load -> accuracy on ``split`` (``val``: the validation images kept by
+    ``--eval-subset``; ``full_val``: all of them; at most ``eval_batches`` batches), with each image's correctness
+    (:attr:`Metrics.correct`). Data order and initial state are seeded, so the same configuration gives the same
+    model on ``split="test"`` as it did on ``"val"``. A model with int8 layers is scored in its deployed form, where
+    it was timed (int8 kernels run on CPU only); any other is scored as fine-tuned, on ``device``.
 
     Its zero-shot score (:class:`~ranksearch.evaluate.ZeroShotScorer`) is the accuracy after recalibration, on the
     first ``zero_shot_images`` validation images; a config scored right before it is evaluated is not
@@ -196,10 +198,12 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
             self.target.info()  # an unreachable target, or a refused token, stops the run before any trial
 
     def layer_timer(self) -> ModuleTimer:
-        """Layers timed as trials are: in torch on the latency device, or their ONNX exports in ONNX Runtime, here or
-        on the remote target."""
+        """Layers timed as trials are: in eager torch on the latency device, compiled by torch.compile, or their ONNX
+        exports in ONNX Runtime, here or on the remote target."""
         if self.options.latency_backend == "torch":
             return TorchTimer(device=self.latency_device, threads=self.threads)
+        if self.options.latency_backend == "compile":
+            return CompiledTimer(threads=self.threads)
         if self.target is not None:
             return RemoteTimer(target=self.target, threads=self.threads)
         return OnnxRuntimeTimer(threads=self.threads)
@@ -433,9 +437,11 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
         self, deployed: _Deployed, *, rounds: int = 4, target_seconds: float = 0.5
     ) -> tuple[PairedLatency, dict[str, float]]:
         """A config's ``deployed`` model timed beside the uncompressed model in the same form, in alternating rounds
-        (:func:`measure_speedup`), in torch or (``latency_backend="onnxruntime"``) in ONNX Runtime on their exports,
-        with the export's max abs error against torch (``onnx_max_abs_error``) and, with ``fold_batchnorm``, how
-        many BatchNorms were folded (``batchnorm_folded``)."""
+        (:func:`measure_speedup`), in eager torch, compiled (``latency_backend="compile"``, with the graph
+        breaks of both, ``compile_graph_breaks``, and whether each ran frozen, ``compile_frozen[_reference]``)
+        or in ONNX Runtime on their exports (``latency_backend="onnxruntime"``, with the export's max abs error
+        against torch: ``onnx_max_abs_error``) and, with ``fold_batchnorm``, how many BatchNorms were folded
+        (``batchnorm_folded``)."""
         model, reference = deployed.model, self._reference(folded=deployed.folded > 0)
         assert reference is not None, "a config is folded only when the uncompressed model folds (_folds)"
         folded = {"batchnorm_folded": float(deployed.folded)} if self.options.fold_batchnorm else {}
@@ -450,6 +456,18 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
                 target_seconds=target_seconds,
             )
             return paired, folded
+        if self.options.latency_backend == "compile":
+            from ranksearch.measure.compiled import compiled_speedup
+
+            try:
+                paired, compiled = compiled_speedup(
+                    reference, model, self.example, threads=self.threads, rounds=rounds, target_seconds=target_seconds
+                )
+            except RanksearchError as exc:  # a model inductor cannot compile fails this trial, not the search
+                raise TrialFailure(str(exc)) from None
+            dense, candidate = compiled.modules
+            modes = {"compile_frozen_reference": float(dense.frozen), "compile_frozen": float(candidate.frozen)}
+            return paired, {"compile_graph_breaks": float(compiled.graph_breaks), **modes, **folded}
         from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
 
         with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:

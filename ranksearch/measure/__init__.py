@@ -1,4 +1,5 @@
-"""Measuring models: wall-clock latency in torch, ONNX export with ONNX Runtime latency, and remote targets.
+"""Measuring models: wall-clock latency in eager or compiled torch, ONNX export with ONNX Runtime latency, and remote
+targets.
 
 ``Latency`` and ``measure_latency`` are imported on first use, so that :mod:`ranksearch.measure.timing` and
 :mod:`ranksearch.measure.target_server` import without torch.

@@ -149,7 +149,7 @@ def latency_target(settings: Mapping[str, Any]) -> str:
     threads (e.g. ``eager torch, BatchNorm folded on cpu, batch 1, 2 threads``)."""
     threads = settings.get("threads")
     backend = str(settings.get("latency_backend", "torch"))
-    runtime = {"torch": "eager torch", "onnxruntime": "ONNX Runtime"}.get(backend, backend)
+    runtime = {"torch": "eager torch", "onnxruntime": "ONNX Runtime", "compile": "torch.compile"}.get(backend, backend)
     form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
     device = settings.get("target") or settings.get("latency_device") or settings.get("device", "cpu")
     return (

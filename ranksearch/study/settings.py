@@ -269,14 +269,16 @@ class RunSettings:
                 f"--promote-steps {self.search.promote_steps}: the first rung must fine-tune longer than "
                 f"--finetune-steps {self.evaluation.finetune_steps}; pass larger steps, or 0 for no promotion"
             )
-        if self.evaluation.latency_backend == "onnxruntime":
+        backend = self.evaluation.latency_backend
+        if backend in ("onnxruntime", "compile"):
             timing = self.infra.timing_device
             if not timing.startswith("cpu"):
                 option = "--latency-device" if self.infra.latency_device else "--device"
                 raise RanksearchError(
-                    f"--latency-backend onnxruntime times on CPU, not {option} {timing}; "
+                    f"--latency-backend {backend} times on CPU, not {option} {timing}; "
                     "use --latency-device cpu or --latency-backend torch"
                 )
+        if backend == "onnxruntime":
             from ranksearch.measure.onnx import require_onnxruntime
 
             require_onnxruntime()
