@@ -51,7 +51,7 @@ def test_compiled_models_compute_what_eager_ones_do() -> None:
     with torch.no_grad():
         for parameter in twin.parameters():
             parameter.mul_(-1.5)
-    models, example = [convnet(8), twin, convnet(16)], torch.randn(2, 3, 12, 12)
+    models, example = [convnet(8), twin], torch.randn(2, 3, 12, 12)
     compiled = compile_fastest(models, example, threads=1)
     assert compiled.graph_breaks == 0
     with torch.inference_mode():
