@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -98,9 +99,17 @@ def wait_for(condition: Callable[[], object], what: str, *processes: subprocess.
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@functools.cache
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage, one connection pool, per database URL the tests poll: a storage made per poll (every 0.2 s)
+    opens connections faster than garbage collection closes them, and PostgreSQL refused the 101st ("too many
+    clients already") while a test waited for a baseline."""
+    return optuna.storages.RDBStorage(url)
+
+
 def load(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=rdb_storage(storage) if isinstance(storage, str) else storage)
     except KeyError:
         return None
 
