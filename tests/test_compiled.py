@@ -101,7 +101,7 @@ def test_int8_is_not_searched_with_torch_compile(tmp_path) -> None:
     console = Console(record=True, width=200)
     cpu = torch.device("cpu")
     assert load_space(path, cpu, console).int8
-    space = load_space(path, cpu, console, latency_backend="compile")
+    space = load_space(path, cpu, console, backend="compile")
     assert space == replace(SearchSpace.load(path), int8=False)
     assert "int8: torch.ao's quantized layers do not compile (graph breaks)" in console.export_text()
 

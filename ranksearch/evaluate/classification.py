@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -18,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ranksearch.compress import apply_config, quantize_layers
 from ranksearch.config import CompressionConfig
 from ranksearch.data import DataSplits, make_loader
-from ranksearch.errors import RanksearchError, TrialFailure
+from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.base import (
     Divergence,
     DivergenceScorer,
@@ -30,10 +28,10 @@ from ranksearch.evaluate.base import (
     Split,
     ZeroShotScorer,
 )
+from ranksearch.measure.backends import latency_backend
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.measure.latency import LATENCY_BACKENDS, measure_speedup
 from ranksearch.measure.remote import RemoteTarget
-from ranksearch.measure.timers import CompiledTimer, ModuleTimer, OnnxRuntimeTimer, RemoteTimer, TorchTimer
+from ranksearch.measure.timers import ModuleTimer
 from ranksearch.measure.timing import PairedLatency
 from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
 from ranksearch.training.loop import channels_last
@@ -63,14 +61,10 @@ class EvaluatorOptions:
 
     def validate(self) -> None:
         """One-line errors for values that cannot work."""
-        if self.latency_backend not in LATENCY_BACKENDS:
-            raise RanksearchError(
-                f"--latency-backend {self.latency_backend!r} is unknown; "
-                f"choose {', '.join(LATENCY_BACKENDS[:-1])} or {LATENCY_BACKENDS[-1]}"
-            )
+        backend = latency_backend(self.latency_backend)  # an unknown name lists the others
         if self.target is not None:
             RemoteTarget.from_url(self.target)  # a malformed address is named before anything runs
-            if self.latency_backend != "onnxruntime":
+            if not backend.remote:
                 raise RanksearchError(
                     f"--target {self.target} times ONNX exports in ONNX Runtime, not --latency-backend "
                     f"{self.latency_backend}; pass --latency-backend onnxruntime, or leave it out"
@@ -132,12 +126,10 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
     distilling from the uncompressed model -> the deployed form: a copy with BatchNorm folded into the layer before it
     (with ``fold_batchnorm``, in the dense and the compressed model alike), on ``latency_device`` (default ``device``:
     a model fine-tuned on a GPU is timed on a CPU), its int8 layers quantized there (post-training, scales from the
-    calibration batches) -> median latency of batch ``latency_batch`` (before the model runs any other batch size),
-    or with ``latency_backend="onnxruntime"`` of the model exported to a temporary ONNX file, in ONNX Runtime on CPU
-    (the export's max abs error against torch is returned as ``onnx_max_abs_error``), or with
-    ``latency_backend="compile"`` compiled by torch.compile (inductor, CPU, weights frozen or not, whichever is
-    faster; its graph breaks returned as ``compile_graph_breaks``), or with ``target`` on a remote target
-    (:class:`~ranksearch.measure.remote.RemoteTarget`); the uncompressed model is timed in rounds alternating with
+    calibration batches) -> median latency of batch ``latency_batch`` (before the model runs any other batch size)
+    by ``latency_backend`` (:mod:`ranksearch.measure.backends`: eager torch, ONNX Runtime on the model's ONNX export,
+    here or on the remote ``target``, or torch.compile; what each backend records is returned with the metrics,
+    e.g. ``onnx_max_abs_error`` or ``compile_graph_breaks``); the uncompressed model is timed in rounds alternating with
     it (``reference_latency_ms``; each round's speedup gives ``speedup_low`` / ``speedup_high``), so the speedup
     compares measurements under the same load -> accuracy on ``split`` (``val``: the validation images kept by
     ``--eval-subset``; ``full_val``: all of them; at most ``eval_batches`` batches), with each image's correctness
@@ -196,17 +188,13 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
         self.target = RemoteTarget.from_url(self.options.target) if self.options.target else None
         if self.target is not None:
             self.target.info()  # an unreachable target, or a refused token, stops the run before any trial
+        self.backend = latency_backend(self.options.latency_backend)(
+            device=self.latency_device, threads=self.threads, target=self.target
+        )
 
     def layer_timer(self) -> ModuleTimer:
-        """Layers timed as trials are: in eager torch on the latency device, compiled by torch.compile, or their ONNX
-        exports in ONNX Runtime, here or on the remote target."""
-        if self.options.latency_backend == "torch":
-            return TorchTimer(device=self.latency_device, threads=self.threads)
-        if self.options.latency_backend == "compile":
-            return CompiledTimer(threads=self.threads)
-        if self.target is not None:
-            return RemoteTimer(target=self.target, threads=self.threads)
-        return OnnxRuntimeTimer(threads=self.threads)
+        """Layers timed as trials are, by the latency backend (here or on the remote target)."""
+        return self.backend.layer_timer()
 
     def evaluate(self, config: CompressionConfig, *, split: Split = "val") -> Metrics:
         """The metrics of ``config`` (see the class)."""
@@ -279,7 +267,7 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
         """``model`` as it is timed: its deployed form (a copy with BatchNorm folded, when :meth:`_folds`) on the
         latency device, its ``int8_layers`` quantized (:meth:`_on_latency_device`)."""
         float_model = None
-        if int8_layers and self.options.latency_backend == "onnxruntime":
+        if int8_layers and self.backend.float_model_for_int8:
             float_model = model if self.latency_device == self.device else copy.deepcopy(model).to(self.latency_device)
         if not self._folds():
             if float_model is model:  # quantized in place below
@@ -436,65 +424,21 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
     def _paired_latency(
         self, deployed: _Deployed, *, rounds: int = 4, target_seconds: float = 0.5
     ) -> tuple[PairedLatency, dict[str, float]]:
-        """A config's ``deployed`` model timed beside the uncompressed model in the same form, in alternating rounds
-        (:func:`measure_speedup`), in eager torch, compiled (``latency_backend="compile"``, with the graph
-        breaks of both, ``compile_graph_breaks``, and whether each ran frozen, ``compile_frozen[_reference]``)
-        or in ONNX Runtime on their exports (``latency_backend="onnxruntime"``, with the export's max abs error
-        against torch: ``onnx_max_abs_error``) and, with ``fold_batchnorm``, how many BatchNorms were folded
-        (``batchnorm_folded``)."""
+        """A config's ``deployed`` model timed beside the uncompressed model in the same form, in alternating rounds,
+        by the latency backend (:meth:`~ranksearch.measure.backends.LatencyBackend.time_beside`), with what the
+        backend records and, with ``fold_batchnorm``, how many BatchNorms were folded (``batchnorm_folded``)."""
         model, reference = deployed.model, self._reference(folded=deployed.folded > 0)
         assert reference is not None, "a config is folded only when the uncompressed model folds (_folds)"
         folded = {"batchnorm_folded": float(deployed.folded)} if self.options.fold_batchnorm else {}
-        if self.options.latency_backend == "torch":
-            paired = measure_speedup(
-                reference,
-                model,
-                self.example,
-                device=self.latency_device,
-                threads=self.threads,
-                rounds=rounds,
-                target_seconds=target_seconds,
-            )
-            return paired, folded
-        if self.options.latency_backend == "compile":
-            from ranksearch.measure.compiled import compiled_speedup
-
-            try:
-                paired, compiled = compiled_speedup(
-                    reference, model, self.example, threads=self.threads, rounds=rounds, target_seconds=target_seconds
-                )
-            except RanksearchError as exc:  # a model inductor cannot compile fails this trial, not the search
-                raise TrialFailure(str(exc)) from None
-            dense, candidate = compiled.modules
-            modes = {"compile_frozen_reference": float(dense.frozen), "compile_frozen": float(candidate.frozen)}
-            return paired, {"compile_graph_breaks": float(compiled.graph_breaks), **modes, **folded}
-        from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
-
-        with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
-            try:
-                dense = export_onnx(reference, self.example, Path(tmp) / "dense.onnx")
-                exported = export_onnx(model, self.example, Path(tmp) / "model.onnx", float_model=deployed.float_model)
-                if self.target is None:
-                    paired = onnxruntime_speedup(
-                        dense.path,
-                        exported.path,
-                        self.example,
-                        threads=self.threads,
-                        rounds=rounds,
-                        target_seconds=target_seconds,
-                    )
-            except RanksearchError as exc:  # a wrong export fails this trial, not the search
-                raise TrialFailure(str(exc)) from None
-            if self.target is not None:  # a model the device cannot run, or a lost target, fails the trial
-                paired = self.target.speedup(
-                    dense.path.read_bytes(),
-                    exported.path.read_bytes(),
-                    self.example.cpu().numpy(),
-                    threads=self.threads,
-                    rounds=rounds,
-                    target_seconds=target_seconds,
-                )
-        return paired, {"onnx_max_abs_error": exported.max_abs_error, **folded}
+        timed = self.backend.time_beside(
+            reference,
+            model,
+            self.example,
+            rounds=rounds,
+            target_seconds=target_seconds,
+            float_model=deployed.float_model,
+        )
+        return timed.paired, {**timed.extra, **folded}
 
 
 def calibration_batch(dataset: Dataset, *, batch_size: int, batches: int, seed: int) -> torch.Tensor:

@@ -13,10 +13,6 @@ from torch import nn
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.timing import Latency, PairedLatency, paired_rounds, time_repeatedly
 
-LATENCY_BACKENDS = ("torch", "onnxruntime", "compile")
-"""Where latency is measured: eager torch, ONNX Runtime (CPU, here or on a remote target) running the model's ONNX
-export, or the model compiled by torch.compile (inductor, CPU; weights frozen or not, whichever is faster)."""
-
 
 def resolve_device(name: str, *, option: str = "--device") -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``mps``; an accelerator asked for where there is none is a user error naming

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.backends import latency_backend_title
 from ranksearch.results.front import compresses_nothing, front_trials, speed_of
 from ranksearch.results.record import BASELINE, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
@@ -149,7 +150,7 @@ def latency_target(settings: Mapping[str, Any]) -> str:
     threads (e.g. ``eager torch, BatchNorm folded on cpu, batch 1, 2 threads``)."""
     threads = settings.get("threads")
     backend = str(settings.get("latency_backend", "torch"))
-    runtime = {"torch": "eager torch", "onnxruntime": "ONNX Runtime", "compile": "torch.compile"}.get(backend, backend)
+    runtime = latency_backend_title(backend)
     form = ", BatchNorm folded" if settings.get("fold_batchnorm") else ""
     device = settings.get("target") or settings.get("latency_device") or settings.get("device", "cpu")
     return (

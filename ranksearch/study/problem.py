@@ -21,6 +21,7 @@ from ranksearch.data import (
     make_loader,
 )
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.backends import latency_backend
 from ranksearch.models import build_model, load_checkpoint, pretrained_preprocessing
 from ranksearch.results.record import FINGERPRINT, SETTINGS
 from ranksearch.search import SearchSpace, record_input_shapes
@@ -61,20 +62,20 @@ class RunContext:
 
 
 def load_space(
-    path: str | Path, latency_device: torch.device, console: Console, *, latency_backend: str = "torch"
+    path: str | Path, latency_device: torch.device, console: Console, *, backend: str = "torch"
 ) -> SearchSpace:
     """The search space at ``path``; int8 is left out unless latency is measured on a CPU (its kernels run there
-    only; models trained on a GPU are quantized on the CPU that times them), and with torch.compile (its quantized
-    modules break the graph: measured, two int8 layers in a 28 px ResNet-18 made eight graph breaks and took the
+    only; models trained on a GPU are quantized on the CPU that times them), and with a latency ``backend`` that
+    refuses it (:attr:`~ranksearch.measure.backends.LatencyBackend.int8_refused`; torch.compile: its quantized
+    modules break the graph; measured, two int8 layers in a 28 px ResNet-18 made eight graph breaks and took the
     compiled model from 2.0 ms to 6.2 ms, no faster than eager torch)."""
     space = SearchSpace.load(path)
     if latency_device.type != "cpu" and space.int8:
         console.print(f"int8: its kernels run on CPU only; not searched with latency on {latency_device.type}")
         space = replace(space, int8=False)
-    if latency_backend == "compile" and space.int8:
-        console.print(
-            "int8: torch.ao's quantized layers do not compile (graph breaks); not searched with torch.compile"
-        )
+    refused = latency_backend(backend).int8_refused
+    if refused is not None and space.int8:
+        console.print(f"int8: {refused}")
         space = replace(space, int8=False)
     return space
 

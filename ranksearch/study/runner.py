@@ -44,7 +44,7 @@ def run_search(
     timing_device = settings.infra.devices()[1]
     shipped = settings.search.space is None
     space_path = Path(settings.search.space or default_space_path(model_family(settings.problem.model)))
-    space = load_space(space_path, timing_device, console, latency_backend=settings.evaluation.latency_backend)
+    space = load_space(space_path, timing_device, console, backend=settings.evaluation.latency_backend)
     settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
     directory = settings.infra.results_dir / settings.name()
     factory = evaluator_factory(settings) if evaluator is None else lambda _: evaluator

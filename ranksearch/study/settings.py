@@ -24,6 +24,7 @@ import torch
 
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import EvaluatorOptions
+from ranksearch.measure.backends import latency_backend
 from ranksearch.measure.latency import resolve_device
 from ranksearch.util import cache_limit_bytes, digest
 
@@ -269,19 +270,15 @@ class RunSettings:
                 f"--promote-steps {self.search.promote_steps}: the first rung must fine-tune longer than "
                 f"--finetune-steps {self.evaluation.finetune_steps}; pass larger steps, or 0 for no promotion"
             )
-        backend = self.evaluation.latency_backend
-        if backend in ("onnxruntime", "compile"):
-            timing = self.infra.timing_device
-            if not timing.startswith("cpu"):
-                option = "--latency-device" if self.infra.latency_device else "--device"
-                raise RanksearchError(
-                    f"--latency-backend {backend} times on CPU, not {option} {timing}; "
-                    "use --latency-device cpu or --latency-backend torch"
-                )
-        if backend == "onnxruntime":
-            from ranksearch.measure.onnx import require_onnxruntime
-
-            require_onnxruntime()
+        backend = latency_backend(self.evaluation.latency_backend)
+        timing = self.infra.timing_device
+        if backend.cpu_only and not timing.startswith("cpu"):
+            option = "--latency-device" if self.infra.latency_device else "--device"
+            raise RanksearchError(
+                f"--latency-backend {backend.name} times on CPU, not {option} {timing}; "
+                "use --latency-device cpu or --latency-backend torch"
+            )
+        backend.check_installed()
 
     def with_worker_threads(self) -> RunSettings:
         """With ``--workers N`` and no ``--threads``: the cores split among the workers (the baseline timed alike)."""

@@ -80,9 +80,7 @@ def join_study(
     label = worker_label()
     with torch_threads(settings.infra.threads), quiet_optuna():
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
-        space = load_space(
-            settings.search.space, timing_device, console, latency_backend=settings.evaluation.latency_backend
-        )
+        space = load_space(settings.search.space, timing_device, console, backend=settings.evaluation.latency_backend)
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=lambda: study, console=console
         )
