@@ -406,13 +406,20 @@ def apply(
         Path | None, typer.Option(help="the uncompressed model's weights (default: the config's)")
     ] = None,
     onnx: Annotated[Path | None, typer.Option(help="also write a single-file ONNX model here")] = None,
+    latency_backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="time both models here, repeatable: torch, onnxruntime or compile (default: torch, and onnxruntime "
+            "with --onnx)"
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="threads of the latency measurement")] = None,
     batch: Annotated[int, typer.Option(help="batch size of the ONNX check and latency measurement")] = 1,
     dataset: Annotated[str | None, typer.Option(help="int8/data-aware calibration data (default: the study's)")] = None,
     data_root: Annotated[Path | None, typer.Option(help="dataset directory (default: the study's)")] = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
-    """Compress trained weights as a config says; save the model (and ONNX); time it in torch and ONNX Runtime."""
+    """Compress trained weights as a config says; save the model (and ONNX); time it beside the uncompressed model."""
     from ranksearch.results.apply import apply_to_checkpoint
 
     apply_to_checkpoint(
@@ -420,6 +427,7 @@ def apply(
         checkpoint,
         out,
         onnx=onnx,
+        backends=latency_backend,
         threads=threads,
         batch=batch,
         dataset=dataset,

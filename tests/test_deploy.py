@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import space_yaml
 from optuna.trial import TrialState
+from rich.console import Console
 from typer.testing import CliRunner
 
 import ranksearch as rs
@@ -28,6 +29,7 @@ from ranksearch.measure.onnx import (
     onnxruntime_latency,
 )
 from ranksearch.models import build_model
+from ranksearch.results.apply import APPLY_ROUNDS, apply_to_checkpoint
 from ranksearch.study import RunSettings, run_search
 from ranksearch.techniques.int8 import int8_available
 
@@ -177,7 +179,8 @@ def test_apply_cli_end_to_end(apply_files: Path, tmp_path: Path) -> None:
     args += ["--out", str(out), "--onnx", str(onnx), "--threads", "1", "--data-root", str(apply_files / "data")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "onnxruntime" in result.stdout and "uncompressed" in result.stdout and "compressed.onnx" in result.stdout
+    assert "ONNX Runtime" in result.stdout and "eager torch" in result.stdout and "compressed.onnx" in result.stdout
+    assert "10 alternating rounds" in result.stdout and "ONNX Runtime: onnx_max_abs_error" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed.onnx", "compressed.pt"]
     loaded = torch.load(out, weights_only=False)  # the documented one-line load-back
     x = images(2, seed=4)
@@ -191,11 +194,41 @@ def test_apply_cli_end_to_end(apply_files: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(ort_output(onnx, x), got.detach().numpy(), atol=INT8_TOLERANCE * 2)
 
 
-def bad_apply(tmp_path: Path, config: Path, checkpoint: Path) -> tuple[int, str]:
+def test_apply_times_each_backend_in_paired_rounds(apply_files: Path, tmp_path: Path) -> None:
+    """Each backend asked for times both deployed models in alternating rounds; a model a backend cannot run gets a
+    row saying why, and the others are still timed."""
+    config = json.loads((apply_files / "config.json").read_text())
+    config["layers"] = {"layer1.0.conv1": {"technique": "svd", "rank": 0.5}}  # float: torch.compile takes it whole
+    path = tmp_path / "float.json"
+    path.write_text(json.dumps(config))
+    console = Console(record=True, width=200)
+    result = apply_to_checkpoint(
+        path, apply_files / "weights.pt", tmp_path / "out.pt", backends=["torch", "compile"], threads=1, console=console
+    )
+    assert [t.backend for t in result.timings] == ["torch", "compile"] and result.folded
+    for timing in result.timings:
+        assert timing.failure is None and timing.paired is not None and len(timing.paired.ratios) == APPLY_ROUNDS
+        assert timing.paired.reference.threads == 1 and timing.paired.speedup > 0
+    assert result.timings[1].extra["compile_graph_breaks"] == 0
+    assert result.params["compressed"] < result.params["uncompressed"]
+    shown = console.export_text()
+    assert "eager torch" in shown and "torch.compile: compile_graph_breaks 0," in shown
+
+
+def bad_apply(tmp_path: Path, config: Path, checkpoint: Path, *options: str) -> tuple[int, str]:
     out = tmp_path / "out.pt"
-    result = runner.invoke(app, ["apply", "--config", str(config), "--checkpoint", str(checkpoint), "--out", str(out)])
+    args = ["apply", "--config", str(config), "--checkpoint", str(checkpoint), "--out", str(out), *options]
+    result = runner.invoke(app, args)
     assert not out.exists()
     return result.exit_code, result.stderr
+
+
+def test_apply_unknown_latency_backend_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:
+    code, stderr = bad_apply(
+        tmp_path, apply_files / "config.json", apply_files / "weights.pt", "--latency-backend", "tvm"
+    )
+    lines = stderr.strip().splitlines()
+    assert code == 2 and lines == ["error: --latency-backend 'tvm' is unknown; choose torch, onnxruntime or compile"]
 
 
 def test_apply_missing_config_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""``ranksearch apply``: compress trained weights as an exported config says, save the model, time it."""
+"""``ranksearch apply``: compress trained weights as an exported config says, save the model, time it beside the
+uncompressed model on each latency backend asked for."""
 
 from __future__ import annotations
 
-import tempfile
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -14,22 +17,29 @@ from torch import nn
 
 from ranksearch.compress import quantize_layers
 from ranksearch.config import CompressionConfig
-from ranksearch.errors import RanksearchError
+from ranksearch.errors import RanksearchError, TrialFailure
+from ranksearch.measure.backends import latency_backend, latency_backend_title
 from ranksearch.measure.deployed import fold_batchnorm
-from ranksearch.measure.latency import measure_latency
-from ranksearch.measure.onnx import OnnxExport, export_onnx, onnxruntime_latency, require_onnxruntime
-from ranksearch.measure.timing import Latency
+from ranksearch.measure.onnx import OnnxExport, export_onnx, require_onnxruntime
+from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.util import atomic_open
+
+APPLY_ROUNDS = 10
+"""Alternating rounds of each backend's timing, as the search re-times its front: a config no faster than the dense
+model is faster in all of them with probability 1/1024 at most."""
+APPLY_SECONDS = 2.0
+"""Seconds each backend's timing spends on both models together."""
 
 
 @dataclass(frozen=True)
-class ApplyRow:
-    """One model's size and latency on both backends (ONNX Runtime's when exported)."""
+class BackendTiming:
+    """Both models timed by one latency backend in alternating rounds, and what the backend recorded."""
 
-    name: str
-    params: int
-    torch: Latency
-    onnxruntime: Latency | None
+    backend: str
+    paired: PairedLatency | None
+    """None when the backend cannot run the models (``failure`` says why)."""
+    extra: dict[str, float]
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,9 +49,11 @@ class ApplyResult:
     out: Path
     onnx: OnnxExport | None
     batch: int
-    rows: list[ApplyRow]
+    params: dict[str, int]
+    """Parameters of the ``uncompressed`` and the ``compressed`` model."""
+    timings: list[BackendTiming]
     folded: bool = True
-    """Whether torch timed both models with BatchNorm folded (as the search does)."""
+    """Whether both models were timed with BatchNorm folded (as the search times them)."""
 
 
 def apply_to_checkpoint(
@@ -50,6 +62,7 @@ def apply_to_checkpoint(
     out: str | Path,
     *,
     onnx: str | Path | None = None,
+    backends: Sequence[str] | None = None,
     threads: int | None = None,
     batch: int = 1,
     dataset: str | None = None,
@@ -57,7 +70,8 @@ def apply_to_checkpoint(
     trust_checkpoint: bool = False,
     console: Console | None = None,
 ) -> ApplyResult:
-    """Compress the trained model as ``config`` says and save it; optionally export it to ONNX; time both backends.
+    """Compress the trained model as ``config`` says and save it; optionally export it to ONNX; time it beside the
+    uncompressed model.
 
     The model is rebuilt from ``config``'s ``model`` section (a ``ranksearch export`` file) with
     the uncompressed weights of ``checkpoint`` (default: the one the config records), compressed
@@ -66,16 +80,21 @@ def apply_to_checkpoint(
     Int8 and data-aware layers are calibrated on training images of ``dataset`` (default: the
     one the config's study used, read from ``data_root``). ``trust_checkpoint`` lets a whole pickled model load
     (see :func:`ranksearch.models.load_checkpoint`). With ``onnx``, the single-file ONNX
-    model is written there after checking ONNX Runtime's output against torch's. The uncompressed
-    and compressed models are then timed at batch ``batch`` on ``threads`` threads, in torch (as deployed, BatchNorm
-    folded into the layer before it: :func:`~ranksearch.measure.deployed.fold_batchnorm`) and
-    (with ``onnx``) ONNX Runtime; the table goes to ``console``.
+    model is written there after checking ONNX Runtime's output against torch's. Both models are then timed as the
+    search times them, in their deployed form (BatchNorm folded into the layer before it:
+    :func:`~ranksearch.measure.deployed.fold_batchnorm`), at batch ``batch`` on ``threads`` threads, by each of the
+    latency ``backends`` (:mod:`ranksearch.measure.backends`; default: torch, and ONNX Runtime with ``onnx``) in
+    :data:`APPLY_ROUNDS` alternating rounds; the table goes to ``console``.
     """
     from ranksearch.results.build import build_from_config
 
     config = CompressionConfig.coerce(config)
+    names = list(backends) if backends else ["torch", *(["onnxruntime"] if onnx is not None else [])]
+    chosen = [latency_backend(name) for name in dict.fromkeys(names)]  # an unknown name lists the others
     if onnx is not None:
         require_onnxruntime()
+    for backend in chosen:
+        backend.check_installed()
     for option, value in (("--batch", batch), ("--threads", threads)):
         if value is not None and value <= 0:
             raise RanksearchError(f"{option} {value}: must be positive")
@@ -93,15 +112,13 @@ def apply_to_checkpoint(
         batch, int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"]),
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    deployed = _deployed_forms(dense, config, checkpoint, trust, calib)
-    timed_dense, timed_compressed = deployed or (dense, compressed)
+    timed = _deployed_forms(dense, config, checkpoint, trust, calib)
     exported = None
     if onnx is not None:
-        float_config, int8_layers = config.split_int8()
         float_model = None  # an int8 export is checked against the model before quantization
-        if int8_layers:
+        if config.split_int8()[1]:
             float_model = build_from_config(
-                float_config, checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib
+                config.split_int8()[0], checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib
             )
         exported = export_onnx(compressed, example, onnx, float_model=float_model)
     out = Path(out)
@@ -110,20 +127,36 @@ def apply_to_checkpoint(
             torch.save(compressed, handle)
     except OSError as exc:
         raise RanksearchError(f"--out {out}: cannot be written ({exc.strerror}); pass a writable path") from None
-    with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
-        dense_onnx = None if exported is None else export_onnx(dense, example, Path(tmp) / "dense.onnx").path
-        rows = [
-            _measure("uncompressed", dense, timed_dense, example, threads, dense_onnx),
-            _measure("compressed", compressed, timed_compressed, example, threads, exported and exported.path),
-        ]
-    result = ApplyResult(out, exported, batch, rows, folded=deployed is not None)
-    print_apply(result, console or Console())
-    return result
+    pair = (timed.dense, timed.compressed) if timed is not None else (dense, compressed)
+    float_model = timed.float_model if timed is not None else None
+    timings = []
+    for backend_class in chosen:
+        backend = backend_class(device=torch.device("cpu"), threads=threads)
+        try:
+            result = backend.time_beside(
+                *pair, example, rounds=APPLY_ROUNDS, target_seconds=APPLY_SECONDS, float_model=float_model
+            )
+        except TrialFailure as exc:  # the models do not run on this target: say why, time the others
+            timings.append(BackendTiming(backend.name, None, {}, failure=str(exc)))
+            continue
+        timings.append(BackendTiming(backend.name, result.paired, result.extra))
+    params = {"uncompressed": _param_count(dense), "compressed": _param_count(compressed)}
+    applied = ApplyResult(out, exported, batch, params, timings, folded=timed is not None)
+    print_apply(applied, console or Console())
+    return applied
+
+
+class _Deployed(NamedTuple):
+    """Both models as the search times them, and the compressed one before quantization (its int8 layers' check)."""
+
+    dense: nn.Module
+    compressed: nn.Module
+    float_model: nn.Module | None
 
 
 def _deployed_forms(
     dense: nn.Module, config: CompressionConfig, checkpoint: str | Path, trust: bool, calib: torch.Tensor | None
-) -> tuple[nn.Module, nn.Module] | None:
+) -> _Deployed | None:
     """The uncompressed and the compressed model as the search timed them: BatchNorm folded into the layer before it,
     then the int8 layers quantized; None when either does not fold (both are then timed as built)."""
     from ranksearch.results.build import build_from_config
@@ -133,21 +166,10 @@ def _deployed_forms(
     folded_dense, folded_model = fold_batchnorm(dense), fold_batchnorm(float_model)
     if not (folded_dense.folded and folded_model.folded):
         return None
-    if int8_layers:
-        quantize_layers(folded_model.model, int8_layers, calib)
-    return folded_dense.model, folded_model.model
-
-
-def _measure(
-    name: str, model: nn.Module, timed: nn.Module, example: torch.Tensor, threads: int | None, onnx: Path | None
-) -> ApplyRow:
-    """``model``'s parameters, the latency of its ``timed`` form in torch and of its ONNX export."""
-    return ApplyRow(
-        name,
-        _param_count(model),
-        measure_latency(timed, example, threads=threads),
-        None if onnx is None else onnxruntime_latency(onnx, example, threads=threads),
-    )
+    if not int8_layers:
+        return _Deployed(folded_dense.model, folded_model.model, None)
+    quantized = quantize_layers(copy.deepcopy(folded_model.model), int8_layers, calib)
+    return _Deployed(folded_dense.model, quantized, folded_model.model)
 
 
 def _param_count(model: nn.Module) -> int:
@@ -196,30 +218,37 @@ def _calibration_inputs(
 
 
 def print_apply(result: ApplyResult, console: Console) -> None:
-    """The table of :func:`apply_to_checkpoint`: median ms (p10-p90) per model and backend, speedups, files written."""
-    first = result.rows[0]
+    """The table of :func:`apply_to_checkpoint`: per backend, both models' median ms (p10-p90) and the speedup with the
+    range of its rounds; the parameters and the files written below it."""
+    timed = [t.paired for t in result.timings if t.paired is not None]
     form = "BatchNorm folded" if result.folded else "BatchNorm not folded (the model cannot be traced)"
-    title = f"latency at batch {result.batch}, {first.torch.threads} thread(s), CPU; torch: {form}"
-    table = Table("model", "params M", "torch ms (p10-p90)", "speedup", title=title)
-    written = [f"wrote {result.out} (load: torch.load(path, weights_only=False))"]
+    threads = f"{timed[0].reference.threads} thread(s)" if timed else "no timing"
+    title = f"latency at batch {result.batch}, {threads}, CPU, {form}, {APPLY_ROUNDS} alternating rounds"
+    table = Table("target", "uncompressed ms (p10-p90)", "compressed ms (p10-p90)", "speedup (rounds)", title=title)
+    for timing in result.timings:
+        paired = timing.paired
+        if paired is None:
+            table.add_row(latency_backend_title(timing.backend), "-", "-", f"cannot time: {timing.failure}")
+            continue
+        speedup = f"{paired.speedup:.2f}x ({paired.speedup_low:.2f}-{paired.speedup_high:.2f})"
+        table.add_row(latency_backend_title(timing.backend), _ms(paired.reference), _ms(paired.candidate), speedup)
+    params = result.params
+    written = [
+        f"{latency_backend_title(t.backend)}: {', '.join(f'{key} {value:g}' for key, value in t.extra.items())}"
+        for t in result.timings
+        if t.extra
+    ]
+    written += [
+        f"params: {params['uncompressed'] / 1e6:.3f} M uncompressed, {params['compressed'] / 1e6:.3f} M compressed",
+        f"wrote {result.out} (load: torch.load(path, weights_only=False))",
+    ]
     if result.onnx is not None:
-        table.add_column("onnxruntime ms (p10-p90)")
-        table.add_column("speedup")
         written.append(
             f"wrote {result.onnx.path} ({result.onnx.size_bytes / 1e6:.1f} MB, opset {result.onnx.opset}), "
             f"max abs error vs torch {result.onnx.max_abs_error:.2g} (tolerance {result.onnx.tolerance:.2g})"
         )
-    for row in result.rows:
-        cells = [row.name, f"{row.params / 1e6:.3f}", _ms(row.torch), _speedup(first.torch, row.torch)]
-        if row.onnxruntime is not None and first.onnxruntime is not None:
-            cells += [_ms(row.onnxruntime), _speedup(first.onnxruntime, row.onnxruntime)]
-        table.add_row(*cells)
     table.caption = "\n".join(written)
     console.print(table)
-
-
-def _speedup(reference: Latency, latency: Latency) -> str:
-    return f"{reference.median_ms / latency.median_ms:.2f}x"
 
 
 def _ms(latency: Latency) -> str:
