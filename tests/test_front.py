@@ -43,6 +43,7 @@ TRIALS = {
     4: (0.850, 3.00, (2.50, 3.20)),  # fastest
     5: (0.880, 1.50, (1.30, 1.70)),  # dominated by trial 2
     6: (0.905, 1.20, None),  # more accurate than dense, no rounds timed (a custom evaluator): the point decides
+    7: (0.840, 4.40, (1.01, 11.42)),  # faster in every round, rounds too far apart to settle how much (a loaded host)
 }
 
 
@@ -67,8 +68,8 @@ def relative_study() -> optuna.Study:
 
 def test_the_front_holds_the_dense_model_and_only_measurably_faster_trials() -> None:
     study = relative_study()
-    assert [t.number for t in front_trials(study)] == [4, 2, 6, 0]  # fastest first; 1 borderline, 3 slower, 5 dominated
-    assert [t.number for t in front_trials(study, confirmed=False)] == [4, 2, 6, 1, 0]
+    assert [t.number for t in front_trials(study)] == [7, 4, 2, 6, 0]  # 1 borderline, 3 slower, 5 dominated
+    assert [t.number for t in front_trials(study, confirmed=False)] == [7, 4, 2, 6, 1, 0]
     rows = front_rows(study)
     assert rows[-1]["trial"] == 0 and rows[-1]["speedup"] == 1.0
     assert all(r["speedup"] > 1 and (r["speedup_low"] is None or r["speedup_low"] > 1) for r in rows[:-1])
@@ -108,18 +109,18 @@ def test_borderline_members_are_timed_again_and_the_timing_decides() -> None:
     study = relative_study()
     console = Console(quiet=True)
     timer = FixedTimer((0.99, 1.02))
-    assert confirm_front_speedups(study, timer, console, rounds=10) == 1  # trial 1 only: the others are decided
-    assert len(timer.timed) == 1 and timer.timed[0].layers["conv"].technique == "svd"
+    assert confirm_front_speedups(study, timer, console, rounds=10) == 2  # trials 1 and 7: the others are decided
+    assert [c.layers["conv"].rank for c in timer.timed] == [0.7, 0.1]  # fastest first
     retimed = record.RETIMED.read(study)
-    assert set(retimed) == {"1"} and retimed["1"]["rounds"] == 10 and retimed["1"]["speedup_low"] == 0.99
-    assert 1 not in [t.number for t in front_trials(study, confirmed=False)]  # refuted: out for good
+    assert set(retimed) == {"1", "7"} and retimed["1"]["rounds"] == 10 and retimed["1"]["speedup_low"] == 0.99
+    assert not {1, 7} & {t.number for t in front_trials(study, confirmed=False)}  # refuted: out for good
     assert confirm_front_speedups(study, timer, console) == 0  # nothing left to time
 
 
 def test_a_confirmed_borderline_member_joins_the_front() -> None:
     study = relative_study()
     confirm_front_speedups(study, FixedTimer((1.04, 1.08)), Console(quiet=True))
-    assert [t.number for t in front_trials(study)] == [4, 2, 6, 1, 0]
+    assert [t.number for t in front_trials(study)] == [4, 2, 6, 1, 0]  # trial 7 re-timed at 1.06x: dominated
     assert next(r for r in front_rows(study) if r["trial"] == 1)["retimed"] is True
 
 
@@ -127,7 +128,7 @@ def test_export_never_picks_the_dense_model_or_a_slower_config() -> None:
     study = relative_study()
     assert select_trial(study, max_accuracy_drop=0.5).number == 6  # trial 1 (1.05x) is not confirmed
     assert select_trial(study, max_accuracy_drop=1.0).number == 2
-    assert select_trial(study, max_accuracy_drop=100).number == 4
+    assert select_trial(study, max_accuracy_drop=100).number == 7  # faster in every round, if by an unsettled amount
     only_slower = optuna.create_study(directions=["maximize", "minimize"], study_name="slow")
     record.OBJECTIVES.write(only_slower, {"latency": "relative"})
     for accuracy, speedup, config in ((0.90, 1.0, {"layers": {}}), (0.899, 0.7, SVD)):

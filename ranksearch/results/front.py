@@ -3,8 +3,9 @@
 In a study with paired latency (:data:`~ranksearch.results.record.OBJECTIVES`), the dense model is always a member,
 and another trial is a member only when it is measurably faster than the dense model: every round of its paired
 timing measured it faster (a sign test: a config no faster than dense passes 4 rounds with probability 1/16 at most,
-10 rounds with 1/1024). Borderline members are timed again after the search (:data:`RETIMED`); the re-timing then
-decides. Studies of earlier releases keep Optuna's front on (accuracy, milliseconds).
+10 rounds with 1/1024). Borderline members, and members whose rounds disagree by more than
+:data:`MAX_ROUND_SPREAD`, are timed again after the search (:data:`RETIMED`); the re-timing then decides.
+Studies of earlier releases keep Optuna's front on (accuracy, milliseconds).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.results.record import BASELINE, OBJECTIVES, RETIMED, TrialRecord
 
-__all__ = ["Speed", "compresses_nothing", "front_trials", "highest_fidelity", "speed_of"]
+__all__ = ["MAX_ROUND_SPREAD", "Speed", "compresses_nothing", "front_trials", "highest_fidelity", "speed_of"]
+
+MAX_ROUND_SPREAD = 2.0
+"""The fastest round's speedup over the slowest's beyond which a trial's speedup is timed again after the search.
+On a quiet machine a trial's four rounds agree within 1.1-1.3x; beside a test suite one measured 1.01x to 11.4x."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,18 @@ class Speed:
         return self.low is None or self.low > 1.0
 
     @property
+    def unsettled(self) -> bool:
+        """Its rounds disagree by more than :data:`MAX_ROUND_SPREAD`: the machine was too loaded for the speedup's
+        size to mean much, even where every round found it faster."""
+        return self.low is not None and self.high is not None and self.high > MAX_ROUND_SPREAD * self.low
+
+    @property
     def borderline(self) -> bool:
-        """Faster at the point estimate, not in every round, and not yet timed again."""
-        return not self.retimed and self.speedup is not None and self.speedup > 1.0 and not self.measurably_faster
+        """Faster at the point estimate, not yet timed again, and either not faster in every round or
+        :attr:`unsettled`."""
+        if self.retimed or self.speedup is None or self.speedup <= 1.0:
+            return False
+        return not self.measurably_faster or self.unsettled
 
 
 def speed_of(record: TrialRecord, retimed: Mapping[str, Mapping[str, float]]) -> Speed:

@@ -30,7 +30,8 @@ def confirm_front_speedups(
     rounds: int = RETIME_ROUNDS,
     target_seconds: float = RETIME_SECONDS,
 ) -> int:
-    """Time the front's borderline members again beside the dense model (recorded in ``RETIMED``), until every
+    """Time the front's borderline members (:attr:`~ranksearch.results.front.Speed.borderline`: not faster in every
+    round, or rounds too far apart) again beside the dense model (recorded in ``RETIMED``), until every
     member is measurably faster than the dense model (or is the dense model): a member found not faster leaves
     the front, and whoever it dominated is considered in turn. Needs a :class:`PairedTiming` evaluator and a study
     with paired latency; returns the number of trials timed again."""
