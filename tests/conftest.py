@@ -79,6 +79,22 @@ def trained_tiny_evaluator(
     )
 
 
+def convnet(width: int) -> torch.nn.Module:
+    """A small seeded CNN on 3-channel images whose middle conv has ``width`` channels in and out: nets of two widths
+    differ in MACs by the square of their ratio (what latency backends must time as faster)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    ).eval()
+
+
 def space_yaml(**changes: object) -> str:
     """:data:`TINY_SPACE` as a search-space YAML file's text, with the top-level keys in ``changes`` replaced."""
     unknown = set(changes) - set(TINY_SPACE)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import convnet
 from torch import nn
 
 from ranksearch.errors import RanksearchError, TrialFailure
@@ -21,18 +22,6 @@ from ranksearch.measure.remote import RemoteTarget
 from ranksearch.study.settings import RunSettings
 
 CPU = torch.device("cpu")
-
-
-def convnet(width: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 10),
-    ).eval()
 
 
 @torch.library.custom_op("ranksearch_test::device_kernel", mutates_args=())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from conftest import trained_tiny_evaluator
+from conftest import convnet, trained_tiny_evaluator
 from rich.console import Console
 from torch import nn
 
@@ -18,19 +18,6 @@ from ranksearch.search import SearchSpace
 from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.search.space import record_input_shapes
 from ranksearch.study.problem import load_space
-
-
-def convnet(width: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 10),
-    ).eval()
 
 
 class Branching(nn.Module):
