@@ -140,7 +140,8 @@ def test_int8_export_is_checked_against_the_float_model(model, tmp_path: Path) -
     with pytest.raises(rs.RanksearchError, match=r"differs from torch's by .* over the tolerance"):
         export_onnx(farther, x, path, tolerance=0.0)
     exported = export_onnx(farther, x, path, tolerance=0.0, float_model=float_net)
-    assert path.exists() and exported.max_abs_error == pytest.approx(0.5 * gap, rel=1e-3)
+    assert path.exists() and exported.max_abs_error == pytest.approx(0.5 * gap, rel=1e-3) and exported.against_float
+    assert not export_onnx(int8_net, x, tmp_path / "plain.onnx", float_model=float_net).against_float
     assert exported.tolerance >= INT8_GAP_FACTOR * 0.5 * gap  # torch 0.5-1.5 x gap from the float model
     # torch's output is the float model's itself: ONNX Runtime's int8 rounding is then more than 2x torch's (zero)
     exact_in_torch = TorchOnly(int8_net, lambda x_, _y: float_net(x_))
@@ -286,6 +287,7 @@ def test_search_timed_in_onnxruntime(study_dir: Path, apply_files: Path) -> None
         assert attrs["latency_ms"] > 0 and trial.values[1] == pytest.approx(1 / attrs["speedup"])
         assert attrs["latency_rounds"] == 4 and attrs["speedup_low"] <= attrs["speedup_high"]  # paired, in rounds
         assert 0 <= attrs["onnx_max_abs_error"] <= 1e-3  # float anchors: baseline, svd, tucker2
+        assert attrs["onnx_checked_against_float"] == 0.0 and attrs["onnx_tolerance"] >= 1e-4
     assert result.study.user_attrs["settings"]["latency_backend"] == "onnxruntime"
     with pytest.raises(rs.RanksearchError, match="exists with latency_backend='onnxruntime', not 'torch'"):
         run_search(tiny_settings(study_dir, weights))

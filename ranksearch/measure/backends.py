@@ -178,8 +178,9 @@ class TorchBackend(LatencyBackend):
 @register_latency_backend
 class OnnxRuntimeBackend(LatencyBackend):
     """The models' ONNX exports in ONNX Runtime on this CPU, or on a remote target; records the export's max abs
-    error against torch (``onnx_max_abs_error``). An int8 export is checked against the model before quantization
-    (:func:`~ranksearch.measure.onnx.export_onnx`)."""
+    error against torch (``onnx_max_abs_error``), the bound it met (``onnx_tolerance``) and whether it met it on its
+    distance from the model before quantization (``onnx_checked_against_float``: an int8 export over the tolerance
+    against torch's int8 output; :func:`~ranksearch.measure.onnx.export_onnx`)."""
 
     name = "onnxruntime"
     title = "ONNX Runtime"
@@ -212,7 +213,12 @@ class OnnxRuntimeBackend(LatencyBackend):
             else:  # a model the device cannot run, or a lost target, fails the trial; a refused token stops the run
                 pair = (dense.path.read_bytes(), exported.path.read_bytes())
                 paired = self.target.speedup(*pair, example.cpu().numpy(), **timing)
-        return PairTiming(paired, {"onnx_max_abs_error": exported.max_abs_error})
+        checked = {
+            "onnx_max_abs_error": exported.max_abs_error,
+            "onnx_tolerance": exported.tolerance,
+            "onnx_checked_against_float": float(exported.against_float),
+        }
+        return PairTiming(paired, checked)
 
     def layer_timer(self) -> ModuleTimer:
         from ranksearch.measure.timers import OnnxRuntimeTimer, RemoteTimer
