@@ -28,8 +28,9 @@ from ranksearch.measure.onnx import (
     int8_export_checked,
     onnxruntime_latency,
 )
+from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.models import build_model
-from ranksearch.results.apply import APPLY_ROUNDS, apply_to_checkpoint
+from ranksearch.results.apply import APPLY_ROUNDS, ApplyResult, BackendTiming, apply_to_checkpoint, print_apply
 from ranksearch.study import RunSettings, run_search
 from ranksearch.techniques.int8 import int8_available
 
@@ -214,6 +215,20 @@ def test_apply_times_each_backend_in_paired_rounds(apply_files: Path, tmp_path: 
     assert result.params["compressed"] < result.params["uncompressed"]
     shown = console.export_text()
     assert "eager torch" in shown and "torch.compile: compile_graph_breaks 0," in shown
+
+
+def test_apply_says_when_rounds_disagree_too_much_to_trust_the_speedup(tmp_path: Path) -> None:
+    def latency(ms: float) -> Latency:
+        return Latency(median_ms=ms, p10_ms=ms, p90_ms=ms, runs=10, attempts=1, device="cpu", threads=1)
+
+    steady = PairedLatency(reference=latency(2.0), candidate=latency(1.0), ratios=(1.9, 2.0, 2.1))
+    busy = PairedLatency(reference=latency(2.0), candidate=latency(1.0), ratios=(1.1, 2.0, 4.4))
+    timings = [BackendTiming("torch", steady, {}), BackendTiming("onnxruntime", busy, {})]
+    result = ApplyResult(tmp_path / "out.pt", None, 1, {"uncompressed": 10, "compressed": 5}, timings)
+    console = Console(record=True, width=300)
+    print_apply(result, console)
+    shown = console.export_text()
+    assert "ONNX Runtime: rounds disagree by more than 2x" in shown and "eager torch: rounds" not in shown
 
 
 def bad_apply(tmp_path: Path, config: Path, checkpoint: Path, *options: str) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from ranksearch.measure.backends import latency_backend, latency_backend_title
 from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.onnx import OnnxExport, export_onnx, require_onnxruntime
 from ranksearch.measure.timing import Latency, PairedLatency
+from ranksearch.results.front import MAX_ROUND_SPREAD
 from ranksearch.util import atomic_open
 
 APPLY_ROUNDS = 10
@@ -237,6 +238,12 @@ def print_apply(result: ApplyResult, console: Console) -> None:
         f"{latency_backend_title(t.backend)}: {', '.join(f'{key} {value:g}' for key, value in t.extra.items())}"
         for t in result.timings
         if t.extra
+    ]
+    written += [
+        f"{latency_backend_title(t.backend)}: rounds disagree by more than {MAX_ROUND_SPREAD:g}x, the machine was "
+        "busy; time again on a quiet machine before trusting the size of this speedup"
+        for t in result.timings
+        if t.paired is not None and t.paired.speedup_high > MAX_ROUND_SPREAD * t.paired.speedup_low
     ]
     written += [
         f"params: {params['uncompressed'] / 1e6:.3f} M uncompressed, {params['compressed'] / 1e6:.3f} M compressed",
