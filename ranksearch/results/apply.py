@@ -240,8 +240,8 @@ def print_apply(result: ApplyResult, console: Console) -> None:
         if t.extra
     ]
     written += [
-        f"{latency_backend_title(t.backend)}: rounds disagree by more than {MAX_ROUND_SPREAD:g}x, the machine was "
-        "busy; time again on a quiet machine before trusting the size of this speedup"
+        f"{latency_backend_title(t.backend)}: rounds disagree by more than {MAX_ROUND_SPREAD:g}x (a busy or drifting "
+        "machine); time again before trusting the size of this speedup"
         for t in result.timings
         if t.paired is not None and t.paired.speedup_high > MAX_ROUND_SPREAD * t.paired.speedup_low
     ]
