@@ -79,6 +79,28 @@ def test_a_model_the_target_cannot_run_fails_the_trial(name: str) -> None:
         backend.time_beside(convnet(8), CustomKernel(), torch.randn(1, 3, 8, 8), rounds=1, target_seconds=0.05)
 
 
+def test_onnxruntime_exports_the_dense_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial is timed beside the same dense model: it is exported and checked once, and again only for another
+    reference or input shape."""
+    from ranksearch.measure import onnx
+
+    exported: list[nn.Module] = []
+    real = onnx.export_onnx
+
+    def counted(model: nn.Module, *args: object, **kwargs: object) -> object:
+        exported.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "export_onnx", counted)
+    backend = latency_backend("onnxruntime")(device=CPU, threads=1)
+    dense, example = convnet(16), torch.randn(1, 3, 16, 16)
+    for width in (8, 4):
+        backend.time_beside(dense, convnet(width), example, rounds=1, target_seconds=0.05)
+    assert exported.count(dense) == 1 and len(exported) == 3
+    backend.time_beside(dense, convnet(4), torch.randn(2, 3, 16, 16), rounds=1, target_seconds=0.05)
+    assert exported.count(dense) == 2
+
+
 def test_registry_looks_up_lists_and_refuses_a_second_name() -> None:
     assert list_latency_backends()[:3] == ["torch", "onnxruntime", "compile"]
     with pytest.raises(RanksearchError, match="--latency-backend 'tvm' is unknown; choose torch, onnxruntime or"):

@@ -190,6 +190,10 @@ class OnnxRuntimeBackend(LatencyBackend):
     requires = ("onnxruntime", "onnx")
     extra = "onnx"
 
+    def __init__(self, *, device: torch.device, threads: int | None, target: RemoteTarget | None = None) -> None:
+        super().__init__(device=device, threads=threads, target=target)
+        self._dense: tuple[nn.Module, tuple[int, ...], bytes] | None = None
+
     def time_beside(
         self,
         reference: nn.Module,
@@ -203,15 +207,15 @@ class OnnxRuntimeBackend(LatencyBackend):
         from ranksearch.measure.onnx import export_onnx, onnxruntime_speedup
 
         with tempfile.TemporaryDirectory(prefix="ranksearch-onnx-") as tmp:
-            dense = _as_trial_failure(lambda: export_onnx(reference, example, Path(tmp) / "dense.onnx"))
+            dense = _as_trial_failure(lambda: self._dense_export(reference, example, Path(tmp) / "dense.onnx"))
             exported = _as_trial_failure(
                 lambda: export_onnx(model, example, Path(tmp) / "model.onnx", float_model=float_model)
             )
             timing = {"threads": self.threads, "rounds": rounds, "target_seconds": target_seconds}
             if self.target is None:
-                paired = _as_trial_failure(lambda: onnxruntime_speedup(dense.path, exported.path, example, **timing))
+                paired = _as_trial_failure(lambda: onnxruntime_speedup(dense, exported.path, example, **timing))
             else:  # a model the device cannot run, or a lost target, fails the trial; a refused token stops the run
-                pair = (dense.path.read_bytes(), exported.path.read_bytes())
+                pair = (dense.read_bytes(), exported.path.read_bytes())
                 paired = self.target.speedup(*pair, example.cpu().numpy(), **timing)
         checked = {
             "onnx_max_abs_error": exported.max_abs_error,
@@ -219,6 +223,19 @@ class OnnxRuntimeBackend(LatencyBackend):
             "onnx_checked_against_float": float(exported.against_float),
         }
         return PairTiming(paired, checked)
+
+    def _dense_export(self, reference: nn.Module, example: torch.Tensor, path: Path) -> Path:
+        """``reference`` exported (and checked) to ``path``: once per reference module and input shape, as every
+        trial of a search times beside the same dense model."""
+        from ranksearch.measure.onnx import export_onnx
+
+        shape = tuple(example.shape)
+        if self._dense is not None and self._dense[0] is reference and self._dense[1] == shape:
+            path.write_bytes(self._dense[2])
+            return path
+        export_onnx(reference, example, path)
+        self._dense = (reference, shape, path.read_bytes())
+        return path
 
     def layer_timer(self) -> ModuleTimer:
         from ranksearch.measure.timers import OnnxRuntimeTimer, RemoteTimer
