@@ -116,12 +116,13 @@ def apply_to_checkpoint(
     timed = _deployed_forms(dense, config, checkpoint, trust, calib)
     exported = None
     if onnx is not None:
-        float_model = None  # an int8 export is checked against the model before quantization
-        if config.split_int8()[1]:
-            float_model = build_from_config(
-                config.split_int8()[0], checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib
+        float_config, int8_layers = config.split_int8()
+        unquantized = None  # an int8 export is checked against the model before quantization
+        if int8_layers:
+            unquantized = build_from_config(
+                float_config, checkpoint=checkpoint, trust_checkpoint=trust, calib_inputs=calib
             )
-        exported = export_onnx(compressed, example, onnx, float_model=float_model)
+        exported = export_onnx(compressed, example, onnx, float_model=unquantized)
     out = Path(out)
     try:
         with atomic_open(out, "wb") as handle:
