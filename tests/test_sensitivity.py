@@ -296,8 +296,10 @@ def test_output_divergence_is_zero_uncompressed_and_grows_as_rank_shrinks(traine
 def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, monkeypatch) -> None:
     """A quantized conv tunes itself to the first batch size it runs: timing after the evaluation batches
     measured int8 models 2-3x slow."""
+    from ranksearch.measure import latency
+
     order: list[str] = []
-    real_pair, real_accuracy = classification.measure_speedup, classification.correct_predictions
+    real_pair, real_accuracy = latency.measure_speedup, classification.correct_predictions
 
     def latencies(reference, model, example, **kwargs):
         order.append(f"latency batch {len(example)}")
@@ -307,7 +309,7 @@ def test_latency_is_measured_before_the_model_sees_other_batch_sizes(evaluator, 
         order.append("accuracy")
         return real_accuracy(model, loader, **kwargs)
 
-    monkeypatch.setattr(classification, "measure_speedup", latencies)
+    monkeypatch.setattr(latency, "measure_speedup", latencies)  # the torch backend's timing
     monkeypatch.setattr(classification, "correct_predictions", accuracy)
     evaluator.evaluate(CompressionConfig(layers={"layer4.0.conv1": LayerChoice("svd", 0.5, int8=True)}))
     assert order == ["latency batch 1", "accuracy"]
