@@ -3,15 +3,20 @@ timed in rounds, the latency table times compiled variants, and int8 is left out
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
+import pytest
 import torch
 from conftest import convnet, trained_tiny_evaluator
 from rich.console import Console
 from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
+from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import EvaluatorOptions
+from ranksearch.measure.compile_worker import CompilingProcess
 from ranksearch.measure.compiled import compile_fastest, compiled_speedup
 from ranksearch.measure.timers import CompiledTimer
 from ranksearch.search import SearchSpace
@@ -106,3 +111,35 @@ def test_the_evaluator_times_trials_compiled() -> None:
     assert metrics.latency_ms > 0 and metrics.extra["latency_rounds"] == 4
     eager = trained_tiny_evaluator(replace(options, latency_backend="torch")).evaluate(config)
     assert eager.correct == metrics.correct
+
+
+def test_pairs_are_compiled_in_child_processes_replaced_every_few_pairs() -> None:
+    """Compiled graphs keep memory that resetting dynamo does not give back: a child compiles and times the pairs,
+    and a fresh one replaces it after ``pairs_per_process``; a killed child fails its pair only."""
+    process = CompilingProcess(pairs_per_process=2)
+    example, pids = torch.randn(1, 3, 16, 16), []
+    try:
+        for _ in range(3):
+            paired, extra = process.time_pair(convnet(32), convnet(8), example, threads=1, rounds=2, target_seconds=0.1)
+            assert paired.speedup > 0 and extra["compile_graph_breaks"] == 0
+            pids.append(process.pid)
+        assert pids[0] == pids[1] != pids[2] and not process.in_process
+        os.kill(pids[2], signal.SIGKILL)
+        with pytest.raises(RanksearchError, match=r"torch\.compile's process died"):
+            process.time_pair(convnet(32), convnet(8), example, threads=1, rounds=1, target_seconds=0.1)
+        process.time_pair(convnet(32), convnet(8), example, threads=1, rounds=1, target_seconds=0.1)
+        assert process.pid not in pids
+    finally:
+        process.close()
+
+
+def test_a_model_the_child_cannot_import_is_timed_here() -> None:
+    """A class defined where the child cannot import it (here: this test module) is compiled in this process."""
+    process = CompilingProcess()
+    try:
+        paired, extra = process.time_pair(
+            convnet(8), Branching().eval(), torch.randn(1, 3, 8, 8), threads=1, rounds=1, target_seconds=0.1
+        )
+        assert process.in_process and extra["compile_graph_breaks"] >= 1 and paired.speedup > 0
+    finally:
+        process.close()

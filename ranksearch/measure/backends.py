@@ -248,13 +248,21 @@ class OnnxRuntimeBackend(LatencyBackend):
 @register_latency_backend
 class CompileBackend(LatencyBackend):
     """torch.compile (inductor, CPU), each model in the faster of its modes, weights frozen or not
-    (:func:`~ranksearch.measure.compiled.compile_fastest`); records the graph breaks of both models
-    (``compile_graph_breaks``) and whether each ran frozen (``compile_frozen``, ``compile_frozen_reference``)."""
+    (:func:`~ranksearch.measure.compiled.compile_fastest`), compiled and timed in a child process that a fresh one
+    replaces every few pairs (:class:`~ranksearch.measure.compile_worker.CompilingProcess`: compiled graphs keep
+    memory); records the graph breaks of both models (``compile_graph_breaks``) and whether each ran frozen
+    (``compile_frozen``, ``compile_frozen_reference``)."""
 
     name = "compile"
     title = "torch.compile"
     cpu_only = True
     int8_refused = "torch.ao's quantized layers do not compile (graph breaks); not searched with torch.compile"
+
+    def __init__(self, *, device: torch.device, threads: int | None, target: RemoteTarget | None = None) -> None:
+        from ranksearch.measure.compile_worker import CompilingProcess
+
+        super().__init__(device=device, threads=threads, target=target)
+        self.process = CompilingProcess()
 
     def time_beside(
         self,
@@ -266,19 +274,8 @@ class CompileBackend(LatencyBackend):
         target_seconds: float,
         float_model: nn.Module | None = None,
     ) -> PairTiming:
-        from ranksearch.measure.compiled import compiled_speedup
-
-        paired, compiled = _as_trial_failure(
-            lambda: compiled_speedup(
-                reference, model, example, threads=self.threads, rounds=rounds, target_seconds=target_seconds
-            )
-        )
-        dense, candidate = compiled.modules
-        extra = {
-            "compile_graph_breaks": float(compiled.graph_breaks),
-            "compile_frozen_reference": float(dense.frozen),
-            "compile_frozen": float(candidate.frozen),
-        }
+        timing = {"threads": self.threads, "rounds": rounds, "target_seconds": target_seconds}
+        paired, extra = _as_trial_failure(lambda: self.process.time_pair(reference, model, example, **timing))
         return PairTiming(paired, extra)
 
     def layer_timer(self) -> ModuleTimer:

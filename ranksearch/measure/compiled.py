@@ -108,3 +108,25 @@ def compiled_speedup(
         replace(latency, backend="compile") for latency in (paired.reference, paired.candidate)
     )
     return replace(paired, reference=reference_ms, candidate=candidate_ms), compiled
+
+
+def compiled_pair_timing(
+    reference: nn.Module,
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    threads: int | None,
+    rounds: int,
+    target_seconds: float,
+) -> tuple[PairedLatency, dict[str, float]]:
+    """:func:`compiled_speedup` with what a trial records of it: the graph breaks of both models
+    (``compile_graph_breaks``) and whether each ran frozen (``compile_frozen``, ``compile_frozen_reference``)."""
+    paired, compiled = compiled_speedup(
+        reference, model, example, threads=threads, rounds=rounds, target_seconds=target_seconds
+    )
+    dense, candidate = compiled.modules
+    return paired, {
+        "compile_graph_breaks": float(compiled.graph_breaks),
+        "compile_frozen_reference": float(dense.frozen),
+        "compile_frozen": float(candidate.frozen),
+    }
