@@ -10,6 +10,8 @@ and read by these two processes only.
 from __future__ import annotations
 
 import io
+import logging
+import signal
 import struct
 import subprocess
 import sys
@@ -130,8 +132,8 @@ def _receive(stream: IO[bytes]) -> dict[str, Any]:
 
 def main() -> None:
     """Serve pairs from stdin until it closes."""
-    from ranksearch.measure.compiled import compiled_pair_timing
-
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report; this one ends with its input
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", once per child
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed while compiling stays off the answer stream
     while True:
@@ -140,18 +142,28 @@ def main() -> None:
         except EOFError:
             return
         except Exception as exc:  # a model class this process cannot import
-            _send(answers, {"unreadable": first_line(exc)})
-            continue
+            answer: dict[str, Any] = {"unreadable": first_line(exc)}
+        else:
+            answer = _served(request)
         try:
-            paired, extra = compiled_pair_timing(
-                request["reference"], request["model"], request["example"], **request["timing"]
-            )
-            answer: dict[str, Any] = {"paired": paired, "extra": extra}
-        except RanksearchError as exc:
-            answer = {"error": str(exc)}
-        except Exception as exc:  # anything else inductor raises: the pair fails, the child serves the next one
-            answer = {"error": f"torch.compile failed ({first_line(exc)}); use --latency-backend torch or onnxruntime"}
-        _send(answers, answer)
+            _send(answers, answer)
+        except BrokenPipeError:  # the parent is gone (interrupted or killed): nobody to answer
+            return
+
+
+def _served(request: dict[str, Any]) -> dict[str, Any]:
+    """The answer to one request: the pair's timing, or its one-line error."""
+    from ranksearch.measure.compiled import compiled_pair_timing
+
+    try:
+        paired, extra = compiled_pair_timing(
+            request["reference"], request["model"], request["example"], **request["timing"]
+        )
+    except RanksearchError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # anything else inductor raises: the pair fails, the child serves the next one
+        return {"error": f"torch.compile failed ({first_line(exc)}); use --latency-backend torch or onnxruntime"}
+    return {"paired": paired, "extra": extra}
 
 
 if __name__ == "__main__":
