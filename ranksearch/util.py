@@ -76,6 +76,15 @@ def write_json_cache(path: Path, document: Any) -> None:
     atomic_write_text(path, json.dumps(document, sort_keys=True))
 
 
+def require_modules(modules: tuple[str, ...], *, extra: str, what: str) -> None:
+    """A one-line error when any of ``modules`` is not installed: ``what`` needs them, the ``extra`` installs them."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RanksearchError(
+            f"{what} needs {' and '.join(missing)}, not installed; install the extra: pip install 'ranksearch[{extra}]'"
+        )
+
+
 def first_line(exc: BaseException) -> str:
     """The exception's message, first line only (its type name when it has no message)."""
     text = str(exc).strip()

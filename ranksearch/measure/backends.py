@@ -18,7 +18,6 @@ imports what it runs when it runs. A new target is one class::
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
 
 from ranksearch.errors import RanksearchError, TrialFailure
+from ranksearch.util import require_modules
 
 if TYPE_CHECKING:
     import torch
@@ -83,12 +83,8 @@ class LatencyBackend(ABC):
     @classmethod
     def check_installed(cls) -> None:
         """A one-line error naming the extra to install when a module the backend needs is missing."""
-        missing = [name for name in cls.requires if importlib.util.find_spec(name) is None]
-        if missing:
-            raise RanksearchError(
-                f"--latency-backend {cls.name} needs {' and '.join(missing)}, not installed; "
-                f"install the extra: pip install 'ranksearch[{cls.extra}]'"
-            )
+        if cls.requires:
+            require_modules(cls.requires, extra=str(cls.extra), what=f"--latency-backend {cls.name}")
 
     @abstractmethod
     def time_beside(

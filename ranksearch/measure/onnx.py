@@ -10,7 +10,6 @@ Runtime runs with its own int8 kernels.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import warnings
 from collections.abc import Callable
@@ -25,12 +24,11 @@ from ranksearch.errors import RanksearchError
 from ranksearch.measure.ort import ort_session, paired_sessions, session_timer
 from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.techniques.int8 import Int8Module
-from ranksearch.util import atomic_open, first_line
+from ranksearch.util import atomic_open, first_line, require_modules
 
 if TYPE_CHECKING:
     import onnxruntime
 
-ONNX_EXTRA = "pip install 'ranksearch[onnx]'"
 DEFAULT_OPSET = 17
 FLOAT_TOLERANCE = 1e-4
 INT8_TOLERANCE = 5e-2
@@ -64,9 +62,7 @@ class OnnxExport:
 
 def require_onnxruntime() -> None:
     """Raise a one-line error naming the extra to install when ONNX Runtime is missing."""
-    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise RanksearchError(f"{' and '.join(missing)} not installed; install the extra: {ONNX_EXTRA}")
+    require_modules(("onnxruntime", "onnx"), extra="onnx", what="ONNX export")
 
 
 def export_onnx(
