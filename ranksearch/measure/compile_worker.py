@@ -26,6 +26,8 @@ from ranksearch.util import first_line
 
 PAIRS_PER_PROCESS = 8
 """Pairs one child compiles and times before a fresh one replaces it."""
+CLOSE_GRACE_S = 2.0
+"""How long a closed child may take to exit before it is killed."""
 _HEADER = struct.Struct("<Q")
 
 
@@ -95,14 +97,15 @@ class CompilingProcess:
         return answer["paired"], answer["extra"]
 
     def close(self) -> None:
-        """End the child (it exits when its input closes; a later pair starts a new one)."""
+        """End the child: an idle one exits as its input closes; one still busy with a pair (closed on an error or
+        an interrupt) is killed after a short grace. A later pair starts a new one."""
         child, self._child = self._child, None
         if child is None:
             return
         try:
             if child.stdin is not None:
                 child.stdin.close()
-            child.wait(timeout=30)
+            child.wait(timeout=CLOSE_GRACE_S)
         except (OSError, subprocess.TimeoutExpired):
             child.kill()
             child.wait()
