@@ -17,6 +17,7 @@ from ranksearch.measure.backends import (
     latency_backend_title,
     list_latency_backends,
     register_latency_backend,
+    target_note,
 )
 from ranksearch.measure.remote import RemoteTarget
 from ranksearch.study.settings import RunSettings
@@ -128,3 +129,24 @@ def test_the_registry_imports_without_torch() -> None:
     code = "import sys, ranksearch.measure.backends as b; print(b.list_latency_backends(), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['torch', 'onnxruntime', 'compile'] False"
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "shape", "noted"),
+    [
+        ("torch", "cpu", (1, 3, 224, 224), True),
+        ("torch", "cpu", (1, 3, 112, 160), True),
+        ("torch", "cpu", (1, 1, 28, 28), False),
+        ("torch", "cuda", (1, 3, 224, 224), False),
+        ("onnxruntime", "cpu", (1, 3, 224, 224), False),
+        ("compile", "cpu", (1, 3, 224, 224), False),
+    ],
+)
+def test_target_note_only_for_eager_cpu_timing_of_large_inputs(
+    name: str, device: str, shape: tuple[int, ...], noted: bool
+) -> None:
+    note = target_note(name, timing_device=device, input_shape=shape)
+    assert (note is not None) == noted
+    if note is not None:
+        assert "--latency-backend onnxruntime" in note and f"{shape[2]}x{shape[3]} px" in note
+        assert "\n" not in note

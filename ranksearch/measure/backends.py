@@ -42,6 +42,7 @@ __all__ = [
     "latency_backend_title",
     "list_latency_backends",
     "register_latency_backend",
+    "target_note",
 ]
 
 
@@ -281,6 +282,31 @@ class CompileBackend(LatencyBackend):
 
 
 _Result = TypeVar("_Result")
+
+
+COMPUTE_BOUND_PX = 112
+"""From this input side on, convolutions' arithmetic dominates CPU latency at batch 1, and ONNX Runtime turned far
+more of the MACs a config saves into time saved than eager torch did (0.82 against 0.55 of the MAC reduction at
+224 px, median over 5 repeats; docs/latency.md "Which target is the default")."""
+
+
+def target_note(name: str, *, timing_device: str, input_shape: tuple[int, ...]) -> str | None:
+    """A line for a search timed in eager torch on a CPU at an input size where ONNX Runtime rewards factorization
+    much better (the default stays eager torch: see :data:`COMPUTE_BOUND_PX`); None otherwise."""
+    if name != TorchBackend.name or not timing_device.startswith("cpu") or len(input_shape) < 4:
+        return None
+    if min(input_shape[-2:]) < COMPUTE_BOUND_PX:
+        return None
+    try:
+        OnnxRuntimeBackend.check_installed()
+        install = ""
+    except RanksearchError:
+        install = f" (pip install 'ranksearch[{OnnxRuntimeBackend.extra}]')"
+    side = "x".join(str(size) for size in input_shape[-2:])
+    return (
+        f"note: latency is timed in eager torch; at {side} px ONNX Runtime turns far more of the MACs saved into "
+        f"time saved on a CPU (docs/latency.md); if you deploy through it, pass --latency-backend onnxruntime{install}"
+    )
 
 
 def _as_trial_failure(step: Callable[[], _Result]) -> _Result:
