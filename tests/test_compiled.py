@@ -78,13 +78,23 @@ def test_latency_table_times_compiled_variants() -> None:
         {"layers": {"include": ["1"]}, "techniques": {"spatial_conv": ["keep", "tucker2"]}, "ranks": [0.25, 0.5]}
     )
     slots = space.layers(model, shapes)
-    timer = CompiledTimer(threads=1)
-    table = LatencyTable.build(model, slots, shapes, example, timer=timer, rank_multiple=8)
-    assert set(table.layer_ms["1"]) == {variant_key(v) for v in variants(slots["1"])}
-    assert all(ms > 0 for ms in table.layer_ms["1"].values())
-    assert timer.slug().startswith("compile-inductor-") and "-threads1-torch" in timer.slug()
-    dense = table.predict(CompressionConfig(layers={}))
-    assert 0.3 < dense / timer.median_ms(model, example) < 3  # calibrated on the compiled dense model
+    process = CompilingProcess(layers_per_process=3)
+    timer = CompiledTimer(threads=1, process=process)
+    layer_input, pids = torch.randn(1, 32, 8, 8), []
+    try:
+        for _ in range(4):  # a fresh child replaces the first one after 3 layers
+            assert timer.median_ms(model[1], layer_input) > 0
+            pids.append(process.pid)
+        assert pids[0] == pids[1] == pids[2] != pids[3]
+        table = LatencyTable.build(model, slots, shapes, example, timer=timer, rank_multiple=8)
+        assert set(table.layer_ms["1"]) == {variant_key(v) for v in variants(slots["1"])}
+        assert all(ms > 0 for ms in table.layer_ms["1"].values())
+        assert timer.slug().startswith("compile-inductor-") and "-threads1-torch" in timer.slug()
+        dense = table.predict(CompressionConfig(layers={}))
+        assert 0.3 < dense / timer.median_ms(model, example) < 3  # calibrated on the compiled dense model
+        assert not process.in_process and process.pid not in pids  # the table's variants were timed in children
+    finally:
+        process.close()
 
 
 def test_int8_is_not_searched_with_torch_compile(tmp_path) -> None:
@@ -141,5 +151,7 @@ def test_a_model_the_child_cannot_import_is_timed_here() -> None:
             convnet(8), Branching().eval(), torch.randn(1, 3, 8, 8), threads=1, rounds=1, target_seconds=0.1
         )
         assert process.in_process and extra["compile_graph_breaks"] >= 1 and paired.speedup > 0
+        assert process.time_layer(Branching().eval(), torch.randn(1, 3, 8, 8), threads=1) > 0
+        assert process.pid is None  # no child started again
     finally:
         process.close()

@@ -246,9 +246,10 @@ class OnnxRuntimeBackend(LatencyBackend):
 class CompileBackend(LatencyBackend):
     """torch.compile (inductor, CPU), each model in the faster of its modes, weights frozen or not
     (:func:`~ranksearch.measure.compiled.compile_fastest`), compiled and timed in a child process that a fresh one
-    replaces every few pairs (:class:`~ranksearch.measure.compile_worker.CompilingProcess`: compiled graphs keep
-    memory); records the graph breaks of both models (``compile_graph_breaks``) and whether each ran frozen
-    (``compile_frozen``, ``compile_frozen_reference``)."""
+    replaces every few pairs or layers, trials and the latency table's variants alike
+    (:class:`~ranksearch.measure.compile_worker.CompilingProcess`: compiled graphs keep memory); records the graph
+    breaks of both models (``compile_graph_breaks``) and whether each ran frozen (``compile_frozen``,
+    ``compile_frozen_reference``)."""
 
     name = "compile"
     title = "torch.compile"
@@ -278,7 +279,7 @@ class CompileBackend(LatencyBackend):
     def layer_timer(self) -> ModuleTimer:
         from ranksearch.measure.timers import CompiledTimer
 
-        return CompiledTimer(threads=self.threads)
+        return CompiledTimer(threads=self.threads, process=self.process)
 
 
 _Result = TypeVar("_Result")

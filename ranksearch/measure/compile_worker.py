@@ -1,5 +1,6 @@
-"""A child process that compiles and times pairs for the torch.compile latency backend, so that the memory compiled
-graphs keep (which resetting dynamo does not give back) goes with the process.
+"""A child process that compiles and times pairs (trials) and single layers (the latency table) for the torch.compile
+latency backend, so that the memory compiled graphs keep (which resetting dynamo does not give back) goes with the
+process.
 
 The parent (:class:`CompilingProcess`) starts ``python -m ranksearch.measure.compile_worker``: a module entry point,
 so nothing of the caller's ``__main__`` is imported again (multiprocessing's spawn would re-run an unguarded user
@@ -26,25 +27,30 @@ from ranksearch.util import first_line
 
 PAIRS_PER_PROCESS = 8
 """Pairs one child compiles and times before a fresh one replaces it."""
+LAYERS_PER_PROCESS = 128
+"""Single layers (the latency table's variants) one child compiles and times before a fresh one replaces it."""
 CLOSE_GRACE_S = 2.0
 """How long a closed child may take to exit before it is killed."""
 _HEADER = struct.Struct("<Q")
 
 
 class CompilingProcess:
-    """Compiles and times pairs (:func:`~ranksearch.measure.compiled.compiled_pair_timing`) in a child process,
-    replaced after ``pairs_per_process`` pairs. Measured: ten trials' compiled timings of 28 px resnet18 configs grew
+    """Compiles and times pairs (:func:`~ranksearch.measure.compiled.compiled_pair_timing`) and single layers
+    (:func:`~ranksearch.measure.compiled.compiled_layer_ms`) in a child process, replaced after ``pairs_per_process``
+    pairs or ``layers_per_process`` layers. Measured: ten trials' compiled timings of 28 px resnet18 configs grew
     one process from 1.17 to 2.24 GB; timed in children, the parent stayed at 1.0-1.24 GB, and the speedups matched
     those timed in-process (median ratio 1.007 over six interleaved pairs). A child that dies mid-pair is a
     :class:`RanksearchError`; the next pair starts a new one. Models whose classes the child cannot import (defined
     in a script's ``__main__``) are timed in this process instead, as :attr:`in_process` then says."""
 
-    def __init__(self, *, pairs_per_process: int = PAIRS_PER_PROCESS) -> None:
-        self.pairs_per_process = pairs_per_process
+    def __init__(
+        self, *, pairs_per_process: int = PAIRS_PER_PROCESS, layers_per_process: int = LAYERS_PER_PROCESS
+    ) -> None:
+        self.limits = {"pair": pairs_per_process, "layer": layers_per_process}
         self.in_process = False
-        """Set when a pair could not be sent to a child: this and later pairs are timed here."""
+        """Set when a model could not be sent to a child: this and later ones are timed here."""
         self._child: subprocess.Popen[bytes] | None = None
-        self._pairs = 0
+        self._counts = {"pair": 0, "layer": 0}
 
     @property
     def pid(self) -> int | None:
@@ -67,20 +73,38 @@ class CompilingProcess:
             from ranksearch.measure.compiled import compiled_pair_timing
 
             return compiled_pair_timing(reference, model, example, **timing)
-        if self._child is None or self._pairs >= self.pairs_per_process:
+        answer = self._ask("pair", {"reference": reference, "model": model, "example": example, "timing": timing})
+        if answer is None:
+            return self.time_pair(reference, model, example, **timing)
+        return answer["paired"], answer["extra"]
+
+    def time_layer(self, module: nn.Module, inputs: torch.Tensor, *, threads: int | None, **timing: Any) -> float:
+        """``module`` compiled and timed alone in the child, its median ms (``timing``: as
+        :func:`~ranksearch.measure.timing.time_repeatedly` takes it)."""
+        if self.in_process:
+            from ranksearch.measure.compiled import compiled_layer_ms
+
+            return compiled_layer_ms(module, inputs, threads=threads, **timing)
+        answer = self._ask("layer", {"module": module, "inputs": inputs, "threads": threads, "timing": timing})
+        if answer is None:
+            return self.time_layer(module, inputs, threads=threads, **timing)
+        return answer["median_ms"]
+
+    def _ask(self, kind: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """The child's answer to ``request`` (a fresh child once this one served its share); None when the child
+        cannot import the model's classes (:attr:`in_process` is then set); its error raised here."""
+        if self._child is None or self._counts[kind] >= self.limits[kind]:
             self.close()
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "ranksearch.measure.compile_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
-            self._pairs = 0
-        self._pairs += 1
-        request = {"reference": reference, "model": model, "example": example, "timing": timing}
+        self._counts[kind] += 1
         child = self._child
         assert child.stdin is not None and child.stdout is not None
         try:
-            _send(child.stdin, request)
+            _send(child.stdin, {"kind": kind, **request})
             answer = _receive(child.stdout)
         except (OSError, EOFError):
             self.close()
@@ -91,15 +115,16 @@ class CompilingProcess:
         if "unreadable" in answer:  # a class the child cannot import: time here from now on
             self.close()
             self.in_process = True
-            return self.time_pair(reference, model, example, **timing)
+            return None
         if "error" in answer:
             raise RanksearchError(answer["error"])
-        return answer["paired"], answer["extra"]
+        return answer
 
     def close(self) -> None:
         """End the child: an idle one exits as its input closes; one still busy with a pair (closed on an error or
         an interrupt) is killed after a short grace. A later pair starts a new one."""
         child, self._child = self._child, None
+        self._counts = {"pair": 0, "layer": 0}
         if child is None:
             return
         try:
@@ -155,16 +180,19 @@ def main() -> None:
 
 
 def _served(request: dict[str, Any]) -> dict[str, Any]:
-    """The answer to one request: the pair's timing, or its one-line error."""
-    from ranksearch.measure.compiled import compiled_pair_timing
+    """The answer to one request: the pair's timing or the layer's median ms, or its one-line error."""
+    from ranksearch.measure.compiled import compiled_layer_ms, compiled_pair_timing
 
     try:
+        if request["kind"] == "layer":
+            module, inputs, timing = request["module"], request["inputs"], request["timing"]
+            return {"median_ms": compiled_layer_ms(module, inputs, threads=request["threads"], **timing)}
         paired, extra = compiled_pair_timing(
             request["reference"], request["model"], request["example"], **request["timing"]
         )
     except RanksearchError as exc:
         return {"error": str(exc)}
-    except Exception as exc:  # anything else inductor raises: the pair fails, the child serves the next one
+    except Exception as exc:  # anything else inductor raises: the request fails, the child serves the next one
         return {"error": f"torch.compile failed ({first_line(exc)}); use --latency-backend torch or onnxruntime"}
     return {"paired": paired, "extra": extra}
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.latency import measure_speedup, torch_threads
+from ranksearch.measure.latency import measure_latency, measure_speedup, torch_threads
 from ranksearch.measure.timing import PairedLatency
 from ranksearch.util import first_line
 
@@ -108,6 +109,13 @@ def compiled_speedup(
         replace(latency, backend="compile") for latency in (paired.reference, paired.candidate)
     )
     return replace(paired, reference=reference_ms, candidate=candidate_ms), compiled
+
+
+def compiled_layer_ms(module: nn.Module, inputs: torch.Tensor, *, threads: int | None, **timing: Any) -> float:
+    """``module`` compiled alone in its faster mode (:func:`compile_fastest`) and timed on ``inputs``: its median ms
+    (``timing``: as :func:`~ranksearch.measure.timing.time_repeatedly` takes it)."""
+    (compiled,) = compile_fastest([module], inputs, threads=threads).modules
+    return measure_latency(compiled, inputs, threads=threads, **timing).median_ms
 
 
 def compiled_pair_timing(

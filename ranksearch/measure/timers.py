@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ranksearch.errors import RanksearchError
+from ranksearch.measure.compile_worker import CompilingProcess
 from ranksearch.measure.latency import measure_latency, torch_threads
 from ranksearch.measure.remote import RemoteTarget
 
@@ -167,16 +168,15 @@ class OnnxRuntimeTimer(ModuleTimer):
 class CompiledTimer(ModuleTimer):
     """The module compiled by torch.compile (inductor, in the faster of its modes: weights frozen or not) on this CPU,
     as ``--latency-backend compile`` times trials (:func:`~ranksearch.measure.compiled.compile_fastest`): each module
-    compiles twice, about 0.5 s for a layer of a 28 px ResNet-18."""
+    compiles twice, about 0.5 s for a layer of a 28 px ResNet-18, in ``process``'s child process, where the memory
+    the compiled graphs keep goes when a fresh child replaces it."""
 
-    def __init__(self, *, threads: int | None) -> None:
+    def __init__(self, *, threads: int | None, process: CompilingProcess) -> None:
         self.threads = threads
+        self.process = process
 
     def median_ms(self, module: nn.Module, inputs: torch.Tensor, **timing: Any) -> float:
-        from ranksearch.measure.compiled import compile_fastest
-
-        (compiled,) = compile_fastest([module], inputs, threads=self.threads).modules
-        return measure_latency(compiled, inputs, threads=self.threads, **timing).median_ms
+        return self.process.time_layer(module, inputs, threads=self.threads, **timing)
 
     def slug(self) -> str:
         threads = self.threads or torch.get_num_threads()

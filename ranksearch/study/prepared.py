@@ -32,7 +32,6 @@ from ranksearch.evaluate import (
     Split,
     ZeroShotScorer,
 )
-from ranksearch.measure.backends import target_note
 from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.timers import ModuleTimer, TorchTimer
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
@@ -94,13 +93,6 @@ class PreparedSearch:
             raise RanksearchError(
                 f"search space {settings.search.space}: no searchable layer in {settings.problem.model}; widen 'layers'"
             )
-        note = target_note(
-            settings.evaluation.latency_backend,
-            timing_device=settings.infra.timing_device,
-            input_shape=tuple(context.example.shape),
-        )
-        if note is not None:
-            console.print(note)
         evaluator = _evaluator(settings, context, evaluator)
         study = open_study()
         fingerprint = problem_fingerprint(context.model, context.splits)

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator
+from ranksearch.measure.backends import target_note
 from ranksearch.measure.latency import torch_threads
 from ranksearch.models import model_family
 from ranksearch.results import write_results
@@ -60,6 +61,13 @@ def run_search(
         search, study = PreparedSearch.prepare(
             settings, factory, space=space, open_study=create_study, console=console, phases=phases
         )
+        note = target_note(
+            settings.evaluation.latency_backend,
+            timing_device=settings.infra.timing_device,
+            input_shape=tuple(search.context.example.shape),
+        )
+        if note is not None:
+            console.print(note)
         if shipped:
             generic = " (generic: no shipped file for this model's family)" if space_path.stem == "default" else ""
             console.print(f"search space: {space_path.name}{generic}; pass --space FILE for another")
