@@ -69,30 +69,29 @@ class CompilingProcess:
     ) -> tuple[PairedLatency, dict[str, float]]:
         """The pair compiled and timed in the child (its one-line error raised here)."""
         timing = {"threads": threads, "rounds": rounds, "target_seconds": target_seconds}
-        if self.in_process:
+        answer = self._ask("pair", {"reference": reference, "model": model, "example": example, "timing": timing})
+        if answer is None:
             from ranksearch.measure.compiled import compiled_pair_timing
 
             return compiled_pair_timing(reference, model, example, **timing)
-        answer = self._ask("pair", {"reference": reference, "model": model, "example": example, "timing": timing})
-        if answer is None:
-            return self.time_pair(reference, model, example, **timing)
         return answer["paired"], answer["extra"]
 
     def time_layer(self, module: nn.Module, inputs: torch.Tensor, *, threads: int | None, **timing: Any) -> float:
         """``module`` compiled and timed alone in the child, its median ms (``timing``: as
         :func:`~ranksearch.measure.timing.time_repeatedly` takes it)."""
-        if self.in_process:
+        answer = self._ask("layer", {"module": module, "inputs": inputs, "threads": threads, "timing": timing})
+        if answer is None:
             from ranksearch.measure.compiled import compiled_layer_ms
 
             return compiled_layer_ms(module, inputs, threads=threads, **timing)
-        answer = self._ask("layer", {"module": module, "inputs": inputs, "threads": threads, "timing": timing})
-        if answer is None:
-            return self.time_layer(module, inputs, threads=threads, **timing)
         return answer["median_ms"]
 
     def _ask(self, kind: str, request: dict[str, Any]) -> dict[str, Any] | None:
-        """The child's answer to ``request`` (a fresh child once this one served its share); None when the child
-        cannot import the model's classes (:attr:`in_process` is then set); its error raised here."""
+        """The child's answer to ``request`` (a fresh child once this one served its share); its error raised here.
+        None when the model is to be timed in this process: the child could not import its classes, now or before
+        (:attr:`in_process`)."""
+        if self.in_process:
+            return None
         if self._child is None or self._counts[kind] >= self.limits[kind]:
             self.close()
             self._child = subprocess.Popen(

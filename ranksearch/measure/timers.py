@@ -11,16 +11,18 @@ import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.compile_worker import CompilingProcess
 from ranksearch.measure.latency import measure_latency, torch_threads
 from ranksearch.measure.remote import RemoteTarget
+
+if TYPE_CHECKING:
+    from ranksearch.measure.compile_worker import CompilingProcess
 
 
 class ModuleTimer(ABC):
