@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from conftest import CHROMIUM, require_tool
 from PIL import Image
+from rich.console import Console
 from test_plots import decoded_png, external_references, synthetic_study
 from typer.testing import CliRunner
 
 from ranksearch.cli import app
-from ranksearch.results import front_rows, time_per_arithmetic
+from ranksearch.results import front_rows, time_per_arithmetic, untrained_baseline
 from ranksearch.results.html_report import render_report, write_report
-from ranksearch.results.record import SETTINGS
+from ranksearch.results.record import BASELINE, MODEL, SETTINGS
+from ranksearch.results.show import show_study
+from ranksearch.study import RunSettings
+from ranksearch.study.progress import SearchProgress
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -60,6 +65,48 @@ def test_time_per_arithmetic_is_speedup_over_mac_reduction() -> None:
     assert time_per_arithmetic(rows, 100.0) == {"median": 0.625, "min": 0.5, "max": 0.75, "members": 2.0}
     assert time_per_arithmetic(rows[2:], 100.0) is None  # the dense model alone
     assert time_per_arithmetic(rows, None) is None  # a study without the dense model's MACs
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "classes", "warned"),
+    [
+        (0.05, 20, True),  # chance
+        (0.14, 20, True),  # under 0.05 + 0.1 x 0.95 = 0.145
+        (0.15, 20, False),
+        (0.18, 10, True),
+        (0.92, 10, False),
+        (0.54, 2, True),
+        (0.56, 2, False),
+        (0.05, None, False),  # classes not recorded (a study of an earlier release)
+        (None, 10, False),  # baseline not measured yet
+    ],
+)
+def test_untrained_baseline_is_within_a_tenth_of_the_way_from_chance(
+    accuracy: float | None, classes: int | None, warned: bool
+) -> None:
+    study = synthetic_study()
+    BASELINE.write(study, {} if accuracy is None else {**BASELINE.read(study), "accuracy": accuracy})
+    if classes is not None:
+        MODEL.write(study, {"name": "resnet18", "num_classes": classes})
+    warning = untrained_baseline(study)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"{accuracy:.1%} on validation" in warning and f"for {classes} classes" in warning
+        assert "--baseline-epochs" in warning and "--checkpoint" in warning
+
+
+@pytest.mark.parametrize("accuracy", [0.905, 0.11])
+def test_report_and_show_warn_of_a_baseline_near_chance(accuracy: float) -> None:
+    study = synthetic_study()
+    BASELINE.write(study, {**BASELINE.read(study), "accuracy": accuracy})
+    MODEL.write(study, {"name": "resnet18", "num_classes": 10})
+    html = render_report(study)
+    console = Console(record=True, width=400)
+    show_study(study, console=console)
+    shown = console.export_text()
+    near = accuracy < 0.19
+    assert ('<p class="warning">The dense model scores 11.0% on validation, near chance' in html) == near
+    assert ("near chance (10.0% for 10 classes)" in shown) == near
 
 
 def test_report_references_nothing_outside_itself(report) -> None:
@@ -121,3 +168,16 @@ def test_report_renders_in_headless_chromium(tiny_run, report, tmp_path: Path) -
     image = decoded_png(shot)
     assert image.width == 1280 and image.height > 2000
     assert len(Image.Image.getcolors(image, maxcolors=1 << 20) or []) > 100  # not blank
+
+
+@pytest.mark.parametrize(("accuracy", "status"), [(0.905, "best 2.00x within 1 pp"), (0.11, "near chance")])
+def test_progress_claims_no_accuracy_budget_for_a_baseline_near_chance(accuracy: float, status: str) -> None:
+    study = synthetic_study()
+    BASELINE.write(study, {**BASELINE.read(study), "accuracy": accuracy})
+    MODEL.write(study, {"name": "resnet18", "num_classes": 10})
+    out = io.StringIO()
+    with SearchProgress(study, RunSettings.of(model="resnet18", budget=6), Console(file=out, width=300)):
+        pass
+    line = out.getvalue().splitlines()[0]
+    assert line.startswith("trials 5/6") and status in line
+    assert ("within 1 pp" in line) == (accuracy > 0.19)

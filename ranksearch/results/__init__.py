@@ -23,7 +23,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.backends import latency_backend_title
 from ranksearch.results.front import compresses_nothing, front_trials, speed_of
-from ranksearch.results.record import BASELINE, SETTINGS, StudyRecord, TrialRecord, records
+from ranksearch.results.record import BASELINE, MODEL, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
 STORAGE_FILE = "study.db"
@@ -44,6 +44,27 @@ def choice_label(choice: Mapping[str, Any]) -> str:
 
 def baseline(study: optuna.Study) -> dict[str, float]:
     return dict(BASELINE.read(study))
+
+
+NEAR_CHANCE = 0.1
+"""A dense model less than this fraction of the way from chance (one over the classes) to perfect accuracy counts as
+untrained: differences between configs' accuracies are then noise."""
+
+
+def untrained_baseline(study: optuna.Study) -> str | None:
+    """One line saying the dense model's validation accuracy is near chance, so that the front is ordered by noise
+    on its accuracy axis; None when it is not (or the accuracy or the number of classes was not recorded)."""
+    accuracy, classes = baseline(study).get("accuracy"), MODEL.read(study).get("num_classes")
+    if accuracy is None or not classes or classes < 2:
+        return None
+    chance = 1.0 / classes
+    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance):
+        return None
+    return (
+        f"warning: the dense model scores {accuracy:.1%} on validation, near chance ({chance:.1%} for {classes} "
+        "classes): its accuracy differences between configs are noise and only the latency figures mean anything; "
+        "train it longer (--baseline-epochs) or pass a trained --checkpoint"
+    )
 
 
 def layer_order(study: optuna.Study) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ranksearch.results import latency_target, load_study, time_per_arithmetic
+from ranksearch.results import latency_target, load_study, time_per_arithmetic, untrained_baseline
 from ranksearch.results.phases import WALL, phase_seconds
 from ranksearch.results.plots import (
     LayersInfo,
@@ -47,6 +47,7 @@ td.text, th.text { text-align: left; }
 details { margin: 0.5rem 0; }
 summary { cursor: pointer; font-weight: 600; }
 .muted { color: #777; }
+.warning { color: #a63603; font-weight: 600; }
 """
 
 
@@ -64,7 +65,7 @@ def render_report(study: optuna.Study) -> str:
         f"{complete} complete trials" + (f", {failed} failed" if failed else "") + f" · written {written}"
     )
     sections = {
-        "baseline": ("Baseline", _baseline_table(rows.baseline)),
+        "baseline": ("Baseline", _baseline_table(rows.baseline) + _warning(untrained_baseline(study))),
         "front": ("Pareto front", _front_table(rows)),
         "plots": ("Plots", _plots(infos)),
         "layers": ("Per-layer choices of the front members", _layer_details(rows, layers)),
@@ -116,6 +117,14 @@ def _baseline_table(base: Mapping[str, float]) -> str:
         ("weights", _fmt(None if base.get("size_bytes") is None else base["size_bytes"] / 1e6, "{:.2f} MB")),
     ]
     return _table(["measure", "value"], [list(item) for item in items])
+
+
+def _warning(text: str | None) -> str:
+    return "" if text is None else f'<p class="warning">{escape(_sentence(text.removeprefix("warning: ")))}.</p>'
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _front_table(rows: StudyRows) -> str:

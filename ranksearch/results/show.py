@@ -15,7 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results import baseline, choice_label, finite, front_rows, front_trials, layer_order, trial_rows
+from ranksearch.results import (
+    baseline,
+    choice_label,
+    finite,
+    front_rows,
+    front_trials,
+    layer_order,
+    trial_rows,
+    untrained_baseline,
+)
 from ranksearch.results.record import TEST_ACCURACY, TrialRecord, records
 
 __all__ = ["SHOW_FORMATS", "show_rows", "show_study"]
@@ -137,6 +146,8 @@ def _table(study: optuna.Study, rows: list[dict[str, Any]], *, all_trials: bool)
     )
     if not rows:
         caption += "; no complete feasible trial yet" if not all_trials else "; no trial yet"
+    if (warning := untrained_baseline(study)) is not None:
+        caption += f"\n[yellow]{warning}[/]"
     rows = [{**row, **_labels(row)} for row in rows]
     columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)] or list(_COLUMNS[:1])
     table = Table(*(header for _, header, _ in columns), title=f"{study.study_name}: {what}", caption=caption)

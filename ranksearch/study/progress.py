@@ -21,6 +21,7 @@ from ranksearch.results import (
     front_trials,
     latency_target,
     time_per_arithmetic,
+    untrained_baseline,
 )
 from ranksearch.results.phases import phase_seconds
 from ranksearch.results.record import SETTINGS, Outcome, records
@@ -53,6 +54,7 @@ class SearchProgress:
         self.console = console
         self.started = time.monotonic()
         self.reported = -1
+        self.untrained = untrained_baseline(study) is not None
 
     def __enter__(self) -> SearchProgress:
         self.progress.start()
@@ -72,7 +74,10 @@ class SearchProgress:
         budget = self.max_accuracy_drop if self.max_accuracy_drop is not None else 1.0
         best = best_speedup_within(self.study, budget)
         status = f"front {len(front_trials(self.study))}"
-        status += f" · best {best:.2f}x within {budget:g} pp" if best else ""
+        if self.untrained:  # a "within N pp" claim would rest on an untrained model's noise
+            status += " · dense model near chance: accuracy is noise"
+        elif best:
+            status += f" · best {best:.2f}x within {budget:g} pp"
         status += f" · {failed} failed" if failed else ""
         status += f" · {zero_shot} rejected at zero shot" if zero_shot else ""
         status += f" · {skipped} skipped unevaluated" if skipped else ""

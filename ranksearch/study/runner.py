@@ -14,7 +14,7 @@ from ranksearch.evaluate import Evaluator
 from ranksearch.measure.backends import target_note
 from ranksearch.measure.latency import torch_threads
 from ranksearch.models import model_family
-from ranksearch.results import write_results
+from ranksearch.results import untrained_baseline, write_results
 from ranksearch.results.plots import write_plots_or_warn
 from ranksearch.results.record import MODEL, PHASES
 from ranksearch.search import default_space_path
@@ -72,6 +72,8 @@ def run_search(
             generic = " (generic: no shipped file for this model's family)" if space_path.stem == "default" else ""
             console.print(f"search space: {space_path.name}{generic}; pass --space FILE for another")
         MODEL.write(study, search.context.model_spec())
+        if (warning := untrained_baseline(study)) is not None:
+            console.print(f"[yellow]{warning}[/]")
         if not study.trials:
             search.enqueue_starts(study)
         layer_names = list(search.slots)
