@@ -110,7 +110,7 @@ def main() -> None:
         predicted = {}
         for name, table in tables.items():
             current = table.fitted(observations)  # as in the search: refitted on the configs measured before it
-            predicted[name] = current.predict(CompressionConfig(layers={})) / current.predict(config)
+            predicted[name] = current.speedup(config)
             beside = paired.reference.median_ms / predicted[name]
             built = table.predict(config) / table.predict(CompressionConfig(layers={})) * paired.reference.median_ms
             as_built[name].append(100 * abs(built - paired.candidate.median_ms) / paired.candidate.median_ms)

@@ -310,3 +310,28 @@ def test_fitted_never_takes_a_negative_overhead(problem) -> None:
     ]
     fitted = table.fitted(observations)
     assert fitted.overhead_ms == 0 and fitted.scale > 0
+
+
+def test_speedup_is_taken_against_the_measured_dense_model(problem) -> None:
+    """A fitted line that misses the dense model's own point (here 0.9 at the dense layer sum) predicts each
+    config's ratio to the dense model timed beside it, not its ratio to the line's value at the dense model."""
+    table = build(problem)
+    configs = [
+        CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
+        CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.5)}),
+        CompressionConfig(layers={"3": LayerChoice("svd", 0.25, True)}),
+        CompressionConfig(layers={"1": LayerChoice("svd", 0.5), "3": LayerChoice("svd", 0.5)}),
+    ]
+
+    def ratio(config: CompressionConfig) -> float:  # latency over the dense model's, as measured
+        return 0.8 * table.layers_ms(config) / table.dense_layers_ms + 0.1
+
+    drift = [2.0, 2.4, 1.8, 2.2]
+    fitted = table.fitted([Observation(c, d * ratio(c), d) for c, d in zip(configs, drift, strict=True)])
+    assert fitted.dense_ms == pytest.approx(2.1)  # the median dense timing
+    for config in configs:
+        assert fitted.speedup(config) == pytest.approx(1 / ratio(config))
+        assert fitted.predict(config) == pytest.approx(2.1 * ratio(config))
+    assert fitted.predict(CompressionConfig(layers={})) == pytest.approx(2.1 * 0.9)
+    built = table.calibrated(3.0)  # before any config is measured: against its build-time dense timing
+    assert built.dense_ms == 3.0 and built.speedup(CompressionConfig(layers={})) == pytest.approx(1.0)

@@ -62,6 +62,9 @@ class LatencyTable:
     layer_ms: Mapping[str, Mapping[str, float]]
     scale: float = 1.0
     overhead_ms: float = 0.0
+    dense_ms: float | None = None
+    """The dense model's measured latency the table is scaled to: its timing when the table was built, or the median
+    of the dense timings beside the configs it was fitted on (None: not scaled to a measurement)."""
 
     @classmethod
     def build(
@@ -125,11 +128,21 @@ class LatencyTable:
         """The predicted latency (ms) of the model compressed by ``config``."""
         return self.scale * self.layers_ms(config) + self.overhead_ms
 
+    def speedup(self, config: CompressionConfig) -> float:
+        """The predicted speedup of ``config`` over the dense model as measured (:attr:`dense_ms`).
+
+        A fitted line need not pass through the dense model's own point: in a search of a 28 px ResNet-18 (AMD EPYC,
+        2 threads), the line through its 58 configs put the dense model at 0.89 of its measured time, so speedups
+        taken against that prediction came out about 11 % low for every compressed config. Each config predicted
+        from the ones measured before it, the latency error was a median 10.1 % that way, 8.0 % this way."""
+        dense = self.predict(CompressionConfig(layers={})) if self.dense_ms is None else self.dense_ms
+        return dense / self.predict(config)
+
     def calibrated(self, dense_ms: float) -> LatencyTable:
         """This table rescaled so that the dense model's prediction is ``dense_ms`` (a fresher or more
         robust measurement of it: a single one on a busy machine can be off by 20 %)."""
         factor = dense_ms / self.predict(CompressionConfig(layers={}))
-        return replace(self, scale=self.scale * factor, overhead_ms=self.overhead_ms * factor)
+        return replace(self, scale=self.scale * factor, overhead_ms=self.overhead_ms * factor, dense_ms=dense_ms)
 
     def fitted(self, observations: Sequence[Observation]) -> LatencyTable:
         """This table refitted on measured configs, calibrated on the median of their reference timings.
@@ -137,7 +150,8 @@ class LatencyTable:
         Each latency is first divided by the dense latency timed beside it (which cancels the machine's
         drift), then ``scale`` and ``overhead`` are fitted by least squares (overhead >= 0) once
         :data:`MIN_FIT_POINTS` configs with two different layer sums are in; before that only the
-        calibration applies.
+        calibration applies. A config's predicted latency is then the fitted ratio times that median
+        (:attr:`dense_ms`), and so is its predicted speedup (:meth:`speedup`).
         """
         if not observations:
             return self
@@ -151,7 +165,7 @@ class LatencyTable:
         if intercept < 0 or slope <= 0:  # the proportional model, fitted
             slope, intercept = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
         table = replace(self, scale=slope / dense_sum, overhead_ms=intercept)
-        return table.calibrated(reference * table.predict(CompressionConfig(layers={})))
+        return replace(table.calibrated(reference * table.predict(CompressionConfig(layers={}))), dense_ms=reference)
 
 
 def variants(slot: LayerSlot) -> list[LayerChoice]:

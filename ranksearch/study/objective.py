@@ -113,7 +113,8 @@ class Objective:
         if table is None:
             return None
         current = table.fitted(observations(study))
-        return Prediction(current.predict(config), current.predict(CompressionConfig(layers={})))
+        latency = current.predict(config)
+        return Prediction(latency, latency * current.speedup(config))
 
     def screen(self, writer: TrialWriter, verdict: Verdict | None) -> None:
         """Prune the trial on a screen's verdict; stop a run whose screens reject everything."""
