@@ -335,3 +335,44 @@ def test_speedup_is_taken_against_the_measured_dense_model(problem) -> None:
     assert fitted.predict(CompressionConfig(layers={})) == pytest.approx(2.1 * 0.9)
     built = table.calibrated(3.0)  # before any config is measured: against its build-time dense timing
     assert built.dense_ms == 3.0 and built.speedup(CompressionConfig(layers={})) == pytest.approx(1.0)
+
+
+INT8_CONFIGS = [
+    CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
+    CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.5)}),
+    CompressionConfig(layers={"3": LayerChoice("svd", 0.25, True)}),
+    CompressionConfig(layers={"1": LayerChoice("svd", 0.5, True), "3": LayerChoice("svd", 0.5)}),
+    CompressionConfig(layers={"1": LayerChoice("keep", None, True), "4": LayerChoice("svd", 0.25, True)}),
+]
+
+
+@pytest.mark.parametrize(("float_slope", "int8_slope", "intercept"), [(0.7, 0.45, 0.2), (1.1, 0.6, -0.1)])
+def test_int8_layers_get_a_scale_of_their_own(problem, float_slope: float, int8_slope: float, intercept: float) -> None:
+    """Latencies made from a float slope, an int8 slope and an intercept are fitted back (with a negative intercept:
+    the two slopes through the origin, the least-squares fit without it)."""
+    table = build(problem)
+    if not any(table.split_ms(c)[1] for c in INT8_CONFIGS[2:]):
+        pytest.skip("no int8 kernels here")
+
+    def ratio(config: CompressionConfig) -> float:
+        float_ms, int8_ms = table.split_ms(config)
+        return (float_slope * float_ms + int8_slope * int8_ms) / table.dense_layers_ms + intercept
+
+    drift = [2.0, 2.4, 1.8, 2.2, 2.1]
+    fitted = table.fitted([Observation(c, d * ratio(c), d) for c, d in zip(INT8_CONFIGS, drift, strict=True)])
+    assert fitted.int8_scale is not None and fitted.dense_ms == pytest.approx(2.1)
+    if intercept >= 0:
+        assert fitted.int8_scale / fitted.scale == pytest.approx(int8_slope / float_slope)
+        for config in INT8_CONFIGS:
+            assert fitted.speedup(config) == pytest.approx(1 / ratio(config))
+    else:
+        assert fitted.overhead_ms == 0 and fitted.scale > 0 and fitted.int8_scale > 0
+    recalibrated = fitted.calibrated(4.2)
+    assert recalibrated.int8_scale == pytest.approx(fitted.int8_scale * 4.2 / fitted.predict(CompressionConfig({})))
+
+
+@pytest.mark.parametrize("observed", [slice(0, 4), slice(2, 5)], ids=["two int8 configs", "no float config"])
+def test_int8_scale_needs_configs_of_both_kinds(problem, observed: slice) -> None:
+    table = build(problem)
+    observations = [Observation(c, 1.5 - 0.1 * i, 2.0) for i, c in enumerate(INT8_CONFIGS[observed])]
+    assert table.fitted(observations).int8_scale is None
