@@ -180,7 +180,8 @@ class LatencyTable:
             return self
         reference = statistics.median(o.reference_ms for o in observations)
         dense_sum = self.dense_layers_ms
-        xs = [self.layers_ms(o.config) / dense_sum for o in observations]
+        sums = [self.split_ms(o.config) for o in observations]
+        xs = [(float_ms + int8_ms) / dense_sum for float_ms, int8_ms in sums]
         ys = [o.latency_ms / o.reference_ms for o in observations]
         if len(observations) < MIN_FIT_POINTS or max(xs) - min(xs) < 1e-9:
             return self.calibrated(reference)
@@ -188,30 +189,13 @@ class LatencyTable:
         if intercept < 0 or slope <= 0:  # the proportional model, fitted
             slope, intercept = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
         table = replace(self, scale=slope / dense_sum, int8_scale=None, overhead_ms=intercept)
-        split = self._int8_fit(observations, ys)
+        split = _int8_fit([(f / dense_sum, q / dense_sum) for f, q in sums], ys)
         if split is not None:
             float_slope, int8_slope, intercept = split
             table = replace(
                 self, scale=float_slope / dense_sum, int8_scale=int8_slope / dense_sum, overhead_ms=intercept
             )
         return replace(table.calibrated(reference * table.predict(CompressionConfig(layers={}))), dense_ms=reference)
-
-    def _int8_fit(self, observations: Sequence[Observation], ys: Sequence[float]) -> tuple[float, float, float] | None:
-        """Least-squares slopes of the float and the int8 layer sums (over the dense layers') and an intercept,
-        fitted to ``ys``; without the intercept where it comes out negative; None with too few configs of each
-        kind or a slope that is not positive."""
-        sums = [self.split_ms(o.config) for o in observations]
-        quantized = sum(int8_ms > 0 for _, int8_ms in sums)
-        if quantized < MIN_FIT_POINTS or quantized == len(sums):
-            return None
-        dense_sum = self.dense_layers_ms
-        features = np.array([[f / dense_sum, q / dense_sum, 1.0] for f, q in sums])
-        targets = np.array(ys)
-        coefficients = np.linalg.lstsq(features, targets, rcond=None)[0]
-        if coefficients[2] < 0:
-            coefficients = np.append(np.linalg.lstsq(features[:, :2], targets, rcond=None)[0], 0.0)
-        float_slope, int8_slope, intercept = (float(c) for c in coefficients)
-        return None if float_slope <= 0 or int8_slope <= 0 else (float_slope, int8_slope, intercept)
 
 
 def variants(slot: LayerSlot) -> list[LayerChoice]:
@@ -240,6 +224,22 @@ def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str
     """Median and max absolute error of predictions, in percent of the measured values."""
     errors = [100.0 * abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     return {"median_pct": statistics.median(errors), "max_pct": max(errors), "count": float(len(errors))}
+
+
+def _int8_fit(sums: Sequence[tuple[float, float]], ys: Sequence[float]) -> tuple[float, float, float] | None:
+    """Least-squares slopes of the float and the int8 layer sums (each over the dense layers' sum) and an intercept,
+    fitted to ``ys``; without the intercept where it comes out negative; None with fewer than
+    :data:`MIN_FIT_POINTS` configs with int8 layers, none without, or a slope that is not positive."""
+    quantized = sum(int8 > 0 for _, int8 in sums)
+    if quantized < MIN_FIT_POINTS or quantized == len(sums):
+        return None
+    features = np.array([[float_sum, int8_sum, 1.0] for float_sum, int8_sum in sums])
+    targets = np.array(ys)
+    coefficients = np.linalg.lstsq(features, targets, rcond=None)[0]
+    if coefficients[2] < 0:
+        coefficients = np.append(np.linalg.lstsq(features[:, :2], targets, rcond=None)[0], 0.0)
+    float_slope, int8_slope, intercept = (float(c) for c in coefficients)
+    return None if float_slope <= 0 or int8_slope <= 0 else (float_slope, int8_slope, intercept)
 
 
 def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
