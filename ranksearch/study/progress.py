@@ -72,11 +72,10 @@ class SearchProgress:
         zero_shot = sum(t.outcome == Outcome.REJECTED_AT_ZERO_SHOT for t in trials)
         skipped = sum(t.state == TrialState.PRUNED for t in trials) - zero_shot
         budget = self.max_accuracy_drop if self.max_accuracy_drop is not None else 1.0
-        best = best_speedup_within(self.study, budget)
         status = f"front {len(front_trials(self.study))}"
         if self.untrained:  # a "within N pp" claim would rest on an untrained model's noise
             status += " · dense model near chance: accuracy is noise"
-        elif best:
+        elif best := best_speedup_within(self.study, budget):
             status += f" · best {best:.2f}x within {budget:g} pp"
         status += f" · {failed} failed" if failed else ""
         status += f" · {zero_shot} rejected at zero shot" if zero_shot else ""
