@@ -44,7 +44,7 @@ from scipy.stats import kendalltau
 from ranksearch.config import CompressionConfig
 from ranksearch.models import model_family
 from ranksearch.results import front_trials
-from ranksearch.results.front import compresses_nothing, speed_of
+from ranksearch.results.front import compresses_nothing, study_speeds
 from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
 from ranksearch.search import config_to_params, default_space_path, uniform_config
@@ -250,7 +250,7 @@ def _enqueue(settings: RunSettings, configs: list[CompressionConfig], console: C
 
 
 def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> Outcome:
-    stored = StudyRecord.of(study)
+    stored, speeds = StudyRecord.of(study), study_speeds(study)
     dense = BASELINE.read(study)
     front = [TrialRecord.of(t) for t in front_trials(study)]
     points = []
@@ -261,7 +261,7 @@ def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> O
         points.append(
             Point(
                 trial=trial.number,
-                speedup=float(speed_of(trial, stored.retimed).speedup or 0.0),
+                speedup=float(speeds[trial.number].speedup or 0.0),
                 test_accuracy=float(recovered["test_accuracy"]),
                 drop_high_pp=float(recovered["high_pp"]),
                 params=int(trial.cost["params"]),
@@ -270,9 +270,7 @@ def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> O
             )
         )
     complete = [r for r in records(study) if r.counts_toward_budget]
-    uniform = [
-        speed_of(r, stored.retimed).speedup or 0.0 for r in complete if r.anchor.startswith("config") and r.speedup
-    ]
+    uniform = [speeds[r.number].speedup or 0.0 for r in complete if r.anchor.startswith("config") and r.speedup]
     recovered_dense = next(iter(stored.recovered.values()), {})
     dense_test = float(dense["test_accuracy"])
     if recovered_dense:  # recovery tests on the full test split: compare with the dense model's accuracy there
@@ -287,7 +285,7 @@ def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> O
         dense_params=int(dense["params"]),
         dense_macs=int(dense["macs"]),
         front_size=len(front),
-        not_faster=sum(not compresses_nothing(r) and not speed_of(r, stored.retimed).measurably_faster for r in front),
+        not_faster=sum(not compresses_nothing(r) and not speeds[r.number].measurably_faster for r in front),
         fastest_uniform=max(uniform, default=None) if method == "uniform" else None,
         extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **stored.phase_seconds},
     )

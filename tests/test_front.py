@@ -4,6 +4,7 @@ borderline members timed again, test drops with paired intervals."""
 from __future__ import annotations
 
 import io
+import math
 
 import optuna
 import pytest
@@ -265,3 +266,60 @@ def test_show_gives_intervals_in_one_cell_each() -> None:
     show_study(study, console=Console(file=out, width=250))
     text = out.getvalue()
     assert "+1.00 [+0.50, +1.50]" in text and "1.40-1.80x" in text and "test drop pp [95 %]" in text
+
+
+def _timed_trial(
+    study: optuna.Study, config: dict[str, object], accuracy: float, timing: tuple[float, ...], **extra: object
+) -> None:
+    """A complete trial of ``config`` whose paired timing measured (speedup, slowest round, fastest round)."""
+    speedup, low, high = timing
+    attrs = {
+        "config": config,
+        "accuracy": accuracy,
+        "accuracy_drop_pp": 100 * (BASELINE["accuracy"] - accuracy),
+        "latency_ms": BASELINE["latency_ms"] / speedup,
+        "speedup": speedup,
+        "speedup_low": low,
+        "speedup_high": high,
+        "latency_rounds": 4.0,
+        **extra,
+    }
+    study.add_trial(create_trial(values=[accuracy, 1 / speedup], user_attrs=attrs))
+
+
+def pooled_study() -> optuna.Study:
+    """The dense model; config A timed at rung 0 (3.6x) and again by its promotion (2.6x); config B once (3.0x)."""
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="pooled")
+    record.OBJECTIVES.write(study, {"latency": "relative"})
+    record.BASELINE.write(study, BASELINE)
+    _timed_trial(study, {"layers": {"conv": {"technique": "keep"}}}, 0.90, (1.0, 1.0, 1.0))
+    _timed_trial(study, svd(0.25), 0.85, (3.6, 3.2, 4.0))
+    _timed_trial(study, svd(0.25), 0.89, (2.6, 2.4, 2.8), rung=1, promotes=1, finetune_steps=300)
+    _timed_trial(study, svd(0.3), 0.89, (3.0, 2.9, 3.2))
+    return study
+
+
+def test_a_config_timed_twice_has_one_speedup_pooled_over_its_timings() -> None:
+    study = pooled_study()
+    pooled = (3.6 * 2.6) ** 0.5  # equal rounds: the geometric mean
+    assert [t.number for t in front_trials(study)] == [2, 0]  # A at its promotion, at 3.06x, dominates B (3.0x)
+    row = front_rows(study)[0]
+    assert row["speedup"] == pytest.approx(pooled) and row["speedup_timings"] == 2
+    assert (row["speedup_low"], row["speedup_high"]) == (2.4, 4.0)  # the slowest and fastest rounds of both
+    assert select_trial(study, max_accuracy_drop=1.0).number == 2
+    out = io.StringIO()
+    show_study(study, console=Console(file=out, width=250))
+    assert "2.40-4.00x (2 timings)" in out.getvalue()
+
+
+def test_a_slower_round_in_any_timing_makes_a_config_borderline_and_its_re_timing_decides() -> None:
+    study = pooled_study()
+    _timed_trial(study, svd(0.2), 0.86, (1.5, 0.95, 1.9))  # one round slower than the dense model
+    _timed_trial(study, svd(0.2), 0.895, (1.6, 1.4, 1.8), rung=1, promotes=4, finetune_steps=300)  # all faster
+    assert 5 not in [t.number for t in front_trials(study)]
+    assert 5 in [t.number for t in front_trials(study, confirmed=False)]
+    assert confirm_front_speedups(study, FixedTimer((1.3, 1.5)), Console(quiet=True), rounds=10) == 1
+    row = next(r for r in front_rows(study) if r["trial"] == 5)
+    expected = math.exp((4 * math.log(1.5) + 4 * math.log(1.6) + 10 * math.log(1.5)) / 18)
+    assert row["speedup"] == pytest.approx(expected) and row["speedup_timings"] == 3 and row["retimed"]
+    assert (row["speedup_low"], row["speedup_high"]) == (1.3, 1.5)  # the re-timing's rounds decide

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.backends import latency_backend_title
-from ranksearch.results.front import compresses_nothing, front_trials, speed_of
+from ranksearch.results.front import compresses_nothing, front_trials, study_speeds
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
@@ -111,11 +111,11 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
-    stored = StudyRecord.of(study)
+    stored, speeds = StudyRecord.of(study), study_speeds(study)
     rows = []
     for trial in map(TrialRecord.of, front_trials(study)):
         techniques = Counter(c["technique"] for c in trial.layers.values())
-        speed = speed_of(trial, stored.retimed)
+        speed = speeds[trial.number]
         key = str(trial.number)
         test_drop, recovered = stored.test_drop.get(key, {}), stored.recovered.get(key, {})
         rows.append(
@@ -141,6 +141,7 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "speedup_low": speed.low,
                 "speedup_high": speed.high,
                 "retimed": speed.retimed,
+                "speedup_timings": speed.timings,
                 "params": trial.cost.get("params"),
                 "macs": trial.cost.get("macs"),
                 "size_mb": trial.cost.get("size_bytes", 0) / 1e6,
@@ -185,14 +186,16 @@ def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
 
 
 def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float | None:
-    """The best speedup a trial measured (in the search) among the complete trials whose validation accuracy drop is
-    within ``max_drop_pp`` and that are the dense model or were faster than it in every timed round."""
+    """The best speedup a trial measured (in the search, as :func:`~ranksearch.results.plots.progress_info` plots it)
+    among the complete trials whose validation accuracy drop is within ``max_drop_pp`` and that are the dense model
+    or were faster than it in every timed round."""
     best = None
     for trial in records(study, states=(TrialState.COMPLETE,)):
         drop, speedup = trial.accuracy_drop_pp, trial.speedup
         if speedup is None or drop is None or (max_drop_pp is not None and drop > max_drop_pp):
             continue
-        if not (compresses_nothing(trial) or speed_of(trial, {}).measurably_faster):
+        low = trial.metrics.get("speedup_low")
+        if not (compresses_nothing(trial) or (speedup > 1.0 and (low is None or low > 1.0))):
             continue
         best = speedup if best is None else max(best, speedup)
     return best

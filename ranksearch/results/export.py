@@ -26,6 +26,7 @@ from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.results import finite
 from ranksearch.results.confidence import DropEstimate
+from ranksearch.results.front import study_speeds
 from ranksearch.results.record import StudyRecord, TrialRecord
 from ranksearch.results.select import select_trial
 from ranksearch.util import package_version
@@ -50,10 +51,13 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
             f"study {name!r} does not record its model (it predates `ranksearch export`); "
             "rerun its `ranksearch run` command once to record it"
         )
+    speed = study_speeds(study)[trial.number]
     measured = {
         "accuracy": record.metrics.get("accuracy"),
         "latency_ms": record.metrics.get("latency_ms"),
-        "speedup": record.speedup,
+        "speedup": speed.speedup,
+        "speedup_low": speed.low,
+        "speedup_high": speed.high,
         "accuracy_drop_pp": record.accuracy_drop_pp,
     }
     metrics = {**{k: v for k, v in measured.items() if v is not None}, **record.cost}
@@ -65,9 +69,8 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
         metrics["test_drop"] = dict(stored.test_drop[key])
     if key in stored.retimed:
         metrics["retimed"] = dict(stored.retimed[key])
-    for bound in ("speedup_low", "speedup_high"):
-        if bound in record.metrics:
-            metrics[bound] = record.metrics[bound]
+    if speed.timings > 1:
+        metrics["speedup_timings"] = speed.timings
     meta = {
         "study": name,
         "storage": _hide_password(storage_url),

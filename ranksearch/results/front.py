@@ -5,12 +5,16 @@ and another trial is a member only when it is measurably faster than the dense m
 timing measured it faster (a sign test: a config no faster than dense passes 4 rounds with probability 1/16 at most,
 10 rounds with 1/1024). Borderline members, and members whose rounds disagree by more than
 :data:`MAX_ROUND_SPREAD`, are timed again after the search (:data:`RETIMED`); the re-timing then decides.
+A config timed more than once (a promotion times it again at each rung) has one speedup, pooled over all its
+timings (:func:`config_speeds`): on a 2-core host one config measured 3.61x, then 2.58x minutes later.
 Studies of earlier releases keep Optuna's front on (accuracy, milliseconds).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +23,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.results.record import BASELINE, OBJECTIVES, RETIMED, TrialRecord
 
-__all__ = ["MAX_ROUND_SPREAD", "Speed", "compresses_nothing", "front_trials", "highest_fidelity", "speed_of"]
+__all__ = [
+    "MAX_ROUND_SPREAD",
+    "Speed",
+    "compresses_nothing",
+    "config_speeds",
+    "front_trials",
+    "highest_fidelity",
+    "study_speeds",
+]
 
 MAX_ROUND_SPREAD = 2.0
 """The fastest round's speedup over the slowest's beyond which a trial's speedup is timed again after the search.
@@ -28,14 +40,17 @@ On a quiet machine a trial's four rounds agree within 1.1-1.3x; beside a test su
 
 @dataclass(frozen=True)
 class Speed:
-    """What is known of a trial's speedup against the dense model."""
+    """What is known of a config's speedup against the dense model."""
 
     speedup: float | None
+    """Pooled over the config's timings: their rounds-weighted geometric mean."""
     low: float | None
-    """The slowest round's speedup (None when the evaluator timed no rounds)."""
+    """The slowest round's speedup, over the timings that decide (None when the evaluator timed no rounds)."""
     high: float | None
     retimed: bool
-    """Whether ``speedup``/``low``/``high`` come from the re-timing after the search."""
+    """Whether the config was timed again after the search; ``low``/``high`` are then the re-timing's alone."""
+    timings: int = 1
+    """How many timings ``speedup`` pools: the config's trials (at every rung) and its re-timings."""
 
     @property
     def measurably_faster(self) -> bool:
@@ -59,13 +74,72 @@ class Speed:
         return not self.measurably_faster or self.unsettled
 
 
-def speed_of(record: TrialRecord, retimed: Mapping[str, Mapping[str, float]]) -> Speed:
-    """``record``'s speed: its re-timing where there is one, else what its trial measured."""
-    again = retimed.get(str(record.number))
-    if again is not None:
-        return Speed(again["speedup"], again["speedup_low"], again["speedup_high"], retimed=True)
-    low, high = record.metrics.get("speedup_low"), record.metrics.get("speedup_high")
-    return Speed(record.speedup, low, high, retimed=False)
+@dataclass(frozen=True)
+class _Timing:
+    speedup: float
+    low: float | None
+    high: float | None
+    rounds: float
+
+
+def config_speeds(
+    records: Sequence[TrialRecord], retimed: Mapping[str, Mapping[str, float]], *, pool: bool = True
+) -> dict[int, Speed]:
+    """Each record's :class:`Speed`, the same for every record of one config: the speedup pooled over every timing
+    of the config (each of its trials, at whatever rung, and each re-timing after the search), weighted by rounds;
+    the slowest and fastest rounds from its re-timings where there are any (they decide), else from its trials.
+    A record without a config (a custom study's), and with ``pool=False`` every record, is a config of its own."""
+    groups: defaultdict[str, list[TrialRecord]] = defaultdict(list)
+    for record in records:
+        pooled = pool and record.config
+        groups[json.dumps(record.config, sort_keys=True) if pooled else f"trial {record.number}"].append(record)
+    speeds: dict[int, Speed] = {}
+    for group in groups.values():
+        measured = [
+            _Timing(
+                float(r.speedup),
+                r.metrics.get("speedup_low"),
+                r.metrics.get("speedup_high"),
+                float(r.metrics.get("latency_rounds", 1.0)),
+            )
+            for r in group
+            if r.speedup is not None and r.speedup > 0
+        ]
+        again = [
+            _Timing(t["speedup"], t["speedup_low"], t["speedup_high"], float(t.get("rounds", 1.0)))
+            for t in (retimed[str(r.number)] for r in group if str(r.number) in retimed)
+        ]
+        speed = _pooled(measured + again, deciding=again or measured, retimed=bool(again))
+        speeds.update({r.number: speed for r in group})
+    return speeds
+
+
+def _pooled(timings: Sequence[_Timing], *, deciding: Sequence[_Timing], retimed: bool) -> Speed:
+    if not timings:
+        return Speed(None, None, None, retimed=retimed, timings=0)
+    weight = sum(t.rounds for t in timings)
+    speedup = (
+        timings[0].speedup
+        if len(timings) == 1
+        else math.exp(sum(t.rounds * math.log(t.speedup) for t in timings) / weight)
+    )
+    lows = [t.low for t in deciding if t.low is not None]
+    highs = [t.high for t in deciding if t.high is not None]
+    return Speed(
+        speedup,
+        min(lows) if lows else None,
+        max(highs) if highs else None,
+        retimed=retimed,
+        timings=len(timings),
+    )
+
+
+def study_speeds(study: optuna.Study) -> dict[int, Speed]:
+    """:func:`config_speeds` over ``study``'s complete trials; in a study of an earlier release (latency in ms, not
+    paired) each trial's own, as that release showed it."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    relative = OBJECTIVES.read(study).get("latency") == "relative"
+    return config_speeds([TrialRecord.of(t) for t in complete], RETIMED.read(study), pool=relative)
 
 
 def compresses_nothing(record: TrialRecord) -> bool:
@@ -88,13 +162,11 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
         except ValueError:
             return []
         return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
-    retimed = RETIMED.read(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    records = highest_fidelity(
-        [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
-    )
+    measured = [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
+    speeds = config_speeds(measured, RETIMED.read(study))
+    records = highest_fidelity(measured)
     dense = [r for r in records if compresses_nothing(r)][:1]
-    speeds = {r.number: speed_of(r, retimed) for r in records}
     eligible = [
         r
         for r in records

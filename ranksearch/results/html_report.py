@@ -161,7 +161,8 @@ def _front_table(rows: StudyRows) -> str:
             _fmt(r["latency_ms"], "{:.3f}"),
             _fmt(r["speedup"], "{:.2f}x")
             + (f" ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})" if r["speedup_low"] is not None else "")
-            + (" re-timed" if r["retimed"] else ""),
+            + (" re-timed" if r["retimed"] else "")
+            + (f", {r['speedup_timings']} timings" if r.get("speedup_timings", 1) > 1 else ""),
             _fmt(r["accuracy_drop_pp"], "{:+.2f}"),
             _fmt(r["params"], "{:,.0f}"),
             _fmt(r["macs"], "{:,.0f}"),

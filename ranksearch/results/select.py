@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results.front import compresses_nothing, front_trials, speed_of
+from ranksearch.results.front import compresses_nothing, front_trials, study_speeds
 from ranksearch.results.record import StudyRecord, TrialRecord
 
 __all__ = ["select_trial"]
@@ -62,7 +62,8 @@ def select_trial(
         raise RanksearchError(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
-    speeds = {r.number: speed_of(r, stored.retimed).speedup or 0.0 for r in pool}
+    pooled = study_speeds(study)
+    speeds = {r.number: pooled[r.number].speedup or 0.0 for r in pool}
 
     def slowness(trial: TrialRecord) -> float:
         """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier

@@ -94,8 +94,11 @@ def _labels(row: Mapping[str, Any]) -> dict[str, str]:
             f"[{row['recovered_drop_low_pp']:+.2f}, {row['recovered_drop_high_pp']:+.2f}])"
         )
     if row.get("speedup_low") is not None and row.get("speedup_high") is not None:
+        notes = ["re-timed"] if row.get("retimed") else []
+        if row.get("speedup_timings", 1) > 1:
+            notes.append(f"{row['speedup_timings']} timings")
         labels["speedup_rounds"] = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x" + (
-            " (re-timed)" if row.get("retimed") else ""
+            f" ({', '.join(notes)})" if notes else ""
         )
     return labels
 

@@ -11,7 +11,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
 from ranksearch.results import front_trials
 from ranksearch.results.confidence import paired_drop
-from ranksearch.results.front import compresses_nothing, speed_of
+from ranksearch.results.front import compresses_nothing, study_speeds
 from ranksearch.results.record import OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
 
 __all__ = ["RETIME_ROUNDS", "RETIME_SECONDS", "confirm_front_speedups", "measure_front_test_accuracy"]
@@ -40,10 +40,11 @@ def confirm_front_speedups(
     retimed = dict(RETIMED.read(study))
     count = 0
     while True:
+        speeds = study_speeds(study)
         pending = [
             record
             for record in map(TrialRecord.of, front_trials(study, confirmed=False))
-            if not compresses_nothing(record) and speed_of(record, retimed).borderline
+            if not compresses_nothing(record) and speeds[record.number].borderline
         ]
         if not pending:
             return count
@@ -59,10 +60,12 @@ def confirm_front_speedups(
             }
             RETIMED.write(study, retimed)
             count += 1
-            verdict = "measurably faster" if speed_of(record, retimed).measurably_faster else "not measurably faster"
+            speed = study_speeds(study)[record.number]
+            verdict = "measurably faster" if speed.measurably_faster else "not measurably faster"
             console.print(
                 f"re-timed trial {record.number}: {paired.speedup:.2f}x "
                 f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x), {verdict} than the dense model"
+                + (f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else "")
             )
 
 

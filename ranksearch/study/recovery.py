@@ -39,8 +39,8 @@ from ranksearch.results import STORAGE_FILE, front_trials, load_study
 from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
-from ranksearch.results.front import compresses_nothing, speed_of
-from ranksearch.results.record import MODEL, RECOVERED, RETIMED, SETTINGS, TrialRecord
+from ranksearch.results.front import compresses_nothing, study_speeds
+from ranksearch.results.record import MODEL, RECOVERED, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RunSettings
 from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm
@@ -261,8 +261,8 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
     Always the most accurate member (on validation accuracy) and the fastest within :data:`WITHIN_PP` points of the
     dense model; then, one at a time, the member whose speedup (re-timed where it was) is farthest from those taken.
     """
-    front, retimed = [TrialRecord.of(t) for t in front_trials(study)], RETIMED.read(study)
-    speedups = {r.number: speed_of(r, retimed).speedup for r in front}
+    front, speeds = [TrialRecord.of(t) for t in front_trials(study)], study_speeds(study)
+    speedups = {r.number: speeds[r.number].speedup for r in front}
     members = sorted(
         (r for r in front if not compresses_nothing(r) and speedups[r.number] is not None),
         key=lambda r: (speedups[r.number], r.number),
