@@ -13,7 +13,7 @@ from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer
+from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer, cpu_name
 from ranksearch.search import SearchSpace, latency_table
 from ranksearch.search.latency_table import (
     LatencyTable,
@@ -246,6 +246,16 @@ def test_in_model_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: 
     assert isinstance(CPU, InModelTiming) and not isinstance(OnnxRuntimeTimer(threads=1), InModelTiming)
 
 
+def test_a_table_file_names_the_processor_it_was_timed_on() -> None:
+    """Hosts of one instance type differ (an AVX2 AMD, an AVX-512 Intel): a table timed on one is not reused on the
+    other."""
+    name = cpu_name()
+    assert name and "@" not in name and "(R)" not in name and name == name.strip()
+    slug = "".join(c if c.isalnum() or c == "." else "-" for c in name).lower()
+    assert cache_name(CPU).startswith(f"latency-cpu-{slug}-threads1-torch")
+    assert slug in cache_name(OnnxRuntimeTimer(threads=1))
+
+
 def test_choice_outside_the_table_is_named(problem) -> None:
     table = build(problem)
     with pytest.raises(RanksearchError, match=r"layer '1'.*cp.*not in the latency table"):
@@ -254,7 +264,7 @@ def test_choice_outside_the_table_is_named(problem) -> None:
 
 def test_cache_name_and_errors() -> None:
     name = cache_name(TorchTimer(device=torch.device("cpu"), threads=2))
-    assert name.startswith("latency-cpu-threads2-torch") and name.endswith(".json")
+    assert name.startswith("latency-cpu-") and "-threads2-torch" in name and name.endswith(".json")
     name = cache_name(OnnxRuntimeTimer(threads=2))
     assert name.startswith("latency-onnxruntime") and "-threads2-torch" in name and name.endswith(".json")
     errors = prediction_errors([1.1, 2.0, 2.7], [1.0, 2.0, 3.0])

@@ -133,7 +133,7 @@ def table_config(settings: RunSettings, *, slowest: bool) -> tuple[rs.Compressio
     shapes = record_input_shapes(model, example)
     space = SearchSpace.load(settings.search.space)
     slots = space.layers(model, shapes)
-    (cache,) = (settings.infra.results_dir / "latency-tables").glob("latency-cpu-threads1-torch*.json")
+    (cache,) = (settings.infra.results_dir / "latency-tables").glob("latency-cpu-*-threads1-torch*.json")
     before = cache.read_bytes()
     cpu, multiple = torch.device("cpu"), space.rank_multiple
     timer = TorchTimer(device=cpu, threads=1)

@@ -11,6 +11,8 @@ import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +25,22 @@ from ranksearch.measure.remote import RemoteTarget
 
 if TYPE_CHECKING:
     from ranksearch.measure.compile_worker import CompilingProcess
+
+
+@cache
+def cpu_name() -> str:
+    """This machine's processor model, as latency tables' file names give it (Linux's ``/proc/cpuinfo``, else
+    :func:`platform.processor`, else the architecture): hosts of one cloud instance type differ (an AVX2 AMD, an
+    AVX-512 Intel), and a table timed on one predicts the other badly."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1] for line in lines if line.startswith("model name") and ":" in line]
+    name = (names[0] if names else "") or platform.processor() or platform.machine()
+    for mark in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
+        name = name.replace(mark, "")
+    return " ".join(name.split("@")[0].split()) or "unknown"
 
 
 class ModuleTimer(ABC):
@@ -92,7 +110,10 @@ class TorchTimer(ModuleTimer, InModelTiming):
 
     def slug(self) -> str:
         device = self.device
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        if device.type == "cuda":
+            where = torch.cuda.get_device_name(device)
+        else:
+            where = f"cpu-{cpu_name()}" if device.type == "cpu" else device.type
         return f"{where}-threads{self.threads or torch.get_num_threads()}-torch{torch.__version__}"
 
 
@@ -164,7 +185,7 @@ class OnnxRuntimeTimer(ModuleTimer):
         import onnxruntime
 
         threads = self.threads or torch.get_num_threads()
-        return f"onnxruntime{onnxruntime.__version__}-{platform.machine()}-threads{threads}-torch{torch.__version__}"
+        return f"onnxruntime{onnxruntime.__version__}-{cpu_name()}-threads{threads}-torch{torch.__version__}"
 
 
 class CompiledTimer(ModuleTimer):
@@ -182,7 +203,7 @@ class CompiledTimer(ModuleTimer):
 
     def slug(self) -> str:
         threads = self.threads or torch.get_num_threads()
-        return f"compile-inductor-{platform.machine()}-threads{threads}-torch{torch.__version__}"
+        return f"compile-inductor-{cpu_name()}-threads{threads}-torch{torch.__version__}"
 
 
 class RemoteTimer(ModuleTimer):
