@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.backends import latency_backend_title
-from ranksearch.results.front import compresses_nothing, front_trials, study_speeds
+from ranksearch.results.front import compresses_nothing, config_speeds, front_trials, study_speeds
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
@@ -189,13 +189,13 @@ def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float
     """The best speedup a trial measured (in the search, as :func:`~ranksearch.results.plots.progress_info` plots it)
     among the complete trials whose validation accuracy drop is within ``max_drop_pp`` and that are the dense model
     or were faster than it in every timed round."""
-    best = None
-    for trial in records(study, states=(TrialState.COMPLETE,)):
+    best, complete = None, records(study, states=(TrialState.COMPLETE,))
+    own = config_speeds(complete, {}, pool=False)  # each trial as it measured, not pooled with later timings
+    for trial in complete:
         drop, speedup = trial.accuracy_drop_pp, trial.speedup
         if speedup is None or drop is None or (max_drop_pp is not None and drop > max_drop_pp):
             continue
-        low = trial.metrics.get("speedup_low")
-        if not (compresses_nothing(trial) or (speedup > 1.0 and (low is None or low > 1.0))):
+        if not (compresses_nothing(trial) or own[trial.number].measurably_faster):
             continue
         best = speedup if best is None else max(best, speedup)
     return best

@@ -91,8 +91,7 @@ def config_speeds(
     A record without a config (a custom study's), and with ``pool=False`` every record, is a config of its own."""
     groups: defaultdict[str, list[TrialRecord]] = defaultdict(list)
     for record in records:
-        pooled = pool and record.config
-        groups[json.dumps(record.config, sort_keys=True) if pooled else f"trial {record.number}"].append(record)
+        groups[_config_key(record) if pool and record.config else f"trial {record.number}"].append(record)
     speeds: dict[int, Speed] = {}
     for group in groups.values():
         measured = [
@@ -195,10 +194,14 @@ def highest_fidelity(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Each config once: at the highest rung it was evaluated at (its latest trial there), in trial order."""
     best: dict[str, TrialRecord] = {}
     for record in records:
-        key = json.dumps(record.config, sort_keys=True)
+        key = _config_key(record)
         if key not in best or (record.rung, record.number) > (best[key].rung, best[key].number):
             best[key] = record
     return sorted(best.values(), key=lambda r: r.number)
+
+
+def _config_key(record: TrialRecord) -> str:
+    return json.dumps(record.config, sort_keys=True)
 
 
 def _non_dominated(points: Mapping[int, tuple[float, float]]) -> Sequence[int]:
