@@ -3,6 +3,7 @@
     python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2]
                                  [--methods ranksearch previous random random-time uniform greedy nsga2]
                                  [--latency-backend torch|onnxruntime] [--results-dir results/compare]
+                                 [--merge docs/compare/*/compare.json]
 
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
@@ -21,7 +22,9 @@ range over the seeds: the best recovered speedup within 0.5 and 1.0 test points 
 MACs reduction there, the fastest uniform config's speedup (what the space offers), the hypervolume of the recovered
 front, wall time, front members not measurably faster than dense (must be 0), and Kendall's tau between the searched
 accuracy and the recovered one. Writes ``compare.md``, ``compare.json`` and ``compare.png`` (recovered fronts).
-A rerun resumes every finished study in seconds and keeps the first run's wall times.
+A rerun resumes every finished study in seconds and keeps the first run's wall times. ``--merge`` adds the outcomes
+of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from them), so
+the seven methods over three seeds can be run a few at a time; the table names every processor it was timed on.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from rich.table import Table
 from scipy.stats import kendalltau
 
 from ranksearch.config import CompressionConfig
+from ranksearch.measure.timers import cpu_name
 from ranksearch.models import model_family
 from ranksearch.results import front_trials
 from ranksearch.results.front import compresses_nothing, study_speeds
@@ -95,6 +99,19 @@ class Outcome:
     """Front members (the dense model aside) not measurably faster than the dense model: must be 0."""
     fastest_uniform: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    host: str = ""
+    """The processor the study was timed on (outcomes merged from earlier runs may come from another host)."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Outcome:
+        """An outcome as :func:`report` wrote it to ``compare.json``."""
+        front = [Point(**point) for point in data["front"]]  # type: ignore[attr-defined]
+        return cls(**{**data, "front": front})  # type: ignore[arg-type]
+
+    @property
+    def search_seconds(self) -> float:
+        """Wall time without training the dense model (a seed that trains it pays that once, for every method)."""
+        return self.seconds - self.extra.get("baseline_training", 0.0)
 
     def best_within(self, drop_pp: float) -> Point | None:
         within = [p for p in self.front if 100 * (self.dense_test_accuracy - p.test_accuracy) <= drop_pp]
@@ -125,6 +142,9 @@ def main() -> None:
         "--latency-backend", default="torch", choices=("torch", "onnxruntime"), help="what speedups are timed in"
     )
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results/compare[-onnxruntime]")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="earlier runs' compare.json, reported with this run's"
+    )
     args = parser.parse_args()
     console = Console()
     torch.set_num_threads(args.threads)
@@ -143,7 +163,21 @@ def main() -> None:
             results_dir=results_dir / f"seed-{seed}",
         )
         outcomes += run_seed(base, args.methods, console)
-    report(outcomes, results_dir, console, backend=args.latency_backend)
+    report(merged(args.merge, outcomes), results_dir, console, backend=args.latency_backend)
+
+
+def merged(paths: Sequence[Path], outcomes: list[Outcome]) -> list[Outcome]:
+    """``outcomes`` after those read from ``paths`` (earlier runs' ``compare.json``), one per method and seed:
+    a later file, or this run, replaces the same method and seed read before it."""
+    by_key: dict[tuple[str, int], Outcome] = {}
+    for path in paths:
+        for data in json.loads(path.read_text()):
+            outcome = Outcome.from_json(data)
+            by_key[(outcome.method, outcome.seed)] = outcome
+    for outcome in outcomes:
+        by_key[(outcome.method, outcome.seed)] = outcome
+    order = {method: index for index, method in enumerate(METHODS)}
+    return sorted(by_key.values(), key=lambda o: (order.get(o.method, len(order)), o.seed))
 
 
 def run_seed(base: RunSettings, methods: Sequence[str], console: Console) -> list[Outcome]:
@@ -288,6 +322,7 @@ def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> O
         not_faster=sum(not compresses_nothing(r) and not speeds[r.number].measurably_faster for r in front),
         fastest_uniform=max(uniform, default=None) if method == "uniform" else None,
         extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **stored.phase_seconds},
+        host=cpu_name(),
     )
 
 
@@ -314,11 +349,13 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
         "best speedup, <= 1.0 pp",
         "fastest uniform",
         f"hypervolume (<= {HV_DROP:g} pp)",
-        "wall time s",
+        "wall time s (no baseline training)",
         "members not faster",
         "Kendall tau",
     )
-    table = Table(title=f"resnet18 / Fashion-MNIST, CPU ({backend}): recovered fronts on the test split")
+    target = "eager torch" if backend == "torch" else backend
+    hosts = ", ".join(sorted({o.host or "unrecorded" for o in outcomes}))
+    table = Table(title=f"resnet18 / Fashion-MNIST, CPU ({target}; {hosts}): recovered fronts on the test split")
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -340,13 +377,14 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
             _summary([None if (p := o.best_within(1.0)) is None else p.speedup for o in runs], "{:.2f}x"),
             _summary([o.fastest_uniform for o in runs], "{:.2f}x"),
             _summary([o.hypervolume() for o in runs], "{:.2f}"),
-            _summary([o.seconds for o in runs], "{:.0f}"),
+            _summary([o.search_seconds for o in runs], "{:.0f}"),
             _summary([float(o.not_faster) for o in runs], "{:.0f}"),
             _summary([o.tau() for o in runs], "{:.2f}"),
         ]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
+    lines.append(f"\nTimed in {target} on: {hosts}.")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "compare.json", json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
@@ -368,7 +406,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
     axes.set_xlabel("speedup over the dense model, timed beside it (x)")
     axes.set_ylabel("test accuracy drop after recovery (points)")
     axes.invert_yaxis()
-    axes.set_title(f"Recovered fronts, timed in {backend} (one line per seed): up and right is better")
+    axes.set_title(f"Recovered fronts, timed in {target} (one line per seed): up and right is better")
     axes.legend()
     figure.tight_layout()
     tmp = out / ".compare.png.tmp"
