@@ -44,6 +44,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/compress_speed.py
 
-# the search against uniform, random and greedy baselines at equal budget (~40 min here; see README)
+# the search against uniform, random, greedy, NSGA-II and the previous default over 3 seeds (over 10 h on 2 cores;
+# one method and seed at a time: benchmarks/compare.py --seeds 0 --methods ranksearch uniform; see README)
 compare: setup system-run
 	$(PY) benchmarks/compare.py
