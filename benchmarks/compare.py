@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -146,7 +147,7 @@ def main() -> None:
         "--merge", type=Path, nargs="*", default=[], help="earlier runs' compare.json, reported with this run's"
     )
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
     torch.set_num_threads(args.threads)
     suffix = "" if args.latency_backend == "torch" else f"-{args.latency_backend}"
     results_dir = args.results_dir or Path(f"results/compare{suffix}")
