@@ -161,12 +161,32 @@ def synthetic_front() -> optuna.Study:
 def test_candidates_are_spread_over_the_front_and_never_the_dense_model() -> None:
     study = synthetic_front()
     speedups = [r.speedup for r in recovery_candidates(study, 4)]
-    # the most accurate (1.2x), the fastest within 1 point (1.6x), then each the farthest from those taken
+    # the most accurate (1.2x), the fastest within 1 point (1.6x), the fastest (3.2x), then the farthest from those
     assert speedups == [3.2, 2.4, 1.6, 1.2]
     assert [r.speedup for r in recovery_candidates(study, 1)] == [1.2]
+    assert [r.speedup for r in recovery_candidates(study, 2)] == [1.6, 1.2]
+    assert [r.speedup for r in recovery_candidates(study, 3)] == [3.2, 1.6, 1.2]
     everything = recovery_candidates(study, 20)
     assert [r.number for r in everything] == [8, 7, 6, 5, 4, 3, 2, 1]  # the front less the dense model, fastest first
     assert recovery_candidates(optuna.create_study(directions=["maximize", "minimize"]), 4) == []
+
+
+def test_the_fastest_member_is_recovered_even_beside_the_fastest_within_a_point() -> None:
+    # a search's front (seed 0, 2026-12-01): the fastest member (3.86x, 2.5 points down) is close in speed to the
+    # fastest within a point (3.69x); spreading by speed alone recovered both middle ones instead of it
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    members = [(1.0, 0.0), (1.36, -0.23), (2.12, -0.18), (2.77, -0.05), (3.69, 0.35), (3.86, 2.47)]
+    for speedup, drop in members:
+        technique = "keep" if speedup == 1.0 else "tucker2"
+        attrs = {
+            "config": {"version": 1, "layers": {"conv": {"technique": technique, "rank": 0.5}}},
+            "accuracy": 0.92 - drop / 100,
+            "latency_ms": 4.0 / speedup,
+            "speedup": speedup,
+            "accuracy_drop_pp": drop,
+        }
+        study.add_trial(optuna.trial.create_trial(values=[0.92 - drop / 100, 4.0 / speedup], user_attrs=attrs))
+    assert [r.speedup for r in recovery_candidates(study, 4)] == [3.86, 3.69, 2.77, 1.36]
 
 
 def test_the_recovery_schedule_warms_up_then_decays_to_zero() -> None:

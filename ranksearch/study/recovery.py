@@ -258,8 +258,10 @@ def _complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
 def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
     """``top`` members of the front that compress something, spread over the latency range, fastest first.
 
-    Always the most accurate member (on validation accuracy) and the fastest within :data:`WITHIN_PP` points of the
-    dense model; then, one at a time, the member whose speedup (re-timed where it was) is farthest from those taken.
+    In this order: the most accurate member (on validation accuracy), the fastest within :data:`WITHIN_PP` points of
+    the dense model, the fastest (both ends of the range: what the fastest config reaches after training is what its
+    search accuracy understates most); then, one at a time, the member whose speedup (pooled over its timings) is
+    farthest from those taken.
     """
     front, speeds = [TrialRecord.of(t) for t in front_trials(study)], study_speeds(study)
     speedups = {r.number: speeds[r.number].speedup for r in front}
@@ -271,8 +273,9 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
         return members[::-1]
     chosen = [max(members, key=lambda r: (r.metrics["accuracy"], speedups[r.number]))]
     within = [r for r in members if r.accuracy_drop_pp is not None and r.accuracy_drop_pp <= WITHIN_PP]
-    if top > 1 and within and within[-1].number != chosen[0].number:
-        chosen.append(within[-1])
+    for end in ([within[-1]] if within else []) + [members[-1]]:
+        if len(chosen) < top and all(end.number != c.number for c in chosen):
+            chosen.append(end)
     while len(chosen) < top:
         taken = {c.number for c in chosen}
         rest = [r for r in members if r.number not in taken]
