@@ -18,7 +18,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.measure.timers import TorchTimer
 from ranksearch.models import build_model
 from ranksearch.results import front_trials
-from ranksearch.results.record import records
+from ranksearch.results.record import PHASES, records
 from ranksearch.search import SearchSpace, config_to_params, record_input_shapes
 from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.study import RunSettings, run_search
@@ -260,6 +260,11 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     result.study.enqueue_trial(config_to_params(harsh, slots))
     again = run_search(settings.replace(budget=21))
     assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
+    stored = PHASES.read(again.study)  # summed over both runs; each run's summary shows its own
+    assert stored["load"] == pytest.approx(result.phase_seconds["load"] + again.phase_seconds["load"])
+    assert stored["sensitivity"] == pytest.approx(
+        result.phase_seconds["sensitivity"] + again.phase_seconds["sensitivity"]
+    )
     assert (caches[0].stat().st_ino, caches[0].read_bytes()) == before  # nothing new measured (reading marks it used)
     trials = again.study.trials
     queued = trials[first_run]  # the rerun's first trial: the one queued

@@ -278,7 +278,8 @@ FINGERPRINT = StudyField[dict[str, str]]("fingerprint", dict)
 TEST_ACCURACY = StudyField[dict[str, float]]("test_accuracy", dict)
 """Test accuracy per front member, keyed by the trial number as a string."""
 PHASES = StudyField[dict[str, float]]("phase_seconds", dict)
-"""Seconds per phase of the last run outside the trials (load, baseline training, test of the front)."""
+"""Seconds per phase outside the trials (load, baseline training, test of the front), summed over the runs of the
+study: a run killed and resumed, or rerun with a larger budget, adds its phases to the earlier runs'."""
 OBJECTIVES = StudyField[dict[str, str]]("objectives", dict)
 """What the objective values are: ``{"latency": "relative"}`` (the candidate's latency over the dense model's timed
 beside it); absent in studies written before paired latency, whose second value is milliseconds."""

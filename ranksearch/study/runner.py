@@ -93,7 +93,8 @@ def run_search(
             phases["recovery"] = time.perf_counter() - start
         finally:
             write_results(study, directory, layer_names=layer_names)
-            PHASES.write(study, phases)
+            earlier = PHASES.read(study)
+            PHASES.write(study, {**earlier, **{name: earlier.get(name, 0.0) + s for name, s in phases.items()}})
             write_plots_or_warn(study, directory, console)
     result = SearchResult(study, directory, search.baseline, phases)
     print_summary(result, console)
