@@ -169,7 +169,8 @@ def main() -> None:
 
 def merged(paths: Sequence[Path], outcomes: list[Outcome]) -> list[Outcome]:
     """``outcomes`` after those read from ``paths`` (earlier runs' ``compare.json``), one per method and seed:
-    a later file, or this run, replaces the same method and seed read before it."""
+    a later file, or this run, replaces the same method and seed read before it. Each seed's fastest uniform config
+    is the uniform sweep's of that seed, wherever it was run."""
     by_key: dict[tuple[str, int], Outcome] = {}
     for path in paths:
         for data in json.loads(path.read_text()):
@@ -177,6 +178,9 @@ def merged(paths: Sequence[Path], outcomes: list[Outcome]) -> list[Outcome]:
             by_key[(outcome.method, outcome.seed)] = outcome
     for outcome in outcomes:
         by_key[(outcome.method, outcome.seed)] = outcome
+    fastest = {seed: o.fastest_uniform for (method, seed), o in by_key.items() if method == "uniform"}
+    for (_, seed), outcome in by_key.items():
+        outcome.fastest_uniform = fastest.get(seed, outcome.fastest_uniform)
     order = {method: index for index, method in enumerate(METHODS)}
     return sorted(by_key.values(), key=lambda o: (order.get(o.method, len(order)), o.seed))
 

@@ -76,14 +76,19 @@ def knapsack_configs(
 ) -> dict[float, CompressionConfig]:
     """Per budget (a fraction of the searched layers' summed dense ``cost``), the config of least summed
     :meth:`~Sensitivity.penalty` within it. A layer's options are keep and each float variant measured (finite
-    penalty), at most ``max_drop`` points of zero-shot drop alone and cheaper than the dense layer. Budgets no config
-    fits, or whose config an earlier budget gave, are left out."""
+    penalty), at most ``max_drop`` points of zero-shot drop alone and cheaper than the dense layer. A budget below
+    the cheapest assignment (every layer at its cheapest option) is raised to it, rounded up to a whole percent, so
+    the sweep ends at the fastest configs the options allow rather than short of them; budgets whose config an
+    earlier budget gave are left out."""
     keep = LayerChoice("keep")
     options = {name: _options(sensitivity, name, slot, cost, max_drop) for name, slot in slots.items()}
     dense = sum(cost(name, keep) for name in slots)
     groups = [[(option_cost, penalty) for _, option_cost, penalty in layer] for layer in options.values()]
+    cheapest = sum(min(option_cost for option_cost, _ in group) for group in groups)
+    floor = math.ceil(100 * cheapest / dense) / 100 if dense > 0 else 0.0
+    fractions = list(dict.fromkeys(max(fraction, floor) for fraction in budgets))
     out: dict[float, CompressionConfig] = {}
-    for fraction, solution in zip(budgets, solve_knapsack(groups, [fraction * dense for fraction in budgets])):
+    for fraction, solution in zip(fractions, solve_knapsack(groups, [fraction * dense for fraction in fractions])):
         if solution is None:
             continue
         layers = {name: options[name][pick][0] for name, pick in zip(options, solution)}
