@@ -88,7 +88,8 @@ def knapsack_configs(
     floor = math.ceil(100 * cheapest / dense) / 100 if dense > 0 else 0.0
     fractions = list(dict.fromkeys(max(fraction, floor) for fraction in budgets))
     out: dict[float, CompressionConfig] = {}
-    for fraction, solution in zip(fractions, solve_knapsack(groups, [fraction * dense for fraction in fractions])):
+    limits = [max(fraction * dense, cheapest) if fraction == floor else fraction * dense for fraction in fractions]
+    for fraction, solution in zip(fractions, solve_knapsack(groups, limits)):  # the floor never rounds below it
         if solution is None:
             continue
         layers = {name: options[name][pick][0] for name, pick in zip(options, solution)}
