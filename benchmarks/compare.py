@@ -22,38 +22,45 @@ range over the seeds: the best recovered speedup within 0.5 and 1.0 test points 
 MACs reduction there, the fastest uniform config's speedup (what the space offers), the hypervolume of the recovered
 front, wall time, front members not measurably faster than dense (must be 0), and Kendall's tau between the searched
 accuracy and the recovered one. Writes ``compare.md``, ``compare.json`` and ``compare.png`` (recovered fronts).
-A rerun resumes every finished study in seconds and keeps the first run's wall times. ``--merge`` adds the outcomes
-of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from them), so
-the seven methods over three seeds can be run a few at a time; the table names every processor it was timed on.
+The speedups are those of a side-by-side re-timing once all of a seed's methods ran (``--retime-sweeps``; each
+study times its configs at another hour, and on a shared machine that moves a config's speedup by 20 %).
+A rerun resumes an unfinished study and reads a finished one as it is, with its first wall time. ``--merge`` adds
+the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
+them), so the seven methods over three seeds can be run a few at a time; the table names every processor it was
+timed on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 import optuna
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from scipy.stats import kendalltau
 
 from ranksearch.config import CompressionConfig
+from ranksearch.evaluate import PairedTiming
 from ranksearch.measure.timers import cpu_name
 from ranksearch.models import model_family
-from ranksearch.results import front_trials
+from ranksearch.results import STORAGE_FILE, front_trials
 from ranksearch.results.front import compresses_nothing, study_speeds
 from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
 from ranksearch.search import config_to_params, default_space_path, uniform_config
 from ranksearch.study import PreparedSearch, RunSettings, run_search
+from ranksearch.study.front import RETIME_ROUNDS, RETIME_SECONDS
 from ranksearch.study.problem import load_space
 from ranksearch.study.storage import open_study
 from ranksearch.util import atomic_write_text, file_digest
@@ -65,6 +72,8 @@ METHODS = ("ranksearch", "nsga2", "previous", "random", "random-time", "uniform"
 UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
 GREEDY_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+UNIFORM_RETIMED = 4
+"""The uniform sweep's fastest configs (by their study's speedups) re-timed side by side for the fastest uniform."""
 HV_DROP = 5.0
 """Hypervolume region: recovered test accuracy within this many points of the dense model's, speedup above 1x."""
 
@@ -81,6 +90,8 @@ class Point:
     params: int
     macs: int
     searched_accuracy: float
+    study_speedup: float | None = None
+    """The speedup its study measured, where ``speedup`` is a side-by-side re-timing's (:func:`retime_side_by_side`)."""
 
 
 @dataclass
@@ -146,6 +157,12 @@ def main() -> None:
     parser.add_argument(
         "--merge", type=Path, nargs="*", default=[], help="earlier runs' compare.json, reported with this run's"
     )
+    parser.add_argument(
+        "--retime-sweeps",
+        type=int,
+        default=3,
+        help="sweeps re-timing every method's recovered members side by side once a seed's methods ran (0: off)",
+    )
     args = parser.parse_args()
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
     torch.set_num_threads(args.threads)
@@ -163,7 +180,7 @@ def main() -> None:
             latency_backend=args.latency_backend,
             results_dir=results_dir / f"seed-{seed}",
         )
-        outcomes += run_seed(base, args.methods, console)
+        outcomes += run_seed(base, args.methods, console, sweeps=args.retime_sweeps)
     report(merged(args.merge, outcomes), results_dir, console, backend=args.latency_backend)
 
 
@@ -185,11 +202,12 @@ def merged(paths: Sequence[Path], outcomes: list[Outcome]) -> list[Outcome]:
     return sorted(by_key.values(), key=lambda o: (order.get(o.method, len(order)), o.seed))
 
 
-def run_seed(base: RunSettings, methods: Sequence[str], console: Console) -> list[Outcome]:
+def run_seed(base: RunSettings, methods: Sequence[str], console: Console, *, sweeps: int) -> list[Outcome]:
     """Every method of ``methods`` on ``base``'s seed; ranksearch first (on cold caches), whose wall time the
-    equal-time method gets."""
+    equal-time method gets; then, with ``sweeps``, their recovered members re-timed side by side."""
     outcomes: dict[str, Outcome] = {}
-    searches: dict[str, Callable[[], Outcome]] = {
+    studies: dict[str, optuna.Study] = {}
+    searches: dict[str, Callable[[], tuple[Outcome, optuna.Study]]] = {
         "ranksearch": lambda: study_outcome("ranksearch", base, console),
         "nsga2": lambda: study_outcome("nsga2", base.replace(sampler="nsga2"), console),
         "previous": lambda: study_outcome("previous", base.replace(warm_starts="greedy", promote_steps="0"), console),
@@ -203,16 +221,80 @@ def run_seed(base: RunSettings, methods: Sequence[str], console: Console) -> lis
     for method in ("ranksearch", *methods):
         if method in outcomes or method not in searches:
             continue
-        outcomes[method] = searches[method]()
+        outcomes[method], studies[method] = searches[method]()
     direct = [m for m in methods if m in ("uniform", "greedy")]
     if direct:
         configs = direct_configs(base, console)
         for method in direct:
-            outcomes[method] = study_outcome(method, plain(base), console, configs=configs[method])
+            outcomes[method], studies[method] = study_outcome(method, plain(base), console, configs=configs[method])
     fastest_uniform = outcomes["uniform"].fastest_uniform if "uniform" in outcomes else None
     for outcome in outcomes.values():
         outcome.fastest_uniform = fastest_uniform
+    if sweeps:
+        retime_side_by_side(configs_search(base, console).evaluator, outcomes, studies, console, sweeps=sweeps)
     return [outcomes[m] for m in methods if m in outcomes]
+
+
+def retime_side_by_side(
+    evaluator: object,
+    outcomes: dict[str, Outcome],
+    studies: dict[str, optuna.Study],
+    console: Console,
+    *,
+    sweeps: int,
+) -> None:
+    """Time every method's recovered members, and the uniform sweep's fastest configs, again beside the dense model
+    in one session: ``sweeps`` sweeps over all of them in a shuffled order, each a paired timing as the front's
+    confirmation takes (``RETIME_ROUNDS`` rounds); each config's speedup is the median of its sweeps. Each study
+    timed its configs at another hour, and one config's speedup moves by 20 % between two such timings (seed 0's
+    knapsack config measured 4.76x, then 3.87x at its promotion), so only timings taken side by side compare
+    methods. The points get the re-timed speedups (their studies' in ``study_speedup``), and the fastest uniform
+    config's speedup is re-timed too."""
+    if not isinstance(evaluator, PairedTiming):
+        console.print("re-timing side by side: the evaluator cannot time configs beside the dense model; skipped")
+        return
+    configs: dict[str, CompressionConfig] = {}
+    keys: dict[tuple[str, int], str] = {}
+    for method, study in studies.items():
+        wanted = {p.trial for p in outcomes[method].front}
+        if method == "uniform":  # the sweep's fastest configs, whose best is the fastest uniform speedup
+            speeds = study_speeds(study)
+            sweep = [r for r in records(study) if r.counts_toward_budget and r.anchor.startswith("config")]
+            sweep.sort(key=lambda r: -(speeds[r.number].speedup or 0.0))
+            wanted |= {r.number for r in sweep[:UNIFORM_RETIMED] if not compresses_nothing(r)}
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number in wanted:
+                config = TrialRecord.of(trial).compression_config()
+                key = keys[(method, trial.number)] = json.dumps(config.to_dict(), sort_keys=True)
+                configs[key] = config
+    samples: dict[str, list[float]] = {key: [] for key in configs}
+    columns = (TextColumn("re-timing side by side"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("retime", total=sweeps * len(configs))
+        for sweep_index in range(sweeps):
+            order = sorted(configs)
+            random.Random(sweep_index).shuffle(order)
+            for key in order:
+                paired = evaluator.time_beside_dense(configs[key], rounds=RETIME_ROUNDS, target_seconds=RETIME_SECONDS)
+                samples[key].append(paired.speedup)
+                bar.advance(task)
+    retimed = {key: statistics.median(values) for key, values in samples.items()}
+    spread = statistics.median((max(v) - min(v)) / statistics.median(v) for v in samples.values())
+    for method, outcome in outcomes.items():
+        outcome.front = [
+            replace(p, speedup=retimed[keys[(method, p.trial)]], study_speedup=p.speedup) for p in outcome.front
+        ]
+        outcome.extra["retimed_configs"] = float(len(configs))
+        outcome.extra["retimed_sweeps"] = float(sweeps)
+        outcome.extra["retimed_spread_pct"] = 100 * spread
+    if "uniform" in outcomes:
+        fastest = max((retimed[key] for (method, _), key in keys.items() if method == "uniform"), default=None)
+        for outcome in outcomes.values():
+            outcome.fastest_uniform = fastest
+    console.print(
+        f"re-timed {len(configs)} configs side by side in {sweeps} sweeps of {RETIME_ROUNDS} paired rounds each; "
+        f"a config's sweeps differ by a median {100 * spread:.0f} % of its speedup (largest over smallest)"
+    )
 
 
 def plain(settings: RunSettings) -> RunSettings:
@@ -227,18 +309,23 @@ def plain(settings: RunSettings) -> RunSettings:
     )
 
 
-def direct_configs(base: RunSettings, console: Console) -> dict[str, list[CompressionConfig]]:
-    """The uniform sweep and the greedy levels on ``base``'s problem (the sensitivity pass and table cached)."""
-    space_path = default_space_path(model_family(base.problem.model))
-    settings = base.replace(study_name="compare-configs", space=space_path, space_digest=file_digest(space_path))
+def configs_search(base: RunSettings, console: Console) -> PreparedSearch:
+    """``base``'s problem prepared in a study of its own (its sensitivity pass and latency table cached)."""
+    settings = with_default_space(base.replace(study_name="compare-configs"))
     directory = settings.infra.results_dir / settings.name()
     directory.mkdir(parents=True, exist_ok=True)
     search, _ = PreparedSearch.prepare(
         settings,
-        space=load_space(space_path, torch.device("cpu"), console),
+        space=load_space(settings.search.space or "", torch.device("cpu"), console),
         open_study=lambda: open_study(settings, directory),
         console=console,
     )
+    return search
+
+
+def direct_configs(base: RunSettings, console: Console) -> dict[str, list[CompressionConfig]]:
+    """The uniform sweep and the greedy levels on ``base``'s problem."""
+    search = configs_search(base, console)
     assert search.sensitivity is not None
     dense = CompressionConfig(layers={})
     uniform = [
@@ -254,11 +341,18 @@ def direct_configs(base: RunSettings, console: Console) -> dict[str, list[Compre
 
 def study_outcome(
     method: str, settings: RunSettings, console: Console, *, configs: list[CompressionConfig] | None = None
-) -> Outcome:
+) -> tuple[Outcome, optuna.Study]:
     """Run (or resume) ``method``'s study and read its recovered front. With ``configs``: a study of exactly those
-    configs, enqueued before the run (the direct methods)."""
+    configs, enqueued before the run (the direct methods). A study an earlier run finished is read as it is (an
+    equal-time method resumed would get its whole time again)."""
     console.rule(f"{method}: seed {settings.problem.seed}")
     settings = settings.replace(study_name=f"compare-{method}")
+    directory = settings.infra.results_dir / settings.name()
+    if (directory / STORAGE_FILE).exists() and "compare_wall_s" in (
+        done := open_study(with_default_space(settings), directory)
+    ).user_attrs:
+        console.print(f"{method}: finished by an earlier run, read as it is")
+        return outcome_of(method, settings.problem.seed, done, done.user_attrs["compare_wall_s"]), done
     if configs is not None:
         settings = settings.replace(budget=len(configs))
         _enqueue(settings, configs, console)
@@ -267,12 +361,17 @@ def study_outcome(
     study = result.study
     seconds = study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
     study.set_user_attr("compare_wall_s", seconds)
-    return outcome_of(method, settings.problem.seed, study, seconds)
+    return outcome_of(method, settings.problem.seed, study, seconds), study
+
+
+def with_default_space(settings: RunSettings) -> RunSettings:
+    """``settings`` with the model's default search space named, as a run resolves it."""
+    space_path = default_space_path(model_family(settings.problem.model))
+    return settings.replace(space=space_path, space_digest=file_digest(space_path))
 
 
 def _enqueue(settings: RunSettings, configs: list[CompressionConfig], console: Console) -> None:
-    space_path = default_space_path(model_family(settings.problem.model))
-    settings = settings.replace(space=space_path, space_digest=file_digest(space_path))
+    settings = with_default_space(settings)
     directory = settings.infra.results_dir / settings.name()
     directory.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, directory)
@@ -280,7 +379,7 @@ def _enqueue(settings: RunSettings, configs: list[CompressionConfig], console: C
         return
     search, _ = PreparedSearch.prepare(
         settings,
-        space=load_space(space_path, torch.device("cpu"), console),
+        space=load_space(settings.search.space or "", torch.device("cpu"), console),
         open_study=lambda: study,
         console=console,
     )
@@ -390,6 +489,16 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     lines.append(f"\nTimed in {target} on: {hosts}.")
+    retimed = [o for o in outcomes if "retimed_sweeps" in o.extra]
+    if retimed:
+        seeds = ", ".join(str(seed) for seed in sorted({o.seed for o in retimed}))
+        sweeps = max(int(o.extra["retimed_sweeps"]) for o in retimed)
+        spread = statistics.median(o.extra["retimed_spread_pct"] for o in retimed)
+        lines.append(
+            f"Speedups of seed(s) {seeds} re-timed side by side after all their methods ran (every recovered member "
+            f"and the uniform sweep's fastest configs, the median of {sweeps} shuffled sweeps of paired timings, "
+            f"which differ by a median {spread:.0f} % per config); the others are their studies' own timings."
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "compare.json", json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
