@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from ranksearch.compress import compress_layer
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer, cpu_name
@@ -85,6 +87,11 @@ def build(problem, cache_file: Path | None = None, **kwargs) -> LatencyTable:
     )
 
 
+def bare(problem) -> LatencyTable:
+    """A built table without its calibration configs: fits see only the observations a test makes."""
+    return replace(build(problem), calibration=())
+
+
 @pytest.mark.parametrize("timer", [CPU, ALONE, OnnxRuntimeTimer(threads=1)], ids=["torch", "alone", "onnxruntime"])
 def test_every_target_times_every_variant(problem, timer: ModuleTimer) -> None:
     """In torch (inside the model, or each variant alone) and in ONNX Runtime (each variant exported, int8 ones as
@@ -130,9 +137,8 @@ def test_table_times_every_variant_and_predicts_sums(problem, tmp_path: Path, ti
         + table.layer_ms["4"][variant_key(LayerChoice("svd", 0.5))]
     )
     assert table.layers_ms(config) == pytest.approx(layers)
-    assert table.predict(config) == pytest.approx(table.scale * layers + table.overhead_ms)
-    if timer is ALONE:
-        assert table.overhead_ms == 0  # timed alone: proportional
+    added = sum(table.variant_ms(name, config.layers.get(name, LayerChoice("keep"))) for name in slots)
+    assert table.predict(config) == pytest.approx(added + table.overhead_ms)  # what a knapsack adds up
     data_aware = CompressionConfig(layers={"1": LayerChoice("svd", 0.25, True, True, {"ignored": 1})})
     assert table.predict(data_aware) == table.predict(CompressionConfig(layers={"1": svd}))
 
@@ -229,6 +235,7 @@ def test_in_model_cache_is_reused_and_shared_by_equal_layers(problem, tmp_path: 
         return real(model, config, **kwargs)
 
     monkeypatch.setattr(latency_table, "apply_config", recording)
+    monkeypatch.setitem(latency_table.CALIBRATION, "levels", ())  # whole configs: their own test
     first = build(problem, cache)
     _, slots, _, _ = problem
     timed = [(name, key) for layers in rounds for name, key in layers.items()]
@@ -284,7 +291,7 @@ def test_calibration_rescales_the_prediction(problem) -> None:
 def test_fitted_recovers_a_linear_latency_model(problem) -> None:
     """Latencies made from a known scale and overhead, under a drifting machine (the dense timing beside
     each varies), are fitted back; the prediction is scaled by the median dense timing."""
-    table = build(problem)
+    table = bare(problem)
     dense = CompressionConfig(layers={})
     configs = [
         dense,
@@ -308,7 +315,7 @@ def test_fitted_recovers_a_linear_latency_model(problem) -> None:
 
 
 def test_fitted_never_takes_a_negative_overhead(problem) -> None:
-    table = build(problem)
+    table = bare(problem)
     configs = [
         CompressionConfig(layers={}),
         CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
@@ -325,7 +332,7 @@ def test_fitted_never_takes_a_negative_overhead(problem) -> None:
 def test_speedup_is_taken_against_the_measured_dense_model(problem) -> None:
     """A fitted line that misses the dense model's own point (here 0.9 at the dense layer sum) predicts each
     config's ratio to the dense model timed beside it, not its ratio to the line's value at the dense model."""
-    table = build(problem)
+    table = bare(problem)
     configs = [
         CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
         CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.5)}),
@@ -360,7 +367,7 @@ INT8_CONFIGS = [
 def test_int8_layers_get_a_scale_of_their_own(problem, float_slope: float, int8_slope: float, intercept: float) -> None:
     """Latencies made from a float slope, an int8 slope and an intercept are fitted back (with a negative intercept:
     the two slopes through the origin, the least-squares fit without it)."""
-    table = build(problem)
+    table = bare(problem)
     if not any(table.split_ms(c)[1] for c in INT8_CONFIGS[2:]):
         pytest.skip("no int8 kernels here")
 
@@ -383,6 +390,112 @@ def test_int8_layers_get_a_scale_of_their_own(problem, float_slope: float, int8_
 
 @pytest.mark.parametrize("observed", [slice(0, 4), slice(2, 5)], ids=["two int8 configs", "no float config"])
 def test_int8_scale_needs_configs_of_both_kinds(problem, observed: slice) -> None:
-    table = build(problem)
+    table = bare(problem)
     observations = [Observation(c, 1.5 - 0.1 * i, 2.0) for i, c in enumerate(INT8_CONFIGS[observed])]
     assert table.fitted(observations).int8_scale is None
+
+
+def test_calibration_configs_run_from_the_slowest_to_the_fastest(problem) -> None:
+    """Every layer at one quantile of its variants faster than its dense layer, float only and int8 included; the
+    last is every layer at its fastest."""
+    _, slots, _, _ = problem
+    table = bare(problem)
+    configs = latency_table.calibration_configs(table, slots, 8)
+    assert len(configs) == len({json.dumps(c.to_dict(), sort_keys=True) for c in configs}) >= 2
+    for config in configs:
+        assert all(table.faster_than_dense(name, choice) for name, choice in config.layers.items())
+    usable = {name: [v for v in variants(slot) if table.faster_than_dense(name, v)] for name, slot in slots.items()}
+    fastest = {
+        name: min(options, key=lambda v: table.layer_ms[name][variant_key(v)])
+        for name, options in usable.items()
+        if options
+    }
+    assert table.layers_ms(configs[-1]) == pytest.approx(table.layers_ms(CompressionConfig(layers=fastest)))
+    assert table.layers_ms(configs[0]) >= table.layers_ms(configs[-1])
+
+
+def test_the_build_is_fitted_on_its_calibration_configs(problem, tmp_path: Path, monkeypatch) -> None:
+    """The whole configs are timed beside the dense model once (cached with the layers), and the built table is its
+    layer times fitted on them."""
+    _, slots, _, _ = problem
+    cache = tmp_path / cache_name(CPU)
+    table = build(problem, cache)
+    configs = latency_table.calibration_configs(replace(table, calibration=()), slots, 8)
+    assert [o.config for o in table.calibration] == configs
+    assert all(o.latency_ms > 0 and o.reference_ms > 0 for o in table.calibration)
+    assert table.fitted([]) == table
+    assert sum(key.startswith("calibration-") for key in json.loads(cache.read_text())) == len(configs)
+    built: list[CompressionConfig] = []
+    real = latency_table.apply_config
+    monkeypatch.setattr(
+        latency_table, "apply_config", lambda model, config, **kw: built.append(config) or real(model, config, **kw)
+    )
+    again = build(problem, cache)
+    assert built == [] and [o.latency_ms / o.reference_ms for o in again.calibration] == pytest.approx(
+        [o.latency_ms / o.reference_ms for o in table.calibration]
+    )
+
+
+def test_weight_bytes_are_counted_on_the_built_layers(problem) -> None:
+    """4 bytes a float parameter of the built replacement, 1 an int8 one."""
+    model, slots, _, _ = problem
+    table = bare(problem)
+    assert table.layer_bytes is not None
+    for name in ("1", "4"):
+        layer = model.get_submodule(name)
+        for choice in variants(slots[name]):
+            if choice.technique == "keep":
+                module = layer
+            else:
+                module = compress_layer(layer, choice.technique, choice.rank, rank_multiple=8, init="random")
+            params = sum(p.numel() for p in module.parameters())
+            assert table.layer_bytes[name][variant_key(choice)] == params * (1 if choice.int8 else 4)
+    dense = CompressionConfig(layers={})
+    assert table.weight_bytes(dense) == sum(4 * p.numel() for n in ("1", "3", "4") for p in model[int(n)].parameters())
+
+
+BYTES_CONFIGS = [
+    CompressionConfig(layers={}),
+    CompressionConfig(layers={"1": LayerChoice("svd", 0.25)}),
+    CompressionConfig(layers={"1": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.5)}),
+    CompressionConfig(layers={"1": LayerChoice("svd", 0.5), "3": LayerChoice("svd", 0.5)}),
+    CompressionConfig(layers={"1": LayerChoice("tucker2", 0.5), "3": LayerChoice("svd", 0.25)}),
+    CompressionConfig(layers={"3": LayerChoice("tucker2", 0.25), "4": LayerChoice("svd", 0.25)}),
+    CompressionConfig(
+        layers={"1": LayerChoice("svd", 0.25), "3": LayerChoice("svd", 0.25), "4": LayerChoice("svd", 0.25)}
+    ),
+]
+
+
+def test_the_weight_bytes_term_is_fitted_back(problem) -> None:
+    """Latencies made from the layer times, the weight bytes and an intercept, under a drifting machine, are fitted
+    back once enough configs are in; each layer's share (what a knapsack weighs) adds up to the prediction."""
+    table = bare(problem)
+    dense = CompressionConfig(layers={})
+
+    def ratio(config: CompressionConfig) -> float:
+        return (
+            0.6 * table.layers_ms(config) / table.dense_layers_ms
+            + 0.3 * table.weight_bytes(config) / table.weight_bytes(dense)
+            + 0.1
+        )
+
+    drift = [2.0, 2.4, 1.8, 2.2, 2.1, 1.9, 2.3]
+    observations = [Observation(c, d * ratio(c), d) for c, d in zip(BYTES_CONFIGS, drift, strict=True)]
+    assert table.fitted(observations[: latency_table.MIN_BYTES_FIT_POINTS - 1]).bytes_scale == 0
+    fitted = table.fitted(observations)
+    assert fitted.bytes_scale > 0 and fitted.dense_ms == pytest.approx(2.1)
+    for config in BYTES_CONFIGS:
+        assert fitted.speedup(config) == pytest.approx(1 / ratio(config))
+        shares = sum(fitted.variant_ms(name, config.layers.get(name, LayerChoice("keep"))) for name in table.layer_ms)
+        assert shares + fitted.overhead_ms == pytest.approx(fitted.predict(config))
+
+
+def test_the_layer_times_always_count(problem) -> None:
+    """Where the weight bytes alone explain the latencies (the layer times' slope fitted to 0), the fit drops the
+    bytes term rather than the layer times."""
+    table = bare(problem)
+    dense_bytes = table.weight_bytes(CompressionConfig(layers={}))
+    observations = [Observation(c, 2.0 * (0.8 * table.weight_bytes(c) / dense_bytes + 0.2), 2.0) for c in BYTES_CONFIGS]
+    fitted = table.fitted(observations)
+    assert fitted.scale > 0 and fitted.bytes_scale == 0

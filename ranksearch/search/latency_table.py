@@ -1,7 +1,8 @@
 """Per-layer latency lookup table: each searched layer's variants timed once on its real input.
 
 A configuration's latency is predicted as ``scale * (its float layers' variant times, summed) + int8_scale * (its
-int8 layers', summed) + overhead``.
+int8 layers', summed) + bytes_scale * (its layers' weight bytes, summed) + overhead``: every term adds up over the
+layers, so a knapsack over the layers can use it (:meth:`LatencyTable.variant_ms`).
 
 Where the target can time layers inside the whole model (:class:`~ranksearch.measure.timers.InModelTiming`: eager
 torch), each variant is timed there, with the layers before it evicting its weights from the caches as they do in a
@@ -9,8 +10,14 @@ trial: every layer of the model gets one of its variants in each round, and each
 to the dense layer's, timed inside the dense model in alternation with it, which cancels the machine's drift. The
 table then adds the rest of the model (the dense model's time less its searched layers': stem, pooling, additions)
 as ``overhead``. Elsewhere (ONNX Runtime, a remote target) each variant is timed alone, and the built table is
-purely proportional (``overhead`` 0, ``scale`` = dense latency / dense layers' sum). During a search,
-:meth:`LatencyTable.fitted` refits both terms on the configs measured so far.
+purely proportional (``overhead`` 0, ``scale`` = dense latency / dense layers' sum).
+
+Layer times add up badly at the fast end: in a 28 px ResNet-18 (AMD EPYC, 2 threads), configs that compress every
+layer measured 0.20 of the dense model's latency where the summed layer times said 0.30, since a model whose weights
+fit in the caches runs every layer (and the rest of the model) faster than the same layers beside dense neighbours.
+So the build also times a few whole configs from the slowest to the fastest the layers offer (:data:`CALIBRATION`)
+beside the dense model, and fits the terms on them (:meth:`LatencyTable.fitted`, which the search calls again with
+the configs measured so far): the weight bytes carry what the layer times miss.
 """
 
 from __future__ import annotations
@@ -25,16 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 from torch import nn
 
-from ranksearch.compress import apply_config, compress_layer
+from ranksearch.compress import apply_config, compress_layer, layer_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.timers import InModelTiming, ModuleTimer
 from ranksearch.search.space import LayerSlot
 from ranksearch.util import atomic_write_text, read_json_cache
 
-__all__ = ["LatencyTable", "Observation", "prediction_errors"]
+__all__ = ["LatencyTable", "Observation", "calibration_configs", "prediction_errors"]
 
 TIMING = {"warmup": 3, "min_runs": 10, "target_seconds": 0.05, "max_attempts": 2}
 """A layer runs in well under a millisecond: short timing loops keep a table of ~600 distinct variants to ~20 s."""
@@ -46,6 +54,14 @@ variants: 68 rounds, about 30 s on 2 cores)."""
 
 MIN_FIT_POINTS = 3
 """Measured configs (with at least two different layer sums) before the overhead is fitted too."""
+
+MIN_BYTES_FIT_POINTS = 6
+"""Measured configs (calibration configs included) before the weight bytes get a term of their own."""
+
+CALIBRATION = {"levels": (0.0, 0.2, 0.45, 0.7), "rounds": 5}
+"""Whole configs the build times beside the dense model: at each level, every layer takes the variant at that
+quantile of its variants faster than its dense layer (sorted by time; 0: the fastest), once among its float variants
+and once among all (int8 included); each timed in ``rounds`` alternating rounds with the dense model."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,12 @@ class LatencyTable:
     dense_ms: float | None = None
     """The dense model's measured latency the table is scaled to: its timing when the table was built, or the median
     of the dense timings beside the configs it was fitted on (None: not scaled to a measurement)."""
+    layer_bytes: Mapping[str, Mapping[str, float]] | None = None
+    """Weight bytes per (layer, variant): 4 a float parameter, 1 an int8 one (None: no bytes term)."""
+    bytes_scale: float = 0.0
+    """Milliseconds per weight byte, where a fit found the bytes explain what the layer times do not."""
+    calibration: tuple[Observation, ...] = ()
+    """Whole configs timed beside the dense model when the table was built; every fit includes them."""
 
     @classmethod
     def build(
@@ -96,13 +118,16 @@ class LatencyTable:
             layer_ms = _time_in_model(model, slots, input_shapes, example, timer, rank_multiple, cache, progress)
         else:
             layer_ms = _time_alone(model, slots, input_shapes, timer, rank_multiple, cache, progress)
+        layer_bytes = _layer_bytes(model, slots, input_shapes, rank_multiple)
+        table = cls(layer_ms=layer_ms, layer_bytes=layer_bytes)
+        ratios = _time_calibration(model, table, slots, input_shapes, example, timer, rank_multiple, cache)
         if cache_file is not None and len(cache) > before:
             atomic_write_text(cache_file, json.dumps(cache, sort_keys=True))
         dense = timer.median_ms(model, example)
-        table = cls(layer_ms=layer_ms)
         if isinstance(timer, InModelTiming):  # the rest of the model, outside the searched layers
             table = replace(table, overhead_ms=max(dense - table.dense_layers_ms, 0.0))
-        return table.calibrated(dense)
+        calibration = tuple(Observation(config, ratio * dense, dense) for config, ratio in ratios)
+        return replace(table.calibrated(dense), calibration=calibration).fitted([])
 
     @property
     def dense_layers_ms(self) -> float:
@@ -130,6 +155,22 @@ class LatencyTable:
                 float_ms += times[key]
         return float_ms, int8_ms
 
+    def weight_bytes(self, config: CompressionConfig) -> float:
+        """The weight bytes of the variants ``config`` picks, summed (0 without :attr:`layer_bytes`)."""
+        if self.layer_bytes is None:
+            return 0.0
+        return sum(
+            sizes[variant_key(config.layers.get(name, LayerChoice("keep")))] for name, sizes in self.layer_bytes.items()
+        )
+
+    def variant_ms(self, layer: str, choice: LayerChoice) -> float:
+        """What ``choice`` adds to :meth:`predict`'s latency in ``layer`` (the overhead aside): its time, scaled, and
+        its weight bytes'. What a knapsack over the layers weighs."""
+        key = variant_key(choice)
+        scale = self.scale if self.int8_scale is None or not choice.int8 else self.int8_scale
+        extra = 0.0 if self.layer_bytes is None else self.bytes_scale * self.layer_bytes[layer][key]
+        return scale * self.layer_ms[layer][key] + extra
+
     def faster_than_dense(self, layer: str, choice: LayerChoice) -> bool:
         """Whether ``choice`` runs faster than the dense ``layer`` alone."""
         times = self.layer_ms[layer]
@@ -139,7 +180,12 @@ class LatencyTable:
         """The predicted latency (ms) of the model compressed by ``config``."""
         float_ms, int8_ms = self.split_ms(config)
         int8_scale = self.scale if self.int8_scale is None else self.int8_scale
-        return self.scale * float_ms + int8_scale * int8_ms + self.overhead_ms
+        return (
+            self.scale * float_ms
+            + int8_scale * int8_ms
+            + self.bytes_scale * self.weight_bytes(config)
+            + self.overhead_ms
+        )
 
     def speedup(self, config: CompressionConfig) -> float:
         """The predicted speedup of ``config`` over the dense model as measured (:attr:`dense_ms`).
@@ -159,42 +205,60 @@ class LatencyTable:
             self,
             scale=self.scale * factor,
             int8_scale=None if self.int8_scale is None else self.int8_scale * factor,
+            bytes_scale=self.bytes_scale * factor,
             overhead_ms=self.overhead_ms * factor,
             dense_ms=dense_ms,
         )
 
     def fitted(self, observations: Sequence[Observation]) -> LatencyTable:
-        """This table refitted on measured configs, calibrated on the median of their reference timings.
+        """This table refitted on measured configs (and its :attr:`calibration`), calibrated on the median of their
+        reference timings.
 
-        Each latency is first divided by the dense latency timed beside it (which cancels the machine's
-        drift), then ``scale`` and ``overhead`` are fitted by least squares (overhead >= 0) once
-        :data:`MIN_FIT_POINTS` configs with two different layer sums are in; before that only the
-        calibration applies. Once :data:`MIN_FIT_POINTS` of the configs have int8 layers and one has none, int8
-        layers get a scale of their own (``int8_scale``) where that fit's terms all come out positive: the table's
-        int8 times are off by another factor than its float times (in a seed-1 search of the default problem,
-        configs with int8 layers measured 7 % faster than a single scale predicted and float ones 7 % slower).
-        A config's predicted latency is then the fitted ratio times that median (:attr:`dense_ms`), and so is its
-        predicted speedup (:meth:`speedup`).
+        Each latency is first divided by the dense latency timed beside it (which cancels the machine's drift), then
+        the terms are fitted by non-negative least squares once :data:`MIN_FIT_POINTS` configs with two different
+        layer sums are in; before that only the calibration applies. Once :data:`MIN_FIT_POINTS` of the configs have
+        int8 layers and one has none, int8 layers get a scale of their own (``int8_scale``): the table's int8 times
+        are off by another factor than its float times (in a seed-1 search of the default problem, configs with int8
+        layers measured 7 % faster than a single scale predicted and float ones 7 % slower). Once
+        :data:`MIN_BYTES_FIT_POINTS` are in, the weight bytes get a term too (``bytes_scale``; 0 where they explain
+        nothing). A time term fitted to 0 is dropped with the terms after it (bytes, then the int8 split), so the
+        layer times always count. A config's predicted latency is then the fitted ratio times that median
+        (:attr:`dense_ms`), and so is its predicted speedup (:meth:`speedup`).
         """
-        if not observations:
+        points = [*self.calibration, *observations]
+        if not points:
             return self
-        reference = statistics.median(o.reference_ms for o in observations)
+        reference = statistics.median(o.reference_ms for o in points)
         dense_sum = self.dense_layers_ms
-        sums = [self.split_ms(o.config) for o in observations]
-        xs = [(float_ms + int8_ms) / dense_sum for float_ms, int8_ms in sums]
-        ys = [o.latency_ms / o.reference_ms for o in observations]
-        if len(observations) < MIN_FIT_POINTS or max(xs) - min(xs) < 1e-9:
+        dense_bytes = self.weight_bytes(CompressionConfig(layers={}))
+        sums = [self.split_ms(o.config) for o in points]
+        floats = [float_ms / dense_sum for float_ms, _ in sums]
+        int8s = [int8_ms / dense_sum for _, int8_ms in sums]
+        layers = [f + q for f, q in zip(floats, int8s, strict=True)]
+        ys = [o.latency_ms / o.reference_ms for o in points]
+        if len(points) < MIN_FIT_POINTS or max(layers) - min(layers) < 1e-9:
             return self.calibrated(reference)
-        slope, intercept = _least_squares(xs, ys)
-        if intercept < 0 or slope <= 0:  # the proportional model, fitted
-            slope, intercept = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
-        table = replace(self, scale=slope / dense_sum, int8_scale=None, overhead_ms=intercept)
-        split = _int8_fit([(f / dense_sum, q / dense_sum) for f, q in sums], ys)
-        if split is not None:
-            float_slope, int8_slope, intercept = split
-            table = replace(
-                self, scale=float_slope / dense_sum, int8_scale=int8_slope / dense_sum, overhead_ms=intercept
-            )
+        quantized = sum(q > 0 for q in int8s)
+        split = MIN_FIT_POINTS <= quantized < len(points)
+        byte_sums = [self.weight_bytes(o.config) / dense_bytes for o in points] if dense_bytes else []
+        with_bytes = len(points) >= MIN_BYTES_FIT_POINTS and bool(byte_sums) and max(byte_sums) > min(byte_sums)
+        attempts = [(split, with_bytes), (split, False), (False, False)]
+        for split, with_bytes in dict.fromkeys(attempts):
+            times = [floats, int8s] if split else [layers]
+            coefficients = _nonnegative_fit([*times, *([byte_sums] if with_bytes else [])], ys)
+            if all(c > 0 for c in coefficients[: len(times)]):
+                break
+        else:  # latency not rising with the layer times: proportional to them
+            coefficients = [sum(x * y for x, y in zip(layers, ys, strict=True)) / sum(x * x for x in layers), 0.0]
+            split = with_bytes = False
+        slopes, intercept = coefficients[:-1], coefficients[-1]
+        table = replace(
+            self,
+            scale=slopes[0] / dense_sum,
+            int8_scale=slopes[1] / dense_sum if split else None,
+            bytes_scale=slopes[-1] / dense_bytes if with_bytes else 0.0,
+            overhead_ms=intercept,
+        )
         return replace(table.calibrated(reference * table.predict(CompressionConfig(layers={}))), dense_ms=reference)
 
 
@@ -226,27 +290,10 @@ def prediction_errors(predicted: list[float], measured: list[float]) -> dict[str
     return {"median_pct": statistics.median(errors), "max_pct": max(errors), "count": float(len(errors))}
 
 
-def _int8_fit(sums: Sequence[tuple[float, float]], ys: Sequence[float]) -> tuple[float, float, float] | None:
-    """Least-squares slopes of the float and the int8 layer sums (each over the dense layers' sum) and an intercept,
-    fitted to ``ys``; without the intercept where it comes out negative; None with fewer than
-    :data:`MIN_FIT_POINTS` configs with int8 layers, none without, or a slope that is not positive."""
-    quantized = sum(int8 > 0 for _, int8 in sums)
-    if quantized < MIN_FIT_POINTS or quantized == len(sums):
-        return None
-    features = np.array([[float_sum, int8_sum, 1.0] for float_sum, int8_sum in sums])
-    targets = np.array(ys)
-    coefficients = np.linalg.lstsq(features, targets, rcond=None)[0]
-    if coefficients[2] < 0:
-        coefficients = np.append(np.linalg.lstsq(features[:, :2], targets, rcond=None)[0], 0.0)
-    float_slope, int8_slope, intercept = (float(c) for c in coefficients)
-    return None if float_slope <= 0 or int8_slope <= 0 else (float_slope, int8_slope, intercept)
-
-
-def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Slope and intercept of the least-squares line through (xs, ys)."""
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return slope, mean_y - slope * mean_x
+def _nonnegative_fit(columns: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Least-squares coefficients of ``columns`` and an intercept (last), all >= 0, fitted to ``ys``."""
+    features = np.column_stack([*(np.asarray(column, dtype=float) for column in columns), np.ones(len(ys))])
+    return [float(c) for c in nnls(features, np.asarray(ys, dtype=float))[0]]
 
 
 def _time_alone(
@@ -331,6 +378,78 @@ def _time_in_model(
         }
         for name, slot in slots.items()
     }
+
+
+def _layer_bytes(
+    model: nn.Module, slots: Mapping[str, LayerSlot], input_shapes: Mapping[str, tuple[int, ...]], rank_multiple: int
+) -> dict[str, dict[str, float]]:
+    """Each variant's weight bytes, counted from its shapes: 4 a float parameter, 1 an int8 one."""
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, float]] = {}
+    for name, slot in slots.items():
+        out[name] = {}
+        for choice in variants(slot):
+            cost = layer_cost(
+                modules[name],
+                choice.technique,
+                choice.rank,
+                input_shapes[name],
+                rank_multiple=rank_multiple,
+                **choice.options,
+            )
+            out[name][variant_key(choice)] = float(cost.params * (1 if choice.int8 else 4))
+    return out
+
+
+def calibration_configs(
+    table: LatencyTable, slots: Mapping[str, LayerSlot], rank_multiple: int
+) -> list[CompressionConfig]:
+    """The distinct whole configs of :data:`CALIBRATION`'s levels, from the slowest level to the fastest."""
+    configs: dict[str, CompressionConfig] = {}
+    for level in sorted(CALIBRATION["levels"], reverse=True):
+        for with_int8 in (False, True):
+            layers = {}
+            for name, slot in slots.items():
+                usable = [c for c in variants(slot) if (with_int8 or not c.int8) and table.faster_than_dense(name, c)]
+                usable.sort(key=lambda c: table.layer_ms[name][variant_key(c)])
+                if usable:
+                    layers[name] = usable[min(int(level * len(usable)), len(usable) - 1)]
+            config = CompressionConfig(layers=layers, rank_multiple=rank_multiple)
+            configs.setdefault(json.dumps(config.to_dict(), sort_keys=True), config)
+    return [config for config in configs.values() if config.layers]
+
+
+def _time_calibration(
+    model: nn.Module,
+    table: LatencyTable,
+    slots: Mapping[str, LayerSlot],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    example: torch.Tensor,
+    timer: ModuleTimer,
+    rank_multiple: int,
+    cache: dict[str, float],
+) -> list[tuple[CompressionConfig, float]]:
+    """Each calibration config's latency over the dense model's (built with random factors), timed in alternation
+    with it (one round where each timing exports the model: ONNX Runtime, a remote target), from ``cache`` where it
+    has it (and added to it)."""
+    modules = dict(model.named_modules())
+    rounds = int(CALIBRATION["rounds"]) if isinstance(timer, InModelTiming) else 1
+    out = []
+    for config in calibration_configs(table, slots, rank_multiple):
+        parts = [
+            _cache_key(modules[name], input_shapes[name], config.layers.get(name, LayerChoice("keep")), rank_multiple)
+            for name in slots
+        ]
+        key = "calibration-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+        if key not in cache:
+            candidate = apply_config(model, config, init="random", calib_inputs=example)
+            ratios = [
+                timer.median_ms(candidate, example, **TIMING) / timer.median_ms(model, example, **TIMING)
+                for _ in range(rounds)
+            ]
+            cache[key] = statistics.median(ratios)
+        out.append((config, cache[key]))
+    return out
 
 
 def _is_dense(choice: LayerChoice) -> bool:

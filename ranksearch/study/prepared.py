@@ -37,7 +37,7 @@ from ranksearch.measure.timers import ModuleTimer, TorchTimer
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
 from ranksearch.search.knapsack import knapsack_configs
-from ranksearch.search.latency_table import LatencyTable, cache_name, variant_key
+from ranksearch.search.latency_table import LatencyTable, cache_name
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
 from ranksearch.search.sensitivity import Sensitivity, VariantScore, measure_sensitivity
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
@@ -136,10 +136,11 @@ class PreparedSearch:
         return self.space.rank_multiple
 
     def variant_cost(self) -> Callable[[str, LayerChoice], float]:
-        """A layer variant's cost for the warm starts: the latency table's time where there is one, else MACs."""
+        """A layer variant's cost for the warm starts: what it adds to the latency table's prediction where there is
+        a table (:meth:`~ranksearch.search.latency_table.LatencyTable.variant_ms`), else its MACs."""
         table = self.table
         if table is not None:
-            return lambda name, choice: table.layer_ms[name][variant_key(choice)]
+            return table.variant_ms
         modules = dict(self.context.model.named_modules())
 
         def macs(name: str, choice: LayerChoice) -> float:
@@ -332,7 +333,8 @@ class _Loaded:
         seconds = self.phases["latency_table"] = time.perf_counter() - start
         variants = sum(len(times) for times in table.layer_ms.values())
         self.console.print(
-            f"latency table: {variants} layer variants of {len(self.slots)} layers ready in {seconds:.0f} s"
+            f"latency table: {variants} layer variants of {len(self.slots)} layers and {len(table.calibration)} "
+            f"whole configs ready in {seconds:.0f} s"
         )
         return table
 
