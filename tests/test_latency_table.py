@@ -424,6 +424,9 @@ def test_the_build_is_fitted_on_its_calibration_configs(problem, tmp_path: Path,
     assert [o.config for o in table.calibration] == configs
     assert all(o.latency_ms > 0 and o.reference_ms > 0 for o in table.calibration)
     assert table.fitted([]) == table
+    first = table.calibration[0]
+    measured = Observation(first.config, 9.0 * first.latency_ms / first.reference_ms, 9.0)
+    assert table.fitted([measured]).dense_ms == 9.0  # scaled to the machine as the trials find it, not as it was
     assert sum(key.startswith("calibration-") for key in json.loads(cache.read_text())) == len(configs)
     built: list[CompressionConfig] = []
     real = latency_table.apply_config

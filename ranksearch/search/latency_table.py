@@ -211,8 +211,8 @@ class LatencyTable:
         )
 
     def fitted(self, observations: Sequence[Observation]) -> LatencyTable:
-        """This table refitted on measured configs (and its :attr:`calibration`), calibrated on the median of their
-        reference timings.
+        """This table refitted on measured configs and its :attr:`calibration`, calibrated on the median of the measured
+        configs' reference timings (the calibration's without any).
 
         Each latency is first divided by the dense latency timed beside it (which cancels the machine's drift), then
         the terms are fitted by non-negative least squares once :data:`MIN_FIT_POINTS` configs with two different
@@ -228,7 +228,7 @@ class LatencyTable:
         points = [*self.calibration, *observations]
         if not points:
             return self
-        reference = statistics.median(o.reference_ms for o in points)
+        reference = statistics.median(o.reference_ms for o in observations or self.calibration)  # the machine now
         dense_sum = self.dense_layers_ms
         dense_bytes = self.weight_bytes(CompressionConfig(layers={}))
         sums = [self.split_ms(o.config) for o in points]
