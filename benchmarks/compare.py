@@ -267,6 +267,9 @@ def retime_side_by_side(
                 config = TrialRecord.of(trial).compression_config()
                 key = keys[(method, trial.number)] = json.dumps(config.to_dict(), sort_keys=True)
                 configs[key] = config
+    if not configs:
+        console.print("re-timing side by side: no recovered member to time; skipped")
+        return
     samples: dict[str, list[float]] = {key: [] for key in configs}
     columns = (TextColumn("re-timing side by side"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
