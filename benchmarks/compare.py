@@ -223,15 +223,17 @@ def run_seed(base: RunSettings, methods: Sequence[str], console: Console, *, swe
             continue
         outcomes[method], studies[method] = searches[method]()
     direct = [m for m in methods if m in ("uniform", "greedy")]
+    prepared = configs_search(base, console) if direct or sweeps else None  # the problem, prepared once
     if direct:
-        configs = direct_configs(base, console)
+        assert prepared is not None
+        configs = direct_configs(prepared)
         for method in direct:
             outcomes[method], studies[method] = study_outcome(method, plain(base), console, configs=configs[method])
     fastest_uniform = outcomes["uniform"].fastest_uniform if "uniform" in outcomes else None
     for outcome in outcomes.values():
         outcome.fastest_uniform = fastest_uniform
-    if sweeps:
-        retime_side_by_side(configs_search(base, console).evaluator, outcomes, studies, console, sweeps=sweeps)
+    if prepared is not None and sweeps:
+        retime_side_by_side(prepared.evaluator, outcomes, studies, console, sweeps=sweeps)
     return [outcomes[m] for m in methods if m in outcomes]
 
 
@@ -326,9 +328,8 @@ def configs_search(base: RunSettings, console: Console) -> PreparedSearch:
     return search
 
 
-def direct_configs(base: RunSettings, console: Console) -> dict[str, list[CompressionConfig]]:
-    """The uniform sweep and the greedy levels on ``base``'s problem."""
-    search = configs_search(base, console)
+def direct_configs(search: PreparedSearch) -> dict[str, list[CompressionConfig]]:
+    """The uniform sweep and the greedy levels on ``search``'s problem."""
     assert search.sensitivity is not None
     dense = CompressionConfig(layers={})
     uniform = [
