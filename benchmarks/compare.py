@@ -54,8 +54,8 @@ from ranksearch.config import CompressionConfig
 from ranksearch.evaluate import PairedTiming
 from ranksearch.measure.timers import cpu_name
 from ranksearch.models import model_family
-from ranksearch.results import STORAGE_FILE, front_trials
-from ranksearch.results.front import compresses_nothing, study_speeds
+from ranksearch.results import STORAGE_FILE
+from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
 from ranksearch.results.hypervolume import hypervolume_2d
 from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
 from ranksearch.search import config_to_params, default_space_path, uniform_config
@@ -392,9 +392,9 @@ def _enqueue(settings: RunSettings, configs: list[CompressionConfig], console: C
 
 
 def outcome_of(method: str, seed: int, study: optuna.Study, seconds: float) -> Outcome:
-    stored, speeds = StudyRecord.of(study), study_speeds(study)
+    stored, (members, speeds) = StudyRecord.of(study), front_with_speeds(study)
     dense = BASELINE.read(study)
-    front = [TrialRecord.of(t) for t in front_trials(study)]
+    front = [TrialRecord.of(t) for t in members]
     points = []
     for trial in front:
         recovered = stored.recovered.get(str(trial.number))

@@ -4,7 +4,9 @@ borderline members timed again, test drops with paired intervals."""
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -18,13 +20,15 @@ from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
 from ranksearch.evaluate.classification import ClassificationEvaluator
 from ranksearch.measure.latency import torch_threads
 from ranksearch.measure.timing import Latency, PairedLatency
-from ranksearch.results import front_rows, front_trials, record
+from ranksearch.results import front_rows, front_trials, record, write_results
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import accuracy_statements
+from ranksearch.results.plots.rows import StudyRows
 from ranksearch.results.select import select_trial
-from ranksearch.results.show import show_study
+from ranksearch.results.show import show_rows, show_study
 from ranksearch.study import load_problem
 from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
+from ranksearch.study.recovery import recovery_candidates
 
 BASELINE = {"accuracy": 0.90, "latency_ms": 10.0, "test_accuracy": 0.9, "params": 1000, "macs": 5000}
 SVD = {"layers": {"conv": {"technique": "svd", "rank": 0.5}}}
@@ -74,6 +78,42 @@ def test_the_front_holds_the_dense_model_and_only_measurably_faster_trials() -> 
     rows = front_rows(study)
     assert rows[-1]["trial"] == 0 and rows[-1]["speedup"] == 1.0
     assert all(r["speedup"] > 1 and (r["speedup_low"] is None or r["speedup_low"] > 1) for r in rows[:-1])
+
+
+def completing_meanwhile(study: optuna.Study) -> list[int]:
+    """Make every read of ``study``'s trials let another worker complete a trial (a fast, measurably faster config)
+    right after it: the front and the speeds must come from one read. Returns the numbers added."""
+    read, added = study.get_trials, []
+
+    def get_trials(*args: object, **kwargs: object) -> list[optuna.trial.FrozenTrial]:
+        trials = read(*args, **kwargs)
+        speedup = 5.0 + len(added)
+        attrs = {"config": svd(0.01 * (len(added) + 1)), "accuracy": 0.83, "latency_ms": 10 / speedup}
+        attrs.update(speedup=speedup, speedup_low=speedup - 0.5, speedup_high=speedup + 0.5, accuracy_drop_pp=7.0)
+        study.add_trial(create_trial(values=[0.83, 1 / speedup], user_attrs=attrs))
+        added.append(len(read(deepcopy=False)) - 1)
+        return trials
+
+    study.get_trials = get_trials  # type: ignore[method-assign]
+    return added
+
+
+def test_the_front_and_its_speeds_come_from_one_read_while_workers_complete_trials(tmp_path: Path) -> None:
+    """A `run` refreshing its results while a worker completed the fastest config failed with a KeyError (CI,
+    stop 28): the front was read after the speeds, and held a trial they did not."""
+    study = relative_study()
+    added = completing_meanwhile(study)
+    rows = front_rows(study)
+    assert [r["trial"] for r in rows] == [7, 4, 2, 6, 0]  # as of the one read; the trial completed after it waits
+    assert added and all(r["speedup"] is not None for r in rows)
+    assert select_trial(study, max_accuracy_drop=10.0).number in added  # the next read finds the fastest
+    assert [r["trial"] for r in show_rows(study)][-1] == 0
+    shown = show_rows(study, all_trials=True)
+    assert {r["trial"] for r in shown if r["front"]} >= {0, 7} and all(r["techniques"] for r in shown)
+    write_results(study, tmp_path)
+    assert json.loads((tmp_path / "pareto.json").read_text())["front"][-1]["trial"] == 0
+    assert StudyRows.of(study).configs.keys() >= {7, 0}
+    assert recovery_candidates(study, 3)
 
 
 def test_the_dense_model_stays_on_the_front_when_dominated() -> None:

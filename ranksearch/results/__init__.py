@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.measure.backends import latency_backend_title
-from ranksearch.results.front import compresses_nothing, config_speeds, front_trials, study_speeds
+from ranksearch.results.front import compresses_nothing, config_speeds, front_with_speeds
+from ranksearch.results.front import front_trials as front_trials  # re-exported: the front is read from here
 from ranksearch.results.record import BASELINE, MODEL, SETTINGS, StudyRecord, TrialRecord, records
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
@@ -111,9 +112,9 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
-    stored, speeds = StudyRecord.of(study), study_speeds(study)
+    stored, (front, speeds) = StudyRecord.of(study), front_with_speeds(study)
     rows = []
-    for trial in map(TrialRecord.of, front_trials(study)):
+    for trial in map(TrialRecord.of, front):
         techniques = Counter(c["technique"] for c in trial.layers.values())
         speed = speeds[trial.number]
         key = str(trial.number)
@@ -181,8 +182,11 @@ def latency_target(settings: Mapping[str, Any]) -> str:
     )
 
 
-def front_configs(study: optuna.Study) -> dict[int, CompressionConfig]:
-    return {t.number: TrialRecord.of(t).compression_config() for t in front_trials(study)}
+def trial_configs(study: optuna.Study, numbers: Iterable[int]) -> dict[int, CompressionConfig]:
+    """The configs of the trials numbered ``numbers`` (e.g. the front rows': read again, while workers complete
+    trials, the front could have changed; the trials it held are still there)."""
+    wanted = set(numbers)
+    return {r.number: r.compression_config() for r in records(study) if r.number in wanted}
 
 
 def best_speedup_within(study: optuna.Study, max_drop_pp: float | None) -> float | None:
@@ -212,7 +216,7 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     write_csv(trial_rows(study, layer_names), directory / "trials.csv")
     front = front_rows(study)
     write_csv(front, directory / "pareto.csv")
-    configs = front_configs(study)
+    configs = trial_configs(study, (row["trial"] for row in front))
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
     dense = baseline(study)
     document = {

@@ -29,6 +29,7 @@ __all__ = [
     "compresses_nothing",
     "config_speeds",
     "front_trials",
+    "front_with_speeds",
     "highest_fidelity",
     "study_speeds",
 ]
@@ -136,9 +137,14 @@ def _pooled(timings: Sequence[_Timing], *, deciding: Sequence[_Timing], retimed:
 def study_speeds(study: optuna.Study) -> dict[int, Speed]:
     """:func:`config_speeds` over ``study``'s complete trials; in a study of an earlier release (latency in ms, not
     paired) each trial's own, as that release showed it."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return _speeds(study, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), RETIMED.read(study))
+
+
+def _speeds(
+    study: optuna.Study, complete: Sequence[FrozenTrial], retimed: Mapping[str, Mapping[str, float]]
+) -> dict[int, Speed]:
     relative = OBJECTIVES.read(study).get("latency") == "relative"
-    return config_speeds([TrialRecord.of(t) for t in complete], RETIMED.read(study), pool=relative)
+    return config_speeds([TrialRecord.of(t) for t in complete], retimed, pool=relative)
 
 
 def compresses_nothing(record: TrialRecord) -> bool:
@@ -156,14 +162,42 @@ def front_trials(study: optuna.Study, *, confirmed: bool = True) -> list[FrozenT
     trials (faster at the point estimate, not yet timed again): the members to time again.
     """
     if OBJECTIVES.read(study).get("latency") != "relative":
-        try:
-            front = study.best_trials
-        except ValueError:
-            return []
-        return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
-    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        return _legacy_front(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return _relative_front(study, complete, RETIMED.read(study), confirmed=confirmed)
+
+
+def front_with_speeds(study: optuna.Study, *, confirmed: bool = True) -> tuple[list[FrozenTrial], dict[int, Speed]]:
+    """:func:`front_trials` and :func:`study_speeds` from one reading of the study's trials, so that every member
+    has its speed while other workers complete trials."""
+    if OBJECTIVES.read(study).get("latency") != "relative":
+        front = _legacy_front(study)
+        # Read after the front: complete trials only accrue, so every member is among them.
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return front, _speeds(study, complete, RETIMED.read(study))
+    complete, retimed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), RETIMED.read(study)
+    return _relative_front(study, complete, retimed, confirmed=confirmed), _speeds(study, complete, retimed)
+
+
+def _legacy_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's front on (accuracy, milliseconds), fastest first: studies of earlier releases."""
+    try:
+        front = study.best_trials
+    except ValueError:
+        return []
+    return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
+
+
+def _relative_front(
+    study: optuna.Study,
+    complete: Sequence[FrozenTrial],
+    retimed: Mapping[str, Mapping[str, float]],
+    *,
+    confirmed: bool,
+) -> list[FrozenTrial]:
+    trials = {t.number: t for t in complete}
     measured = [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
-    speeds = config_speeds(measured, RETIMED.read(study))
+    speeds = config_speeds(measured, retimed)
     records = highest_fidelity(measured)
     dense = [r for r in records if compresses_nothing(r)][:1]
     eligible = [

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.errors import RanksearchError
-from ranksearch.results.front import compresses_nothing, front_trials, study_speeds
+from ranksearch.results.front import compresses_nothing, front_with_speeds
 from ranksearch.results.record import StudyRecord, TrialRecord
 
 __all__ = ["select_trial"]
@@ -51,19 +51,20 @@ def select_trial(
         raise RanksearchError(f"--max-latency-ms {max_latency_ms}: must be positive")
     stored = StudyRecord.of(study)
     relative = stored.relative_latency
-    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    candidates = front_trials(study) if relative else complete.values()
+    front, pooled = front_with_speeds(study)
+    candidates = {
+        t.number: t for t in (front if relative else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    }
     pool = [
         r
-        for r in map(TrialRecord.of, candidates)
+        for r in map(TrialRecord.of, candidates.values())
         if r.feasible and _finite_number(r.accuracy_drop_pp) and _finite_number(r.metrics.get("latency_ms"))
     ]
     if not pool:
         raise RanksearchError(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
-    pooled = study_speeds(study)
-    speeds = {r.number: pooled[r.number].speedup or 0.0 for r in pool}
+    speeds = {r.number: pooled[r.number].speedup or 0.0 for r in pool} if relative else {}
 
     def slowness(trial: TrialRecord) -> float:
         """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier
@@ -81,8 +82,8 @@ def select_trial(
             )
     if fits:
         if max_accuracy_drop is not None:
-            return complete[min(fits, key=lambda t: (slowness(t), -_accuracy(t), t.number)).number]
-        return complete[min(fits, key=lambda t: (-_accuracy(t), slowness(t), t.number)).number]
+            return candidates[min(fits, key=lambda t: (slowness(t), -_accuracy(t), t.number)).number]
+        return candidates[min(fits, key=lambda t: (-_accuracy(t), slowness(t), t.number)).number]
     closest = min(pool, key=lambda t: (overshoot(t), t.number))
     drop, latency = _drop(closest), _latency(closest)
     needs = []

@@ -25,7 +25,7 @@ from ranksearch.results import (
     trial_rows,
     untrained_baseline,
 )
-from ranksearch.results.record import TEST_ACCURACY, TrialRecord, records
+from ranksearch.results.record import TEST_ACCURACY, records
 
 __all__ = ["SHOW_FORMATS", "show_rows", "show_study"]
 
@@ -42,20 +42,22 @@ def show_rows(study: optuna.Study, *, all_trials: bool = False) -> list[dict[str
     names = layer_order(study)
     if all_trials:
         tests = TEST_ACCURACY.read(study)
-        front = {t.number for t in front_trials(study)}
+        # Each read after the one before: with workers completing trials meanwhile, each holds what came before.
+        rows, front = trial_rows(study, names), {t.number for t in front_trials(study)}
         configs = {t.number: t.layers for t in records(study)}
-        rows = []
-        for row in trial_rows(study, names):
+        shown = []
+        for row in rows:
             number = row["trial"]
             head = {k: v for k, v in row.items() if not k.startswith("layer:")}
             layers = {k: v for k, v in row.items() if k.startswith("layer:")}
             extra = {"front": number in front, "test_accuracy": tests.get(str(number))}
-            rows.append({**head, **extra, "techniques": _techniques(configs[number]), **layers})
-        return rows
-    layers = {t.number: t.layers for t in map(TrialRecord.of, front_trials(study))}
+            shown.append({**head, **extra, "techniques": _techniques(configs[number]), **layers})
+        return shown
+    front = front_rows(study)
+    layers = {t.number: t.layers for t in records(study)}
     return [
         {**row, **{f"layer:{n}": choice_label(layers[row["trial"]].get(n, {"technique": "keep"})) for n in names}}
-        for row in front_rows(study)
+        for row in front
     ]
 
 

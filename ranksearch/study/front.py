@@ -11,7 +11,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
 from ranksearch.results import front_trials
 from ranksearch.results.confidence import paired_drop
-from ranksearch.results.front import compresses_nothing, study_speeds
+from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
 from ranksearch.results.record import OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
 
 __all__ = ["RETIME_ROUNDS", "RETIME_SECONDS", "confirm_front_speedups", "measure_front_test_accuracy"]
@@ -40,10 +40,10 @@ def confirm_front_speedups(
     retimed = dict(RETIMED.read(study))
     count = 0
     while True:
-        speeds = study_speeds(study)
+        members, speeds = front_with_speeds(study, confirmed=False)
         pending = [
             record
-            for record in map(TrialRecord.of, front_trials(study, confirmed=False))
+            for record in map(TrialRecord.of, members)
             if not compresses_nothing(record) and speeds[record.number].borderline
         ]
         if not pending:

@@ -35,11 +35,11 @@ from ranksearch.data import make_loader
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import calibration_batch
 from ranksearch.measure.latency import torch_threads
-from ranksearch.results import STORAGE_FILE, front_trials, load_study
+from ranksearch.results import STORAGE_FILE, load_study
 from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
-from ranksearch.results.front import compresses_nothing, study_speeds
+from ranksearch.results.front import compresses_nothing, front_with_speeds
 from ranksearch.results.record import MODEL, RECOVERED, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RunSettings
@@ -263,7 +263,8 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
     search accuracy understates most); then, one at a time, the member whose speedup (pooled over its timings) is
     farthest from those taken.
     """
-    front, speeds = [TrialRecord.of(t) for t in front_trials(study)], study_speeds(study)
+    members, speeds = front_with_speeds(study)
+    front = [TrialRecord.of(t) for t in members]
     speedups = {r.number: speeds[r.number].speedup for r in front}
     members = sorted(
         (r for r in front if not compresses_nothing(r) and speedups[r.number] is not None),

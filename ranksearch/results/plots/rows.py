@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import optuna
 
 from ranksearch.config import CompressionConfig
-from ranksearch.results import baseline, front_configs, front_rows, latency_target, layer_order, trial_rows
+from ranksearch.results import baseline, front_rows, latency_target, layer_order, trial_configs, trial_rows
 from ranksearch.results.record import MODEL, OBJECTIVES, SETTINGS
 
 DEFAULT_ACCURACY_BUDGET_PP = 1.0
@@ -38,12 +38,13 @@ class StudyRows:
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRows:
         layer_names = layer_order(study)
+        front = front_rows(study)
         return cls(
             study_name=study.study_name,
             trials=trial_rows(study, layer_names),
-            front=front_rows(study),
+            front=front,
             layer_names=layer_names,
-            configs=front_configs(study),
+            configs=trial_configs(study, (row["trial"] for row in front)),
             settings=dict(SETTINGS.read(study)),
             baseline=baseline(study),
             model_spec=MODEL.read(study) if MODEL.stored(study) else None,
