@@ -26,8 +26,8 @@ The speedups are those of a side-by-side re-timing once all of a seed's methods 
 study times its configs at another hour, and on a shared machine that moves a config's speedup by 20 %).
 A rerun resumes an unfinished study and reads a finished one as it is, with its first wall time. ``--merge`` adds
 the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
-them), so the seven methods over three seeds can be run a few at a time; the table names every processor it was
-timed on.
+them), so the seven methods over three seeds can be run a few at a time (``--seeds`` with no seed only merges);
+the table names every processor it was timed on.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Outcome:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=50)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only report --merge's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--final-epochs", type=int, default=2, help="recovery epochs, the same for every method")
     parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
@@ -456,6 +456,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
         "params reduction there",
         "best speedup, <= 1.0 pp",
         "fastest uniform",
+        "<= 0.5 pp / fastest uniform",
         f"hypervolume (<= {HV_DROP:g} pp)",
         "wall time s (no baseline training)",
         "members not faster",
@@ -484,6 +485,13 @@ def report(outcomes: list[Outcome], out: Path, console: Console, *, backend: str
             ),
             _summary([None if (p := o.best_within(1.0)) is None else p.speedup for o in runs], "{:.2f}x"),
             _summary([o.fastest_uniform for o in runs], "{:.2f}x"),
+            _summary(
+                [
+                    None if p is None or not o.fastest_uniform else p.speedup / o.fastest_uniform
+                    for o, p in zip(runs, best05, strict=True)
+                ],
+                "{:.0%}",
+            ),
             _summary([o.hypervolume() for o in runs], "{:.2f}"),
             _summary([o.search_seconds for o in runs], "{:.0f}"),
             _summary([float(o.not_faster) for o in runs], "{:.0f}"),
