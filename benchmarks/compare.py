@@ -164,6 +164,8 @@ def main() -> None:
         help="sweeps re-timing every method's recovered members side by side once a seed's methods ran (0: off)",
     )
     args = parser.parse_args()
+    if not args.seeds and not args.merge:
+        parser.error("--seeds with no seed only reports --merge's files; pass seeds to run or files to merge")
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
     torch.set_num_threads(args.threads)
     suffix = "" if args.latency_backend == "torch" else f"-{args.latency_backend}"
@@ -224,8 +226,7 @@ def run_seed(base: RunSettings, methods: Sequence[str], console: Console, *, swe
         outcomes[method], studies[method] = searches[method]()
     direct = [m for m in methods if m in ("uniform", "greedy")]
     prepared = configs_search(base, console) if direct or sweeps else None  # the problem, prepared once
-    if direct:
-        assert prepared is not None
+    if prepared is not None and direct:
         configs = direct_configs(prepared)
         for method in direct:
             outcomes[method], studies[method] = study_outcome(method, plain(base), console, configs=configs[method])

@@ -51,10 +51,11 @@ def select_trial(
         raise RanksearchError(f"--max-latency-ms {max_latency_ms}: must be positive")
     stored = StudyRecord.of(study)
     relative = stored.relative_latency
-    front, pooled = front_with_speeds(study)
-    candidates = {
-        t.number: t for t in (front if relative else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    }
+    if relative:  # the front and its speeds from one read: workers may complete trials meanwhile
+        trials, pooled = front_with_speeds(study)
+    else:
+        trials, pooled = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), {}
+    candidates = {t.number: t for t in trials}
     pool = [
         r
         for r in map(TrialRecord.of, candidates.values())
@@ -64,7 +65,7 @@ def select_trial(
         raise RanksearchError(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
-    speeds = {r.number: pooled[r.number].speedup or 0.0 for r in pool} if relative else {}
+    speeds = {number: speed.speedup or 0.0 for number, speed in pooled.items()}
 
     def slowness(trial: TrialRecord) -> float:
         """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier

@@ -263,8 +263,8 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
     search accuracy understates most); then, one at a time, the member whose speedup (pooled over its timings) is
     farthest from those taken.
     """
-    members, speeds = front_with_speeds(study)
-    front = [TrialRecord.of(t) for t in members]
+    trials, speeds = front_with_speeds(study)
+    front = [TrialRecord.of(t) for t in trials]
     speedups = {r.number: speeds[r.number].speedup for r in front}
     members = sorted(
         (r for r in front if not compresses_nothing(r) and speedups[r.number] is not None),
