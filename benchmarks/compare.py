@@ -55,6 +55,7 @@ from scipy.stats import kendalltau
 
 from ranksearch.config import CompressionConfig
 from ranksearch.evaluate import PairedTiming
+from ranksearch.measure.backends import latency_backend_title
 from ranksearch.measure.timers import cpu_name
 from ranksearch.models import model_family
 from ranksearch.results import STORAGE_FILE
@@ -179,7 +180,8 @@ def main() -> None:
         parser.error("--seeds with no seed only reports --merge's files; pass seeds to run or files to merge")
     retime_backend = args.retime_backend or args.latency_backend
     run_target = retime_backend if args.retime_sweeps else args.latency_backend
-    timed_in = {o.timed_in for o in merged(args.merge, [])} | ({run_target} if args.seeds else set())
+    earlier = [Outcome.from_json(data) for path in args.merge for data in json.loads(path.read_text())]
+    timed_in = {o.timed_in for o in merged(earlier)} | ({run_target} if args.seeds else set())
     if len(timed_in) > 1:  # a seed's fastest uniform config and the table's title take one target
         parser.error(f"these outcomes are timed in {' and '.join(sorted(timed_in))}; report one target at a time")
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
@@ -199,20 +201,14 @@ def main() -> None:
             results_dir=results_dir / f"seed-{seed}",
         )
         outcomes += run_seed(base, args.methods, console, sweeps=args.retime_sweeps, retime_backend=retime_backend)
-    report(merged(args.merge, outcomes), results_dir, console)
+    report(merged([*earlier, *outcomes]), results_dir, console)
 
 
-def merged(paths: Sequence[Path], outcomes: list[Outcome]) -> list[Outcome]:
-    """``outcomes`` after those read from ``paths`` (earlier runs' ``compare.json``), one per method and seed:
-    a later file, or this run, replaces the same method and seed read before it. Each seed's fastest uniform config
-    is the uniform sweep's of that seed, wherever it was run."""
-    by_key: dict[tuple[str, int], Outcome] = {}
-    for path in paths:
-        for data in json.loads(path.read_text()):
-            outcome = Outcome.from_json(data)
-            by_key[(outcome.method, outcome.seed)] = outcome
-    for outcome in outcomes:
-        by_key[(outcome.method, outcome.seed)] = outcome
+def merged(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """One outcome per method and seed, a later one replacing an earlier (earlier runs' ``compare.json`` files first,
+    in order, then this run's). Each seed's fastest uniform config is the uniform sweep's of that seed, wherever it
+    was run."""
+    by_key = {(outcome.method, outcome.seed): outcome for outcome in outcomes}
     fastest = {seed: o.fastest_uniform for (method, seed), o in by_key.items() if method == "uniform"}
     for (_, seed), outcome in by_key.items():
         outcome.fastest_uniform = fastest.get(seed, outcome.fastest_uniform)
@@ -473,9 +469,6 @@ def _summary(values: list[float | None], fmt: str) -> str:
     return text + ("" if len(known) == len(values) else f" [{len(known)}/{len(values)} seeds]")
 
 
-TARGET_NAMES = {"torch": "eager torch", "onnxruntime": "ONNX Runtime"}
-
-
 def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
     """The table (median and range over seeds per method), its JSON, and a plot of the recovered fronts."""
     columns = (
@@ -494,7 +487,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
         "recovered under 1x",
         "Kendall tau",
     )
-    target = TARGET_NAMES.get(outcomes[0].timed_in, outcomes[0].timed_in) if outcomes else "no target"
+    target = latency_backend_title(outcomes[0].timed_in) if outcomes else "no target"
     hosts = ", ".join(sorted({o.host or "unrecorded" for o in outcomes}))
     table = Table(title=f"resnet18 / Fashion-MNIST, CPU ({target}; {hosts}): recovered fronts on the test split")
     for column in columns:
