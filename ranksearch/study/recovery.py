@@ -150,7 +150,8 @@ class Recoverer:
         if done is not None:
             return done
         start = time.perf_counter()
-        model, steps, device = self._finetuned(TrialRecord.of(frozen).compression_config(), trial, epochs=epochs, lr=lr)
+        config = TrialRecord.of(frozen).compression_config()
+        model, steps, device = self.finetuned(config, label=f"recovering trial {trial}", epochs=epochs, lr=lr)
         correct = correct_predictions(model, self._test_loader(), device=device)
         drop = paired_drop(self.dense_correct(), correct)
         checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
@@ -177,22 +178,23 @@ class Recoverer:
             self._dense_correct = correct_predictions(dense, self._test_loader(), device=self.context.device)
         return self._dense_correct
 
-    def _finetuned(
-        self, config: CompressionConfig, trial: int, *, epochs: int, lr: float
+    def finetuned(
+        self, config: CompressionConfig, *, label: str, epochs: int, lr: float, seed: int | None = None
     ) -> tuple[nn.Module, int, torch.device]:
         """``config`` applied to the dense model, BatchNorm recalibrated, distilled for ``epochs`` epochs, its int8
         layers quantized (on the latency device, a CPU, where they run); with the number of fine-tuning steps and
-        the device the model is on."""
+        the device the model is on. ``seed`` (default: the study's) seeds the shuffling and augmentation; ``label``
+        heads the progress bar."""
         context, options = self.context, self.options
+        seed = self.seed if seed is None else seed
         float_config, int8_layers = config.split_int8()
         with torch.random.fork_rng(devices=[]):  # augmentation draws from the global RNG: seeded, and left as it was
-            torch.manual_seed(self.seed)
+            torch.manual_seed(seed)
             model = apply_config(context.model, float_config, calib_inputs=self._calib).to(context.device)
-            train = make_loader(context.splits.train, batch_size=options.batch_size, shuffle=True, seed=self.seed)
+            train = make_loader(context.splits.train, batch_size=options.batch_size, shuffle=True, seed=seed)
             recalibrate_batchnorm(model, train, device=context.device, batches=options.calib_batches)
             steps = epochs * len(train)
-            label = f"recovering trial {trial} ({epochs} epoch{'s' * (epochs != 1)})"
-            with _progress_bar(label, self.console) as update:
+            with _progress_bar(f"{label} ({epochs} epoch{'s' * (epochs != 1)})", self.console) as update:
                 finetune(
                     model,
                     context.model,
