@@ -61,11 +61,13 @@ from ranksearch.models import model_family
 from ranksearch.results import STORAGE_FILE
 from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
 from ranksearch.results.hypervolume import hypervolume_2d
-from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
+from ranksearch.results.record import BASELINE, RECOVERED, StudyRecord, TrialRecord, anchor_attrs, records
 from ranksearch.search import config_to_params, default_space_path, uniform_config
 from ranksearch.study import PreparedSearch, RunSettings, run_search
 from ranksearch.study.front import RETIME_ROUNDS, RETIME_SECONDS
 from ranksearch.study.problem import load_space
+from ranksearch.study.recovery import load_study_problem, recover_front, recovery_candidates
+from ranksearch.study.settings import RecoverySpec
 from ranksearch.study.storage import open_study
 from ranksearch.util import atomic_write_text, file_digest
 
@@ -119,6 +121,8 @@ class Outcome:
     """The processor the study was timed on (outcomes merged from earlier runs may come from another host)."""
     timed_in: str = "torch"
     """The latency target its speedups were timed in: its study's, or the side-by-side re-timing's."""
+    recovery_lr: float = 0.01
+    """The peak learning rate its front members were recovered with (``--final-lr``; runs before it: 0.01)."""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Outcome:
@@ -155,6 +159,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--final-epochs", type=int, default=2, help="recovery epochs, the same for every method")
     parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
+    parser.add_argument(
+        "--final-lr",
+        type=float,
+        default=RecoverySpec.final_lr,
+        help="recovery peak learning rate, the same for every method (a finished study recovered at another is "
+        "recovered again)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
         "--latency-backend", default="torch", choices=("torch", "onnxruntime"), help="what speedups are timed in"
@@ -184,6 +195,10 @@ def main() -> None:
     timed_in = {o.timed_in for o in merged(earlier)} | ({run_target} if args.seeds else set())
     if len(timed_in) > 1:  # a seed's fastest uniform config and the table's title take one target
         parser.error(f"these outcomes are timed in {' and '.join(sorted(timed_in))}; report one target at a time")
+    recovery_lrs = {o.recovery_lr for o in merged(earlier)} | ({args.final_lr} if args.seeds else set())
+    if len(recovery_lrs) > 1:
+        listed = " and ".join(f"{lr:g}" for lr in sorted(recovery_lrs))
+        parser.error(f"these outcomes are recovered at peak learning rates {listed}; report one at a time")
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
     torch.set_num_threads(args.threads)
     suffix = "" if args.latency_backend == "torch" else f"-{args.latency_backend}"
@@ -197,6 +212,7 @@ def main() -> None:
             seed=seed,
             final_epochs=args.final_epochs,
             final_top=args.final_top,
+            final_lr=args.final_lr,
             latency_backend=args.latency_backend,
             results_dir=results_dir / f"seed-{seed}",
         )
@@ -378,6 +394,7 @@ def study_outcome(
         done := open_study(with_default_space(settings), directory)
     ).user_attrs:
         console.print(f"{method}: finished by an earlier run, read as it is")
+        recover_again(done, settings, directory, console)
         return outcome_of(method, settings, done, done.user_attrs["compare_wall_s"]), done
     if configs is not None:
         settings = settings.replace(budget=len(configs))
@@ -388,6 +405,24 @@ def study_outcome(
     seconds = study.user_attrs.get("compare_wall_s") or time.perf_counter() - start
     study.set_user_attr("compare_wall_s", seconds)
     return outcome_of(method, settings, study, seconds), study
+
+
+def recover_again(study: optuna.Study, settings: RunSettings, directory: Path, console: Console) -> None:
+    """A finished study's recovery stage run again where its front members were recovered otherwise than
+    ``settings`` asks (``--final-epochs``, ``--final-top``, ``--final-lr``): the same candidates, the stored
+    results of the others replaced."""
+    spec = settings.recovery
+    wanted = {r.number for r in recovery_candidates(study, spec.final_top)}
+    recorded = {int(trial): entry for trial, entry in RECOVERED.read(study).items()}
+    if all(
+        n in recorded and recorded[n]["epochs"] == spec.final_epochs and recorded[n]["lr"] == spec.final_lr
+        for n in wanted
+    ):
+        return
+    console.print(f"{study.study_name}: recovered again ({spec.final_epochs} epochs at peak lr {spec.final_lr:g})")
+    context = load_study_problem(study, console)
+    context = replace(context, settings=context.settings.replace(**asdict(spec)))
+    recover_front(study, context, directory=directory, console=console)
 
 
 def with_default_space(settings: RunSettings) -> RunSettings:
@@ -419,10 +454,13 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     dense = BASELINE.read(study)
     front = [TrialRecord.of(t) for t in members]
     points = []
+    spec = settings.recovery
     for trial in front:
         recovered = stored.recovered.get(str(trial.number))
         if recovered is None or compresses_nothing(trial):
             continue
+        if (recovered["epochs"], recovered["lr"]) != (spec.final_epochs, spec.final_lr):
+            continue  # recovered otherwise by an earlier run or command
         points.append(
             Point(
                 trial=trial.number,
@@ -455,6 +493,7 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
         extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **stored.phase_seconds},
         host=cpu_name(),
         timed_in=settings.evaluation.latency_backend,
+        recovery_lr=spec.final_lr,
     )
 
 
@@ -527,6 +566,8 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     lines.append(f"\nTimed in {target} on: {hosts}.")
+    lrs = ", ".join(f"{lr:g}" for lr in sorted({o.recovery_lr for o in outcomes}))
+    lines.append(f"Front members recovered at a peak learning rate of {lrs} (`--final-lr`).")
     retimed = [o for o in outcomes if "retimed_sweeps" in o.extra]
     if retimed:
         seeds = ", ".join(str(seed) for seed in sorted({o.seed for o in retimed}))

@@ -79,7 +79,7 @@ def main() -> None:
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as scratch:
         for directory, number in args.targets:
             runs += recover_target(directory, number, args=args, scratch=Path(scratch), console=console)
-    print_tables(runs, lrs=args.lrs, console=Console())
+    print_tables(runs, lrs=args.lrs, console=Console(width=160))
     print(f"{len(runs)} recoveries of {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         atomic_write_text(args.out, json.dumps([run.__dict__ for run in runs], indent=1) + "\n")

@@ -191,6 +191,9 @@ def run(
     final_top: Annotated[
         int, typer.Option(help="front members fine-tuned after the search, spread over the latency range")
     ] = RecoverySpec.final_top,
+    final_lr: Annotated[
+        float, typer.Option(help="peak learning rate of each --final-epochs fine-tune (warm-up, then cosine decay)")
+    ] = RecoverySpec.final_lr,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")
     ] = InfraSpec.storage,
@@ -265,7 +268,7 @@ def run(
             promote_steps=promote_steps,
             promote_fraction=promote_fraction,
         ),
-        recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top),
+        recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top, final_lr=final_lr),
         infra=InfraSpec(
             device=device,
             latency_device=latency_device,

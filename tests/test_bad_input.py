@@ -210,6 +210,7 @@ BAD_OPTIONS = [
     (["--promote-steps", "5", "--promote-fraction", "0"], ["--promote-fraction 0.0"]),
     (["--final-epochs", "-1"], ["--final-epochs -1"]),
     (["--final-epochs", "1", "--final-top", "0"], ["--final-top 0"]),
+    (["--final-lr", "-0.1"], ["--final-lr -0.1"]),
 ]
 
 

@@ -99,8 +99,12 @@ def test_the_recovery_stage_recovers_the_spread_front_once(legacy: Path, monkeyp
     assert [r.trial for r in results] == [4, 5]
     assert set(RECOVERED.read(study)) == {"4", "5"}
     assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-4.pt", "trial-5.pt"]
+    faster = context(study, final_epochs=1, final_top=2, final_lr=0.03)
+    again = recover_front(study, faster, directory=directory, console=QUIET)
+    assert [(r.trial, r.lr) for r in again] == [(4, 0.03), (5, 0.03)]  # another --final-lr is another recovery
+    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {0.03}
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
-    assert recover_front(study, stage, directory=directory, console=QUIET) == results
+    assert recover_front(study, faster, directory=directory, console=QUIET) == again
 
 
 def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legacy: Path) -> None:

@@ -42,7 +42,7 @@ from ranksearch.results.export import export_config
 from ranksearch.results.front import compresses_nothing, front_with_speeds
 from ranksearch.results.record import MODEL, RECOVERED, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
-from ranksearch.study.settings import RunSettings
+from ranksearch.study.settings import RecoverySpec, RunSettings
 from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm
 from ranksearch.util import atomic_open, describe
 
@@ -59,8 +59,8 @@ __all__ = [
     "recovery_candidates",
 ]
 
-RECOVERY_LR = 0.01
-"""The peak learning rate of a recovery fine-tune."""
+RECOVERY_LR = RecoverySpec.final_lr
+"""The peak learning rate of a recovery fine-tune (``--final-lr``'s default)."""
 WARMUP_FRACTION = 0.05
 """The share of a recovery's steps over which the learning rate rises linearly to its peak (at least one step)."""
 WITHIN_PP = 1.0
@@ -289,9 +289,10 @@ def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
 def recover_front(
     study: optuna.Study, context: RunContext, *, directory: Path, console: Console
 ) -> list[RecoveredTrial]:
-    """The recovery stage of a run (its ``--final-epochs`` and ``--final-top``): :func:`recovery_candidates` each
-    recovered (or read back when already recovered so), models saved under ``directory / "recovered"``. A trial whose
-    recovery fails is reported and skipped; nothing is done with ``--final-epochs 0``."""
+    """The recovery stage of a run (its ``--final-epochs``, ``--final-top`` and ``--final-lr``):
+    :func:`recovery_candidates` each recovered (or read back when already recovered so), models saved under
+    ``directory / "recovered"``. A trial whose recovery fails is reported and skipped; nothing is done with
+    ``--final-epochs 0``."""
     spec = context.settings.recovery
     if spec.final_epochs == 0:
         return []
@@ -302,7 +303,7 @@ def recover_front(
     results = []
     for record in candidates:
         try:
-            result = recoverer.recover(record.number, epochs=spec.final_epochs)
+            result = recoverer.recover(record.number, epochs=spec.final_epochs, lr=spec.final_lr)
         except (RanksearchError, KeyboardInterrupt):
             raise
         except Exception as exc:

@@ -172,12 +172,16 @@ class RecoverySpec:
     """Epochs of distillation per recovered member; 0 turns the stage off."""
     final_top: int = 4
     """How many front members are recovered."""
+    final_lr: float = 0.01
+    """The peak learning rate of each recovery fine-tune (a linear warm-up, then cosine decay to 0)."""
 
     def validate(self) -> None:
         if self.final_epochs < 0:
             raise RanksearchError(
                 f"--final-epochs {self.final_epochs}: must be 0 (no recovery stage) or more; pass e.g. 2"
             )
+        if not self.final_lr > 0:
+            raise RanksearchError(f"--final-lr {self.final_lr}: must be positive; pass e.g. {RecoverySpec.final_lr}")
         if self.final_top <= 0:
             raise RanksearchError(
                 f"--final-top {self.final_top}: must be positive; pass e.g. 4, or --final-epochs 0 to skip recovery"
