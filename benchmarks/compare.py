@@ -27,7 +27,10 @@ searched accuracy and the recovered one. Writes ``compare.md``, ``compare.json``
 The speedups are those of a side-by-side re-timing once all of a seed's methods ran (``--retime-sweeps``; each
 study times its configs at another hour, and on a shared machine that moves a config's speedup by 20 %), in
 ``--retime-backend``: a search timed in eager torch can have its recovered members timed in ONNX Runtime.
-A rerun resumes an unfinished study and reads a finished one as it is, with its first wall time. ``--merge`` adds
+A rerun resumes an unfinished study and reads a finished one as it is, with its first wall time; one whose members
+were recovered otherwise than ``--final-epochs`` and ``--final-lr`` say is recovered again (the same members), and
+``--speedups-from`` an earlier ``compare.json`` gives them that run's side-by-side speedups instead of timing them
+again. ``--merge`` adds
 the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
 them), so the seven methods over three seeds can be run a few at a time (``--seeds`` with no seed only merges);
 the table names every processor it was timed on.
@@ -40,6 +43,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -181,6 +185,12 @@ def main() -> None:
         "--merge", type=Path, nargs="*", default=[], help="earlier runs' compare.json, reported with this run's"
     )
     parser.add_argument(
+        "--speedups-from",
+        type=Path,
+        help="an earlier run's compare.json: the same members take its side-by-side speedups instead of being "
+        "re-timed (to recover finished studies again, e.g. at another --final-lr, with nothing timed)",
+    )
+    parser.add_argument(
         "--retime-sweeps",
         type=int,
         default=3,
@@ -190,7 +200,9 @@ def main() -> None:
     if not args.seeds and not args.merge:
         parser.error("--seeds with no seed only reports --merge's files; pass seeds to run or files to merge")
     retime_backend = args.retime_backend or args.latency_backend
-    run_target = retime_backend if args.retime_sweeps else args.latency_backend
+    sweeps = 0 if args.speedups_from else args.retime_sweeps
+    timed = [Outcome.from_json(d) for d in json.loads(args.speedups_from.read_text())] if args.speedups_from else []
+    run_target = retime_backend if sweeps else timed[0].timed_in if timed else args.latency_backend
     earlier = [Outcome.from_json(data) for path in args.merge for data in json.loads(path.read_text())]
     timed_in = {o.timed_in for o in merged(earlier)} | ({run_target} if args.seeds else set())
     if len(timed_in) > 1:  # a seed's fastest uniform config and the table's title take one target
@@ -216,7 +228,10 @@ def main() -> None:
             latency_backend=args.latency_backend,
             results_dir=results_dir / f"seed-{seed}",
         )
-        outcomes += run_seed(base, args.methods, console, sweeps=args.retime_sweeps, retime_backend=retime_backend)
+        found = run_seed(base, args.methods, console, sweeps=sweeps, retime_backend=retime_backend)
+        if args.speedups_from:
+            take_speedups(found, timed, source=args.speedups_from)
+        outcomes += found
     report(merged([*earlier, *outcomes]), results_dir, console)
 
 
@@ -338,6 +353,27 @@ def retime_side_by_side(
         f"re-timed {len(configs)} configs side by side in {sweeps} sweeps of {RETIME_ROUNDS} paired rounds each; "
         f"a config's sweeps differ by a median {100 * spread:.0f} % of its speedup (largest over smallest)"
     )
+
+
+def take_speedups(outcomes: Sequence[Outcome], timed: Sequence[Outcome], *, source: Path) -> None:
+    """Each recovered member's speedup, each seed's fastest uniform config and the target they were timed in, from
+    the same method, seed and trial of ``timed`` (``source``'s outcomes): the same configs, timed side by side
+    there. A member it did not time ends the run."""
+    by_key = {(o.method, o.seed): o for o in timed}
+    for outcome in outcomes:
+        earlier = by_key.get((outcome.method, outcome.seed))
+        speeds = {} if earlier is None else {p.trial: p.speedup for p in earlier.front}
+        missing = [p.trial for p in outcome.front if p.trial not in speeds]
+        if earlier is None or missing:
+            sys.exit(
+                f"--speedups-from {source}: {outcome.method} on seed {outcome.seed} has members it did not time "
+                f"({missing or 'no such outcome'}); re-time them without --speedups-from"
+            )
+        outcome.front = [replace(p, speedup=speeds[p.trial], study_speedup=p.speedup) for p in outcome.front]
+        outcome.fastest_uniform = earlier.fastest_uniform
+        outcome.timed_in = earlier.timed_in
+        outcome.extra.update({k: v for k, v in earlier.extra.items() if k.startswith("retimed_")})
+        outcome.extra["speedups_reused"] = 1.0
 
 
 def plain(settings: RunSettings) -> RunSettings:
@@ -577,6 +613,12 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
             f"Speedups of seed(s) {seeds} re-timed side by side after all their methods ran (every recovered member "
             f"and the uniform sweep's fastest configs, the median of {sweeps} shuffled sweeps of paired timings, "
             f"which differ by a median {spread:.0f} % per config); the others are their studies' own timings."
+        )
+    reused = sorted({o.seed for o in outcomes if o.extra.get("speedups_reused")})
+    if reused:
+        lines.append(
+            f"Seed(s) {', '.join(map(str, reused))}: the speedups are an earlier run's side-by-side re-timing of the "
+            "same members (`--speedups-from`); the accuracies were recovered in this run."
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")

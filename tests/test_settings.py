@@ -83,7 +83,7 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
         ({"study_name": "a b"}, "--study-name 'a b': use letters"),
         ({"final_epochs": -1}, "--final-epochs -1: must be 0"),
         ({"final_top": 0}, "--final-top 0: must be positive"),
-        ({"final_lr": 0.0}, "--final-lr 0.0: must be positive; pass e.g. 0.01"),
+        ({"final_lr": 0.0}, "--final-lr 0.0: must be positive; pass e.g. 0.03"),
         ({"latency_backend": "onnxruntime", "device": "cuda"}, "times on CPU, not --device cuda"),
         ({"latency_backend": "compile", "device": "cuda"}, "--latency-backend compile times on CPU, not --device cuda"),
     ],

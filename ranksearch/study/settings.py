@@ -172,8 +172,9 @@ class RecoverySpec:
     """Epochs of distillation per recovered member; 0 turns the stage off."""
     final_top: int = 4
     """How many front members are recovered."""
-    final_lr: float = 0.01
-    """The peak learning rate of each recovery fine-tune (a linear warm-up, then cosine decay to 0)."""
+    final_lr: float = 0.03
+    """The peak learning rate of each recovery fine-tune (a linear warm-up, then cosine decay to 0); chosen on
+    validation accuracy by ``benchmarks/recovery_recipe.py`` (docs/search.md, "The recovery's learning rate")."""
 
     def validate(self) -> None:
         if self.final_epochs < 0:
