@@ -1,10 +1,10 @@
 """Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
-    python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2]
+    python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2] [--final-lr 0.03]
                                  [--methods ranksearch previous random random-time uniform greedy nsga2]
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]
                                  [--results-dir results/compare]
-                                 [--merge docs/compare/*/compare.json]
+                                 [--merge docs/compare/*/compare.json] [--speedups-from OLD/compare.json]
 
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
@@ -364,6 +364,10 @@ def take_speedups(outcomes: Sequence[Outcome], timed: Sequence[Outcome], *, sour
         earlier = by_key.get((outcome.method, outcome.seed))
         speeds = {} if earlier is None else {p.trial: p.speedup for p in earlier.front}
         missing = [p.trial for p in outcome.front if p.trial not in speeds]
+        if earlier is not None and "retimed_sweeps" not in earlier.extra:
+            sys.exit(
+                f"--speedups-from {source}: its {outcome.method} on seed {outcome.seed} was not re-timed side by side"
+            )
         if earlier is None or missing:
             sys.exit(
                 f"--speedups-from {source}: {outcome.method} on seed {outcome.seed} has members it did not time "
@@ -448,17 +452,24 @@ def recover_again(study: optuna.Study, settings: RunSettings, directory: Path, c
     ``settings`` asks (``--final-epochs``, ``--final-top``, ``--final-lr``): the same candidates, the stored
     results of the others replaced."""
     spec = settings.recovery
-    wanted = {r.number for r in recovery_candidates(study, spec.final_top)}
-    recorded = {int(trial): entry for trial, entry in RECOVERED.read(study).items()}
-    if all(
-        n in recorded and recorded[n]["epochs"] == spec.final_epochs and recorded[n]["lr"] == spec.final_lr
-        for n in wanted
-    ):
+
+    def stale() -> list[int]:
+        recorded = {int(trial): entry for trial, entry in RECOVERED.read(study).items()}
+        return [
+            r.number
+            for r in recovery_candidates(study, spec.final_top)
+            if (recorded.get(r.number, {}).get("epochs"), recorded.get(r.number, {}).get("lr"))
+            != (spec.final_epochs, spec.final_lr)
+        ]
+
+    if spec.final_epochs == 0 or not stale():
         return
     console.print(f"{study.study_name}: recovered again ({spec.final_epochs} epochs at peak lr {spec.final_lr:g})")
     context = load_study_problem(study, console)
     context = replace(context, settings=context.settings.replace(**asdict(spec)))
     recover_front(study, context, directory=directory, console=console)
+    if left := stale():
+        console.print(f"{study.study_name}: trial(s) {left} failed to recover again and are left out of its front")
 
 
 def with_default_space(settings: RunSettings) -> RunSettings:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
@@ -72,8 +71,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write every run as JSON")
     args = parser.parse_args()
+    if args.epochs < 1 or not args.seeds or min(args.lrs) <= 0:
+        parser.error("--epochs must be 1 or more, --seeds non-empty and every --lrs positive")
     console = Console(stderr=True)
-    torch.manual_seed(0)
     runs: list[Run] = []
     start = time.perf_counter()
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as scratch:
@@ -82,7 +82,7 @@ def main() -> None:
     print_tables(runs, lrs=args.lrs, console=Console(width=160))
     print(f"{len(runs)} recoveries of {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
-        atomic_write_text(args.out, json.dumps([run.__dict__ for run in runs], indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps([asdict(run) for run in runs], indent=1) + "\n")
 
 
 def recover_target(
@@ -92,9 +92,12 @@ def recover_target(
     study = load_study(directory)
     context = load_study_problem(study, console)
     recoverer = Recoverer(study=study, context=context, directory=scratch, console=console)
-    config = TrialRecord.of(study.trials[number]).compression_config()
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials) or trials[number].state != TrialState.COMPLETE:
+        raise SystemExit(f"{directory}:{number}: not a complete trial of that study; pick one from `ranksearch show`")
+    config = TrialRecord.of(trials[number]).compression_config()
     splits = context.splits
-    val = make_loader(splits.full_val or splits.val, batch_size=256, shuffle=False)
+    val = make_loader(splits.val if splits.full_val is None else splits.full_val, batch_size=256, shuffle=False)
     dense_val = correct_predictions(context.model, val, device=context.device)
     test = make_loader(recoverer.test, batch_size=256, shuffle=False)
     target = f"{directory.parent.name}/{directory.name}:{number}"
@@ -161,4 +164,4 @@ def print_tables(runs: list[Run], *, lrs: list[float], console: Console) -> None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

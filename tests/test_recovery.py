@@ -22,7 +22,7 @@ from ranksearch.data import make_loader
 from ranksearch.results import load_study
 from ranksearch.results.record import RECOVERED, SETTINGS
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
-from ranksearch.study.recovery import Recoverer, load_recovered, recover_front, recovery_candidates
+from ranksearch.study.recovery import RECOVERY_LR, Recoverer, load_recovered, recover_front, recovery_candidates
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.training import correct_predictions, warmup_cosine
 
@@ -51,7 +51,7 @@ def test_a_recovered_trial_beats_the_same_config_not_fine_tuned(legacy: Path) ->
     tuned = recover.recover(4, epochs=1)
     assert (untuned.steps, tuned.steps) == (0, 32)
     assert tuned.drop.images == untuned.drop.images == 10_000  # the full test split, not the search's 256 images
-    # measured: 50.8 % -> 63.9 %; the paired intervals of the drop against the dense model are far apart
+    # the paired intervals of the drop against the dense model are far apart
     assert tuned.test_accuracy > untuned.test_accuracy + 0.05
     assert tuned.drop.high_pp < untuned.drop.low_pp
     dense = recover.dense_correct().double().mean().item()
@@ -93,18 +93,21 @@ def test_the_recovery_stage_recovers_the_spread_front_once(legacy: Path, monkeyp
     assert recover_front(study, off, directory=directory, console=QUIET) == []
     assert not RECOVERED.stored(study) and not (directory / "recovered").exists()
 
-    stage = context(study, final_epochs=1, final_top=2)
-    results = recover_front(study, stage, directory=directory, console=QUIET)
+    earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01)  # as releases before --final-lr recovered
+    results = recover_front(study, earlier, directory=directory, console=QUIET)
     # the front is 4, 2, 3, 5 and the dense 0: the most accurate (5) and the farthest from it in speedup (4)
-    assert [r.trial for r in results] == [4, 5]
+    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (5, 0.01)]
     assert set(RECOVERED.read(study)) == {"4", "5"}
     assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-4.pt", "trial-5.pt"]
-    faster = context(study, final_epochs=1, final_top=2, final_lr=0.03)
-    again = recover_front(study, faster, directory=directory, console=QUIET)
-    assert [(r.trial, r.lr) for r in again] == [(4, 0.03), (5, 0.03)]  # another --final-lr is another recovery
-    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {0.03}
+    written = (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns
+
+    stage = context(study, final_epochs=1, final_top=2)  # today's default learning rate: another recovery
+    again = recover_front(study, stage, directory=directory, console=QUIET)
+    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (5, RECOVERY_LR)] and RECOVERY_LR != 0.01
+    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {RECOVERY_LR}
+    assert (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns != written
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
-    assert recover_front(study, faster, directory=directory, console=QUIET) == again
+    assert recover_front(study, stage, directory=directory, console=QUIET) == again
 
 
 def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legacy: Path) -> None:

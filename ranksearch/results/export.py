@@ -141,7 +141,8 @@ def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -
     measured = [("test split", metrics.get("test_drop"))]
     recovered = meta.get("recovered")
     if recovered is not None:
-        measured.append((f"test split after {recovered['epochs']} recovery epochs", recovered))
+        at = f" at peak lr {recovered['lr']:g}" if "lr" in recovered else ""
+        measured.append((f"test split after {recovered['epochs']} recovery epochs{at}", recovered))
     for what, stored in measured:
         if stored is None:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -165,8 +166,9 @@ class SearchSpec:
 @dataclass(frozen=True, kw_only=True)
 class RecoverySpec:
     """The recovery stage after the search: ``final_top`` front members spread over the latency range, each
-    fine-tuned for ``final_epochs`` epochs and tested on the full test split (see :mod:`ranksearch.study.recovery`).
-    Not part of the study's identity: it reads the front, it does not change what the search measures."""
+    fine-tuned for ``final_epochs`` epochs at peak learning rate ``final_lr`` and tested on the full test split (see
+    :mod:`ranksearch.study.recovery`). Not part of the study's identity: it reads the front, it does not change what
+    the search measures."""
 
     final_epochs: int = 2
     """Epochs of distillation per recovered member; 0 turns the stage off."""
@@ -181,7 +183,7 @@ class RecoverySpec:
             raise RanksearchError(
                 f"--final-epochs {self.final_epochs}: must be 0 (no recovery stage) or more; pass e.g. 2"
             )
-        if not self.final_lr > 0:
+        if not (math.isfinite(self.final_lr) and self.final_lr > 0):
             raise RanksearchError(f"--final-lr {self.final_lr}: must be positive; pass e.g. {RecoverySpec.final_lr}")
         if self.final_top <= 0:
             raise RanksearchError(
