@@ -65,12 +65,12 @@ from ranksearch.models import model_family
 from ranksearch.results import STORAGE_FILE
 from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
 from ranksearch.results.hypervolume import hypervolume_2d
-from ranksearch.results.record import BASELINE, RECOVERED, StudyRecord, TrialRecord, anchor_attrs, records
+from ranksearch.results.record import BASELINE, StudyRecord, TrialRecord, anchor_attrs, records
 from ranksearch.search import config_to_params, default_space_path, uniform_config
 from ranksearch.study import PreparedSearch, RunSettings, run_search
 from ranksearch.study.front import RETIME_ROUNDS, RETIME_SECONDS
 from ranksearch.study.problem import load_space
-from ranksearch.study.recovery import load_study_problem, recover_front, recovery_candidates
+from ranksearch.study.recovery import load_study_problem, recorded_recovery, recover_front, recovery_candidates
 from ranksearch.study.settings import RecoverySpec
 from ranksearch.study.storage import open_study
 from ranksearch.util import atomic_write_text, file_digest
@@ -204,13 +204,14 @@ def main() -> None:
     timed = [Outcome.from_json(d) for d in json.loads(args.speedups_from.read_text())] if args.speedups_from else []
     run_target = retime_backend if sweeps else timed[0].timed_in if timed else args.latency_backend
     earlier = [Outcome.from_json(data) for path in args.merge for data in json.loads(path.read_text())]
-    timed_in = {o.timed_in for o in merged(earlier)} | ({run_target} if args.seeds else set())
-    if len(timed_in) > 1:  # a seed's fastest uniform config and the table's title take one target
-        parser.error(f"these outcomes are timed in {' and '.join(sorted(timed_in))}; report one target at a time")
-    recovery_lrs = {o.recovery_lr for o in merged(earlier)} | ({args.final_lr} if args.seeds else set())
-    if len(recovery_lrs) > 1:
-        listed = " and ".join(f"{lr:g}" for lr in sorted(recovery_lrs))
-        parser.error(f"these outcomes are recovered at peak learning rates {listed}; report one at a time")
+    # a seed's fastest uniform config, the table's title and its recovery line take one target and one recipe
+    for what, found, here in (
+        ("timed in", {o.timed_in for o in merged(earlier)}, run_target),
+        ("recovered at peak learning rates", {f"{o.recovery_lr:g}" for o in merged(earlier)}, f"{args.final_lr:g}"),
+    ):
+        mixed = found | ({here} if args.seeds else set())
+        if len(mixed) > 1:
+            parser.error(f"these outcomes are {what} {' and '.join(sorted(mixed))}; report one at a time")
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # logs get the CLI's width, not 80
     torch.set_num_threads(args.threads)
     suffix = "" if args.latency_backend == "torch" else f"-{args.latency_backend}"
@@ -454,12 +455,10 @@ def recover_again(study: optuna.Study, settings: RunSettings, directory: Path, c
     spec = settings.recovery
 
     def stale() -> list[int]:
-        recorded = {int(trial): entry for trial, entry in RECOVERED.read(study).items()}
         return [
             r.number
             for r in recovery_candidates(study, spec.final_top)
-            if (recorded.get(r.number, {}).get("epochs"), recorded.get(r.number, {}).get("lr"))
-            != (spec.final_epochs, spec.final_lr)
+            if recorded_recovery(study, r.number, epochs=spec.final_epochs, lr=spec.final_lr) is None
         ]
 
     if spec.final_epochs == 0 or not stale():
@@ -503,17 +502,15 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     points = []
     spec = settings.recovery
     for trial in front:
-        recovered = stored.recovered.get(str(trial.number))
+        recovered = recorded_recovery(study, trial.number, epochs=spec.final_epochs, lr=spec.final_lr)
         if recovered is None or compresses_nothing(trial):
-            continue
-        if (recovered["epochs"], recovered["lr"]) != (spec.final_epochs, spec.final_lr):
-            continue  # recovered otherwise by an earlier run or command
+            continue  # not recovered, or recovered otherwise by an earlier run or command
         points.append(
             Point(
                 trial=trial.number,
                 speedup=float(speeds[trial.number].speedup or 0.0),
-                test_accuracy=float(recovered["test_accuracy"]),
-                drop_high_pp=float(recovered["high_pp"]),
+                test_accuracy=recovered.test_accuracy,
+                drop_high_pp=recovered.drop.high_pp,
                 params=int(trial.cost["params"]),
                 macs=int(trial.cost["macs"]),
                 searched_accuracy=float(trial.metrics["accuracy"]),

@@ -99,7 +99,7 @@ def recover_target(
     splits = context.splits
     val = make_loader(splits.val if splits.full_val is None else splits.full_val, batch_size=256, shuffle=False)
     dense_val = correct_predictions(context.model, val, device=context.device)
-    test = make_loader(recoverer.test, batch_size=256, shuffle=False)
+    test = recoverer.test_loader()
     target = f"{directory.parent.name}/{directory.name}:{number}"
     runs = []
     for lr in args.lrs:

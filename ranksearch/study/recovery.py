@@ -56,6 +56,7 @@ __all__ = [
     "Recoverer",
     "load_recovered",
     "load_study_problem",
+    "recorded_recovery",
     "recover_front",
     "recover_trial",
     "recovery_candidates",
@@ -149,13 +150,13 @@ class Recoverer:
         """Trial ``trial`` recovered with ``epochs`` epochs (0: BatchNorm recalibrated only) at peak learning rate
         ``lr``, recorded and saved; one already recovered so is read back, not repeated."""
         frozen = _complete_trial(self.study, trial)
-        done = _recorded(self.study, trial, epochs=epochs, lr=lr)
+        done = recorded_recovery(self.study, trial, epochs=epochs, lr=lr)
         if done is not None:
             return done
         start = time.perf_counter()
         config = TrialRecord.of(frozen).compression_config()
         model, steps, device = self.finetuned(config, label=f"recovering trial {trial}", epochs=epochs, lr=lr)
-        correct = correct_predictions(model, self._test_loader(), device=device)
+        correct = correct_predictions(model, self.test_loader(), device=device)
         drop = paired_drop(self.dense_correct(), correct)
         checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
         result = RecoveredTrial(
@@ -178,7 +179,7 @@ class Recoverer:
         """Whether the dense model classifies each test image right (measured once)."""
         if self._dense_correct is None:
             dense = self.context.model
-            self._dense_correct = correct_predictions(dense, self._test_loader(), device=self.context.device)
+            self._dense_correct = correct_predictions(dense, self.test_loader(), device=self.context.device)
         return self._dense_correct
 
     def finetuned(
@@ -216,11 +217,12 @@ class Recoverer:
         quantize_layers(model.to(timing), int8_layers, self._calib.to(timing))
         return model, steps, timing
 
-    def _test_loader(self) -> DataLoader:
+    def test_loader(self) -> DataLoader:
+        """The full test split in order, as every recovery is tested on."""
         return make_loader(self.test, batch_size=256, shuffle=False)
 
 
-def _recorded(study: optuna.Study, trial: int, *, epochs: int, lr: float) -> RecoveredTrial | None:
+def recorded_recovery(study: optuna.Study, trial: int, *, epochs: int, lr: float) -> RecoveredTrial | None:
     """Trial ``trial``'s recovery with ``epochs`` epochs at ``lr`` as the study recorded it; None when not done."""
     stored = RECOVERED.read(study).get(str(trial))
     if stored is None or stored.get("epochs") != epochs or stored.get("lr") != lr:
@@ -339,7 +341,7 @@ def recover_trial(
         raise RanksearchError(f"--lr {lr}: must be positive; pass e.g. --lr {RECOVERY_LR}")
     study = load_study(ref, results_dir=results_dir, storage=storage)
     _complete_trial(study, trial)
-    result = _recorded(study, trial, epochs=epochs, lr=lr)
+    result = recorded_recovery(study, trial, epochs=epochs, lr=lr)
     if result is None:
         path = Path(ref)
         directory = path if (path / STORAGE_FILE).is_file() else results_dir / study.study_name
