@@ -21,14 +21,16 @@ faster than the dense model, are tested on the test split with paired intervals,
 (``--final-top``) is recovered by the same fine-tune (``--final-epochs``). Reported per method, as the median and
 range over the seeds: the best recovered speedup within 0.5 and 1.0 test points of the dense model, the params and
 MACs reduction there, the fastest uniform config's speedup (what the space offers), the hypervolume of the recovered
-front, wall time, front members not measurably faster than dense in their study (must be 0), recovered members whose
-speedup in the table is under 1x (a re-timing, or another target, can put one there), and Kendall's tau between the
-searched accuracy and the recovered one. Writes ``compare.md``, ``compare.json`` and ``compare.png`` (recovered fronts).
+front, wall time and the recovery stage's share of it, front members not measurably faster than dense in their study
+(must be 0), recovered members whose speedup in the table is under 1x (a re-timing, or another target, can put one
+there), and Kendall's tau between the searched accuracy and the recovered one. Writes ``compare.md``,
+``compare.json`` and ``compare.png`` (recovered fronts).
 The speedups are those of a side-by-side re-timing once all of a seed's methods ran (``--retime-sweeps``; each
 study times its configs at another hour, and on a shared machine that moves a config's speedup by 20 %), in
 ``--retime-backend``: a search timed in eager torch can have its recovered members timed in ONNX Runtime.
 A rerun resumes an unfinished study and reads a finished one as it is, with its first wall time; one whose members
-were recovered otherwise than ``--final-epochs`` and ``--final-lr`` say is recovered again (the same members), and
+were recovered otherwise than ``--final-epochs`` and ``--final-lr`` say is recovered again (the same members; its
+wall time then counts the new recoveries' time instead of the first's), and
 ``--speedups-from`` an earlier ``compare.json`` gives them that run's side-by-side speedups instead of timing them
 again. ``--merge`` adds
 the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
@@ -127,6 +129,8 @@ class Outcome:
     """The latency target its speedups were timed in: its study's, or the side-by-side re-timing's."""
     recovery_lr: float = 0.01
     """The peak learning rate its front members were recovered with (``--final-lr``; runs before it: 0.01)."""
+    recovery_epochs: int = 2
+    """The epochs its front members were recovered for (``--final-epochs``; runs before it recorded none: 2)."""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Outcome:
@@ -148,6 +152,11 @@ class Outcome:
         reference = (100 * self.dense_test_accuracy - HV_DROP, -1.0)
         return hypervolume_2d(((100 * p.test_accuracy, -p.speedup) for p in self.front), reference)
 
+    def recovery_share(self) -> float | None:
+        """The recovery stage's share of the wall time without baseline training."""
+        recovery = self.extra.get("recovery")
+        return None if recovery is None or self.search_seconds <= 0 else recovery / self.search_seconds
+
     def tau(self) -> float | None:
         """Kendall's tau between the searched accuracy and the recovered one over the recovered configs."""
         if len(self.front) < 3:
@@ -161,7 +170,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only report --merge's")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--final-epochs", type=int, default=2, help="recovery epochs, the same for every method")
+    parser.add_argument(
+        "--final-epochs", type=int, default=RecoverySpec.final_epochs, help="recovery epochs, the same for every method"
+    )
     parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
     parser.add_argument(
         "--final-lr",
@@ -208,6 +219,7 @@ def main() -> None:
     for what, found, here in (
         ("timed in", {o.timed_in for o in merged(earlier)}, run_target),
         ("recovered at peak learning rates", {f"{o.recovery_lr:g}" for o in merged(earlier)}, f"{args.final_lr:g}"),
+        ("recovered for epochs", {str(o.recovery_epochs) for o in merged(earlier)}, str(args.final_epochs)),
     ):
         mixed = found | ({here} if args.seeds else set())
         if len(mixed) > 1:
@@ -501,10 +513,12 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     front = [TrialRecord.of(t) for t in members]
     points = []
     spec = settings.recovery
+    recovery_s = 0.0
     for trial in front:
         recovered = recorded_recovery(study, trial.number, epochs=spec.final_epochs, lr=spec.final_lr)
         if recovered is None or compresses_nothing(trial):
             continue  # not recovered, or recovered otherwise by an earlier run or command
+        recovery_s += recovered.seconds
         points.append(
             Point(
                 trial=trial.number,
@@ -522,11 +536,14 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     dense_test = float(dense["test_accuracy"])
     if recovered_dense:  # recovery tests on the full test split: compare with the dense model's accuracy there
         dense_test = float(recovered_dense["test_accuracy"]) + float(recovered_dense["drop_pp"]) / 100
+    # the recovery stage's time is what its members' recorded recoveries took: a study recovered again (another
+    # recipe) replaces the first recovery's time with the second's
+    phases = {**stored.phase_seconds, "recovery": recovery_s}
     return Outcome(
         method=method,
         seed=settings.problem.seed,
         evaluated=len(complete),
-        seconds=seconds,
+        seconds=seconds - stored.phase_seconds.get("recovery", 0.0) + recovery_s,
         front=points,
         dense_test_accuracy=dense_test,
         dense_params=int(dense["params"]),
@@ -534,10 +551,11 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
         front_size=len(front),
         not_faster=sum(not compresses_nothing(r) and not speeds[r.number].measurably_faster for r in front),
         fastest_uniform=max(uniform, default=None) if method == "uniform" else None,
-        extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **stored.phase_seconds},
+        extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **phases},
         host=cpu_name(),
         timed_in=settings.evaluation.latency_backend,
         recovery_lr=spec.final_lr,
+        recovery_epochs=spec.final_epochs,
     )
 
 
@@ -566,6 +584,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
         "<= 0.5 pp / fastest uniform",
         f"hypervolume (<= {HV_DROP:g} pp)",
         "wall time s (no baseline training)",
+        "recovery share",
         "members not faster",
         "recovered under 1x",
         "Kendall tau",
@@ -602,6 +621,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
             ),
             _summary([o.hypervolume() for o in runs], "{:.2f}"),
             _summary([o.search_seconds for o in runs], "{:.0f}"),
+            _summary([o.recovery_share() for o in runs], "{:.0%}"),
             _summary([float(o.not_faster) for o in runs], "{:.0f}"),
             _summary([float(sum(p.speedup < 1.0 for p in o.front)) for o in runs], "{:.0f}"),
             _summary([o.tau() for o in runs], "{:.2f}"),
@@ -611,7 +631,11 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
     console.print(table)
     lines.append(f"\nTimed in {target} on: {hosts}.")
     lrs = ", ".join(f"{lr:g}" for lr in sorted({o.recovery_lr for o in outcomes}))
-    lines.append(f"Front members recovered at a peak learning rate of {lrs} (`--final-lr`).")
+    epochs = ", ".join(str(e) for e in sorted({o.recovery_epochs for o in outcomes}))
+    lines.append(
+        f"Front members recovered for {epochs} epochs (`--final-epochs`) at a peak learning rate of {lrs} "
+        "(`--final-lr`); recovery share: the members' recorded recoveries over the wall time."
+    )
     retimed = [o for o in outcomes if "retimed_sweeps" in o.extra]
     if retimed:
         seeds = ", ".join(str(seed) for seed in sorted({o.seed for o in retimed}))
