@@ -173,7 +173,9 @@ def main() -> None:
     parser.add_argument(
         "--final-epochs", type=int, default=RecoverySpec.final_epochs, help="recovery epochs, the same for every method"
     )
-    parser.add_argument("--final-top", type=int, default=4, help="front members recovered per method")
+    parser.add_argument(
+        "--final-top", type=int, default=RecoverySpec.final_top, help="front members recovered per method"
+    )
     parser.add_argument(
         "--final-lr",
         type=float,
