@@ -72,7 +72,7 @@ from ranksearch.search import config_to_params, default_space_path, uniform_conf
 from ranksearch.study import PreparedSearch, RunSettings, run_search
 from ranksearch.study.front import RETIME_ROUNDS, RETIME_SECONDS
 from ranksearch.study.problem import load_space
-from ranksearch.study.recovery import load_study_problem, recorded_recovery, recover_front, recovery_candidates
+from ranksearch.study.recovery import load_study_problem, recover_front, recovery_plan
 from ranksearch.study.settings import RecoverySpec
 from ranksearch.study.storage import open_study
 from ranksearch.util import atomic_write_text, file_digest
@@ -463,26 +463,23 @@ def study_outcome(
 
 
 def recover_again(study: optuna.Study, settings: RunSettings, directory: Path, console: Console) -> None:
-    """A finished study's recovery stage run again where its front members were recovered otherwise than
-    ``settings`` asks (``--final-epochs``, ``--final-top``, ``--final-lr``): the same candidates, the stored
-    results of the others replaced."""
+    """A finished study's recovery stage run again where its recorded recoveries do not make up the plan that
+    ``settings`` asks for (``--final-epochs``, ``--final-top``, ``--final-lr``; :func:`recovery_plan`): another
+    recipe, or a study recovered by an earlier release's choice of members. What is recorded is read back."""
     spec = settings.recovery
 
-    def stale() -> list[int]:
-        return [
-            r.number
-            for r in recovery_candidates(study, spec.final_top)
-            if recorded_recovery(study, r.number, epochs=spec.final_epochs, lr=spec.final_lr) is None
-        ]
+    def unfinished() -> int | None:
+        plan = recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr)
+        return None if plan.next is None else plan.next.number
 
-    if spec.final_epochs == 0 or not stale():
+    if spec.final_epochs == 0 or unfinished() is None:
         return
     console.print(f"{study.study_name}: recovered again ({spec.final_epochs} epochs at peak lr {spec.final_lr:g})")
     context = load_study_problem(study, console)
     context = replace(context, settings=context.settings.replace(**asdict(spec)))
     recover_front(study, context, directory=directory, console=console)
-    if left := stale():
-        console.print(f"{study.study_name}: trial(s) {left} failed to recover again and are left out of its front")
+    if (left := unfinished()) is not None:
+        console.print(f"{study.study_name}: trial {left} failed to recover again and is left out of its front")
 
 
 def with_default_space(settings: RunSettings) -> RunSettings:
@@ -512,14 +509,14 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     """``method``'s outcome from its finished ``study`` (run with ``settings``), timed as the study timed it."""
     stored, (members, speeds) = StudyRecord.of(study), front_with_speeds(study)
     dense = BASELINE.read(study)
-    front = [TrialRecord.of(t) for t in members]
+    front = {t.number: TrialRecord.of(t) for t in members}
     points = []
     spec = settings.recovery
     recovery_s = 0.0
-    for trial in front:
-        recovered = recorded_recovery(study, trial.number, epochs=spec.final_epochs, lr=spec.final_lr)
-        if recovered is None or compresses_nothing(trial):
-            continue  # not recovered, or recovered otherwise by an earlier run or command
+    # the recovery stage's members only: those an earlier run or command recovered beyond them would give one
+    # method more recovered members than another
+    for recovered in recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr).recovered:
+        trial = front[recovered.trial]
         recovery_s += recovered.seconds
         points.append(
             Point(

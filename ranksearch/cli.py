@@ -189,7 +189,8 @@ def run(
         int, typer.Option(help="after the search, fine-tune --final-top front members this many epochs; 0 is off")
     ] = RecoverySpec.final_epochs,
     final_top: Annotated[
-        int, typer.Option(help="front members fine-tuned after the search, spread over the latency range")
+        int,
+        typer.Option(help="front members fine-tuned after the search, fastest first until one is within 0.5 points"),
     ] = RecoverySpec.final_top,
     final_lr: Annotated[
         float, typer.Option(help="peak learning rate of each --final-epochs fine-tune (warm-up, then cosine decay)")

@@ -28,7 +28,7 @@ from ranksearch.results.select import select_trial
 from ranksearch.results.show import show_rows, show_study
 from ranksearch.study import load_problem
 from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
-from ranksearch.study.recovery import recovery_candidates
+from ranksearch.study.recovery import RECOVERY_LR, recovery_plan
 
 BASELINE = {"accuracy": 0.90, "latency_ms": 10.0, "test_accuracy": 0.9, "params": 1000, "macs": 5000}
 SVD = {"layers": {"conv": {"technique": "svd", "rank": 0.5}}}
@@ -113,7 +113,7 @@ def test_the_front_and_its_speeds_come_from_one_read_while_workers_complete_tria
     write_results(study, tmp_path)
     assert json.loads((tmp_path / "pareto.json").read_text())["front"][-1]["trial"] == 0
     assert StudyRows.of(study).configs.keys() >= {7, 0}
-    assert recovery_candidates(study, 3)
+    assert recovery_plan(study, 3, epochs=2, lr=RECOVERY_LR).next is not None
 
 
 def test_the_dense_model_stays_on_the_front_when_dominated() -> None:

@@ -22,7 +22,14 @@ from ranksearch.data import make_loader
 from ranksearch.results import load_study
 from ranksearch.results.record import RECOVERED, SETTINGS
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
-from ranksearch.study.recovery import RECOVERY_LR, Recoverer, load_recovered, recover_front, recovery_candidates
+from ranksearch.study.recovery import (
+    RECOVERY_LR,
+    RECOVERY_TARGET_PP,
+    Recoverer,
+    load_recovered,
+    recover_front,
+    recovery_plan,
+)
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.training import correct_predictions, warmup_cosine
 
@@ -86,7 +93,7 @@ def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(
     assert RECOVERED.read(load_study("legacy"))["7"] == stored["7"]
 
 
-def test_the_recovery_stage_recovers_the_spread_front_once(legacy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = load_study("legacy")
     directory = legacy / "results" / "legacy"
     off = context(study, final_epochs=0)
@@ -95,16 +102,19 @@ def test_the_recovery_stage_recovers_the_spread_front_once(legacy: Path, monkeyp
 
     earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01)  # as releases before --final-lr recovered
     results = recover_front(study, earlier, directory=directory, console=QUIET)
-    # the front is 4, 2, 3, 5 and the dense 0: the most accurate (5) and the farthest from it in speedup (4)
-    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (5, 0.01)]
-    assert set(RECOVERED.read(study)) == {"4", "5"}
-    assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-4.pt", "trial-5.pt"]
+    # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4) recovered more than half a point
+    # down, so the walk went on to the next fastest (2)
+    assert results[0].drop.drop_pp > RECOVERY_TARGET_PP
+    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (2, 0.01)]
+    assert set(RECOVERED.read(study)) == {"4", "2"}
+    assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-2.pt", "trial-4.pt"]
     written = (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns
 
     stage = context(study, final_epochs=1, final_top=2)  # today's default learning rate: another recovery
     again = recover_front(study, stage, directory=directory, console=QUIET)
-    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (5, RECOVERY_LR)] and RECOVERY_LR != 0.01
-    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {RECOVERY_LR}
+    second = 2 if again[0].drop.drop_pp > RECOVERY_TARGET_PP else 5  # the walk's next step, else the most accurate
+    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (second, RECOVERY_LR)] and RECOVERY_LR != 0.01
+    assert {RECOVERED.read(study)[str(trial)]["lr"] for trial in (4, second)} == {RECOVERY_LR}
     assert (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns != written
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
     assert recover_front(study, stage, directory=directory, console=QUIET) == again
@@ -165,24 +175,57 @@ def synthetic_front() -> optuna.Study:
     return study
 
 
-def test_candidates_are_spread_over_the_front_and_never_the_dense_model() -> None:
-    study = synthetic_front()
-    speedups = [r.speedup for r in recovery_candidates(study, 4)]
-    # the most accurate (1.2x), the fastest within 1 point (1.6x), the fastest (3.2x), then the farthest from those
-    assert speedups == [3.2, 2.4, 1.6, 1.2]
-    assert [r.speedup for r in recovery_candidates(study, 1)] == [1.2]
-    assert [r.speedup for r in recovery_candidates(study, 2)] == [1.6, 1.2]
-    assert [r.speedup for r in recovery_candidates(study, 3)] == [3.2, 1.6, 1.2]
-    everything = recovery_candidates(study, 20)
-    assert [r.number for r in everything] == [8, 7, 6, 5, 4, 3, 2, 1]  # the front less the dense model, fastest first
-    assert recovery_candidates(optuna.create_study(directions=["maximize", "minimize"]), 4) == []
+def record_recovery(study: optuna.Study, trial: int, drop_pp: float, *, lr: float = RECOVERY_LR) -> None:
+    """Record trial ``trial`` as recovered for 2 epochs at ``lr`` to ``drop_pp`` test points below the dense model."""
+    stored = dict(RECOVERED.read(study))
+    stored[str(trial)] = {
+        "epochs": 2,
+        "lr": lr,
+        "steps": 842,
+        "seconds": 60.0,
+        "test_accuracy": 0.9 - drop_pp / 100,
+        "drop_pp": drop_pp,
+        "low_pp": drop_pp - 0.3,
+        "high_pp": drop_pp + 0.3,
+        "images": 10_000,
+        "checkpoint": f"trial-{trial}.pt",
+    }
+    RECOVERED.write(study, stored)
 
 
-def test_the_fastest_member_is_recovered_even_beside_the_fastest_within_a_point() -> None:
-    # a search's front (seed 0, 2026-12-01): the fastest member (3.86x, 2.5 points down) is close in speed to the
-    # fastest within a point (3.69x); spreading by speed alone recovered both middle ones instead of it
+def plan(study: optuna.Study, top: int, **kwargs: object) -> tuple[list[int], int | None]:
+    """The trials recovered so far in the plan's order, and the next one to recover."""
+    found = recovery_plan(study, top, epochs=2, lr=RECOVERY_LR, **kwargs)  # type: ignore[arg-type]
+    return [r.trial for r in found.recovered], None if found.next is None else found.next.number
+
+
+def test_the_plan_walks_down_from_the_fastest_until_one_recovers_within_half_a_point() -> None:
+    study = synthetic_front()  # compressed members, fastest first: trials 8 (3.2x), 7, 6, 5, 4, 3, 2, 1 (1.2x)
+    assert plan(study, 4) == ([], 8)
+    record_recovery(study, 8, 2.0)
+    assert plan(study, 4) == ([8], 7)  # 2 points down: the walk goes on
+    assert plan(study, 1) == ([8], None)  # ... within --final-top
+    record_recovery(study, 7, 0.4)
+    assert plan(study, 4) == ([8, 7], 1)  # within half a point: the walk ends; then the most accurate (1.2x)
+    record_recovery(study, 1, 0.1)
+    assert plan(study, 4) == ([8, 7, 1], 5)  # then the farthest in speed from 3.2x, 2.8x and 1.2x: 2.0x
+    record_recovery(study, 5, 0.3)
+    assert plan(study, 4) == ([8, 7, 1, 5], None)
+    assert plan(study, 20)[1] == 6  # with room for more, the spread goes on
+    assert plan(study, 4, failed={7}) == ([8], 6)  # a failed member counts and the walk passes it
+    record_recovery(study, 3, 0.2)  # recovered by `ranksearch finetune`, not in the plan: not in it
+    assert plan(study, 4) == ([8, 7, 1, 5], None)
+    other_lr = recovery_plan(study, 4, epochs=2, lr=0.1)  # recoveries at another learning rate are other ones
+    assert other_lr.recovered == () and other_lr.next is not None and other_lr.next.number == 8
+    assert plan(optuna.create_study(directions=["maximize", "minimize"]), 4) == ([], None)
+
+
+def test_the_member_beside_the_fastest_is_recovered_when_the_fastest_misses_half_a_point() -> None:
+    # a search's front (seed 1, 2026-12-01): the fastest member (4.70x, 1.60 points down at 300 steps) recovered to
+    # 0.85 points; the rule of earlier releases (the most accurate, the fastest within 1 point on validation, the
+    # fastest, the farthest) then took 3.64x and 2.91x, and never recovered 4.26x (1.18 points down at 300 steps)
     study = optuna.create_study(directions=["maximize", "minimize"])
-    members = [(1.0, 0.0), (1.36, -0.23), (2.12, -0.18), (2.77, -0.05), (3.69, 0.35), (3.86, 2.47)]
+    members = [(1.0, 0.0), (1.38, 0.06), (2.91, 0.10), (3.64, 0.12), (4.26, 1.18), (4.70, 1.60)]
     for speedup, drop in members:
         technique = "keep" if speedup == 1.0 else "tucker2"
         attrs = {
@@ -193,7 +236,8 @@ def test_the_fastest_member_is_recovered_even_beside_the_fastest_within_a_point(
             "accuracy_drop_pp": drop,
         }
         study.add_trial(optuna.trial.create_trial(values=[0.92 - drop / 100, 4.0 / speedup], user_attrs=attrs))
-    assert [r.speedup for r in recovery_candidates(study, 4)] == [3.86, 3.69, 2.77, 1.36]
+    record_recovery(study, 5, 0.85)
+    assert plan(study, 4) == ([5], 4)
 
 
 def test_the_recovery_schedule_warms_up_then_decays_to_zero() -> None:

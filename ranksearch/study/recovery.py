@@ -1,8 +1,9 @@
 """The recovery stage: front members fine-tuned for real after the search, and tested on the full test split.
 
 A search scores each config after a few distillation steps, which understates what the config reaches after the
-fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front spread
-over the latency range (:func:`recovery_candidates`) and recovers each with a :class:`Recoverer`: the config applied
+fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front, from
+its fastest down until one recovers within half a point, then spread over the latency range (:func:`recovery_plan`),
+and recovers each with a :class:`Recoverer`: the config applied
 to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
 (warm-up to ``--final-lr``, then cosine decay), int8 layers quantized, then every test image classified, and the
 accuracy drop against the dense model on the same images given with its paired 95 % interval. Each result is
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,24 +51,26 @@ from ranksearch.util import atomic_open, describe
 
 __all__ = [
     "RECOVERY_LR",
+    "RECOVERY_TARGET_PP",
     "WARMUP_FRACTION",
-    "WITHIN_PP",
     "RecoveredTrial",
     "Recoverer",
+    "RecoveryPlan",
     "load_recovered",
     "load_study_problem",
     "recorded_recovery",
     "recover_front",
     "recover_trial",
-    "recovery_candidates",
+    "recovery_plan",
 ]
 
 RECOVERY_LR = RecoverySpec.final_lr
 """The peak learning rate of a recovery fine-tune (``--final-lr``'s default)."""
 WARMUP_FRACTION = 0.05
 """The share of a recovery's steps over which the learning rate rises linearly to its peak (at least one step)."""
-WITHIN_PP = 1.0
-"""The fastest front member within this many points of the dense model's validation accuracy is always recovered."""
+RECOVERY_TARGET_PP = 0.5
+"""The recovery stage walks down the front from its fastest member until one recovers within this many test points
+of the dense model (:func:`recovery_plan`)."""
 CHECKPOINT_FORMAT = "ranksearch-recovered/1"
 """The ``format`` entry of a recovered model's file (:func:`load_recovered`)."""
 
@@ -262,61 +265,84 @@ def _complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
     return trial
 
 
-def recovery_candidates(study: optuna.Study, top: int) -> list[TrialRecord]:
-    """``top`` members of the front that compress something, spread over the latency range, fastest first.
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """Where the recovery stage stands: the members recovered so far, in the order :func:`recovery_plan` takes them,
+    and the next one to recover (None: the stage is done)."""
 
-    In this order: the most accurate member (on validation accuracy), the fastest within :data:`WITHIN_PP` points of
-    the dense model, the fastest (both ends of the range: what the fastest config reaches after training is what its
-    search accuracy understates most); then, one at a time, the member whose speedup (pooled over its timings) is
-    farthest from those taken.
+    recovered: tuple[RecoveredTrial, ...]
+    next: TrialRecord | None
+
+
+def recovery_plan(
+    study: optuna.Study, top: int, *, epochs: int, lr: float, failed: Collection[int] = ()
+) -> RecoveryPlan:
+    """The recovery stage's ``top`` front members that compress something, replayed from the recoveries the study
+    recorded with these ``epochs`` and ``lr`` (``failed``: members whose recovery failed, counted and not retried).
+
+    In this order: a walk down the front from its fastest member, each recovered in turn until one lands within
+    :data:`RECOVERY_TARGET_PP` test points of the dense model (the search's short fine-tunes understate the fast end
+    most, so its members are recovered until the fastest config within half a point is known); then the most
+    accurate member (validation accuracy); then, one at a time, the member whose speedup (pooled over its timings)
+    is farthest from those taken.
     """
     trials, speeds = front_with_speeds(study)
-    front = [TrialRecord.of(t) for t in trials]
-    speedups = {r.number: speeds[r.number].speedup for r in front}
+    speedups = {t.number: speeds[t.number].speedup for t in trials}
     members = sorted(
-        (r for r in front if not compresses_nothing(r) and speedups[r.number] is not None),
+        (r for r in map(TrialRecord.of, trials) if not compresses_nothing(r) and speedups[r.number] is not None),
         key=lambda r: (speedups[r.number], r.number),
+        reverse=True,
     )
-    if len(members) <= top:
-        return members[::-1]
-    chosen = [max(members, key=lambda r: (r.metrics["accuracy"], speedups[r.number]))]
-    within = [r for r in members if r.accuracy_drop_pp is not None and r.accuracy_drop_pp <= WITHIN_PP]
-    for end in ([within[-1]] if within else []) + [members[-1]]:
-        if len(chosen) < top and all(end.number != c.number for c in chosen):
-            chosen.append(end)
-    while len(chosen) < top:
-        taken = {c.number for c in chosen}
-        rest = [r for r in members if r.number not in taken]
-        chosen.append(max(rest, key=lambda r: min(abs(speedups[r.number] - speedups[c.number]) for c in chosen)))
-    return sorted(chosen, key=lambda r: (speedups[r.number], r.number), reverse=True)
+    accurate = max(members, key=lambda r: (r.metrics["accuracy"], speedups[r.number]), default=None)
+    taken: list[TrialRecord] = []
+    recovered: list[RecoveredTrial] = []
+    walking = True
+    while len(taken) < min(top, len(members)):
+        rest = [r for r in members if all(r.number != t.number for t in taken)]
+        if walking:
+            pick = rest[0]
+        elif accurate is not None and any(r.number == accurate.number for r in rest):
+            pick = accurate
+        else:
+            pick = max(rest, key=lambda r: min(abs(speedups[r.number] - speedups[t.number]) for t in taken))
+        taken.append(pick)
+        if pick.number in failed:
+            continue
+        result = recorded_recovery(study, pick.number, epochs=epochs, lr=lr)
+        if result is None:
+            return RecoveryPlan(recovered=tuple(recovered), next=pick)
+        recovered.append(result)
+        walking = walking and result.drop.drop_pp > RECOVERY_TARGET_PP
+    return RecoveryPlan(recovered=tuple(recovered), next=None)
 
 
 def recover_front(
     study: optuna.Study, context: RunContext, *, directory: Path, console: Console
 ) -> list[RecoveredTrial]:
-    """The recovery stage of a run (its ``--final-epochs``, ``--final-top`` and ``--final-lr``):
-    :func:`recovery_candidates` each recovered (or read back when already recovered so), models saved under
-    ``directory / "recovered"``. A trial whose recovery fails is reported and skipped; nothing is done with
-    ``--final-epochs 0``."""
+    """The recovery stage of a run (its ``--final-epochs``, ``--final-top`` and ``--final-lr``): the members of
+    :func:`recovery_plan` recovered one at a time (those recovered so already are read back), models saved under
+    ``directory / "recovered"``; the results in the plan's order. A trial whose recovery fails is reported and
+    skipped; nothing is done with ``--final-epochs 0``."""
     spec = context.settings.recovery
     if spec.final_epochs == 0:
         return []
-    candidates = recovery_candidates(study, spec.final_top)
-    if not candidates:
-        return []
-    recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
-    results = []
-    for record in candidates:
+    recoverer: Recoverer | None = None
+    failed: set[int] = set()
+    while True:
+        plan = recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr, failed=failed)
+        if plan.next is None:
+            return list(plan.recovered)
+        number = plan.next.number
+        recoverer = recoverer or Recoverer(study=study, context=context, directory=directory, console=console)
         try:
-            result = recoverer.recover(record.number, epochs=spec.final_epochs, lr=spec.final_lr)
+            result = recoverer.recover(number, epochs=spec.final_epochs, lr=spec.final_lr)
         except (RanksearchError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            console.print(f"recovery: trial {record.number} failed ({describe(exc)})", soft_wrap=True)
+            console.print(f"recovery: trial {number} failed ({describe(exc)})", soft_wrap=True)
+            failed.add(number)
             continue
         console.print(f"recovered {result.summary()}", soft_wrap=True)
-        results.append(result)
-    return results
 
 
 def recover_trial(
