@@ -548,7 +548,7 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
         dense_params=int(dense["params"]),
         dense_macs=int(dense["macs"]),
         front_size=len(front),
-        not_faster=sum(not compresses_nothing(r) and not speeds[r.number].measurably_faster for r in front),
+        not_faster=sum(not compresses_nothing(r) and not speeds[r.number].measurably_faster for r in front.values()),
         fastest_uniform=max(uniform, default=None) if method == "uniform" else None,
         extra={"trials_s": sum(r.duration_s or 0.0 for r in records(study)), **phases},
         host=cpu_name(),
