@@ -190,7 +190,7 @@ def run(
     ] = RecoverySpec.final_epochs,
     final_top: Annotated[
         int,
-        typer.Option(help="front members fine-tuned after the search, fastest first until one is within 0.5 points"),
+        typer.Option(help="front members fine-tuned after the search, bisecting for the fastest within 0.5 points"),
     ] = RecoverySpec.final_top,
     final_lr: Annotated[
         float, typer.Option(help="peak learning rate of each --final-epochs fine-tune (warm-up, then cosine decay)")

@@ -24,7 +24,6 @@ from ranksearch.results.record import RECOVERED, SETTINGS
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
 from ranksearch.study.recovery import (
     RECOVERY_LR,
-    RECOVERY_TARGET_PP,
     Recoverer,
     load_recovered,
     recover_front,
@@ -102,19 +101,16 @@ def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: py
 
     earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01)  # as releases before --final-lr recovered
     results = recover_front(study, earlier, directory=directory, console=QUIET)
-    # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4) recovered more than half a point
-    # down, so the walk went on to the next fastest (2)
-    assert results[0].drop.drop_pp > RECOVERY_TARGET_PP
-    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (2, 0.01)]
-    assert set(RECOVERED.read(study)) == {"4", "2"}
-    assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-2.pt", "trial-4.pt"]
+    # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4), then the most accurate (5)
+    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (5, 0.01)]
+    assert set(RECOVERED.read(study)) == {"4", "5"}
+    assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-4.pt", "trial-5.pt"]
     written = (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns
 
     stage = context(study, final_epochs=1, final_top=2)  # today's default learning rate: another recovery
     again = recover_front(study, stage, directory=directory, console=QUIET)
-    second = 2 if again[0].drop.drop_pp > RECOVERY_TARGET_PP else 5  # the walk's next step, else the most accurate
-    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (second, RECOVERY_LR)] and RECOVERY_LR != 0.01
-    assert {RECOVERED.read(study)[str(trial)]["lr"] for trial in (4, second)} == {RECOVERY_LR}
+    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (5, RECOVERY_LR)] and RECOVERY_LR != 0.01
+    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {RECOVERY_LR}
     assert (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns != written
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
     assert recover_front(study, stage, directory=directory, console=QUIET) == again
@@ -199,22 +195,26 @@ def plan(study: optuna.Study, top: int, **kwargs: object) -> tuple[list[int], in
     return [r.trial for r in found.recovered], None if found.next is None else found.next.number
 
 
-def test_the_plan_walks_down_from_the_fastest_until_one_recovers_within_half_a_point() -> None:
+def test_the_plan_bisects_the_front_for_the_fastest_member_within_half_a_point() -> None:
     study = synthetic_front()  # compressed members, fastest first: trials 8 (3.2x), 7, 6, 5, 4, 3, 2, 1 (1.2x)
-    assert plan(study, 4) == ([], 8)
+    assert plan(study, 4) == ([], 8)  # the fastest first
     record_recovery(study, 8, 2.0)
-    assert plan(study, 4) == ([8], 7)  # 2 points down: the walk goes on
+    assert plan(study, 4) == ([8], 1)  # 2 points down; then the most accurate (1.2x)
     assert plan(study, 1) == ([8], None)  # ... within --final-top
-    record_recovery(study, 7, 0.4)
-    assert plan(study, 4) == ([8, 7], 1)  # within half a point: the walk ends; then the most accurate (1.2x)
     record_recovery(study, 1, 0.1)
-    assert plan(study, 4) == ([8, 7, 1], 5)  # then the farthest in speed from 3.2x, 2.8x and 1.2x: 2.0x
+    assert plan(study, 4) == ([8, 1], 5)  # within half a point: halfway between them (2.0x)
     record_recovery(study, 5, 0.3)
-    assert plan(study, 4) == ([8, 7, 1, 5], None)
-    assert plan(study, 20)[1] == 6  # with room for more, the spread goes on
-    assert plan(study, 4, failed={7}) == ([8], 6)  # a failed member counts and the walk passes it
+    assert plan(study, 4) == ([8, 1, 5], 7)  # within again: halfway between 3.2x and 2.0x (2.8x)
+    record_recovery(study, 7, 0.9)
+    assert plan(study, 4) == ([8, 1, 5, 7], None)
+    assert plan(study, 5)[1] == 6  # with room for one more: between 2.8x (outside) and 2.0x (within)
+    record_recovery(study, 6, 0.4)
+    assert plan(study, 6)[1] == 3  # the fastest within half a point is found: then the farthest from those taken
+    # a failed member counts as outside: with 1.2x failed, nothing is within; the spread takes 2.4x (within), then
+    # the bisection 2.8x
+    assert plan(study, 4, failed={1}) == ([8, 6, 7], None)
     record_recovery(study, 3, 0.2)  # recovered by `ranksearch finetune`, not in the plan: not in it
-    assert plan(study, 4) == ([8, 7, 1, 5], None)
+    assert plan(study, 4) == ([8, 1, 5, 7], None)
     other_lr = recovery_plan(study, 4, epochs=2, lr=0.1)  # recoveries at another learning rate are other ones
     assert other_lr.recovered == () and other_lr.next is not None and other_lr.next.number == 8
     assert plan(optuna.create_study(directions=["maximize", "minimize"]), 4) == ([], None)
@@ -236,8 +236,9 @@ def test_the_member_beside_the_fastest_is_recovered_when_the_fastest_misses_half
             "accuracy_drop_pp": drop,
         }
         study.add_trial(optuna.trial.create_trial(values=[0.92 - drop / 100, 4.0 / speedup], user_attrs=attrs))
-    record_recovery(study, 5, 0.85)
-    assert plan(study, 4) == ([5], 4)
+    for trial, recovered_drop in [(5, 0.85), (1, -0.09), (3, 0.14)]:
+        record_recovery(study, trial, recovered_drop)
+    assert plan(study, 4) == ([5, 1, 3], 4)
 
 
 def test_the_recovery_schedule_warms_up_then_decays_to_zero() -> None:

@@ -1,9 +1,9 @@
 """The recovery stage: front members fine-tuned for real after the search, and tested on the full test split.
 
 A search scores each config after a few distillation steps, which understates what the config reaches after the
-fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front, from
-its fastest down until one recovers within half a point, then spread over the latency range (:func:`recovery_plan`),
-and recovers each with a :class:`Recoverer`: the config applied
+fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front, those
+that find the fastest member recovering within half a point first, then spread over the latency range
+(:func:`recovery_plan`), and recovers each with a :class:`Recoverer`: the config applied
 to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
 (warm-up to ``--final-lr``, then cosine decay), int8 layers quantized, then every test image classified, and the
 accuracy drop against the dense model on the same images given with its paired 95 % interval. Each result is
@@ -69,8 +69,8 @@ RECOVERY_LR = RecoverySpec.final_lr
 WARMUP_FRACTION = 0.05
 """The share of a recovery's steps over which the learning rate rises linearly to its peak (at least one step)."""
 RECOVERY_TARGET_PP = 0.5
-"""The recovery stage walks down the front from its fastest member until one recovers within this many test points
-of the dense model (:func:`recovery_plan`)."""
+"""The recovery stage looks for the fastest front member that recovers within this many test points of the dense
+model (:func:`recovery_plan`)."""
 CHECKPOINT_FORMAT = "ranksearch-recovered/1"
 """The ``format`` entry of a recovered model's file (:func:`load_recovered`)."""
 
@@ -280,11 +280,11 @@ def recovery_plan(
     """The recovery stage's ``top`` front members that compress something, replayed from the recoveries the study
     recorded with these ``epochs`` and ``lr`` (``failed``: members whose recovery failed, counted and not retried).
 
-    In this order: a walk down the front from its fastest member, each recovered in turn until one lands within
-    :data:`RECOVERY_TARGET_PP` test points of the dense model (the search's short fine-tunes understate the fast end
-    most, so its members are recovered until the fastest config within half a point is known); then the most
-    accurate member (validation accuracy); then, one at a time, the member whose speedup (pooled over its timings)
-    is farthest from those taken.
+    The search's short fine-tunes understate the fast end most, so the plan looks for the fastest member that
+    recovers within :data:`RECOVERY_TARGET_PP` test points of the dense model: the fastest member first, then the
+    most accurate (validation accuracy), then a bisection of the front between the slowest member found outside
+    and the fastest found within; then, one at a time, the member whose speedup (pooled over its timings) is
+    farthest from those taken.
     """
     trials, speeds = front_with_speeds(study)
     speedups = {t.number: speeds[t.number].speedup for t in trials}
@@ -293,26 +293,32 @@ def recovery_plan(
         key=lambda r: (speedups[r.number], r.number),
         reverse=True,
     )
-    accurate = max(members, key=lambda r: (r.metrics["accuracy"], speedups[r.number]), default=None)
-    taken: list[TrialRecord] = []
+    if not members:
+        return RecoveryPlan(recovered=(), next=None)
+    accurate = max(range(len(members)), key=lambda i: (members[i].metrics["accuracy"], speedups[members[i].number]))
+    within: dict[int, bool] = {}  # by index into members, fastest first
     recovered: list[RecoveredTrial] = []
-    walking = True
-    while len(taken) < min(top, len(members)):
-        rest = [r for r in members if all(r.number != t.number for t in taken)]
-        if walking:
-            pick = rest[0]
-        elif accurate is not None and any(r.number == accurate.number for r in rest):
+    while len(within) < min(top, len(members)):
+        fastest_within = min((i for i, ok in within.items() if ok), default=len(members))
+        slowest_outside = max((i for i, ok in within.items() if not ok and i < fastest_within), default=-1)
+        if not within:
+            pick = 0
+        elif accurate not in within:
             pick = accurate
+        elif fastest_within - slowest_outside > 1:
+            pick = (slowest_outside + fastest_within) // 2
         else:
-            pick = max(rest, key=lambda r: min(abs(speedups[r.number] - speedups[t.number]) for t in taken))
-        taken.append(pick)
-        if pick.number in failed:
-            continue
-        result = recorded_recovery(study, pick.number, epochs=epochs, lr=lr)
-        if result is None:
-            return RecoveryPlan(recovered=tuple(recovered), next=pick)
-        recovered.append(result)
-        walking = walking and result.drop.drop_pp > RECOVERY_TARGET_PP
+            pick = max(
+                (i for i in range(len(members)) if i not in within),
+                key=lambda i: min(abs(speedups[members[i].number] - speedups[members[j].number]) for j in within),
+            )
+        number = members[pick].number
+        result = None if number in failed else recorded_recovery(study, number, epochs=epochs, lr=lr)
+        if result is None and number not in failed:
+            return RecoveryPlan(recovered=tuple(recovered), next=members[pick])
+        within[pick] = result is not None and result.drop.drop_pp <= RECOVERY_TARGET_PP
+        if result is not None:
+            recovered.append(result)
     return RecoveryPlan(recovered=tuple(recovered), next=None)
 
 

@@ -165,8 +165,8 @@ class SearchSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class RecoverySpec:
-    """The recovery stage after the search: ``final_top`` front members (from the fastest down until one recovers
-    within half a point, then spread over the latency range), each
+    """The recovery stage after the search: ``final_top`` front members (a bisection of the front for the fastest
+    that recovers within half a point, then spread over the latency range), each
     fine-tuned for ``final_epochs`` epochs at peak learning rate ``final_lr`` and tested on the full test split (see
     :mod:`ranksearch.study.recovery`). Not part of the study's identity: it reads the front, it does not change what
     the search measures."""
