@@ -1,9 +1,9 @@
 """The recovery stage: front members fine-tuned for real after the search, and tested on the full test split.
 
 A search scores each config after a few distillation steps, which understates what the config reaches after the
-fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front, those
-that find the fastest member recovering within half a point first, then spread over the latency range
-(:func:`recovery_plan`), and recovers each with a :class:`Recoverer`: the config applied
+fine-tune a user will run. After the search, :func:`recover_front` takes ``--final-top`` members of the front (first
+a bisection for the fastest member that recovers within half a point, then a spread over the latency range:
+:func:`recovery_plan`) and recovers each with a :class:`Recoverer`: the config applied
 to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
 (warm-up to ``--final-lr``, then cosine decay), int8 layers quantized, then every test image classified, and the
 accuracy drop against the dense model on the same images given with its paired 95 % interval. Each result is
@@ -313,12 +313,14 @@ def recovery_plan(
                 key=lambda i: min(abs(speedups[members[i].number] - speedups[members[j].number]) for j in within),
             )
         number = members[pick].number
-        result = None if number in failed else recorded_recovery(study, number, epochs=epochs, lr=lr)
-        if result is None and number not in failed:
+        if number in failed:
+            within[pick] = False
+            continue
+        result = recorded_recovery(study, number, epochs=epochs, lr=lr)
+        if result is None:
             return RecoveryPlan(recovered=tuple(recovered), next=members[pick])
-        within[pick] = result is not None and result.drop.drop_pp <= RECOVERY_TARGET_PP
-        if result is not None:
-            recovered.append(result)
+        within[pick] = result.drop.drop_pp <= RECOVERY_TARGET_PP
+        recovered.append(result)
     return RecoveryPlan(recovered=tuple(recovered), next=None)
 
 
