@@ -151,7 +151,8 @@ class Sleep(nn.Module):
         self.seconds = seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.seconds)
+        if self.seconds:  # time.sleep(0) yields the CPU, which a busy host may not give back for a while
+            time.sleep(self.seconds)
         return x
 
 
@@ -170,9 +171,10 @@ def test_layers_are_timed_inside_the_models_in_alternation() -> None:
     """Each named layer's own time inside each model, whatever runs around it."""
     first = nn.Sequential(nn.Conv2d(1, 4, 3), Sleep(0.004), Sleep(0.0))
     second = nn.Sequential(nn.Conv2d(1, 4, 3), Sleep(0.0), Sleep(0.002))
-    times = CPU.layers_in_models_ms([first, second], torch.randn(1, 1, 8, 8), ["1", "2"], runs=3, warmup=1)
-    assert 4.0 <= times[0]["1"] < 40 and times[0]["2"] < 1.0
-    assert times[1]["1"] < 1.0 and 2.0 <= times[1]["2"] < 20
+    times = CPU.layers_in_models_ms([first, second], torch.randn(1, 1, 8, 8), ["1", "2"], runs=5, warmup=1)
+    # the no-op layer is bounded relative to its neighbour: on a busy host any layer may lose a millisecond
+    assert 4.0 <= times[0]["1"] < 40 and times[0]["2"] < times[0]["1"] / 2
+    assert 2.0 <= times[1]["2"] < 20 and times[1]["1"] < times[1]["2"] / 2
     assert not first[1]._forward_hooks and not first[1]._forward_pre_hooks  # the stopwatches are removed
     assert first.training and second.training  # timed in eval mode, each module's mode restored
     with pytest.raises(RanksearchError, match=r"layer 'spare' never runs in the model's forward pass"):
