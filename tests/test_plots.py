@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -111,6 +112,26 @@ def test_the_latency_axis_names_the_target(settings: dict, target: str) -> None:
     assert rows.latency_label().endswith(f"(1 / speedup; {target})")
 
 
+def test_long_labels_are_wrapped_inside_the_figures() -> None:
+    """The axis naming a folded, multi-threaded target and the heatmap's title over a long study name are wrapped,
+    not cut off at the figure's edges."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ranksearch.results.plots.matplotlib_figures import figure
+
+    settings = {"device": "cuda", "latency_device": "cpu", "fold_batchnorm": True, "threads": 16, "latency_batch": 32}
+    pareto = pareto_info(StudyRows("s", [], [], [], {}, settings, {}, None, relative=True))
+    layers = replace(layers_info(StudyRows.of(synthetic_study())), study_name="resnet18-fashion_mnist-resnet-long")
+    for info, text, what in ((pareto, pareto.latency_label, "xlabel"), (layers, layers.title(), "title")):
+        fig = figure(info)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)  # the constrained layout runs on drawing
+        label = fig.axes[0].xaxis.label if what == "xlabel" else fig.axes[0].title
+        box, page = label.get_window_extent(renderer), fig.bbox
+        assert label.get_text().replace("\n", " ") == text
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, what
+
+
 def test_heatmap_rows_are_the_searched_layers_and_cells_match_the_tables(tiny_run) -> None:
     trials = pd.read_csv(tiny_run.directory / "trials.csv").set_index("trial")
     pareto = pd.read_csv(tiny_run.directory / "pareto.csv")
@@ -156,6 +177,8 @@ def test_progress_is_monotone_and_agrees_with_the_progress_bar(tiny_run) -> None
     assert info.hypervolume[-1] > 0
     assert info.budget_pp == TINY_SEARCH_DROP
     assert info.best_speedup[-1] == pytest.approx(best_speedup_within(study, TINY_SEARCH_DROP))
+    assert info.relative and info.hypervolume_label() == "hypervolume (accuracy × relative latency)"
+    assert info.reference_label().endswith(f"{info.reference[1]:.3f} x the dense latency)")
 
 
 def synthetic_study() -> optuna.Study:
@@ -201,6 +224,8 @@ def test_hypervolume_matches_a_hand_computed_sweep() -> None:
     # 0.80-0.85 strip from 4 ms (trial 4) to 3 ms: +(4 - 3) x 0.05 = 0.05.
     assert info.hypervolume == pytest.approx((0.0, 0.35, 0.35, 0.50, 0.55))
     assert info.budget_pp == 2.0
+    assert info.hypervolume_label() == "hypervolume (accuracy × ms)"  # a study of an earlier release: milliseconds
+    assert info.reference_label() == "feasible front vs reference (accuracy 70.00%, 5.500 ms)"
     assert info.within_budget == (False, True, False, True, True)
     assert info.best_speedup == (None, 2.0, 2.0, 2.0, 3.0)
     assert info.best_speedup[-1] == best_speedup_within(study, 2.0)

@@ -16,6 +16,9 @@ from ranksearch.results.plots.progress import ProgressInfo
 from ranksearch.results.plots.rows import PlotInfo
 from ranksearch.results.plots.style import COLORS, FONT_SIZE
 
+LABEL_WIDTH = 90
+"""Characters on one line of the Pareto plot's axis label (its 10-inch width at the house font size)."""
+
 
 @singledispatch
 def figure(info: PlotInfo) -> Figure:
@@ -70,6 +73,8 @@ def pareto_figure(info: ParetoInfo) -> Figure:
             zorder=10,
         )
     for p in groups["front"]:
+        if p.anchor == "baseline":  # labelled above with its name
+            continue
         ax.annotate(
             f"#{p.trial}",
             (p.latency, 100 * p.accuracy),
@@ -95,7 +100,7 @@ def pareto_figure(info: ParetoInfo) -> Figure:
         ax.scatter([], [], marker="s", color="none", edgecolors="none", label=legend["failed"])
     if not info.points:
         _empty(ax, "no complete trial yet")
-    ax.set_xlabel(info.latency_label)
+    ax.set_xlabel(textwrap.fill(info.latency_label, width=LABEL_WIDTH))
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(info.title(), fontsize=FONT_SIZE + 1)
     if ax.get_legend_handles_labels()[0]:
@@ -134,7 +139,7 @@ def layers_figure(info: LayersInfo) -> Figure:
     bar.set_label(info.measure, fontsize=FONT_SIZE - 1)
     key = textwrap.fill(info.key(), width=max(40, int(9 * width)))  # ~9 characters an inch at this size
     ax.set_xlabel(f"front member (trial, speedup), fastest first\n{key}", fontsize=FONT_SIZE - 1)
-    ax.set_title(info.title(), fontsize=FONT_SIZE + 1, pad=12)
+    ax.set_title(textwrap.fill(info.title(), width=int(7 * width)), fontsize=FONT_SIZE + 1, pad=12)
     return fig
 
 
@@ -154,13 +159,10 @@ def progress_figure(info: ProgressInfo) -> Figure:
         ax.tick_params(labelsize=FONT_SIZE - 1)
     top.step(info.trials, info.hypervolume, where="post", color=COLORS["front"], linewidth=2)
     top.plot(info.trials, info.hypervolume, "o", color=COLORS["front"], markersize=3)
-    top.set_ylabel("hypervolume\n(accuracy × ms)", fontsize=FONT_SIZE)
+    top.set_ylabel(info.hypervolume_label().replace(" (", "\n("), fontsize=FONT_SIZE)
     top.set_ylim(bottom=0)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    top.set_title(
-        f"feasible front vs reference (accuracy {100 * info.reference[0]:.2f}%, {info.reference[1]:.3f} ms)",
-        fontsize=FONT_SIZE - 1,
-    )
+    top.set_title(info.reference_label(), fontsize=FONT_SIZE - 1)
     inside = [(t, s) for t, s, w in zip(info.trials, info.speedup, info.within_budget) if s is not None and w]
     outside = [(t, s) for t, s, w in zip(info.trials, info.speedup, info.within_budget) if s is not None and not w]
     if outside:
@@ -173,7 +175,8 @@ def progress_figure(info: ProgressInfo) -> Figure:
     bottom.axhline(1.0, color=COLORS["budget"], linestyle=":", linewidth=1)
     bottom.set_ylabel("speedup vs baseline (x)", fontsize=FONT_SIZE)
     bottom.set_xlabel("trial number", fontsize=FONT_SIZE)
-    bottom.legend(loc="upper left", fontsize=FONT_SIZE - 1, framealpha=0.9)
+    # one row above the axes: inside, it hid the warm starts' points at the fast end
+    bottom.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=3, fontsize=FONT_SIZE - 1, frameon=False)
     return fig
 
 

@@ -165,7 +165,7 @@ def progress_figure(info: ProgressInfo) -> go.Figure:
     else:
         _empty(fig, "no complete trial yet")
     _layout(fig, info.title(), "", "")
-    fig.update_yaxes(title_text="hypervolume (accuracy × ms)", row=1, col=1)
+    fig.update_yaxes(title_text=info.hypervolume_label(), row=1, col=1)
     fig.update_yaxes(title_text="speedup vs baseline (x)", row=2, col=1)
     fig.update_xaxes(title_text="trial number", row=2, col=1)
     fig.update_layout(height=620)

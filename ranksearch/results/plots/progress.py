@@ -32,9 +32,18 @@ class ProgressInfo(PlotInfo):
     within_budget: tuple[bool, ...]
     best_speedup: tuple[float | None, ...]
     budget_pp: float
+    relative: bool
+    """Whether the latency objective is relative to the dense model (else milliseconds: earlier releases)."""
 
     def title(self) -> str:
         return f"Search progress of {self.study_name} ({len(self.trials)} complete trials)"
+
+    def hypervolume_label(self) -> str:
+        return f"hypervolume (accuracy × {'relative latency' if self.relative else 'ms'})"
+
+    def reference_label(self) -> str:
+        latency = f"{self.reference[1]:.3f}{' x the dense latency' if self.relative else ' ms'}"
+        return f"feasible front vs reference (accuracy {100 * self.reference[0]:.2f}%, {latency})"
 
     def speedup_label(self) -> str:
         return f"best speedup within {self.budget_pp:g} pp"
@@ -70,4 +79,5 @@ def progress_info(rows: StudyRows) -> ProgressInfo:
         within_budget=tuple(within_budget),
         best_speedup=tuple(best_speedup),
         budget_pp=budget,
+        relative=rows.relative,
     )
