@@ -1,7 +1,7 @@
 """Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
     python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2] [--final-lr 0.03]
-                                 [--methods ranksearch previous random random-time uniform greedy nsga2]
+                                 [--methods ranksearch fill-gaps nsga2 previous random random-time uniform greedy]
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]
                                  [--results-dir results/compare]
                                  [--merge docs/compare/*/compare.json] [--speedups-from OLD/compare.json]
@@ -9,6 +9,8 @@
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
 - ranksearch: ``ranksearch run`` as shipped (TPE, knapsack warm starts, promotion rungs, recovery);
+- fill-gaps: the same with ``--fill-gaps``: after the warm starts, the knapsack configs in the measured front's widest
+  gaps instead of TPE's trials;
 - nsga2: the same with NSGA-II, its first population seeded by the same warm starts;
 - previous: the previous default (TPE, equal-sensitivity greedy warm starts, no promotion);
 - random: random sampling with none of the screens, at the same trial count;
@@ -80,7 +82,7 @@ from ranksearch.util import atomic_write_text, file_digest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-METHODS = ("ranksearch", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
+METHODS = ("ranksearch", "fill-gaps", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
 UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
 GREEDY_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -272,6 +274,7 @@ def run_seed(
     studies: dict[str, optuna.Study] = {}
     searches: dict[str, Callable[[], tuple[Outcome, optuna.Study]]] = {
         "ranksearch": lambda: study_outcome("ranksearch", base, console),
+        "fill-gaps": lambda: study_outcome("fill-gaps", base.replace(fill_gaps=True), console),
         "nsga2": lambda: study_outcome("nsga2", base.replace(sampler="nsga2"), console),
         "previous": lambda: study_outcome("previous", base.replace(warm_starts="greedy", promote_steps="0"), console),
         "random": lambda: study_outcome("random", plain(base), console),

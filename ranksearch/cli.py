@@ -175,6 +175,13 @@ def run(
             "latency budgets, greedy equal-sensitivity levels, or none"
         ),
     ] = SearchSpec.warm_starts,
+    fill_gaps: Annotated[
+        bool,
+        typer.Option(
+            help="after the warm starts, give each trial the knapsack config in the widest gap of the measured "
+            "front, while one is left, instead of the sampler's"
+        ),
+    ] = SearchSpec.fill_gaps,
     promote_steps: Annotated[
         str,
         typer.Option(
@@ -266,6 +273,7 @@ def run(
             max_latency_ms=max_latency_ms,
             study_name=study_name,
             warm_starts=warm_starts,
+            fill_gaps=fill_gaps,
             promote_steps=promote_steps,
             promote_fraction=promote_fraction,
         ),

@@ -16,7 +16,7 @@ from torch import nn
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.results.record import WARM_START
 from ranksearch.search import SearchSpace, sample_config
-from ranksearch.search.knapsack import KNAPSACK_BUDGETS, knapsack_configs, solve_knapsack
+from ranksearch.search.knapsack import KNAPSACK_BUDGETS, knapsack_configs, knapsack_front, solve_knapsack
 from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.search.sensitivity import Sensitivity, float_variants
 from ranksearch.search.space import record_input_shapes
@@ -243,3 +243,29 @@ def test_warm_starts_can_be_the_greedy_levels_or_none(problem, kind: str) -> Non
         greedy = sensitivity.greedy_configs(slots, search.variant_cost(), rank_multiple=space.rank_multiple)
         assert labels and all(label.startswith("greedy, each layer <= ") for label in labels)
         assert len(labels) <= len(greedy)
+
+
+def test_the_knapsack_front_holds_each_budgets_config_cheapest_first(problem) -> None:
+    """Every config on the front is the least-penalty one for the budgets from its cost to the next one's: the
+    warm starts are among them, costs rise and summed penalties fall along it."""
+    _, space, slots, _ = problem
+    table, sensitivity = table_of(slots), sensitivity_of(slots)
+    front = knapsack_front(sensitivity, slots, table.variant_ms, rank_multiple=space.rank_multiple, max_drop=50.0)
+    dense = sum(table.variant_ms(name, LayerChoice("keep")) for name in slots)
+    costs = [cost for cost, _ in front]
+    penalties = [
+        sum(
+            sensitivity.penalty(name, choice) or 0.0
+            for name, choice in config.layers.items()
+            if choice.technique != "keep"
+        )
+        for _, config in front
+    ]
+    assert len(front) > 5 and costs == sorted(costs) and len(set(costs)) == len(costs)
+    assert all(b < a for a, b in itertools.pairwise(penalties))
+    for cost, config in front:
+        assert layer_ms(table, config) / dense == pytest.approx(cost)
+    starts = knapsack_configs(sensitivity, slots, table.variant_ms, rank_multiple=space.rank_multiple, max_drop=50.0)
+    for budget, config in starts.items():
+        within = [c for cost, c in front if cost <= budget + 1e-9]
+        assert within[-1] == config  # the floor budget is rounded up from the cheapest cost: never empty

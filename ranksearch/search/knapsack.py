@@ -25,12 +25,16 @@ from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.search.sensitivity import Sensitivity, float_variants
 from ranksearch.search.space import LayerSlot
 
-__all__ = ["KNAPSACK_BUDGETS", "knapsack_configs", "solve_knapsack"]
+__all__ = ["KNAPSACK_BUDGETS", "knapsack_configs", "knapsack_front", "solve_knapsack"]
 
 KNAPSACK_BUDGETS = (0.8, 0.6, 0.45, 0.36, 0.3, 0.26, 0.23, 0.2, 0.17, 0.14)
 """Budgets of the knapsack warm starts, as fractions of the searched layers' dense cost, loosest first: dense at
 the fast end, where a few percent of latency decide whether a config recovers within half a point (docs/search.md,
 "A denser sweep at the fast end")."""
+
+
+Options = dict[str, list[tuple[LayerChoice, float, float]]]
+"""Per searched layer, its knapsack options: (choice, cost, penalty), keep first."""
 
 
 def solve_knapsack(
@@ -39,32 +43,41 @@ def solve_knapsack(
     """Per budget, the index of one option per group whose summed penalty is least with summed cost at most the
     budget (of equal penalties, the cheaper), or None where no assignment fits. An option is a (cost, penalty)
     pair; every group needs one."""
-    if any(not group for group in groups):
-        raise ValueError("every group needs at least one option")
-    costs, penalties = np.zeros(1), np.zeros(1)
-    steps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: each front state's previous state and option
-    for group in groups:
-        options = np.asarray(group, dtype=float)
-        total_cost = (costs[:, None] + options[None, :, 0]).ravel()
-        total_penalty = (penalties[:, None] + options[None, :, 1]).ravel()
-        order = np.lexsort((total_penalty, total_cost))  # by cost, then penalty
-        sorted_penalty = total_penalty[order]
-        best_cheaper = np.minimum.accumulate(np.concatenate(([np.inf], sorted_penalty[:-1])))
-        front = order[sorted_penalty < best_cheaper]  # beats every cheaper (or as cheap) assignment
-        steps.append(np.divmod(front, len(group)))
-        costs, penalties = total_cost[front], total_penalty[front]
+    front = _KnapsackFront(groups)
     solutions: list[tuple[int, ...] | None] = []
     for budget in budgets:
-        state = int(np.searchsorted(costs, budget, side="right")) - 1  # the front's penalty falls as cost rises
-        if state < 0:
-            solutions.append(None)
-            continue
+        state = int(np.searchsorted(front.costs, budget, side="right")) - 1  # the penalty falls as cost rises
+        solutions.append(None if state < 0 else front.assignment(state))
+    return solutions
+
+
+class _KnapsackFront:
+    """Every assignment no other beats on both summed cost and summed penalty, cheapest first."""
+
+    def __init__(self, groups: Sequence[Sequence[tuple[float, float]]]) -> None:
+        if any(not group for group in groups):
+            raise ValueError("every group needs at least one option")
+        costs, penalties = np.zeros(1), np.zeros(1)
+        self.steps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: each front state's previous state, option
+        for group in groups:
+            options = np.asarray(group, dtype=float)
+            total_cost = (costs[:, None] + options[None, :, 0]).ravel()
+            total_penalty = (penalties[:, None] + options[None, :, 1]).ravel()
+            order = np.lexsort((total_penalty, total_cost))  # by cost, then penalty
+            sorted_penalty = total_penalty[order]
+            best_cheaper = np.minimum.accumulate(np.concatenate(([np.inf], sorted_penalty[:-1])))
+            front = order[sorted_penalty < best_cheaper]  # beats every cheaper (or as cheap) assignment
+            self.steps.append(np.divmod(front, len(group)))
+            costs, penalties = total_cost[front], total_penalty[front]
+        self.costs = costs
+
+    def assignment(self, state: int) -> tuple[int, ...]:
+        """The option index per group of the front's ``state``-th assignment."""
         picks = []
-        for previous, option in reversed(steps):
+        for previous, option in reversed(self.steps):
             picks.append(int(option[state]))
             state = int(previous[state])
-        solutions.append(tuple(reversed(picks)))
-    return solutions
+        return tuple(reversed(picks))
 
 
 def knapsack_configs(
@@ -82,10 +95,8 @@ def knapsack_configs(
     the cheapest assignment (every layer at its cheapest option) is raised to it, rounded up to a whole percent, so
     the sweep ends at the fastest configs the options allow rather than short of them; budgets whose config an
     earlier budget gave are left out."""
-    keep = LayerChoice("keep")
-    options = {name: _options(sensitivity, name, slot, cost, max_drop) for name, slot in slots.items()}
-    dense = sum(cost(name, keep) for name in slots)
-    groups = [[(option_cost, penalty) for _, option_cost, penalty in layer] for layer in options.values()]
+    options, dense = _all_options(sensitivity, slots, cost, max_drop)
+    groups = _groups(options)
     cheapest = sum(min(option_cost for option_cost, _ in group) for group in groups)
     floor = math.ceil(100 * cheapest / dense) / 100 if dense > 0 else 0.0
     fractions = list(dict.fromkeys(max(fraction, floor) for fraction in budgets))
@@ -94,14 +105,55 @@ def knapsack_configs(
     for fraction, solution in zip(fractions, solve_knapsack(groups, limits)):  # the floor never rounds below it
         if solution is None:
             continue
-        layers = {name: options[name][pick][0] for name, pick in zip(options, solution)}
-        config = CompressionConfig(layers=layers, rank_multiple=rank_multiple)
+        config = _config(options, solution, rank_multiple)
         if config not in out.values():
             out[fraction] = config
     return out
 
 
-def _options(
+def knapsack_front(
+    sensitivity: Sensitivity,
+    slots: Mapping[str, LayerSlot],
+    cost: Callable[[str, LayerChoice], float],
+    *,
+    rank_multiple: int,
+    max_drop: float = math.inf,
+) -> list[tuple[float, CompressionConfig]]:
+    """Every config on the knapsack's (summed cost, summed penalty) front, with its summed cost as a fraction of
+    the searched layers' dense cost, cheapest first: the config of least penalty for every budget from its cost
+    up to the next one's. The options per layer are :func:`knapsack_configs`'s."""
+    options, dense = _all_options(sensitivity, slots, cost, max_drop)
+    front = _KnapsackFront(_groups(options))
+    scale = 1.0 / dense if dense > 0 else 0.0
+    return [
+        (float(front.costs[state]) * scale, _config(options, front.assignment(state), rank_multiple))
+        for state in range(len(front.costs))
+    ]
+
+
+def _all_options(
+    sensitivity: Sensitivity,
+    slots: Mapping[str, LayerSlot],
+    cost: Callable[[str, LayerChoice], float],
+    max_drop: float,
+) -> tuple[Options, float]:
+    """Every searched layer's options, and the summed dense cost."""
+    options = {name: _layer_options(sensitivity, name, slot, cost, max_drop) for name, slot in slots.items()}
+    return options, sum(cost(name, LayerChoice("keep")) for name in slots)
+
+
+def _groups(options: Options) -> list[list[tuple[float, float]]]:
+    """The (cost, penalty) pairs of each layer's options, as the knapsack takes them."""
+    return [[(option_cost, penalty) for _, option_cost, penalty in layer] for layer in options.values()]
+
+
+def _config(options: Options, solution: Sequence[int], rank_multiple: int) -> CompressionConfig:
+    """The config that takes, per layer, the option ``solution`` picks."""
+    layers = {name: options[name][pick][0] for name, pick in zip(options, solution)}
+    return CompressionConfig(layers=layers, rank_multiple=rank_multiple)
+
+
+def _layer_options(
     sensitivity: Sensitivity,
     name: str,
     slot: LayerSlot,

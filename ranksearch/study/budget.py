@@ -90,6 +90,7 @@ def optimize_to_budget(
     budget: int,
     timeout: float | None = None,
     after_trial: Callable[[], None] | None = None,
+    before_trial: Callable[[optuna.Study], None] | None = None,
     heartbeat: int | None = None,
     console: Console,
 ) -> int:
@@ -99,12 +100,13 @@ def optimize_to_budget(
     Before asking for a trial, a worker fails stale trials, and waits while counted plus RUNNING trials
     fill the budget (a running trial may still fail, and its retry needs a worker); :class:`BudgetGuard` prunes
     the rare surplus trial of a race between workers before it is evaluated. ``after_trial`` runs whenever the
-    study's trials change. ``heartbeat``: seconds between the trials' heartbeats (None: none, for a study no other
-    process watches). Returns how many trials this process completed.
+    study's trials change; ``before_trial`` just before this process asks for a trial (it may enqueue one).
+    ``heartbeat``: seconds between the trials' heartbeats (None: none, for a study no other process watches).
+    Returns how many trials this process completed.
     """
     guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     with _remember_sigint() as interrupted:
-        return _optimize_loop(study, guard, timeout, after_trial, console, interrupted)
+        return _optimize_loop(study, guard, timeout, (after_trial, before_trial), console, interrupted)
 
 
 @contextlib.contextmanager
@@ -133,10 +135,11 @@ def _optimize_loop(
     study: optuna.Study,
     guard: BudgetGuard,
     timeout: float | None,
-    after_trial: Callable[[], None] | None,
+    hooks: tuple[Callable[[], None] | None, Callable[[optuna.Study], None] | None],
     console: Console,
     interrupted: threading.Event,
 ) -> int:
+    after_trial, before_trial = hooks
     budget = guard.budget
     deadline = None if timeout is None else time.monotonic() + timeout
     completed = failures_in_a_row = 0
@@ -159,6 +162,8 @@ def _optimize_loop(
             time.sleep(POLL_S)
             continue
         finished.clear()
+        if before_trial is not None:
+            before_trial(study)
         try:
             study.optimize(guard, n_trials=1, callbacks=[lambda _, trial: finished.append(trial)])
         except RanksearchError:

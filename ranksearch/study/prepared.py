@@ -10,11 +10,13 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import optuna
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -36,10 +38,11 @@ from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.timers import ModuleTimer, TorchTimer
 from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
-from ranksearch.search.knapsack import knapsack_configs
+from ranksearch.search.knapsack import knapsack_configs, knapsack_front
 from ranksearch.search.latency_table import LatencyTable, cache_name
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
 from ranksearch.search.sensitivity import Sensitivity, VariantScore, measure_sensitivity
+from ranksearch.study.gaps import next_gap_fill
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, problem_fingerprint
 from ranksearch.study.settings import RunSettings
 from ranksearch.util import describe, import_object
@@ -162,7 +165,7 @@ class PreparedSearch:
             params = config_to_params(
                 uniform_config(self.slots, technique, fraction, rank_multiple=self.rank_multiple), self.slots
             )
-            key = tuple(sorted(params.items()))
+            key = _params_key(params)
             if key in queued:
                 continue
             queued.add(key)
@@ -171,7 +174,7 @@ class PreparedSearch:
         starts: dict[tuple[tuple[str, object], ...], tuple[str, dict[str, object]]] = {}
         for label, config in self._warm_starts().items():
             params = config_to_params(config, self.slots)
-            key = tuple(sorted(params.items()))
+            key = _params_key(params)
             if key not in queued and key not in starts:
                 starts[key] = (label, params)
         room = max(self.settings.search.budget - len(queued), 0)  # none left waiting once the budget is spent
@@ -180,6 +183,42 @@ class PreparedSearch:
             chosen = [chosen[round(i * (len(chosen) - 1) / max(room - 1, 1))] for i in range(room)]
         for label, params in chosen:
             study.enqueue_trial(params, user_attrs=warm_start_attrs(label))
+
+    def fill_gap(self, study: optuna.Study) -> None:
+        """With ``--fill-gaps``, when no trial is waiting, enqueue the knapsack config for the widest gap of the
+        measured front (:func:`~ranksearch.study.gaps.next_gap_fill`); none left: the sampler takes the trial."""
+        if not self.settings.search.fill_gaps or not self._knapsack_front:
+            return
+        trials = study.get_trials(deepcopy=False)
+        if any(trial.state == TrialState.WAITING for trial in trials):
+            return
+        tried = {_params_key(trial.params) for trial in trials}
+        untried = [(cost, config) for cost, config, key in self._knapsack_front if key not in tried]
+        cost, keep = self.variant_cost(), LayerChoice("keep")
+        dense = sum(cost(name, keep) for name in self.slots)
+
+        def cost_of(config: CompressionConfig) -> float:
+            return sum(cost(name, config.layers.get(name, keep)) for name in self.slots) / dense
+
+        fill = next_gap_fill(study, untried, cost_of=cost_of)
+        if fill is not None:
+            label = fill.label("latency" if self.table is not None else "MACs")
+            study.enqueue_trial(config_to_params(fill.config, self.slots), user_attrs=warm_start_attrs(label))
+
+    @cached_property
+    def _knapsack_front(self) -> list[tuple[float, CompressionConfig, tuple[tuple[str, object], ...]]]:
+        """The knapsack's front of configs (:func:`~ranksearch.search.knapsack.knapsack_front`), each with its
+        trial parameters' key; none without sensitivity."""
+        if self.sensitivity is None:
+            return []
+        front = knapsack_front(
+            self.sensitivity,
+            self.slots,
+            self.variant_cost(),
+            rank_multiple=self.rank_multiple,
+            max_drop=self.settings.search.max_zero_shot_drop,
+        )
+        return [(cost, config, _params_key(config_to_params(config, self.slots))) for cost, config in front]
 
     def _warm_starts(self) -> dict[str, CompressionConfig]:
         """The ``--warm-starts`` configs by label (none without sensitivity)."""
@@ -198,6 +237,11 @@ class PreparedSearch:
         )
         measure = "latency" if self.table is not None else "MACs"
         return {f"knapsack, layer {measure} <= {100 * budget:.0f} % of dense": c for budget, c in starts.items()}
+
+
+def _params_key(params: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
+    """Trial parameters in one hashable order."""
+    return tuple(sorted(params.items()))
 
 
 def evaluator_factory(settings: RunSettings) -> Callable[[RunContext], Evaluator] | None:

@@ -127,6 +127,7 @@ def _optimize(
             optimize_to_budget(
                 study,
                 Objective(search),
+                before_trial=search.fill_gap,
                 budget=settings.search.budget,
                 timeout=settings.search.timeout,
                 after_trial=refresh,

@@ -107,6 +107,9 @@ class SearchSpec:
     warm_starts: str = "knapsack"
     """Which sensitivity-based configs start the study after the anchors: the knapsack solutions over a sweep of
     latency budgets, the equal-sensitivity greedy levels of earlier releases, or none."""
+    fill_gaps: bool = False
+    """After the warm starts, give each trial, while one is left, the knapsack config in the widest gap of the
+    measured front instead of the sampler's (:mod:`ranksearch.study.gaps`)."""
     promote_steps: str = "300"
     """Fine-tune steps of the promotion rungs after the budget, comma-separated ("0": no promotion). One rung by
     default: in a default run (2026-11-29) rungs of 300 then 1,500 steps took 1,215 s of 3,557, the 1,500-step rung

@@ -89,6 +89,7 @@ def join_study(
         done = optimize_to_budget(
             study,
             Objective(search),
+            before_trial=search.fill_gap,
             budget=budget,
             timeout=settings.search.timeout,
             heartbeat=settings.infra.heartbeat,
