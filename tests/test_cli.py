@@ -42,6 +42,7 @@ def no_results(tmp_path: Path) -> bool:
         (["--max-accuracy-drop", "-1"], "--max-accuracy-drop -1.0: must be >= 0"),
         (["--max-zero-shot-drop", "-2"], "--max-zero-shot-drop -2.0: must be >= 0 percentage points"),
         (["--evaluator", "nowhere.module:Thing"], "--evaluator 'nowhere.module:Thing': cannot be loaded"),
+        (["--fill-gaps", "--no-sensitivity"], "--fill-gaps: the gaps are filled with the knapsack's configs"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

@@ -6,14 +6,16 @@ import optuna
 import pytest
 import torch
 from optuna.trial import create_trial
+from rich.console import Console
 from test_knapsack import layer_ms, problem, sensitivity_of, table_of  # noqa: F401 (a fixture)
 
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.results.record import CONFIG, RUNG, WARM_START
+from ranksearch.results.record import CONFIG, GAP_FILL, RUNG, TrialRecord
 from ranksearch.search import sample_config
 from ranksearch.search.knapsack import knapsack_front
 from ranksearch.study import PreparedSearch, RunContext, RunSettings
-from ranksearch.study.gaps import next_gap_fill
+from ranksearch.study.budget import optimize_to_budget
+from ranksearch.study.gaps import GapFill, next_gap_fill
 
 
 def one_layer(cost: float) -> CompressionConfig:
@@ -25,46 +27,77 @@ def cost_of(config: CompressionConfig) -> float:
     return float(config.layers["a"].rank)
 
 
-def measured_study() -> optuna.Study:
+def measured_study(*extra: tuple[float, float, float]) -> optuna.Study:
     """Trial: (accuracy, relative latency, cost), first rung and feasible unless said: 0 (0.90, 1.0, 0.99) the
     dense end; 1 (0.89, 0.6, 0.6); 2 (0.85, 0.3, 0.3); 3 (0.70, 0.2, 0.2); 4 (0.80, 0.7, 0.7) dominated;
-    5 (0.95, 0.1, 0.1) infeasible; 6 (0.99, 0.05, 0.05) at the second rung."""
+    5 (0.95, 0.1, 0.1) infeasible; 6 (0.99, 0.05, 0.05) at the second rung; then ``extra`` ones."""
     study = optuna.create_study(directions=["maximize", "minimize"])
     rows = [(0.90, 1.0, 0.99), (0.89, 0.6, 0.6), (0.85, 0.3, 0.3), (0.70, 0.2, 0.2), (0.80, 0.7, 0.7)]
-    rows += [(0.95, 0.1, 0.1), (0.99, 0.05, 0.05)]
+    rows += [(0.95, 0.1, 0.1), (0.99, 0.05, 0.05), *extra]
     for number, (accuracy, latency, cost) in enumerate(rows):
         attrs: dict[str, object] = {CONFIG: one_layer(cost).to_dict()}
         attrs.update({RUNG: 1} if number == 6 else {})
-        constraints = [1.0] if number == 5 else [-1.0]
-        study.add_trial(
-            create_trial(values=[accuracy, latency], user_attrs=attrs, system_attrs={"constraints": constraints})
-        )
+        constraints = {"accuracy_drop": 1.0 if number == 5 else -1.0}
+        study.add_trial(create_trial(values=[accuracy, latency], user_attrs=attrs, constraints=constraints))
     return study
+
+
+def fill(study: optuna.Study, *costs: float) -> GapFill | None:
+    return next_gap_fill(study.trials, [(c, one_layer(c)) for c in costs], cost_of=cost_of)
 
 
 def test_the_widest_gap_holding_a_candidate_gets_the_config_nearest_its_middle() -> None:
     """Front, fastest first: 3, 2, 1, 0. Gaps (latency apart x accuracy apart): 3-2 0.1 x 0.15 = 0.015, 2-1
     0.3 x 0.04 = 0.012, 1-0 0.4 x 0.01 = 0.004. The infeasible, dominated and second-rung trials take no part."""
     study = measured_study()
-
-    def fill(*costs: float):
-        return next_gap_fill(study, [(c, one_layer(c)) for c in costs], cost_of=cost_of)
-
-    chosen = fill(0.05, 0.22, 0.27, 0.45, 0.8)
+    chosen = fill(study, 0.05, 0.22, 0.27, 0.45, 0.8)
     assert chosen is not None and chosen.between == (3, 2) and chosen.cost == 0.27  # the middle of 0.2-0.3 is 0.25
     assert chosen.config == one_layer(0.27)
     assert chosen.label("latency") == "knapsack gap, layer latency 27.0 % of dense, between trials 3 and 2"
-    chosen = fill(0.05, 0.45, 0.5, 0.8)
+    chosen = fill(study, 0.05, 0.45, 0.5, 0.8)
     assert chosen is not None and chosen.between == (2, 1) and chosen.cost == 0.45
-    chosen = fill(0.05, 0.8)
+    chosen = fill(study, 0.05, 0.8)
     assert chosen is not None and chosen.between == (1, 0)
-    assert fill(0.05, 0.6, 1.5) is None  # outside every gap, or on a member's own cost
-    assert (
-        next_gap_fill(
-            optuna.create_study(directions=["maximize", "minimize"]), [(0.5, one_layer(0.5))], cost_of=cost_of
-        )
-        is None
-    )
+    assert fill(study, 0.05, 0.6, 1.5) is None  # outside every gap, or on a member's own cost
+    assert fill(optuna.create_study(directions=["maximize", "minimize"]), 0.5) is None
+
+
+def test_trials_already_in_a_gap_narrow_it_and_the_next_fill_keeps_away_from_them() -> None:
+    """Trial 7 (0.80, 0.35, cost 0.25), dominated by trial 2, already lies in gap 3-2: its width halves to 0.0075,
+    under gap 2-1's 0.012. With only gap 3-2 to fill, the candidate farthest from 0.2, 0.25 and 0.3 is taken."""
+    study = measured_study((0.80, 0.35, 0.25))
+    chosen = fill(study, 0.22, 0.27, 0.45)
+    assert chosen is not None and chosen.between == (2, 1) and chosen.cost == 0.45
+    chosen = fill(measured_study((0.69, 0.25, 0.22)), 0.24, 0.26)  # 0.24 is nearer the middle, 0.26 farther from 0.22
+    assert chosen is not None and chosen.between == (3, 2) and chosen.cost == 0.26
+
+
+def test_a_gap_spans_the_members_costs_in_either_order() -> None:
+    """The table can predict the faster member the costlier: trial 7 (0.885, 0.5, cost 0.25) and trial 8 (0.855,
+    0.4, cost 0.5) join the front between trials 2 and 1. Gap 8-7 runs from cost 0.25 to 0.5 (width 0.1 x 0.03,
+    halved by trial 2's cost 0.3 inside it), wider than gap 2-8 (0.1 x 0.005), which holds 0.4 too."""
+    study = measured_study((0.885, 0.5, 0.25), (0.855, 0.4, 0.5))
+    chosen = fill(study, 0.4)
+    assert chosen is not None and chosen.between == (8, 7)
+
+
+def test_the_hook_runs_once_before_each_trial_asked_for_and_never_past_the_budget() -> None:
+    """``before_trial`` may enqueue the next trial: each one it queues runs, and it is not asked once the budget is
+    spent."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    asked: list[int] = []
+
+    def before_trial(study: optuna.Study) -> None:
+        asked.append(len(study.trials))
+        study.enqueue_trial({"x": 0.1 * len(study.trials)})
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        return x, 1.0 - x
+
+    optimize_to_budget(study, objective, budget=4, before_trial=before_trial, console=Console(quiet=True))
+    assert asked == [0, 1, 2, 3]
+    assert [t.params["x"] for t in study.trials] == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
 @pytest.mark.parametrize("fill_gaps", [True, False])
@@ -94,9 +127,10 @@ def test_after_the_warm_starts_each_trial_fills_a_gap_until_none_is_left(problem
     for _ in range(queued + len(front) + 3):
         search.fill_gap(study)
         study.optimize(objective, n_trials=1)
-    labels = [t.user_attrs.get(WARM_START, "") for t in study.trials]
+    labels = [t.user_attrs.get(GAP_FILL, "") for t in study.trials]
     gaps = [t for t, label in zip(study.trials, labels) if label.startswith("knapsack gap, layer latency ")]
-    assert all(not label.startswith("knapsack gap") for label in labels[:queued])  # the queue runs first
+    assert not any(labels[:queued])  # the queue runs first
+    assert not any(TrialRecord.of(t).protected for t in gaps)  # screened and rejected like sampled trials
     if not fill_gaps:
         assert gaps == []
         return

@@ -49,7 +49,7 @@ _PREFIXES = {
 # trial user attributes
 CONFIG = "config"
 PARAMS, MACS, SIZE_BYTES = "params", "macs", "size_bytes"
-ANCHOR, WARM_START, WORKER = "anchor", "warm_start", "worker"
+ANCHOR, WARM_START, GAP_FILL, WORKER = "anchor", "warm_start", "gap_fill", "worker"
 PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP = "predicted_latency_ms", "predicted_speedup"
 ACCURACY_DROP_PP, SPEEDUP = "accuracy_drop_pp", "speedup"
 OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED = "outcome", "screen", "fail_reason", "seconds_saved"
@@ -59,7 +59,7 @@ REJECTED_AT_ZERO_SHOT = "rejected_at_zero_shot"
 """Written by the first release on trials pruned at zero shot (read for their outcome)."""
 COST_KEYS = (PARAMS, MACS, SIZE_BYTES)
 BOOKKEEPING = {CONFIG, ANCHOR, WARM_START, WORKER, OUTCOME, SCREEN, FAIL_REASON, SECONDS_SAVED, REJECTED_AT_ZERO_SHOT}
-BOOKKEEPING |= {*COST_KEYS, PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP, ACCURACY_DROP_PP, SPEEDUP}
+BOOKKEEPING |= {GAP_FILL, *COST_KEYS, PREDICTED_LATENCY_MS, PREDICTED_SPEEDUP, ACCURACY_DROP_PP, SPEEDUP}
 HEARTBEAT = "heartbeat"
 """A trial run through a storage server: ``[unix time of its last heartbeat, seconds between beats]``."""
 RETRY_OF = "retry_of"
@@ -240,6 +240,11 @@ def anchor_attrs(label: str) -> dict[str, str]:
 def warm_start_attrs(label: str) -> dict[str, str]:
     """The user attributes of an enqueued warm start."""
     return {WARM_START: label}
+
+
+def gap_fill_attrs(label: str) -> dict[str, str]:
+    """The user attributes of an enqueued gap fill (``--fill-gaps``): screened and rejected like a sampled trial."""
+    return {GAP_FILL: label}
 
 
 def promotion_attrs(source: TrialRecord, *, rung: int, finetune_steps: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.search.sensitivity import Sensitivity, float_variants
 from ranksearch.search.space import LayerSlot
 
-__all__ = ["KNAPSACK_BUDGETS", "knapsack_configs", "knapsack_front", "solve_knapsack"]
+__all__ = ["KNAPSACK_BUDGETS", "config_cost", "knapsack_configs", "knapsack_front", "solve_knapsack"]
 
 KNAPSACK_BUDGETS = (0.8, 0.6, 0.45, 0.36, 0.3, 0.26, 0.23, 0.2, 0.17, 0.14)
 """Budgets of the knapsack warm starts, as fractions of the searched layers' dense cost, loosest first: dense at
@@ -33,7 +33,7 @@ the fast end, where a few percent of latency decide whether a config recovers wi
 "A denser sweep at the fast end")."""
 
 
-Options = dict[str, list[tuple[LayerChoice, float, float]]]
+_Options = dict[str, list[tuple[LayerChoice, float, float]]]
 """Per searched layer, its knapsack options: (choice, cost, penalty), keep first."""
 
 
@@ -124,11 +124,19 @@ def knapsack_front(
     up to the next one's. The options per layer are :func:`knapsack_configs`'s."""
     options, dense = _all_options(sensitivity, slots, cost, max_drop)
     front = _KnapsackFront(_groups(options))
-    scale = 1.0 / dense if dense > 0 else 0.0
     return [
-        (float(front.costs[state]) * scale, _config(options, front.assignment(state), rank_multiple))
+        (float(front.costs[state]) / dense, _config(options, front.assignment(state), rank_multiple))
         for state in range(len(front.costs))
     ]
+
+
+def config_cost(
+    config: CompressionConfig, slots: Mapping[str, LayerSlot], cost: Callable[[str, LayerChoice], float]
+) -> float:
+    """``config``'s summed layer ``cost`` over the searched layers (a layer it leaves out is kept), summed in the
+    slots' order, as the knapsack sums it."""
+    keep = LayerChoice("keep")
+    return sum(cost(name, config.layers.get(name, keep)) for name in slots)
 
 
 def _all_options(
@@ -136,18 +144,18 @@ def _all_options(
     slots: Mapping[str, LayerSlot],
     cost: Callable[[str, LayerChoice], float],
     max_drop: float,
-) -> tuple[Options, float]:
+) -> tuple[_Options, float]:
     """Every searched layer's options, and the summed dense cost."""
     options = {name: _layer_options(sensitivity, name, slot, cost, max_drop) for name, slot in slots.items()}
-    return options, sum(cost(name, LayerChoice("keep")) for name in slots)
+    return options, config_cost(CompressionConfig(layers={}), slots, cost)
 
 
-def _groups(options: Options) -> list[list[tuple[float, float]]]:
+def _groups(options: _Options) -> list[list[tuple[float, float]]]:
     """The (cost, penalty) pairs of each layer's options, as the knapsack takes them."""
     return [[(option_cost, penalty) for _, option_cost, penalty in layer] for layer in options.values()]
 
 
-def _config(options: Options, solution: Sequence[int], rank_multiple: int) -> CompressionConfig:
+def _config(options: _Options, solution: Sequence[int], rank_multiple: int) -> CompressionConfig:
     """The config that takes, per layer, the option ``solution`` picks."""
     layers = {name: options[name][pick][0] for name, pick in zip(options, solution)}
     return CompressionConfig(layers=layers, rank_multiple=rank_multiple)

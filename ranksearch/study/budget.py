@@ -106,7 +106,9 @@ def optimize_to_budget(
     """
     guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     with _remember_sigint() as interrupted:
-        return _optimize_loop(study, guard, timeout, (after_trial, before_trial), console, interrupted)
+        return _optimize_loop(
+            study, guard, timeout, console, interrupted, after_trial=after_trial, before_trial=before_trial
+        )
 
 
 @contextlib.contextmanager
@@ -135,11 +137,12 @@ def _optimize_loop(
     study: optuna.Study,
     guard: BudgetGuard,
     timeout: float | None,
-    hooks: tuple[Callable[[], None] | None, Callable[[optuna.Study], None] | None],
     console: Console,
     interrupted: threading.Event,
+    *,
+    after_trial: Callable[[], None] | None,
+    before_trial: Callable[[optuna.Study], None] | None,
 ) -> int:
-    after_trial, before_trial = hooks
     budget = guard.budget
     deadline = None if timeout is None else time.monotonic() + timeout
     completed = failures_in_a_row = 0

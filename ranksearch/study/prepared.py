@@ -36,9 +36,9 @@ from ranksearch.evaluate import (
 )
 from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.timers import ModuleTimer, TorchTimer
-from ranksearch.results.record import BASELINE, anchor_attrs, warm_start_attrs
+from ranksearch.results.record import BASELINE, anchor_attrs, gap_fill_attrs, warm_start_attrs
 from ranksearch.search import LayerSlot, SearchSpace, config_to_params, uniform_config
-from ranksearch.search.knapsack import knapsack_configs, knapsack_front
+from ranksearch.search.knapsack import config_cost, knapsack_configs, knapsack_front
 from ranksearch.search.latency_table import LatencyTable, cache_name
 from ranksearch.search.screens import HopelessVariant, OverLatencyLimit, Screen, SlowerThanDense, ZeroShotDrop
 from ranksearch.search.sensitivity import Sensitivity, VariantScore, measure_sensitivity
@@ -186,24 +186,24 @@ class PreparedSearch:
 
     def fill_gap(self, study: optuna.Study) -> None:
         """With ``--fill-gaps``, when no trial is waiting, enqueue the knapsack config for the widest gap of the
-        measured front (:func:`~ranksearch.study.gaps.next_gap_fill`); none left: the sampler takes the trial."""
+        measured front (:func:`~ranksearch.study.gaps.next_gap_fill`); none left: the sampler takes the trial.
+
+        Workers each ask before their own trial; two that ask at once may enqueue the same config (it is then
+        evaluated twice), as two workers may sample the same one."""
         if not self.settings.search.fill_gaps or not self._knapsack_front:
             return
         trials = study.get_trials(deepcopy=False)
         if any(trial.state == TrialState.WAITING for trial in trials):
             return
-        tried = {_params_key(trial.params) for trial in trials}
+        # an enqueued trial's parameters stay in Optuna's "fixed_params" until its objective has suggested them all
+        tried = {_params_key(trial.system_attrs.get("fixed_params") or trial.params) for trial in trials}
         untried = [(cost, config) for cost, config, key in self._knapsack_front if key not in tried]
-        cost, keep = self.variant_cost(), LayerChoice("keep")
-        dense = sum(cost(name, keep) for name in self.slots)
-
-        def cost_of(config: CompressionConfig) -> float:
-            return sum(cost(name, config.layers.get(name, keep)) for name in self.slots) / dense
-
-        fill = next_gap_fill(study, untried, cost_of=cost_of)
+        cost = self.variant_cost()
+        dense = config_cost(CompressionConfig(layers={}), self.slots, cost)
+        fill = next_gap_fill(trials, untried, cost_of=lambda config: config_cost(config, self.slots, cost) / dense)
         if fill is not None:
             label = fill.label("latency" if self.table is not None else "MACs")
-            study.enqueue_trial(config_to_params(fill.config, self.slots), user_attrs=warm_start_attrs(label))
+            study.enqueue_trial(config_to_params(fill.config, self.slots), user_attrs=gap_fill_attrs(label))
 
     @cached_property
     def _knapsack_front(self) -> list[tuple[float, CompressionConfig, tuple[tuple[str, object], ...]]]:

@@ -158,6 +158,11 @@ class SearchSpec:
             raise RanksearchError(
                 f"--warm-starts {self.warm_starts!r} is unknown; choose one of {', '.join(WARM_STARTS)}"
             )
+        if self.fill_gaps and not self.sensitivity:
+            raise RanksearchError(
+                "--fill-gaps: the gaps are filled with the knapsack's configs, which need the sensitivity pass; "
+                "drop --no-sensitivity or --fill-gaps"
+            )
         if self.promotion_steps and not 0 < self.promote_fraction <= 1:
             raise RanksearchError(
                 f"--promote-fraction {self.promote_fraction}: must be above 0 and at most 1; pass e.g. 0.2"
