@@ -55,11 +55,15 @@ def next_gap_fill(
     ``candidates``: (cost fraction, config) of the knapsack's front not yet tried; ``cost_of``: a trial's config's
     cost fraction on the same scale.
     """
-    first_rung = [(trial, record) for trial in trials if (record := TrialRecord.of(trial)).rung == 0]
-    tried_costs = [cost_of(record.compression_config()) for trial, record in first_rung if CONFIG in trial.user_attrs]
+    first_rung = [
+        (trial, record, cost_of(record.compression_config()))
+        for trial in trials
+        if (record := TrialRecord.of(trial)).rung == 0 and CONFIG in trial.user_attrs
+    ]
+    tried_costs = [cost for _, _, cost in first_rung]
     front = _front(
-        _Member(trial.number, trial.values[0], trial.values[1], cost_of(record.compression_config()))
-        for trial, record in first_rung
+        _Member(trial.number, trial.values[0], trial.values[1], cost)
+        for trial, record, cost in first_rung
         if trial.state == TrialState.COMPLETE and record.feasible and trial.values is not None
     )
     gaps = []

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -202,7 +203,7 @@ class PreparedSearch:
         dense = config_cost(CompressionConfig(layers={}), self.slots, cost)
         fill = next_gap_fill(trials, untried, cost_of=lambda config: config_cost(config, self.slots, cost) / dense)
         if fill is not None:
-            label = fill.label("latency" if self.table is not None else "MACs")
+            label = fill.label(self._cost_measure)
             study.enqueue_trial(config_to_params(fill.config, self.slots), user_attrs=gap_fill_attrs(label))
 
     @cached_property
@@ -211,14 +212,17 @@ class PreparedSearch:
         trial parameters' key; none without sensitivity."""
         if self.sensitivity is None:
             return []
-        front = knapsack_front(
-            self.sensitivity,
-            self.slots,
-            self.variant_cost(),
-            rank_multiple=self.rank_multiple,
-            max_drop=self.settings.search.max_zero_shot_drop,
-        )
+        front = knapsack_front(self.sensitivity, self.slots, self.variant_cost(), **self._knapsack_options())
         return [(cost, config, _params_key(config_to_params(config, self.slots))) for cost, config in front]
+
+    def _knapsack_options(self) -> dict[str, Any]:
+        """The knapsack's keywords shared by the warm starts and the gap fills."""
+        return {"rank_multiple": self.rank_multiple, "max_drop": self.settings.search.max_zero_shot_drop}
+
+    @property
+    def _cost_measure(self) -> str:
+        """What :meth:`variant_cost` sums: latency where there is a table, else MACs."""
+        return "latency" if self.table is not None else "MACs"
 
     def _warm_starts(self) -> dict[str, CompressionConfig]:
         """The ``--warm-starts`` configs by label (none without sensitivity)."""
@@ -228,14 +232,8 @@ class PreparedSearch:
         if kind == "greedy":
             greedy = self.sensitivity.greedy_configs(self.slots, self.variant_cost(), rank_multiple=self.rank_multiple)
             return {f"greedy, each layer <= {level:g} pp alone": config for level, config in greedy.items()}
-        starts = knapsack_configs(
-            self.sensitivity,
-            self.slots,
-            self.variant_cost(),
-            rank_multiple=self.rank_multiple,
-            max_drop=self.settings.search.max_zero_shot_drop,
-        )
-        measure = "latency" if self.table is not None else "MACs"
+        starts = knapsack_configs(self.sensitivity, self.slots, self.variant_cost(), **self._knapsack_options())
+        measure = self._cost_measure
         return {f"knapsack, layer {measure} <= {100 * budget:.0f} % of dense": c for budget, c in starts.items()}
 
 
