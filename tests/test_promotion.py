@@ -9,11 +9,15 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
+from rich.console import Console
 
+from ranksearch.config import CompressionConfig
+from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
+from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.results import front_trials, record
 from ranksearch.results.record import TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import trial_counts
-from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts
+from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts, retime_contenders
 
 
 def test_rank_by_fronts_orders_fronts_then_crowding() -> None:
@@ -31,13 +35,17 @@ def test_rank_by_fronts_orders_fronts_then_crowding() -> None:
     assert rank_by_fronts({}) == []
 
 
-def promotion_study(accuracies_speedups: list[tuple[float, float]]) -> optuna.Study:
+def promotion_study(
+    accuracies_speedups: list[tuple[float, float]], *, predicted: list[float] | None = None
+) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="rungs")
     record.OBJECTIVES.write(study, {"latency": "relative"})
     distribution = {"x": CategoricalDistribution(list(range(len(accuracies_speedups))))}
     for number, (accuracy, speedup) in enumerate(accuracies_speedups):
         layers = {"conv": {"technique": "svd", "rank": number / 100}} if number else {}
         attrs = {"config": {"layers": layers}, "accuracy": accuracy, "speedup": speedup, "latency_ms": 1 / speedup}
+        if predicted is not None:
+            attrs["predicted_speedup"] = predicted[number]
         study.add_trial(
             create_trial(
                 values=[accuracy, 1 / speedup], params={"x": number}, distributions=distribution, user_attrs=attrs
@@ -112,3 +120,57 @@ def test_the_tiny_search_promotes_rung_by_rung(tiny_search) -> None:
     assert sum(t.counts_toward_budget for t in trials) == tiny_search[0].search.budget
     configs = [json.dumps(TrialRecord.of(t).config, sort_keys=True) for t in front_trials(study)]
     assert len(configs) == len(set(configs))
+
+
+class ConfigTimer(Evaluator, PairedTiming):
+    """A custom evaluator whose re-timing of each config (keyed by its rank) measures a fixed speedup."""
+
+    def __init__(self, speedups: dict[float, float]) -> None:
+        self.speedups = speedups
+        self.timed: list[float] = []
+
+    def evaluate(self, config: CompressionConfig, *, split: str = "val") -> Metrics:
+        raise AssertionError("re-timing must not evaluate")
+
+    def time_beside_dense(self, config: CompressionConfig, *, rounds: int, target_seconds: float) -> PairedLatency:
+        rank = config.layers["conv"].rank
+        self.timed.append(rank)
+        ratios = (self.speedups[rank],) * rounds
+        return PairedLatency(reference=_latency(1.0), candidate=_latency(1 / ratios[0]), ratios=ratios)
+
+
+def _latency(median: float) -> Latency:
+    return Latency(median_ms=median, p10_ms=median, p90_ms=median, runs=10, attempts=1, device="cpu", threads=1)
+
+
+def test_the_trials_near_the_cut_are_timed_again_before_it() -> None:
+    """Trial 2 measured 1.5x in its trial (a loaded moment) but the latency table predicts 3.0x: it contends, and
+    timed again beside trials 1 and 3 (the measured cut) it measures 3.0x and takes trial 3's place."""
+    trials = [(0.90, 1.0), (0.89, 2.0), (0.88, 1.5), (0.87, 2.5), (0.80, 1.2)]
+    study = promotion_study(trials, predicted=[1.0, 2.0, 3.0, 2.4, 1.2])
+    assert [r.number for r in promotion_candidates(study, rung=1, fraction=0.4)] == [1, 3]
+    timer = ConfigTimer({0.01: 2.0, 0.02: 3.0, 0.03: 2.5, 0.04: 1.2})
+    console = Console(quiet=True)
+    assert retime_contenders(study, timer, rung=1, fraction=0.4, console=console, rounds=10) == 3
+    assert sorted(timer.timed) == [0.01, 0.02, 0.03]  # trial 4 is far from the cut either way
+    assert [r.number for r in promotion_candidates(study, rung=1, fraction=0.4)] == [1, 2]
+    assert retime_contenders(study, timer, rung=1, fraction=0.4, console=console) == 0  # a rerun times nothing
+    assert enqueue_promotions(study, rung=1, steps=300, fraction=0.4) == [1, 2]
+
+
+def test_a_trial_timed_again_slower_gives_its_place_to_the_next() -> None:
+    """Trial 3 measured 2.5x by luck; timed again it is slower than trial 2, so trial 2 is promoted instead, and
+    trial 2 (now in the cut) is timed again too before the choice is final."""
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.88, 1.8), (0.87, 2.5)])
+    timer = ConfigTimer({0.01: 2.0, 0.02: 1.9, 0.03: 1.1})
+    assert retime_contenders(study, timer, rung=1, fraction=0.5, console=Console(quiet=True), rounds=10) == 3
+    assert timer.timed == [0.01, 0.03, 0.02]
+    assert [r.number for r in promotion_candidates(study, rung=1, fraction=0.5)] == [1, 2]
+
+
+def test_nothing_is_timed_again_without_a_paired_timer_or_paired_latency() -> None:
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.88, 1.5)], predicted=[1.0, 2.0, 3.0])
+    console = Console(quiet=True)
+    assert retime_contenders(study, object(), rung=1, fraction=0.5, console=console) == 0
+    record.OBJECTIVES.write(study, {"latency": "ms"})
+    assert retime_contenders(study, ConfigTimer({}), rung=1, fraction=0.5, console=console) == 0

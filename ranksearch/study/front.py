@@ -9,12 +9,20 @@ from rich.console import Console
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
+from ranksearch.measure.timing import PairedLatency
 from ranksearch.results import front_trials
 from ranksearch.results.confidence import paired_drop
 from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
 from ranksearch.results.record import OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
 
-__all__ = ["RETIME_ROUNDS", "RETIME_SECONDS", "confirm_front_speedups", "measure_front_test_accuracy"]
+__all__ = [
+    "RETIME_ROUNDS",
+    "RETIME_SECONDS",
+    "confirm_front_speedups",
+    "measure_front_test_accuracy",
+    "paired_timer",
+    "retime_trial",
+]
 
 RETIME_ROUNDS = 10
 """Alternating rounds of a re-timing: a config no faster than the dense model passes all of them with p <= 1/1024."""
@@ -31,13 +39,13 @@ def confirm_front_speedups(
     target_seconds: float = RETIME_SECONDS,
 ) -> int:
     """Time the front's borderline members (:attr:`~ranksearch.results.front.Speed.borderline`: not faster in every
-    round, or rounds too far apart) again beside the dense model (recorded in ``RETIMED``), until every
+    round, or rounds too far apart) again beside the dense model (:func:`retime_trial`), until every
     member is measurably faster than the dense model (or is the dense model): a member found not faster leaves
     the front, and whoever it dominated is considered in turn. Needs a :class:`PairedTiming` evaluator and a study
     with paired latency; returns the number of trials timed again."""
-    if not isinstance(evaluator, PairedTiming) or OBJECTIVES.read(study).get("latency") != "relative":
+    timer = paired_timer(study, evaluator)
+    if timer is None:
         return 0
-    retimed = dict(RETIMED.read(study))
     count = 0
     while True:
         members, speeds = front_with_speeds(study, confirmed=False)
@@ -49,24 +57,50 @@ def confirm_front_speedups(
         if not pending:
             return count
         for record in pending:
-            paired = evaluator.time_beside_dense(
-                record.compression_config(), rounds=rounds, target_seconds=target_seconds
-            )
-            retimed[str(record.number)] = {
+            retime_trial(study, timer, record, console, rounds=rounds, target_seconds=target_seconds)
+            count += 1
+
+
+def paired_timer(study: optuna.Study, evaluator: object) -> PairedTiming | None:
+    """``evaluator`` where it can time a config beside the dense model and ``study``'s latency is paired, else None."""
+    if isinstance(evaluator, PairedTiming) and OBJECTIVES.read(study).get("latency") == "relative":
+        return evaluator
+    return None
+
+
+def retime_trial(
+    study: optuna.Study,
+    timer: PairedTiming,
+    record: TrialRecord,
+    console: Console,
+    *,
+    rounds: int = RETIME_ROUNDS,
+    target_seconds: float = RETIME_SECONDS,
+    why: str = "",
+) -> PairedLatency:
+    """Time ``record``'s config again beside the dense model and record it in ``RETIMED`` (the re-timing then decides
+    the config's slowest and fastest rounds, and its speedup pools with its trials'); says so on ``console``."""
+    paired = timer.time_beside_dense(record.compression_config(), rounds=rounds, target_seconds=target_seconds)
+    RETIMED.write(
+        study,
+        {
+            **RETIMED.read(study),
+            str(record.number): {
                 "speedup": paired.speedup,
                 "speedup_low": paired.speedup_low,
                 "speedup_high": paired.speedup_high,
                 "rounds": float(len(paired.ratios)),
-            }
-            RETIMED.write(study, retimed)
-            count += 1
-            speed = study_speeds(study)[record.number]
-            verdict = "measurably faster" if speed.measurably_faster else "not measurably faster"
-            console.print(
-                f"re-timed trial {record.number}: {paired.speedup:.2f}x "
-                f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x), {verdict} than the dense model"
-                + (f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else "")
-            )
+            },
+        },
+    )
+    speed = study_speeds(study)[record.number]
+    verdict = "measurably faster" if speed.measurably_faster else "not measurably faster"
+    console.print(
+        f"re-timed trial {record.number}{why}: {paired.speedup:.2f}x "
+        f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x), {verdict} than the dense model"
+        + (f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else "")
+    )
+    return paired
 
 
 def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, console: Console) -> None:
