@@ -15,8 +15,10 @@ from ranksearch.config import CompressionConfig
 from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
 from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.results import front_trials, record
+from ranksearch.results.front import study_speeds
 from ranksearch.results.record import TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import trial_counts
+from ranksearch.study.front import confirm_front_speedups
 from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts, retime_contenders
 
 
@@ -174,3 +176,72 @@ def test_nothing_is_timed_again_without_a_paired_timer_or_paired_latency() -> No
     assert retime_contenders(study, object(), rung=1, fraction=0.5, console=console) == 0
     record.OBJECTIVES.write(study, {"latency": "ms"})
     assert retime_contenders(study, ConfigTimer({}), rung=1, fraction=0.5, console=console) == 0
+
+
+def test_the_cut_is_the_same_on_a_rerun_after_later_timings() -> None:
+    """A rerun (after a kill in rung 1, or of a finished study) makes the cut the first run made: the timings of the
+    promotions and of the re-timings after the search pool into the front's speedups, not into the cut's."""
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.88, 1.8), (0.87, 2.5)])
+    timer = ConfigTimer({0.01: 2.0, 0.02: 1.9, 0.03: 2.6})
+    retime_contenders(study, timer, rung=1, fraction=0.5, console=Console(quiet=True), rounds=10)
+    assert enqueue_promotions(study, rung=1, steps=300, fraction=0.5) == [1, 3]
+    promoted = study.trials[1]
+    attrs = {**promoted.user_attrs, **promotion_attrs(TrialRecord.of(promoted), rung=1, finetune_steps=300)}
+    study.add_trial(
+        create_trial(
+            values=[0.89, 1 / 1.01],
+            params=promoted.params,
+            distributions=promoted.distributions,
+            user_attrs={**attrs, "speedup": 1.01, "latency_rounds": 40},
+        )
+    )
+    record.RETIMED.write(study, {"3": {"speedup": 1.02, "speedup_low": 1.0, "speedup_high": 1.1, "rounds": 40}})
+    assert [r.number for r in promotion_candidates(study, rung=1, fraction=0.5)] == [1, 3]
+    assert enqueue_promotions(study, rung=1, steps=300, fraction=0.5) == []
+
+
+def test_a_config_sampled_twice_is_timed_and_promoted_once() -> None:
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.85, 3.0)])
+    twin = study.trials[1]
+    study.add_trial(
+        create_trial(
+            values=twin.values, params=twin.params, distributions=twin.distributions, user_attrs=twin.user_attrs
+        )
+    )
+    timer = ConfigTimer({0.01: 2.0, 0.02: 3.0})
+    assert retime_contenders(study, timer, rung=1, fraction=1.0, console=Console(quiet=True)) == 2
+    assert sorted(timer.timed) == [0.01, 0.02]
+    assert [r.number for r in promotion_candidates(study, rung=1, fraction=1.0)] == [1, 2]  # not the twin, 3
+
+
+def test_a_timing_before_the_cut_counts_as_one_more_timing_not_as_the_verdict() -> None:
+    """A slow round in the timing before the cut makes the config borderline, as a slow round in a trial does; the
+    re-timing after the search then decides, and the config can still join the front."""
+    study = promotion_study([(0.90, 1.0), (0.89, 1.3)])
+    retime_contenders(study, ConfigTimer({0.01: 1.2}), rung=1, fraction=1.0, console=Console(quiet=True), rounds=4)
+    stored = record.CUT_TIMINGS.read(study)["1"]
+    assert stored["cut"] == 1 and stored["rounds"] == 4 and not record.RETIMED.read(study)
+    speed = study_speeds(study)[1]
+    assert speed.timings == 2 and not speed.retimed
+    assert speed.speedup == pytest.approx(math.exp((math.log(1.3) + 4 * math.log(1.2)) / 5))
+    record.CUT_TIMINGS.write(study, {"1": {**stored, "speedup_low": 0.95}})
+    assert study_speeds(study)[1].borderline and 1 not in [t.number for t in front_trials(study)]
+    assert confirm_front_speedups(study, ConfigTimer({0.01: 1.25}), Console(quiet=True)) == 1
+    assert [t.number for t in front_trials(study)] == [1, 0]
+
+
+def test_each_rung_times_its_own_contenders_again() -> None:
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.85, 3.0)])
+    timer = ConfigTimer({0.01: 2.0, 0.02: 3.0})
+    console = Console(quiet=True)
+    assert retime_contenders(study, timer, rung=1, fraction=1.0, console=console) == 2
+    for source in (study.trials[1], study.trials[2]):
+        attrs = {**source.user_attrs, **promotion_attrs(TrialRecord.of(source), rung=1, finetune_steps=300)}
+        study.add_trial(
+            create_trial(
+                values=source.values, params=source.params, distributions=source.distributions, user_attrs=attrs
+            )
+        )
+    assert retime_contenders(study, timer, rung=2, fraction=0.5, console=console) == 1  # the cut to rung 2 keeps 1
+    assert retime_contenders(study, timer, rung=1, fraction=1.0, console=console) == 0
+    assert set(record.CUT_TIMINGS.read(study)) == {"1", "2", "3"}  # 3: trial 1's promotion, timed before rung 2

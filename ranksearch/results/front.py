@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.results.record import BASELINE, OBJECTIVES, RETIMED, TrialRecord
+from ranksearch.results.record import BASELINE, CUT_TIMINGS, OBJECTIVES, RETIMED, TrialRecord
 
 __all__ = [
     "MAX_ROUND_SPREAD",
     "Speed",
     "compresses_nothing",
+    "config_key",
     "config_speeds",
     "front_trials",
     "front_with_speeds",
@@ -84,15 +85,20 @@ class _Timing:
 
 
 def config_speeds(
-    records: Sequence[TrialRecord], retimed: Mapping[str, Mapping[str, float]], *, pool: bool = True
+    records: Sequence[TrialRecord],
+    retimed: Mapping[str, Mapping[str, float]],
+    *,
+    pool: bool = True,
+    cut_timings: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[int, Speed]:
     """Each record's :class:`Speed`, the same for every record of one config: the speedup pooled over every timing
-    of the config (each of its trials, at whatever rung, and each re-timing after the search), weighted by rounds;
-    the slowest and fastest rounds from its re-timings where there are any (they decide), else from its trials.
-    A record without a config (a custom study's), and with ``pool=False`` every record, is a config of its own."""
+    of the config (each of its trials, at whatever rung, each timing before a promotion cut, ``cut_timings``, and
+    each re-timing after the search, ``retimed``), weighted by rounds; the slowest and fastest rounds from its
+    re-timings after the search where there are any (they decide), else from its other timings. A record without a
+    config (a custom study's), and with ``pool=False`` every record, is a config of its own."""
     groups: defaultdict[str, list[TrialRecord]] = defaultdict(list)
     for record in records:
-        groups[_config_key(record) if pool and record.config else f"trial {record.number}"].append(record)
+        groups[config_key(record) if pool and record.config else f"trial {record.number}"].append(record)
     speeds: dict[int, Speed] = {}
     for group in groups.values():
         measured = [
@@ -105,13 +111,18 @@ def config_speeds(
             for r in group
             if r.speedup is not None and r.speedup > 0
         ]
-        again = [
-            _Timing(t["speedup"], t["speedup_low"], t["speedup_high"], float(t.get("rounds", 1.0)))
-            for t in (retimed[str(r.number)] for r in group if str(r.number) in retimed)
-        ]
+        measured += _stored_timings(group, cut_timings or {})
+        again = _stored_timings(group, retimed)
         speed = _pooled(measured + again, deciding=again or measured, retimed=bool(again))
         speeds.update({r.number: speed for r in group})
     return speeds
+
+
+def _stored_timings(group: Sequence[TrialRecord], stored: Mapping[str, Mapping[str, float]]) -> list[_Timing]:
+    return [
+        _Timing(t["speedup"], t["speedup_low"], t["speedup_high"], float(t.get("rounds", 1.0)))
+        for t in (stored[str(r.number)] for r in group if str(r.number) in stored)
+    ]
 
 
 def _pooled(timings: Sequence[_Timing], *, deciding: Sequence[_Timing], retimed: bool) -> Speed:
@@ -144,7 +155,8 @@ def _speeds(
     study: optuna.Study, complete: Sequence[FrozenTrial], retimed: Mapping[str, Mapping[str, float]]
 ) -> dict[int, Speed]:
     relative = OBJECTIVES.read(study).get("latency") == "relative"
-    return config_speeds([TrialRecord.of(t) for t in complete], retimed, pool=relative)
+    records = [TrialRecord.of(t) for t in complete]
+    return config_speeds(records, retimed, pool=relative, cut_timings=CUT_TIMINGS.read(study))
 
 
 def compresses_nothing(record: TrialRecord) -> bool:
@@ -197,7 +209,7 @@ def _relative_front(
 ) -> list[FrozenTrial]:
     trials = {t.number: t for t in complete}
     measured = [r for r in map(TrialRecord.of, trials.values()) if r.feasible and "accuracy" in r.metrics]
-    speeds = config_speeds(measured, retimed)
+    speeds = config_speeds(measured, retimed, cut_timings=CUT_TIMINGS.read(study))
     records = highest_fidelity(measured)
     dense = [r for r in records if compresses_nothing(r)][:1]
     eligible = [
@@ -228,13 +240,14 @@ def highest_fidelity(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Each config once: at the highest rung it was evaluated at (its latest trial there), in trial order."""
     best: dict[str, TrialRecord] = {}
     for record in records:
-        key = _config_key(record)
+        key = config_key(record)
         if key not in best or (record.rung, record.number) > (best[key].rung, best[key].number):
             best[key] = record
     return sorted(best.values(), key=lambda r: r.number)
 
 
-def _config_key(record: TrialRecord) -> str:
+def config_key(record: TrialRecord) -> str:
+    """What identifies ``record``'s config: trials with the same key evaluated the same config."""
     return json.dumps(record.config, sort_keys=True)
 
 

@@ -291,6 +291,10 @@ beside it); absent in studies written before paired latency, whose second value 
 RETIMED = StudyField[dict[str, dict[str, float]]]("retimed", dict)
 """Front members timed again beside the dense model after the search, keyed by trial number as a string:
 ``speedup`` (median), ``speedup_low`` / ``speedup_high`` (its 95 % interval over rounds), ``rounds``."""
+CUT_TIMINGS = StudyField[dict[str, dict[str, float]]]("cut_timings", dict)
+"""Trials timed again beside the dense model before a promotion cut, keyed by trial number as a string: the fields
+of :data:`RETIMED` and ``cut``, the rung the cut promoted to. Each counts as one more timing of the trial's config
+(pooled into its speedup, its rounds among the config's), not as a re-timing that decides."""
 TEST_DROP = StudyField[dict[str, dict[str, float]]]("test_drop", dict)
 """Per front member (trial number as a string): the test accuracy drop against the baseline on the same images, in
 points, with its paired 95 % interval: ``drop_pp``, ``low_pp``, ``high_pp``, ``images``."""

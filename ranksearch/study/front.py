@@ -9,11 +9,10 @@ from rich.console import Console
 from ranksearch.config import CompressionConfig
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
-from ranksearch.measure.timing import PairedLatency
 from ranksearch.results import front_trials
 from ranksearch.results.confidence import paired_drop
 from ranksearch.results.front import compresses_nothing, front_with_speeds, study_speeds
-from ranksearch.results.record import OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
+from ranksearch.results.record import CUT_TIMINGS, OBJECTIVES, RETIMED, TEST_ACCURACY, TEST_DROP, TrialRecord
 
 __all__ = [
     "RETIME_ROUNDS",
@@ -74,33 +73,33 @@ def retime_trial(
     record: TrialRecord,
     console: Console,
     *,
+    before_cut: int | None = None,
     rounds: int = RETIME_ROUNDS,
     target_seconds: float = RETIME_SECONDS,
-    why: str = "",
-) -> PairedLatency:
-    """Time ``record``'s config again beside the dense model and record it in ``RETIMED`` (the re-timing then decides
-    the config's slowest and fastest rounds, and its speedup pools with its trials'); says so on ``console``."""
+) -> None:
+    """Time ``record``'s config again beside the dense model and say so on ``console``. After the search it is
+    recorded in ``RETIMED`` (it then decides the config's slowest and fastest rounds); ``before_cut``, the rung a
+    promotion cut is about to promote to, records it in ``CUT_TIMINGS`` instead, as one more timing of the config."""
     paired = timer.time_beside_dense(record.compression_config(), rounds=rounds, target_seconds=target_seconds)
-    RETIMED.write(
-        study,
-        {
-            **RETIMED.read(study),
-            str(record.number): {
-                "speedup": paired.speedup,
-                "speedup_low": paired.speedup_low,
-                "speedup_high": paired.speedup_high,
-                "rounds": float(len(paired.ratios)),
-            },
-        },
-    )
+    timing = {
+        "speedup": paired.speedup,
+        "speedup_low": paired.speedup_low,
+        "speedup_high": paired.speedup_high,
+        "rounds": float(len(paired.ratios)),
+    }
+    field = RETIMED if before_cut is None else CUT_TIMINGS
+    if before_cut is not None:
+        timing["cut"] = float(before_cut)
+    field.write(study, {**field.read(study), str(record.number): timing})
     speed = study_speeds(study)[record.number]
     verdict = "measurably faster" if speed.measurably_faster else "not measurably faster"
+    when = "" if before_cut is None else f" before the cut to rung {before_cut}"
+    predicted = f", predicted {record.predicted_speedup:.2f}x" if before_cut and record.predicted_speedup else ""
     console.print(
-        f"re-timed trial {record.number}{why}: {paired.speedup:.2f}x "
-        f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x), {verdict} than the dense model"
+        f"re-timed trial {record.number}{when}: {paired.speedup:.2f}x "
+        f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x{predicted}), {verdict} than the dense model"
         + (f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else "")
     )
-    return paired
 
 
 def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, console: Console) -> None:

@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from ranksearch.evaluate import MultiFidelity
-from ranksearch.results.front import Speed, compresses_nothing, study_speeds
-from ranksearch.results.record import TrialRecord, promotion_attrs, records
+from ranksearch.results.front import Speed, compresses_nothing, config_key, config_speeds
+from ranksearch.results.record import CUT_TIMINGS, OBJECTIVES, TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import BudgetGuard, Objective
 from ranksearch.study.front import RETIME_ROUNDS, RETIME_SECONDS, paired_timer, retime_trial
 from ranksearch.study.heartbeat import fail_silent_trials
@@ -63,9 +63,9 @@ def _crowding(points: Mapping[int, tuple[float, float]]) -> dict[int, float]:
 def promotion_candidates(study: optuna.Study, *, rung: int, fraction: float) -> list[TrialRecord]:
     """The trials of rung ``rung - 1`` that earn rung ``rung``: the best ``ceil(fraction * n)`` of its ``n``
     complete trials by :func:`rank_by_fronts` on (validation accuracy, speedup), among the feasible ones that
-    compress something and are faster than the dense model. The speedup is the config's pooled over all its
-    timings (:func:`~ranksearch.results.front.study_speeds`), re-timings included. Those already promoted are
-    included (the choice is the same on every rerun)."""
+    compress something and are faster than the dense model, one trial per config. The speedup is the config's pooled
+    over its timings as they stood at the cut (those of the rungs below and of the re-timings before the cuts up to it). Those already promoted are included (the choice is
+    the same on every rerun)."""
     cut = _Cut.of(study, rung=rung, fraction=fraction)
     return [cut.pool[n] for n in cut.chosen()]
 
@@ -80,13 +80,13 @@ def retime_contenders(
     rounds: int = RETIME_ROUNDS,
     target_seconds: float = RETIME_SECONDS,
 ) -> int:
-    """Before the cut to rung ``rung``, time again beside the dense model (:func:`~ranksearch.study.front.retime_trial`)
-    each rung ``rung - 1`` trial that makes the cut by its measured speedup or by the latency table's prediction
-    (where that is higher), until every trial that does has been timed again. One timing of a few seconds decides a
-    trial's speedup at rung 0: on a 2-core host the same fast configs measured 2.9-3.2x in one study and 4.0-4.5x in
-    another (predicted 3.4-3.9x), and were promoted in the second only. Timed again side by side, the configs near
-    the cut are compared under one machine load. Needs a paired timer (:func:`~ranksearch.study.front.paired_timer`);
-    returns the number of trials timed again."""
+    """Before the cut to rung ``rung``, time again beside the dense model each rung ``rung - 1`` trial that makes the
+    cut by its measured speedup or by the latency table's predicted one where that is higher, until every trial that
+    does has been timed again before this cut (:func:`~ranksearch.study.front.retime_trial`, ``before_cut``). One
+    few-second timing decides a trial's speedup at rung 0: on a 2-core host the same fast configs measured 2.9-3.2x
+    in one study and 4.0-4.5x in another (the table predicted 3.4-3.9x) and were promoted in the second only; timed
+    again side by side, the configs near the cut are compared under one machine load. Needs a paired timer
+    (:func:`~ranksearch.study.front.paired_timer`); returns the number of trials timed again."""
     timer = paired_timer(study, evaluator)
     if timer is None:
         return 0
@@ -94,13 +94,13 @@ def retime_contenders(
     while True:
         cut = _Cut.of(study, rung=rung, fraction=fraction)
         contenders = dict.fromkeys(cut.chosen() + cut.chosen(or_predicted=True))
-        pending = [n for n in contenders if not cut.speeds[n].retimed]
+        pending = [n for n in contenders if n not in cut.timed_before]
         if not pending:
             return count
         for number in pending:
-            predicted = cut.predicted(number)
-            why = f" before the cut to rung {rung}" + (f" (predicted {predicted:.2f}x)" if predicted else "")
-            retime_trial(study, timer, cut.pool[number], console, rounds=rounds, target_seconds=target_seconds, why=why)
+            retime_trial(
+                study, timer, cut.pool[number], console, before_cut=rung, rounds=rounds, target_seconds=target_seconds
+            )
             count += 1
 
 
@@ -109,36 +109,48 @@ class _Cut:
     """The trials of one rung that compete for promotion, and how many of them are promoted."""
 
     pool: Mapping[int, TrialRecord]
-    """The feasible complete trials of the rung that compress something and whose speedup is known."""
+    """The feasible complete trials of the rung that compress something and whose speedup is known, one per config
+    (its first trial)."""
     speeds: Mapping[int, Speed]
+    """Each trial's speed as it stood at the cut: pooled over the timings of the rungs below the promotion's and of
+    the cuts up to it, not over later ones (a rerun makes the same cut)."""
+    timed_before: frozenset[int]
+    """The trials timed again before this cut."""
     size: int
+    """How many are promoted: the fraction of the rung's complete trials, rounded up."""
 
     @classmethod
     def of(cls, study: optuna.Study, *, rung: int, fraction: float) -> _Cut:
-        speeds = study_speeds(study)
-        complete = [r for r in records(study, states=(TrialState.COMPLETE,)) if r.rung == rung - 1]
-        pool = {
-            r.number: r
-            for r in complete
-            if r.feasible and not compresses_nothing(r) and speeds[r.number].speedup is not None
-        }
-        return cls(pool=pool, speeds=speeds, size=math.ceil(fraction * len(complete)))
-
-    def predicted(self, number: int) -> float:
-        """The latency table's predicted speedup of the trial's config (0 when it was not predicted)."""
-        return self.pool[number].predicted_speedup or 0.0
+        below = [r for r in records(study, states=(TrialState.COMPLETE,)) if r.rung < rung]
+        cut_timings = {n: t for n, t in CUT_TIMINGS.read(study).items() if t.get("cut", 0.0) <= rung}
+        relative = OBJECTIVES.read(study).get("latency") == "relative"
+        speeds = config_speeds(below, {}, pool=relative, cut_timings=cut_timings)
+        complete = [r for r in below if r.rung == rung - 1]
+        pool: dict[str, TrialRecord] = {}
+        for r in complete:
+            if r.feasible and not compresses_nothing(r) and speeds[r.number].speedup is not None:
+                pool.setdefault(config_key(r), r)
+        return cls(
+            pool={r.number: r for r in pool.values()},
+            speeds=speeds,
+            timed_before=frozenset(int(n) for n, t in cut_timings.items() if t.get("cut") == rung),
+            size=math.ceil(fraction * len(complete)),
+        )
 
     def chosen(self, *, or_predicted: bool = False) -> list[int]:
         """The promoted trials: the best :attr:`size` of those faster than the dense model by :func:`rank_by_fronts`
-        on (accuracy, speedup). ``or_predicted``: were each one's speedup its prediction where that is higher."""
+        on (accuracy, speedup). ``or_predicted``: were each one's speedup the latency table's prediction where that
+        is higher."""
         points = {
-            n: (float(r.metrics["accuracy"]), self._speedup(n, or_predicted=or_predicted)) for n, r in self.pool.items()
+            n: (float(r.metrics["accuracy"]), self._speedup(r, or_predicted=or_predicted)) for n, r in self.pool.items()
         }
         return rank_by_fronts({n: point for n, point in points.items() if point[1] > 1.0})[: self.size]
 
-    def _speedup(self, number: int, *, or_predicted: bool) -> float:
-        measured = float(self.speeds[number].speedup or 0.0)
-        return max(measured, self.predicted(number)) if or_predicted else measured
+    def _speedup(self, record: TrialRecord, *, or_predicted: bool) -> float:
+        measured = float(self.speeds[record.number].speedup or 0.0)
+        if or_predicted and record.predicted_speedup is not None:
+            return max(measured, record.predicted_speedup)
+        return measured
 
 
 def enqueue_promotions(study: optuna.Study, *, rung: int, steps: int, fraction: float) -> list[int]:
