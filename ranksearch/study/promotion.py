@@ -64,8 +64,8 @@ def promotion_candidates(study: optuna.Study, *, rung: int, fraction: float) -> 
     """The trials of rung ``rung - 1`` that earn rung ``rung``: the best ``ceil(fraction * n)`` of its ``n``
     complete trials by :func:`rank_by_fronts` on (validation accuracy, speedup), among the feasible ones that
     compress something and are faster than the dense model, one trial per config. The speedup is the config's pooled
-    over its timings as they stood at the cut (those of the rungs below and of the re-timings before the cuts up to it). Those already promoted are included (the choice is
-    the same on every rerun)."""
+    over its timings as they stood at the cut: those of the rungs below and of the re-timings before the cuts up to
+    this one. Those already promoted are included (the choice is the same on every rerun)."""
     cut = _Cut.of(study, rung=rung, fraction=fraction)
     return [cut.pool[n] for n in cut.chosen()]
 
