@@ -12,14 +12,20 @@ from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
 from ranksearch.config import CompressionConfig
-from ranksearch.evaluate import Evaluator, Metrics, PairedTiming
+from ranksearch.evaluate import Evaluator, Metrics, MultiFidelity, PairedTiming
 from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.results import front_trials, record
 from ranksearch.results.front import study_speeds
 from ranksearch.results.record import TrialRecord, promotion_attrs, records
 from ranksearch.study.budget import trial_counts
 from ranksearch.study.front import confirm_front_speedups
-from ranksearch.study.promotion import enqueue_promotions, promotion_candidates, rank_by_fronts, retime_contenders
+from ranksearch.study.promotion import (
+    enqueue_promotions,
+    promotion_candidates,
+    rank_by_fronts,
+    retime_contenders,
+    run_promotions,
+)
 
 
 def test_rank_by_fronts_orders_fronts_then_crowding() -> None:
@@ -189,10 +195,10 @@ def test_the_cut_is_the_same_on_a_rerun_after_later_timings() -> None:
     attrs = {**promoted.user_attrs, **promotion_attrs(TrialRecord.of(promoted), rung=1, finetune_steps=300)}
     study.add_trial(
         create_trial(
-            values=[0.89, 1 / 1.01],
+            values=[0.89, 1 / 0.5],
             params=promoted.params,
             distributions=promoted.distributions,
-            user_attrs={**attrs, "speedup": 1.01, "latency_rounds": 40},
+            user_attrs={**attrs, "speedup": 0.5, "latency_rounds": 40},
         )
     )
     record.RETIMED.write(study, {"3": {"speedup": 1.02, "speedup_low": 1.0, "speedup_high": 1.1, "rounds": 40}})
@@ -245,3 +251,26 @@ def test_each_rung_times_its_own_contenders_again() -> None:
     assert retime_contenders(study, timer, rung=2, fraction=0.5, console=console) == 1  # the cut to rung 2 keeps 1
     assert retime_contenders(study, timer, rung=1, fraction=1.0, console=console) == 0
     assert set(record.CUT_TIMINGS.read(study)) == {"1", "2", "3"}  # 3: trial 1's promotion, timed before rung 2
+
+
+class PromotingTimer(ConfigTimer, MultiFidelity):
+    """A :class:`ConfigTimer` that could promote: any evaluation fails the test."""
+
+    def evaluate_at(self, config: CompressionConfig, *, finetune_steps: int, split: str = "val") -> Metrics:
+        raise AssertionError("nothing is left to promote")
+
+
+def test_a_cut_an_earlier_release_made_stands() -> None:
+    """A finished study of the release before timings at the cut, run again: its promotions (made on each trial's
+    own speedup) stand; nothing is timed or promoted on top of them."""
+    study = promotion_study([(0.90, 1.0), (0.89, 2.0), (0.88, 1.5), (0.87, 2.5)], predicted=[1.0, 2.0, 3.0, 2.4])
+    source = study.trials[1]
+    attrs = {**source.user_attrs, **promotion_attrs(TrialRecord.of(source), rung=1, finetune_steps=300)}
+    study.add_trial(
+        create_trial(values=source.values, params=source.params, distributions=source.distributions, user_attrs=attrs)
+    )
+    timer = PromotingTimer({0.01: 2.0, 0.02: 3.0, 0.03: 2.5})
+    evaluated = run_promotions(
+        study, timer.evaluate, timer, steps=(300,), fraction=0.5, budget=4, console=Console(quiet=True)
+    )
+    assert evaluated == 0 and timer.timed == [] and len(study.trials) == 5

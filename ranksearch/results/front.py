@@ -5,8 +5,9 @@ and another trial is a member only when it is measurably faster than the dense m
 timing measured it faster (a sign test: a config no faster than dense passes 4 rounds with probability 1/16 at most,
 10 rounds with 1/1024). Borderline members, and members whose rounds disagree by more than
 :data:`MAX_ROUND_SPREAD`, are timed again after the search (:data:`RETIMED`); the re-timing then decides.
-A config timed more than once (a promotion times it again at each rung) has one speedup, pooled over all its
-timings (:func:`config_speeds`): on a 2-core host one config measured 3.61x, then 2.58x minutes later.
+A config timed more than once (before a promotion cut, :data:`~ranksearch.results.record.CUT_TIMINGS`, and by the
+promotion at each rung) has one speedup, pooled over all its timings (:func:`config_speeds`): on a 2-core host one
+config measured 3.61x, then 2.58x minutes later.
 Studies of earlier releases keep Optuna's front on (accuracy, milliseconds).
 """
 
@@ -52,7 +53,8 @@ class Speed:
     retimed: bool
     """Whether the config was timed again after the search; ``low``/``high`` are then the re-timing's alone."""
     timings: int = 1
-    """How many timings ``speedup`` pools: the config's trials (at every rung) and its re-timings."""
+    """How many timings ``speedup`` pools: the config's trials (at every rung), its timings before promotion cuts and
+    its re-timings."""
 
     @property
     def measurably_faster(self) -> bool:

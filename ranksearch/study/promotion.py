@@ -188,10 +188,11 @@ def run_promotions(
     guard = BudgetGuard(study=study, objective=objective, budget=budget, heartbeat=heartbeat)
     evaluated = 0
     for rung, rung_steps in enumerate(steps, start=1):
-        retime_contenders(study, evaluator, rung=rung, fraction=fraction, console=console)
-        added = enqueue_promotions(study, rung=rung, steps=rung_steps, fraction=fraction)
-        if added:
-            console.print(f"promotion to rung {rung} ({rung_steps} fine-tune steps): trials {_numbers(added)}")
+        if not _cut_by_earlier_release(study, evaluator, rung=rung):
+            retime_contenders(study, evaluator, rung=rung, fraction=fraction, console=console)
+            added = enqueue_promotions(study, rung=rung, steps=rung_steps, fraction=fraction)
+            if added:
+                console.print(f"promotion to rung {rung} ({rung_steps} fine-tune steps): trials {_numbers(added)}")
         while True:
             pending = [
                 r for r in records(study) if r.rung == rung and r.state in (TrialState.WAITING, TrialState.RUNNING)
@@ -207,6 +208,15 @@ def run_promotions(
             if after_trial is not None:
                 after_trial()
     return evaluated
+
+
+def _cut_by_earlier_release(study: optuna.Study, evaluator: object, *, rung: int) -> bool:
+    """Whether an earlier release made the cut to ``rung``: it holds promotions, and none of its trials was timed
+    before it although they could be. That cut stands (it was made on the trials' own speedups and may have promoted
+    a config twice); making it again now would promote more than ``--promote-fraction``."""
+    if paired_timer(study, evaluator) is None or not any(r.rung == rung for r in records(study)):
+        return False
+    return not any(t.get("cut") == rung for t in CUT_TIMINGS.read(study).values())
 
 
 def _params_of(study: optuna.Study, number: int) -> dict[str, object]:
