@@ -16,7 +16,13 @@ from torch import nn
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.results.record import WARM_START
 from ranksearch.search import SearchSpace, sample_config
-from ranksearch.search.knapsack import KNAPSACK_BUDGETS, knapsack_configs, knapsack_front, solve_knapsack
+from ranksearch.search.knapsack import (
+    KNAPSACK_BUDGETS,
+    budgets_within_reach,
+    knapsack_configs,
+    knapsack_front,
+    solve_knapsack,
+)
 from ranksearch.search.latency_table import LatencyTable, variant_key, variants
 from ranksearch.search.sensitivity import Sensitivity, float_variants
 from ranksearch.search.space import record_input_shapes
@@ -122,7 +128,7 @@ def test_knapsack_configs_are_the_least_sensitive_within_their_budgets(problem, 
 
     configs = knapsack_configs(sensitivity, slots, cost, rank_multiple=space.rank_multiple, max_drop=50.0)
     assert len(configs) > 2 and len(set(map(repr, configs.values()))) == len(configs)
-    assert list(configs) == sorted(configs, reverse=True) and set(configs) <= set(KNAPSACK_BUDGETS) | {min(configs)}
+    assert list(configs) == sorted(configs, reverse=True)
     dense = table.dense_layers_ms
 
     def penalty(config: CompressionConfig) -> float:
@@ -140,8 +146,12 @@ def test_knapsack_configs_are_the_least_sensitive_within_their_budgets(problem, 
         ]
         for name, slot in slots.items()
     }
+    floor = sum(min(cost(name, c) for c in choices) for name, choices in allowed.items()) / dense
+    assert floor > min(KNAPSACK_BUDGETS)  # so the sweep is moved up onto what the options reach
+    assert layer_ms(table, configs[min(configs)]) == pytest.approx(floor * dense)  # the sweep ends at the fastest
+    assert set(configs) <= set(budgets_within_reach(KNAPSACK_BUDGETS, floor)) | {min(configs)}
     for budget, config in configs.items():
-        assert layer_ms(table, config) <= budget * dense
+        assert layer_ms(table, config) <= budget * dense * (1 + 1e-9)  # the floor: the cheapest cost itself
         for name, choice in config.layers.items():
             assert choice in allowed[name]
         best = min(
@@ -150,7 +160,7 @@ def test_knapsack_configs_are_the_least_sensitive_within_their_budgets(problem, 
                 CompressionConfig(layers=dict(zip(allowed, picks, strict=True)), rank_multiple=space.rank_multiple)
                 for picks in itertools.product(*allowed.values())
             )
-            if layer_ms(table, candidate) <= budget * dense
+            if layer_ms(table, candidate) <= budget * dense * (1 + 1e-9)
         )
         assert penalty(config) == pytest.approx(best)
     loosest = next(iter(configs.values()))
@@ -185,8 +195,8 @@ def test_max_drop_leaves_hopeless_variants_out(problem) -> None:
         for name, slot in slots.items()
     }
     cheapest = sum(min(costs) for costs in usable.values())
-    assert budget == pytest.approx(math.ceil(100 * cheapest / dense) / 100) and budget > 0.15
-    assert layer_ms(table, config) <= budget * dense
+    assert budget == pytest.approx(cheapest / dense) and budget > 0.15
+    assert layer_ms(table, config) == pytest.approx(cheapest)  # every layer at its cheapest option: the fastest
 
 
 @pytest.mark.parametrize("with_table", [True, False], ids=["latency", "macs"])
@@ -218,9 +228,9 @@ def test_enqueue_starts_queues_distinct_knapsack_configs_within_their_budgets(pr
     dense = sum(cost(name, LayerChoice("keep")) for name in slots)
     measure = "latency" if with_table else "MACs"
     for label, config in starts:
-        found = re.fullmatch(rf"knapsack, layer {measure} <= (\d+) % of dense", label)
+        found = re.fullmatch(rf"knapsack, layer {measure} <= (\d+(?:\.\d)?) % of dense", label)
         assert found, label
-        assert sum(cost(name, choice) for name, choice in config.layers.items()) <= int(found[1]) / 100 * dense
+        assert sum(cost(name, choice) for name, choice in config.layers.items()) <= float(found[1]) / 100 * dense
     expected = knapsack_configs(sensitivity, slots, cost, rank_multiple=space.rank_multiple, max_drop=50.0)
     assert [c for _, c in starts] == [c for c in expected.values() if c not in anchors]
 
@@ -268,4 +278,51 @@ def test_the_knapsack_front_holds_each_budgets_config_cheapest_first(problem) ->
     starts = knapsack_configs(sensitivity, slots, table.variant_ms, rank_multiple=space.rank_multiple, max_drop=50.0)
     for budget, config in starts.items():
         within = [c for cost, c in front if cost <= budget + 1e-9]
-        assert within[-1] == config  # the floor budget is rounded up from the cheapest cost: never empty
+        assert within[-1] == config  # the floor budget is the cheapest cost itself: never empty
+
+
+def test_the_fastest_warm_start_is_the_cheapest_assignment_however_it_rounds(problem) -> None:
+    """A floor off a whole percent is the sweep's last budget as it is, not rounded up (the slack would buy
+    accuracy back with speed), and its label's bound still holds."""
+    model, space, slots, shapes = problem
+    context = RunContext(
+        settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
+    )
+    table = table_of(slots)
+    # the floor, unlike any anchor: tucker2@0.25 on '0', svd@0.25 on '2' and '3', (0.2417 + 0.75 + 0.25) / 5 = 24.834 %
+    table.layer_ms["0"][variant_key(LayerChoice("tucker2", 0.25))] = 0.2417
+    settings = RunSettings.of(model="resnet18", max_zero_shot_drop=50.0)
+    search = PreparedSearch(settings, context, space, slots, None, None, {}, {}, table, sensitivity_of(slots), (), None)
+    study = optuna.create_study()
+    search.enqueue_starts(study)
+    queued: list[CompressionConfig] = []
+    study.optimize(
+        lambda trial: queued.append(sample_config(trial, slots, rank_multiple=space.rank_multiple)) or 0.0,
+        n_trials=len(study.trials),
+    )
+    assert study.trials[-1].user_attrs[WARM_START] == "knapsack, layer latency <= 24.9 % of dense"
+    assert layer_ms(table, queued[-1]) == pytest.approx(1.2417)  # every layer at its cheapest option
+
+
+def test_budgets_below_the_floor_move_up_onto_what_the_options_reach() -> None:
+    """Reachable budgets stay; otherwise the tightest lands on the floor, the loosest stays near dense, and the steps
+    keep their order and shares: the sweep keeps its ten points instead of collapsing into the floor."""
+    assert budgets_within_reach(KNAPSACK_BUDGETS, 0.1) == list(KNAPSACK_BUDGETS)
+    moved = budgets_within_reach(KNAPSACK_BUDGETS, 0.447)
+    assert moved[-1] == pytest.approx(0.447) and moved == sorted(moved, reverse=True)
+    assert len(set(moved)) == len(KNAPSACK_BUDGETS) and 0.8 < moved[0] < 1
+    shares = [(1 - b) / (1 - 0.447) for b in moved]
+    assert shares == pytest.approx([(1 - b) / (1 - min(KNAPSACK_BUDGETS)) for b in KNAPSACK_BUDGETS])
+
+
+def test_a_high_floor_still_gets_a_sweep_of_configs(problem) -> None:
+    """Every variant at least 55 % of its dense layer: the budgets under that would all give the floor's config."""
+    _, space, slots, _ = problem
+    table, sensitivity = table_of(slots), sensitivity_of(slots)
+    for times in table.layer_ms.values():
+        dense = times[variant_key(LayerChoice("keep"))]
+        for key, ms in times.items():
+            times[key] = dense if ms == dense else 0.55 * dense + 0.4 * ms
+    configs = knapsack_configs(sensitivity, slots, table.variant_ms, rank_multiple=space.rank_multiple, max_drop=50.0)
+    fractions = [layer_ms(table, config) / table.dense_layers_ms for config in configs.values()]
+    assert min(fractions) > 0.6 and len(configs) >= 5  # the unmoved budgets would give at most 0.8, 0.6 and the floor

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -234,7 +235,12 @@ class PreparedSearch:
             return {f"greedy, each layer <= {level:g} pp alone": config for level, config in greedy.items()}
         starts = knapsack_configs(self.sensitivity, self.slots, self.variant_cost(), **self._knapsack_options())
         measure = self._cost_measure
-        return {f"knapsack, layer {measure} <= {100 * budget:.0f} % of dense": c for budget, c in starts.items()}
+        return {f"knapsack, layer {measure} <= {_percent_up(budget)} % of dense": c for budget, c in starts.items()}
+
+
+def _percent_up(fraction: float) -> str:
+    """``fraction`` in percent, rounded up to a tenth (``80``, ``44.7``): a bound a budget's label may state."""
+    return f"{math.ceil(round(1000 * fraction, 6)) / 10:g}"
 
 
 def _params_key(params: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
