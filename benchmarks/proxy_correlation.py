@@ -189,7 +189,7 @@ def _configs(
         if technique != "keep"
     }
     starts = knapsack_configs(sensitivity, slots, cost, rank_multiple=multiple, max_drop=max_drop)
-    listed |= {f"knapsack <= {100 * budget:.0f} %": config for budget, config in starts.items()}
+    listed |= {f"knapsack, budget {100 * budget:.1f} %": config for budget, config in starts.items()}
     greedy = sensitivity.greedy_configs(slots, cost, rank_multiple=multiple)
     listed |= {f"greedy {level:g} pp": config for level, config in greedy.items()}
     options = {

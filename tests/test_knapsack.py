@@ -308,6 +308,7 @@ def test_budgets_below_the_floor_move_up_onto_what_the_options_reach() -> None:
     """Reachable budgets stay; otherwise the tightest lands on the floor, the loosest stays near dense, and the steps
     keep their order and shares: the sweep keeps its ten points instead of collapsing into the floor."""
     assert budgets_within_reach(KNAPSACK_BUDGETS, 0.1) == list(KNAPSACK_BUDGETS)
+    assert budgets_within_reach((), 0.5) == []
     moved = budgets_within_reach(KNAPSACK_BUDGETS, 0.447)
     assert moved[-1] == pytest.approx(0.447) and moved == sorted(moved, reverse=True)
     assert len(set(moved)) == len(KNAPSACK_BUDGETS) and 0.8 < moved[0] < 1
