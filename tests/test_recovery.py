@@ -24,6 +24,7 @@ from ranksearch.results.record import RECOVERED, SETTINGS
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
 from ranksearch.study.recovery import (
     RECOVERY_LR,
+    RECOVERY_TARGET_PP,
     Recoverer,
     load_recovered,
     recover_front,
@@ -101,16 +102,19 @@ def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: py
 
     earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01)  # as releases before --final-lr recovered
     results = recover_front(study, earlier, directory=directory, console=QUIET)
-    # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4), then the most accurate (5)
-    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (5, 0.01)]
-    assert set(RECOVERED.read(study)) == {"4", "5"}
-    assert sorted(p.name for p in (directory / "recovered").iterdir()) == ["trial-4.pt", "trial-5.pt"]
+    # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4), then, were it outside half a point,
+    # halfway between it and one past the slowest (3), else the farthest in speed (the slowest, 5)
+    second = 5 if results[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
+    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (second, 0.01)]
+    assert set(RECOVERED.read(study)) == {"4", str(second)}
+    assert sorted(p.name for p in (directory / "recovered").iterdir()) == sorted(["trial-4.pt", f"trial-{second}.pt"])
     written = (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns
 
     stage = context(study, final_epochs=1, final_top=2)  # today's default learning rate: another recovery
     again = recover_front(study, stage, directory=directory, console=QUIET)
-    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (5, RECOVERY_LR)] and RECOVERY_LR != 0.01
-    assert {entry["lr"] for entry in RECOVERED.read(study).values()} == {RECOVERY_LR}
+    second = 5 if again[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
+    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (second, RECOVERY_LR)] and RECOVERY_LR != 0.01
+    assert {RECOVERED.read(study)[str(r.trial)]["lr"] for r in again} == {RECOVERY_LR}
     assert (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns != written
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
     assert recover_front(study, stage, directory=directory, console=QUIET) == again
@@ -199,22 +203,22 @@ def test_the_plan_bisects_the_front_for_the_fastest_member_within_half_a_point()
     study = synthetic_front()  # compressed members, fastest first: trials 8 (3.2x), 7, 6, 5, 4, 3, 2, 1 (1.2x)
     assert plan(study, 4) == ([], 8)  # the fastest first
     record_recovery(study, 8, 2.0)
-    assert plan(study, 4) == ([8], 1)  # 2 points down; then the most accurate (1.2x)
+    assert plan(study, 4) == ([8], 4)  # 2 points down; then halfway between it and one past the slowest (1.8x)
     assert plan(study, 1) == ([8], None)  # ... within --final-top
+    record_recovery(study, 4, 0.3)
+    assert plan(study, 4) == ([8, 4], 6)  # within half a point: halfway between 3.2x and 1.8x (2.4x)
+    record_recovery(study, 6, 0.9)
+    assert plan(study, 4) == ([8, 4, 6], 5)  # outside: between 2.4x and 1.8x (2.0x)
+    record_recovery(study, 5, 0.4)
+    assert plan(study, 4) == ([8, 4, 6, 5], None)  # the fastest within half a point, found in four recoveries
+    assert plan(study, 5)[1] == 1  # then the farthest from those taken: the slowest (1.2x)
     record_recovery(study, 1, 0.1)
-    assert plan(study, 4) == ([8, 1], 5)  # within half a point: halfway between them (2.0x)
-    record_recovery(study, 5, 0.3)
-    assert plan(study, 4) == ([8, 1, 5], 7)  # within again: halfway between 3.2x and 2.0x (2.8x)
-    record_recovery(study, 7, 0.9)
-    assert plan(study, 4) == ([8, 1, 5, 7], None)
-    assert plan(study, 5)[1] == 6  # with room for one more: between 2.8x (outside) and 2.0x (within)
-    record_recovery(study, 6, 0.4)
-    assert plan(study, 6)[1] == 3  # the fastest within half a point is found: then the farthest from those taken
-    # a failed member counts as outside: with 1.2x failed, nothing is within; the spread takes 2.4x (within), then
-    # the bisection 2.8x
-    assert plan(study, 4, failed={1}) == ([8, 6, 7], None)
+    # a failed member counts as outside: with 1.8x failed the bisection goes to the slower half (1.4x) ...
+    assert plan(study, 4, failed={4}) == ([8], 2)
+    # ... and the most accurate is recovered once every faster member tried misses
+    assert plan(study, 4, failed={4, 2}) == ([8, 1], None)
     record_recovery(study, 3, 0.2)  # recovered by `ranksearch finetune`, not in the plan: not in it
-    assert plan(study, 4) == ([8, 1, 5, 7], None)
+    assert plan(study, 4) == ([8, 4, 6, 5], None)
     other_lr = recovery_plan(study, 4, epochs=2, lr=0.1)  # recoveries at another learning rate are other ones
     assert other_lr.recovered == () and other_lr.next is not None and other_lr.next.number == 8
     assert plan(optuna.create_study(directions=["maximize", "minimize"]), 4) == ([], None)
@@ -238,7 +242,7 @@ def test_the_member_beside_the_fastest_is_recovered_when_the_fastest_misses_half
         study.add_trial(optuna.trial.create_trial(values=[0.92 - drop / 100, 4.0 / speedup], user_attrs=attrs))
     for trial, recovered_drop in [(5, 0.85), (1, -0.09), (3, 0.14)]:
         record_recovery(study, trial, recovered_drop)
-    assert plan(study, 4) == ([5, 1, 3], 4)
+    assert plan(study, 4) == ([5, 3], 4)  # the bisection from the fastest reaches 3.64x, then 4.26x
 
 
 def test_the_recovery_schedule_warms_up_then_decays_to_zero() -> None:
