@@ -1,7 +1,8 @@
 """Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
     python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2] [--final-lr 0.03]
-                                 [--methods ranksearch fill-gaps nsga2 previous random random-time uniform greedy]
+                                 [--methods ranksearch with-greedy fill-gaps nsga2 previous random random-time
+                                            uniform greedy]
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]
                                  [--results-dir results/compare]
                                  [--merge docs/compare/*/compare.json] [--speedups-from OLD/compare.json]
@@ -9,6 +10,8 @@
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
 - ranksearch: ``ranksearch run`` as shipped (TPE, knapsack warm starts, promotion rungs, recovery);
+- with-greedy: the same with ``--warm-starts knapsack+greedy``: the equal-sensitivity greedy levels queued beside
+  the knapsack's warm starts;
 - fill-gaps: the same with ``--fill-gaps``: after the warm starts, the knapsack configs in the measured front's widest
   gaps instead of TPE's trials;
 - nsga2: the same with NSGA-II, its first population seeded by the same warm starts;
@@ -36,7 +39,7 @@ wall time then counts the new recoveries' time instead of the first's), and
 ``--speedups-from`` an earlier ``compare.json`` gives them that run's side-by-side speedups instead of timing them
 again. ``--merge`` adds
 the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
-them), so the seven methods over three seeds can be run a few at a time (``--seeds`` with no seed only merges);
+them), so the methods over three seeds can be run a few at a time (``--seeds`` with no seed only merges);
 the table names every processor it was timed on.
 """
 
@@ -82,8 +85,8 @@ from ranksearch.util import atomic_write_text, file_digest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-METHODS = ("ranksearch", "fill-gaps", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
-DEFAULT_METHODS = tuple(method for method in METHODS if method != "fill-gaps")
+METHODS = ("ranksearch", "with-greedy", "fill-gaps", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
+DEFAULT_METHODS = tuple(method for method in METHODS if method not in ("with-greedy", "fill-gaps"))
 """What a plain run compares (``--fill-gaps`` is off by default; pass ``--methods ... fill-gaps`` to add it)."""
 UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
@@ -276,6 +279,7 @@ def run_seed(
     studies: dict[str, optuna.Study] = {}
     searches: dict[str, Callable[[], tuple[Outcome, optuna.Study]]] = {
         "ranksearch": lambda: study_outcome("ranksearch", base, console),
+        "with-greedy": lambda: study_outcome("with-greedy", base.replace(warm_starts="knapsack+greedy"), console),
         "fill-gaps": lambda: study_outcome("fill-gaps", base.replace(fill_gaps=True), console),
         "nsga2": lambda: study_outcome("nsga2", base.replace(sampler="nsga2"), console),
         "previous": lambda: study_outcome("previous", base.replace(warm_starts="greedy", promote_steps="0"), console),

@@ -172,7 +172,8 @@ def run(
         str,
         typer.Option(
             help="configs that start the study after the anchors (with --sensitivity): knapsack solutions over "
-            "latency budgets, greedy equal-sensitivity levels, or none"
+            "latency budgets (knapsack), those and the greedy equal-sensitivity levels (knapsack+greedy), the greedy "
+            "levels alone (greedy), or none"
         ),
     ] = SearchSpec.warm_starts,
     fill_gaps: Annotated[

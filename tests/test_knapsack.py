@@ -19,6 +19,7 @@ from ranksearch.search import SearchSpace, sample_config
 from ranksearch.search.knapsack import (
     KNAPSACK_BUDGETS,
     budgets_within_reach,
+    config_cost,
     knapsack_configs,
     knapsack_front,
     solve_knapsack,
@@ -253,6 +254,48 @@ def test_warm_starts_can_be_the_greedy_levels_or_none(problem, kind: str) -> Non
         greedy = sensitivity.greedy_configs(slots, search.variant_cost(), rank_multiple=space.rank_multiple)
         assert labels and all(label.startswith("greedy, each layer <= ") for label in labels)
         assert len(labels) <= len(greedy)
+
+
+@pytest.mark.parametrize("budget", [50, 9], ids=["room-for-all", "room-for-4"])
+def test_knapsack_and_greedy_warm_starts_interleave_by_cost(problem, budget: int) -> None:
+    """``knapsack+greedy`` queues the knapsack's configs and the greedy levels not already queued, mildest first;
+    a budget too small for them all keeps both ends of the merged sweep."""
+    model, space, slots, shapes = problem
+    context = RunContext(
+        settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
+    )
+    settings = RunSettings.of(model="resnet18", warm_starts="knapsack+greedy", budget=budget, max_zero_shot_drop=50.0)
+    sensitivity = sensitivity_of(slots)
+    search = PreparedSearch(settings, context, space, slots, None, None, {}, {}, table_of(slots), sensitivity, (), None)
+    study = optuna.create_study()
+    search.enqueue_starts(study)
+    queued: list[tuple[str | None, CompressionConfig]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        queued.append(
+            (trial.user_attrs.get(WARM_START), sample_config(trial, slots, rank_multiple=space.rank_multiple))
+        )
+        return 0.0
+
+    study.optimize(objective, n_trials=len(study.trials))
+    anchors = [c for label, c in queued if label is None]
+    starts = [(label, c) for label, c in queued if label is not None]
+    cost = search.variant_cost()
+    costs = [config_cost(c, slots, cost) for _, c in starts]
+    assert costs == sorted(costs, reverse=True) and len({repr(c) for _, c in queued}) == len(queued)
+    knapsack = knapsack_configs(sensitivity, slots, cost, rank_multiple=space.rank_multiple, max_drop=50.0)
+    greedy = sensitivity.greedy_configs(slots, cost, rank_multiple=space.rank_multiple)
+    merged = {repr(c): c for c in [*knapsack.values(), *greedy.values()] if c not in anchors}
+    assert len(merged) > 4 and not {repr(c) for c in greedy.values()} <= {repr(c) for c in knapsack.values()}
+    if budget == 50:
+        assert {repr(c) for _, c in starts} == set(merged)
+        labels = [label for label, _ in starts]
+        assert sum(label.startswith("knapsack, layer latency <= ") for label in labels) >= 2
+        assert sum(label.startswith("greedy, each layer <= ") for label in labels) >= 1
+    else:
+        assert len(starts) == budget - len(anchors) == 4
+        merged_costs = sorted((config_cost(c, slots, cost) for c in merged.values()), reverse=True)
+        assert costs[0] == pytest.approx(merged_costs[0]) and costs[-1] == pytest.approx(merged_costs[-1])
 
 
 def test_the_knapsack_front_holds_each_budgets_config_cheapest_first(problem) -> None:

@@ -226,16 +226,23 @@ class PreparedSearch:
         return "latency" if self.table is not None else "MACs"
 
     def _warm_starts(self) -> dict[str, CompressionConfig]:
-        """The ``--warm-starts`` configs by label (none without sensitivity)."""
+        """The ``--warm-starts`` configs by label, mildest first (none without sensitivity); both kinds together
+        interleave by cost, so that a budget too small for all of them keeps them spread over the sweep."""
         kind = self.settings.search.warm_starts
         if self.sensitivity is None or kind == "none":
             return {}
-        if kind == "greedy":
-            greedy = self.sensitivity.greedy_configs(self.slots, self.variant_cost(), rank_multiple=self.rank_multiple)
-            return {f"greedy, each layer <= {level:g} pp alone": config for level, config in greedy.items()}
-        starts = knapsack_configs(self.sensitivity, self.slots, self.variant_cost(), **self._knapsack_options())
-        measure = self._cost_measure
-        return {f"knapsack, layer {measure} <= {_percent_up(budget)} % of dense": c for budget, c in starts.items()}
+        cost = self.variant_cost()
+        starts: dict[str, CompressionConfig] = {}
+        if kind in ("knapsack", "knapsack+greedy"):
+            knapsack = knapsack_configs(self.sensitivity, self.slots, cost, **self._knapsack_options())
+            measure = self._cost_measure
+            starts |= {f"knapsack, layer {measure} <= {_percent_up(b)} % of dense": c for b, c in knapsack.items()}
+        if kind in ("greedy", "knapsack+greedy"):
+            greedy = self.sensitivity.greedy_configs(self.slots, cost, rank_multiple=self.rank_multiple)
+            starts |= {f"greedy, each layer <= {level:g} pp alone": c for level, c in greedy.items()}
+        if kind in ("knapsack", "greedy"):
+            return starts
+        return dict(sorted(starts.items(), key=lambda item: -config_cost(item[1], self.slots, cost)))  # interleaved
 
 
 def _percent_up(fraction: float) -> str:

@@ -30,7 +30,7 @@ from ranksearch.measure.latency import resolve_device
 from ranksearch.util import cache_limit_bytes, digest
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
-WARM_STARTS = ("knapsack", "greedy", "none")
+WARM_STARTS = ("knapsack", "knapsack+greedy", "greedy", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +106,8 @@ class SearchSpec:
     study_name: str | None = None
     warm_starts: str = "knapsack"
     """Which sensitivity-based configs start the study after the anchors: the knapsack solutions over a sweep of
-    latency budgets, the equal-sensitivity greedy levels of earlier releases, or none."""
+    latency budgets, those and the equal-sensitivity greedy levels, the greedy levels alone (earlier releases), or
+    none."""
     fill_gaps: bool = False
     """After the warm starts, give each trial, while one is left, the knapsack config in the widest gap of the
     measured front instead of the sampler's (:mod:`ranksearch.study.gaps`)."""
