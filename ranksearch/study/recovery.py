@@ -285,9 +285,7 @@ def recovery_plan(
     bisection of the front (by speed) between the slowest member found outside and the fastest found within, where
     none found within stands for one past the slowest member (so the slowest, the most accurate, is recovered only
     if every faster member tried misses); then, one at a time, the member whose speedup (pooled over its timings)
-    is farthest from those taken. (Until 2026-12-02 the most accurate member came second: in the benchmarks'
-    recovered search fronts it was within half a point all but once, at a median 1.4x, and it took one of the
-    default four recoveries from the bisection.)
+    is farthest from those taken (docs/search.md, "The recovery's bisection").
     """
     trials, speeds = front_with_speeds(study)
     speedups = {t.number: speeds[t.number].speedup for t in trials}
