@@ -138,6 +138,9 @@ class Outcome:
     """The peak learning rate its front members were recovered with (``--final-lr``; runs before it: 0.01)."""
     recovery_epochs: int = 2
     """The epochs its front members were recovered for (``--final-epochs``; runs before it recorded none: 2)."""
+    recovery_feature_weight: float = 0.0
+    """The weight its recoveries matched the dense model's stage outputs at (``--final-feature-weight``; runs before
+    it: 0, logits only)."""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Outcome:
@@ -190,6 +193,12 @@ def main() -> None:
         help="recovery peak learning rate, the same for every method (a finished study recovered at another is "
         "recovered again)",
     )
+    parser.add_argument(
+        "--final-feature-weight",
+        type=float,
+        default=RecoverySpec.final_feature_weight,
+        help="weight of matching the dense model's stage outputs in every recovery (0: logits only)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument(
         "--latency-backend", default="torch", choices=("torch", "onnxruntime"), help="what speedups are timed in"
@@ -229,6 +238,11 @@ def main() -> None:
         ("timed in", {o.timed_in for o in merged(earlier)}, run_target),
         ("recovered at peak learning rates", {f"{o.recovery_lr:g}" for o in merged(earlier)}, f"{args.final_lr:g}"),
         ("recovered for epochs", {str(o.recovery_epochs) for o in merged(earlier)}, str(args.final_epochs)),
+        (
+            "recovered at feature weights",
+            {f"{o.recovery_feature_weight:g}" for o in merged(earlier)},
+            f"{args.final_feature_weight:g}",
+        ),
     ):
         mixed = found | ({here} if args.seeds else set())
         if len(mixed) > 1:
@@ -247,6 +261,7 @@ def main() -> None:
             final_epochs=args.final_epochs,
             final_top=args.final_top,
             final_lr=args.final_lr,
+            final_feature_weight=args.final_feature_weight,
             latency_backend=args.latency_backend,
             results_dir=results_dir / f"seed-{seed}",
         )
@@ -473,17 +488,17 @@ def study_outcome(
 
 def recover_again(study: optuna.Study, settings: RunSettings, directory: Path, console: Console) -> None:
     """A finished study's recovery stage run again where its recorded recoveries do not make up the plan that
-    ``settings`` asks for (``--final-epochs``, ``--final-top``, ``--final-lr``; :func:`recovery_plan`): another
+    ``settings`` asks for (``--final-top`` and the ``--final-*`` recipe; :func:`recovery_plan`): another
     recipe, or a study recovered by an earlier release's choice of members. What is recorded is read back."""
     spec = settings.recovery
 
     def unfinished() -> int | None:
-        plan = recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr)
+        plan = recovery_plan(study, spec.final_top, spec.recipe)
         return None if plan.next is None else plan.next.number
 
     if spec.final_epochs == 0 or unfinished() is None:
         return
-    console.print(f"{study.study_name}: recovered again ({spec.final_epochs} epochs at peak lr {spec.final_lr:g})")
+    console.print(f"{study.study_name}: recovered again ({spec.recipe.describe()})")
     context = load_study_problem(study, console)
     context = replace(context, settings=context.settings.replace(**asdict(spec)))
     recover_front(study, context, directory=directory, console=console)
@@ -524,7 +539,7 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
     recovery_s = 0.0
     # the recovery stage's members only: those an earlier run or command recovered beyond them would give one
     # method more recovered members than another
-    for recovered in recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr).recovered:
+    for recovered in recovery_plan(study, spec.final_top, spec.recipe).recovered:
         trial = front[recovered.trial]
         recovery_s += recovered.seconds
         points.append(
@@ -564,6 +579,7 @@ def outcome_of(method: str, settings: RunSettings, study: optuna.Study, seconds:
         timed_in=settings.evaluation.latency_backend,
         recovery_lr=spec.final_lr,
         recovery_epochs=spec.final_epochs,
+        recovery_feature_weight=spec.final_feature_weight,
     )
 
 
@@ -640,9 +656,12 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
     lines.append(f"\nTimed in {target} on: {hosts}.")
     lrs = ", ".join(f"{lr:g}" for lr in sorted({o.recovery_lr for o in outcomes}))
     epochs = ", ".join(str(e) for e in sorted({o.recovery_epochs for o in outcomes}))
+    weights = ", ".join(f"{w:g}" for w in sorted({o.recovery_feature_weight for o in outcomes}))
     lines.append(
         f"Front members recovered for {epochs} epochs (`--final-epochs`) at a peak learning rate of {lrs} "
-        "(`--final-lr`); recovery share: the members' recorded recoveries over the wall time."
+        f"(`--final-lr`), matching the dense model's stage outputs at a weight of {weights} "
+        "(`--final-feature-weight`; 0: logits only); recovery share: the members' recorded recoveries over the wall "
+        "time."
     )
     retimed = [o for o in outcomes if "retimed_sweeps" in o.extra]
     if retimed:

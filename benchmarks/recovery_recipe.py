@@ -1,20 +1,21 @@
-"""Which peak learning rate should the recovery fine-tune use? Finished trials recovered at several, scored twice.
+"""Which recipe should the recovery fine-tune use? Finished trials recovered by several, scored twice.
 
-    python benchmarks/recovery_recipe.py STUDY_DIR:TRIAL [STUDY_DIR:TRIAL ...] [--lrs 0.01 0.03 0.1] [--epochs 2]
-        [--seeds 0 1] [--threads 2] [--out FILE]
+    python benchmarks/recovery_recipe.py STUDY_DIR:TRIAL [STUDY_DIR:TRIAL ...] [--lrs 0.01 0.03 0.1]
+        [--feature-weights 0] [--epochs 2] [--seeds 0 1] [--threads 2] [--out FILE]
 
 Each ``STUDY_DIR:TRIAL`` names a complete trial of a finished study (its directory, e.g.
 ``results/compare-s0-new/seed-0/compare-ranksearch:56``). The study's problem is rebuilt from its stored settings
 (its trained dense model and data), and the trial's config is recovered as the recovery stage recovers it
 (:meth:`ranksearch.study.recovery.Recoverer.finetuned`: BatchNorm recalibrated, ``--epochs`` epochs of distillation
-from the dense model, a warm-up then cosine decay, int8 layers quantized) once per peak learning rate in ``--lrs``
-and fine-tune seed in ``--seeds`` (the seed shuffles the training split). Each recovered model is scored against
+from the dense model, a warm-up then cosine decay, int8 layers quantized) once per recipe (each peak learning rate in
+``--lrs`` with each weight in ``--feature-weights`` of matching the dense model's stage outputs) and fine-tune seed
+in ``--seeds`` (the seed shuffles the training split). Each recovered model is scored against
 the dense model on the same images of the full validation split (what a recipe should be chosen on) and of the test
 split (what the recovery stage reports), each as a paired drop in points with its 95 % interval. Nothing is written
 to the studies.
 
-It prints one row per trial and learning rate (the median drop over the seeds, and their range) and, per learning
-rate, the median over the trials; ``--out`` also writes every run as JSON.
+It prints one row per trial and recipe (the median drop over the seeds, and their range) and, per recipe, the median
+over the trials; ``--out`` also writes every run as JSON.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ from ranksearch.results import load_study
 from ranksearch.results.confidence import paired_drop
 from ranksearch.results.record import TrialRecord
 from ranksearch.study.recovery import Recoverer, load_study_problem
+from ranksearch.study.settings import RecoveryRecipe, RecoverySpec
 from ranksearch.training import correct_predictions
 from ranksearch.util import atomic_write_text
 
 
 @dataclass(frozen=True)
 class Run:
-    """One trial recovered at one learning rate with one fine-tune seed."""
+    """One trial recovered by one recipe with one fine-tune seed."""
 
     target: str
     lr: float
+    feature_weight: float
     seed: int
     val_drop_pp: float
     test_drop_pp: float
@@ -66,29 +69,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", type=parse_target, metavar="STUDY_DIR:TRIAL")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--feature-weights", type=float, nargs="+", default=[RecoverySpec.final_feature_weight])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write every run as JSON")
     args = parser.parse_args()
-    if args.epochs < 1 or not args.seeds or min(args.lrs) <= 0:
-        parser.error("--epochs must be 1 or more, --seeds non-empty and every --lrs positive")
+    if args.epochs < 1 or not args.seeds or min(args.lrs) <= 0 or min(args.feature_weights) < 0:
+        parser.error("--epochs must be 1 or more, --seeds non-empty, every --lrs positive and --feature-weights >= 0")
+    recipes = [
+        RecoveryRecipe(epochs=args.epochs, lr=lr, feature_weight=weight)
+        for lr in args.lrs
+        for weight in args.feature_weights
+    ]
     console = Console(stderr=True)
     runs: list[Run] = []
     start = time.perf_counter()
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as scratch:
         for directory, number in args.targets:
-            runs += recover_target(directory, number, args=args, scratch=Path(scratch), console=console)
-    print_tables(runs, lrs=args.lrs, console=Console(width=160))
+            runs += recover_target(
+                directory, number, recipes=recipes, seeds=args.seeds, scratch=Path(scratch), console=console
+            )
+    print_tables(runs, recipes=recipes, console=Console(width=160))
     print(f"{len(runs)} recoveries of {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         atomic_write_text(args.out, json.dumps([asdict(run) for run in runs], indent=1) + "\n")
 
 
 def recover_target(
-    directory: Path, number: int, *, args: argparse.Namespace, scratch: Path, console: Console
+    directory: Path,
+    number: int,
+    *,
+    recipes: list[RecoveryRecipe],
+    seeds: list[int],
+    scratch: Path,
+    console: Console,
 ) -> list[Run]:
-    """Trial ``number`` of the study in ``directory`` recovered at every learning rate and seed of ``args``."""
+    """Trial ``number`` of the study in ``directory`` recovered by every recipe with every seed."""
     study = load_study(directory)
     context = load_study_problem(study, console)
     recoverer = Recoverer(study=study, context=context, directory=scratch, console=console)
@@ -102,16 +119,17 @@ def recover_target(
     test = recoverer.test_loader()
     target = f"{directory.parent.name}/{directory.name}:{number}"
     runs = []
-    for lr in args.lrs:
-        for seed in args.seeds:
+    for recipe in recipes:
+        for seed in seeds:
             began = time.perf_counter()
-            label = f"{target} lr {lr:g}"
-            model, _, device = recoverer.finetuned(config, label=label, epochs=args.epochs, lr=lr, seed=seed)
+            label = f"{target} {_label(recipe)}"
+            model, _, device = recoverer.finetuned(config, recipe, label=label, seed=seed)
             val_drop = paired_drop(dense_val, correct_predictions(model, val, device=device))
             test_drop = paired_drop(recoverer.dense_correct(), correct_predictions(model, test, device=device))
             run = Run(
                 target=target,
-                lr=lr,
+                lr=recipe.lr,
+                feature_weight=recipe.feature_weight,
                 seed=seed,
                 val_drop_pp=val_drop.drop_pp,
                 test_drop_pp=test_drop.drop_pp,
@@ -119,47 +137,55 @@ def recover_target(
                 seconds=time.perf_counter() - began,
             )
             console.print(
-                f"{target} lr {lr:g} seed {seed}: validation drop {val_drop.label()}, test drop "
+                f"{label} seed {seed}: validation drop {val_drop.label()}, test drop "
                 f"{test_drop.label()} ({run.seconds:.0f} s)"
             )
             runs.append(run)
     return runs
 
 
+def _label(recipe: RecoveryRecipe) -> str:
+    return f"lr {recipe.lr:g}, features {recipe.feature_weight:g}"
+
+
+def _runs_of(runs: list[Run], target: str, recipe: RecoveryRecipe) -> list[Run]:
+    return [r for r in runs if r.target == target and (r.lr, r.feature_weight) == (recipe.lr, recipe.feature_weight)]
+
+
 def _median_range(values: list[float]) -> str:
     return f"{statistics.median(values):+.2f} ({min(values):+.2f} to {max(values):+.2f})"
 
 
-def print_tables(runs: list[Run], *, lrs: list[float], console: Console) -> None:
-    """Per trial and learning rate, the drops' median over the seeds; then per learning rate over the trials."""
+def print_tables(runs: list[Run], *, recipes: list[RecoveryRecipe], console: Console) -> None:
+    """Per trial and recipe, the drops' median over the seeds; then per recipe over the trials."""
     table = Table(title="Recovered drop against the dense model, points (median over seeds, range)")
-    for column in ("trial", "peak lr", "validation drop", "test drop", "test drop, 95 % upper end"):
+    for column in ("trial", "recipe", "validation drop", "test drop", "test drop, 95 % upper end"):
         table.add_column(column)
     targets = list(dict.fromkeys(run.target for run in runs))
     for target in targets:
-        for lr in lrs:
-            mine = [r for r in runs if r.target == target and r.lr == lr]
+        for recipe in recipes:
+            mine = _runs_of(runs, target, recipe)
             table.add_row(
                 target,
-                f"{lr:g}",
+                _label(recipe),
                 _median_range([r.val_drop_pp for r in mine]),
                 _median_range([r.test_drop_pp for r in mine]),
                 _median_range([r.test_high_pp for r in mine]),
             )
     console.print(table)
-    summary = Table(title="Per learning rate: the median over trials of each trial's median drop")
-    for column in ("peak lr", "validation drop", "test drop", "trials best on validation"):
+    summary = Table(title="Per recipe: the median over trials of each trial's median drop")
+    for column in ("recipe", "validation drop", "test drop", "trials best on validation"):
         summary.add_column(column)
     per_target = {
-        (t, lr): statistics.median(r.val_drop_pp for r in runs if r.target == t and r.lr == lr)
+        (t, i): statistics.median(r.val_drop_pp for r in _runs_of(runs, t, recipe))
         for t in targets
-        for lr in lrs
+        for i, recipe in enumerate(recipes)
     }
-    for lr in lrs:
-        val = [per_target[t, lr] for t in targets]
-        test = [statistics.median(r.test_drop_pp for r in runs if r.target == t and r.lr == lr) for t in targets]
-        best = sum(min(lrs, key=lambda x, t=t: per_target[t, x]) == lr for t in targets)
-        summary.add_row(f"{lr:g}", f"{statistics.median(val):+.2f}", f"{statistics.median(test):+.2f}", str(best))
+    for i, recipe in enumerate(recipes):
+        val = [per_target[t, i] for t in targets]
+        test = [statistics.median(r.test_drop_pp for r in _runs_of(runs, t, recipe)) for t in targets]
+        best = sum(min(range(len(recipes)), key=lambda j, t=t: per_target[t, j]) == i for t in targets)
+        summary.add_row(_label(recipe), f"{statistics.median(val):+.2f}", f"{statistics.median(test):+.2f}", str(best))
     console.print(summary)
 
 

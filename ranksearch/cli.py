@@ -15,8 +15,7 @@ from rich.console import Console
 
 from ranksearch.errors import USER_ERRORS, RanksearchError
 from ranksearch.evaluate.classification import EvaluatorOptions
-from ranksearch.study.recovery import RECOVERY_LR
-from ranksearch.study.settings import InfraSpec, ProblemSpec, RecoverySpec, SearchSpec
+from ranksearch.study.settings import InfraSpec, ProblemSpec, RecoveryRecipe, RecoverySpec, SearchSpec
 
 app = typer.Typer(
     help="Automated per-layer rank search for compressing CNNs with low-rank approximation.",
@@ -203,6 +202,10 @@ def run(
     final_lr: Annotated[
         float, typer.Option(help="peak learning rate of each --final-epochs fine-tune (warm-up, then cosine decay)")
     ] = RecoverySpec.final_lr,
+    final_feature_weight: Annotated[
+        float,
+        typer.Option(help="weight of matching the uncompressed model's stage outputs in each recovery; 0: logits only"),
+    ] = RecoverySpec.final_feature_weight,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")
     ] = InfraSpec.storage,
@@ -278,7 +281,9 @@ def run(
             promote_steps=promote_steps,
             promote_fraction=promote_fraction,
         ),
-        recovery=RecoverySpec(final_epochs=final_epochs, final_top=final_top, final_lr=final_lr),
+        recovery=RecoverySpec(
+            final_epochs=final_epochs, final_top=final_top, final_lr=final_lr, final_feature_weight=final_feature_weight
+        ),
         infra=InfraSpec(
             device=device,
             latency_device=latency_device,
@@ -460,7 +465,10 @@ def finetune(
     ] = RecoverySpec.final_epochs,
     lr: Annotated[
         float, typer.Option(help="peak learning rate (linear warm-up, then cosine decay to 0)")
-    ] = RECOVERY_LR,
+    ] = RecoverySpec.final_lr,
+    feature_weight: Annotated[
+        float, typer.Option(help="weight of matching the uncompressed model's stage outputs; 0: logits only")
+    ] = RecoverySpec.final_feature_weight,
     results_dir: ResultsDir = Path("results"),
     storage: Storage = None,
     trust_checkpoint: TrustCheckpoint = False,
@@ -471,8 +479,7 @@ def finetune(
     recover_trial(
         study,
         trial=trial,
-        epochs=epochs,
-        lr=lr,
+        recipe=RecoveryRecipe(epochs=epochs, lr=lr, feature_weight=feature_weight),
         results_dir=results_dir,
         storage=storage,
         trust_checkpoint=trust_checkpoint,

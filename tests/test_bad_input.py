@@ -211,6 +211,7 @@ BAD_OPTIONS = [
     (["--final-epochs", "-1"], ["--final-epochs -1"]),
     (["--final-epochs", "1", "--final-top", "0"], ["--final-top 0"]),
     (["--final-lr", "-0.1"], ["--final-lr -0.1"]),
+    (["--final-feature-weight", "nan"], ["--final-feature-weight nan"]),
 ]
 
 

@@ -28,7 +28,8 @@ from ranksearch.results.select import select_trial
 from ranksearch.results.show import show_rows, show_study
 from ranksearch.study import load_problem
 from ranksearch.study.front import confirm_front_speedups, measure_front_test_accuracy
-from ranksearch.study.recovery import RECOVERY_LR, recovery_plan
+from ranksearch.study.recovery import recovery_plan
+from ranksearch.study.settings import RecoveryRecipe
 
 BASELINE = {"accuracy": 0.90, "latency_ms": 10.0, "test_accuracy": 0.9, "params": 1000, "macs": 5000}
 SVD = {"layers": {"conv": {"technique": "svd", "rank": 0.5}}}
@@ -113,7 +114,7 @@ def test_the_front_and_its_speeds_come_from_one_read_while_workers_complete_tria
     write_results(study, tmp_path)
     assert json.loads((tmp_path / "pareto.json").read_text())["front"][-1]["trial"] == 0
     assert StudyRows.of(study).configs.keys() >= {7, 0}
-    assert recovery_plan(study, 3, epochs=2, lr=RECOVERY_LR).next is not None
+    assert recovery_plan(study, 3, RecoveryRecipe(epochs=2)).next is not None
 
 
 def test_the_dense_model_stays_on_the_front_when_dominated() -> None:
@@ -297,6 +298,10 @@ def test_export_states_whether_a_rule_holds_with_confidence(drop, verdict) -> No
     assert lines[1].endswith(verdict) and lines[2].endswith(verdict)
     assert lines[2].startswith("test split after 2 recovery epochs") and lines[3].endswith("trial-3.pt")
     assert accuracy_statements({"metrics": {}}, None) == []
+    matched = {**meta, "recovered": {**recovered, "lr": 0.03, "feature_weight": 10.0}}
+    assert accuracy_statements(matched, None)[1].startswith(
+        "test split after 2 recovery epochs at peak lr 0.03, features matched at 10:"
+    )
 
 
 def test_show_gives_intervals_in_one_cell_each() -> None:

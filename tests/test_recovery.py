@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -27,14 +28,27 @@ from ranksearch.study.recovery import (
     RECOVERY_TARGET_PP,
     Recoverer,
     load_recovered,
+    recorded_recovery,
     recover_front,
     recovery_plan,
 )
+from ranksearch.study.settings import RecoveryRecipe
 from ranksearch.techniques.int8 import Int8Module
 from ranksearch.training import correct_predictions, warmup_cosine
 
 QUIET = Console(file=io.StringIO())
-RECORD_KEYS = {"epochs", "lr", "steps", "seconds", "test_accuracy", "drop_pp", "low_pp", "high_pp", "images"}
+RECORD_KEYS = {
+    "epochs",
+    "lr",
+    "feature_weight",
+    "steps",
+    "seconds",
+    "test_accuracy",
+    "drop_pp",
+    "low_pp",
+    "high_pp",
+    "images",
+}
 
 
 def context(study: optuna.Study, **changes: object) -> RunContext:
@@ -54,8 +68,8 @@ def refuse_to_finetune(*args: object, **kwargs: object) -> None:
 def test_a_recovered_trial_beats_the_same_config_not_fine_tuned(legacy: Path) -> None:
     study = load_study("legacy")
     recover = recoverer(study, legacy)
-    untuned = recover.recover(4, epochs=0)  # BatchNorm recalibrated only
-    tuned = recover.recover(4, epochs=1)
+    untuned = recover.recover(4, RecoveryRecipe(epochs=0))  # BatchNorm recalibrated only
+    tuned = recover.recover(4, RecoveryRecipe(epochs=1))
     assert (untuned.steps, tuned.steps) == (0, 32)
     assert tuned.drop.images == untuned.drop.images == 10_000  # the full test split, not the search's 256 images
     # the paired intervals of the drop against the dense model are far apart
@@ -71,10 +85,11 @@ def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(
 ) -> None:
     study = load_study("legacy")
     recover = recoverer(study, legacy)
-    result = recover.recover(7, epochs=1)  # int8 layers: quantized after the fine-tune
+    result = recover.recover(7, RecoveryRecipe(epochs=1))  # int8 layers: quantized after the fine-tune
     stored = RECOVERED.read(load_study("legacy"))
     assert set(stored) == {"7"} and set(stored["7"]) >= RECORD_KEYS
     assert stored["7"]["epochs"] == 1 and stored["7"]["images"] == 10_000
+    assert stored["7"]["feature_weight"] == RecoveryRecipe(epochs=1).feature_weight > 0
     checkpoint = (legacy / "results" / "legacy" / "recovered" / "trial-7.pt").resolve()
     assert stored["7"]["checkpoint"] == str(checkpoint) == str(result.checkpoint)
     assert list(checkpoint.parent.iterdir()) == [checkpoint]  # no temporary file left beside it
@@ -86,10 +101,12 @@ def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(
 
     written = checkpoint.stat().st_mtime_ns
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
-    assert recoverer(load_study("legacy"), legacy).recover(7, epochs=1) == result  # read back from the study
+    assert recoverer(load_study("legacy"), legacy).recover(7, RecoveryRecipe(epochs=1)) == result  # read back
     assert checkpoint.stat().st_mtime_ns == written
     with pytest.raises(AssertionError, match="fine-tuned again"):  # another number of epochs is another recovery
-        recover.recover(7, epochs=2)
+        recover.recover(7, RecoveryRecipe(epochs=2))
+    with pytest.raises(AssertionError, match="fine-tuned again"):  # so is another feature weight
+        recover.recover(7, RecoveryRecipe(epochs=1, feature_weight=0.0))
     assert RECOVERED.read(load_study("legacy"))["7"] == stored["7"]
 
 
@@ -100,20 +117,22 @@ def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: py
     assert recover_front(study, off, directory=directory, console=QUIET) == []
     assert not RECOVERED.stored(study) and not (directory / "recovered").exists()
 
-    earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01)  # as releases before --final-lr recovered
+    # as releases before --final-lr recovered: at 0.01, logits only
+    earlier = context(study, final_epochs=1, final_top=2, final_lr=0.01, final_feature_weight=0.0)
     results = recover_front(study, earlier, directory=directory, console=QUIET)
     # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4), then, were it outside half a point,
     # halfway between it and one past the slowest (3), else the farthest in speed (the slowest, 5)
     second = 5 if results[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
-    assert [(r.trial, r.lr) for r in results] == [(4, 0.01), (second, 0.01)]
+    assert [(r.trial, r.recipe.lr) for r in results] == [(4, 0.01), (second, 0.01)]
     assert set(RECOVERED.read(study)) == {"4", str(second)}
     assert sorted(p.name for p in (directory / "recovered").iterdir()) == sorted(["trial-4.pt", f"trial-{second}.pt"])
     written = (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns
 
-    stage = context(study, final_epochs=1, final_top=2)  # today's default learning rate: another recovery
+    stage = context(study, final_epochs=1, final_top=2)  # today's default recipe: another recovery
     again = recover_front(study, stage, directory=directory, console=QUIET)
     second = 5 if again[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
-    assert [(r.trial, r.lr) for r in again] == [(4, RECOVERY_LR), (second, RECOVERY_LR)] and RECOVERY_LR != 0.01
+    assert [(r.trial, r.recipe) for r in again] == [(4, stage.settings.recovery.recipe), (second, again[0].recipe)]
+    assert again[0].recipe == RecoveryRecipe(epochs=1, lr=RECOVERY_LR) and RECOVERY_LR != 0.01
     assert {RECOVERED.read(study)[str(r.trial)]["lr"] for r in again} == {RECOVERY_LR}
     assert (directory / "recovered" / "trial-4.pt").stat().st_mtime_ns != written
     monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
@@ -144,6 +163,10 @@ def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legac
         (["legacy", "--trial", "0"], "--trial 0: trial 0 of study 'legacy' compresses nothing"),
         (["legacy", "--trial", "5", "--epochs", "0"], "--epochs 0: must be 1 or more; pass e.g. --epochs 2"),
         (["legacy", "--trial", "5", "--lr", "0"], "--lr 0.0: must be positive"),
+        (
+            ["legacy", "--trial", "5", "--feature-weight", "-1"],
+            "--feature-weight -1.0: must be 0 (logits only) or more",
+        ),
     ],
 )
 def test_ranksearch_finetune_bad_input_is_one_line_exit_2(legacy: Path, args: list[str], message: str) -> None:
@@ -175,12 +198,16 @@ def synthetic_front() -> optuna.Study:
     return study
 
 
-def record_recovery(study: optuna.Study, trial: int, drop_pp: float, *, lr: float = RECOVERY_LR) -> None:
-    """Record trial ``trial`` as recovered for 2 epochs at ``lr`` to ``drop_pp`` test points below the dense model."""
+RECIPE = RecoveryRecipe(epochs=2)
+
+
+def record_recovery(study: optuna.Study, trial: int, drop_pp: float) -> None:
+    """Record trial ``trial`` as recovered by :data:`RECIPE` to ``drop_pp`` test points below the dense model."""
     stored = dict(RECOVERED.read(study))
     stored[str(trial)] = {
-        "epochs": 2,
-        "lr": lr,
+        "epochs": RECIPE.epochs,
+        "lr": RECIPE.lr,
+        "feature_weight": RECIPE.feature_weight,
         "steps": 842,
         "seconds": 60.0,
         "test_accuracy": 0.9 - drop_pp / 100,
@@ -195,7 +222,7 @@ def record_recovery(study: optuna.Study, trial: int, drop_pp: float, *, lr: floa
 
 def plan(study: optuna.Study, top: int, **kwargs: object) -> tuple[list[int], int | None]:
     """The trials recovered so far in the plan's order, and the next one to recover."""
-    found = recovery_plan(study, top, epochs=2, lr=RECOVERY_LR, **kwargs)  # type: ignore[arg-type]
+    found = recovery_plan(study, top, RECIPE, **kwargs)  # type: ignore[arg-type]
     return [r.trial for r in found.recovered], None if found.next is None else found.next.number
 
 
@@ -219,9 +246,21 @@ def test_the_plan_bisects_the_front_for_the_fastest_member_within_half_a_point()
     assert plan(study, 4, failed={4, 2}) == ([8, 1], None)
     record_recovery(study, 3, 0.2)  # recovered by `ranksearch finetune`, not in the plan: not in it
     assert plan(study, 4) == ([8, 4, 6, 5], None)
-    other_lr = recovery_plan(study, 4, epochs=2, lr=0.1)  # recoveries at another learning rate are other ones
-    assert other_lr.recovered == () and other_lr.next is not None and other_lr.next.number == 8
+    for other in (replace(RECIPE, lr=0.1), replace(RECIPE, feature_weight=0.0)):  # recoveries by another recipe
+        found = recovery_plan(study, 4, other)  # are other ones
+        assert found.recovered == () and found.next is not None and found.next.number == 8
     assert plan(optuna.create_study(directions=["maximize", "minimize"]), 4) == ([], None)
+
+
+def test_a_recovery_recorded_before_features_were_matched_reads_back_as_logits_only() -> None:
+    study = synthetic_front()
+    record_recovery(study, 8, 2.0)
+    entry = {key: value for key, value in RECOVERED.read(study)["8"].items() if key != "feature_weight"}
+    RECOVERED.write(study, {"8": entry})  # as releases before --final-feature-weight recorded it
+    assert recorded_recovery(study, 8, RECIPE) is None  # today's default matches features: not that recovery
+    earlier = recorded_recovery(study, 8, replace(RECIPE, feature_weight=0.0))
+    assert earlier is not None and earlier.recipe == replace(RECIPE, feature_weight=0.0) and earlier.drop.drop_pp == 2.0
+    assert "features matched" not in earlier.summary() and "2 epochs at peak lr 0.03," in earlier.summary()
 
 
 def test_the_member_beside_the_fastest_is_recovered_when_the_fastest_misses_half_a_point() -> None:

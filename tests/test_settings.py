@@ -12,7 +12,15 @@ import pytest
 from ranksearch.cli import run
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
-from ranksearch.study.settings import IDENTITY, InfraSpec, ProblemSpec, RecoverySpec, RunSettings, SearchSpec
+from ranksearch.study.settings import (
+    IDENTITY,
+    InfraSpec,
+    ProblemSpec,
+    RecoveryRecipe,
+    RecoverySpec,
+    RunSettings,
+    SearchSpec,
+)
 
 SPECS = (ProblemSpec, EvaluatorOptions, SearchSpec, RecoverySpec, InfraSpec)
 
@@ -54,17 +62,20 @@ def test_stored_settings_round_trip_by_option_name() -> None:
 
 
 def test_settings_stored_before_the_recovery_stage_load_with_its_defaults() -> None:
-    stored = RunSettings.of(final_epochs=5, final_top=1, final_lr=0.05).to_flat()
-    older = {name: value for name, value in stored.items() if name not in ("final_epochs", "final_top", "final_lr")}
+    recovery = RecoverySpec(final_epochs=5, final_top=1, final_lr=0.05, final_feature_weight=3.0)
+    stored = RunSettings(recovery=recovery).to_flat()
+    older = {name: value for name, value in stored.items() if not name.startswith("final_")}
     assert RunSettings.from_flat(older).recovery == RecoverySpec()
-    assert RunSettings.from_flat(stored).recovery == RecoverySpec(final_epochs=5, final_top=1, final_lr=0.05)
+    assert RunSettings.from_flat(stored).recovery == recovery
+    assert recovery.recipe == RecoveryRecipe(epochs=5, lr=0.05, feature_weight=3.0)
 
 
 def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
     settings = RunSettings.of()
     assert set(settings.identity()) == set(IDENTITY)
     assert settings.replace(budget=99, workers=3, timeout=5.0).identity_digest() == settings.identity_digest()
-    assert settings.replace(final_epochs=0, final_top=9, final_lr=0.1).identity_digest() == settings.identity_digest()
+    recovery = {"final_epochs": 0, "final_top": 9, "final_lr": 0.1, "final_feature_weight": 0.0}
+    assert settings.replace(**recovery).identity_digest() == settings.identity_digest()
     for change in ({"finetune_steps": 5}, {"model": "resnet50"}, {"space_digest": "x"}, {"device": "cuda"}):
         assert settings.replace(**change).identity_digest() != settings.identity_digest(), change
 
@@ -84,6 +95,7 @@ def test_identity_is_what_defines_the_problem_and_the_evaluation() -> None:
         ({"final_epochs": -1}, "--final-epochs -1: must be 0"),
         ({"final_top": 0}, "--final-top 0: must be positive"),
         ({"final_lr": 0.0}, "--final-lr 0.0: must be positive; pass e.g. 0.03"),
+        ({"final_feature_weight": -1.0}, "--final-feature-weight -1.0: must be 0 .logits only. or more; pass e.g. 10"),
         ({"latency_backend": "onnxruntime", "device": "cuda"}, "times on CPU, not --device cuda"),
         ({"latency_backend": "compile", "device": "cuda"}, "--latency-backend compile times on CPU, not --device cuda"),
     ],

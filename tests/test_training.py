@@ -22,8 +22,10 @@ from ranksearch.training import (
     Recipe,
     distillation_loss,
     evaluate_accuracy,
+    feature_loss,
     finetune,
     recalibrate_batchnorm,
+    stage_names,
     train_baseline,
 )
 
@@ -141,6 +143,49 @@ def test_finetune_reduces_distillation_loss(splits: DataSplits) -> None:
     assert result["steps"] == 40 and result["loss"] < before
     assert kd() < 0.5 * before
     assert not teacher.training
+
+
+def test_stage_names_are_the_top_level_blocks() -> None:
+    from torchvision.models import mobilenet_v2, resnet18, vgg11
+
+    assert stage_names(resnet18(num_classes=10)) == ("layer1", "layer2", "layer3", "layer4")
+    assert stage_names(mobilenet_v2(num_classes=10)) == ("features",)  # not the classifier: the output
+    assert stage_names(vgg11(num_classes=10)) == ("features",)
+    assert stage_names(small_cnn()) == ()  # a plain stack of layers has no block to match
+
+
+def test_feature_loss_is_zero_on_the_teacher_and_blind_to_scale() -> None:
+    torch.manual_seed(0)
+    teacher = {"a": torch.randn(4, 8, 5, 5), "b": torch.randn(4, 16)}
+    student = {name: t + 0.1 * torch.randn_like(t) for name, t in teacher.items()}
+    assert feature_loss(teacher, teacher).item() == 0.0
+    loss = feature_loss(student, teacher)
+    assert loss.item() == pytest.approx(0.02, rel=0.2)  # 0.01 per stage: noise of 0.1 on outputs of unit scale
+    scaled = feature_loss({"a": 100 * student["a"], "b": student["b"]}, {"a": 100 * teacher["a"], "b": teacher["b"]})
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-4)  # every stage weighs alike, whatever its scale
+    only_a = feature_loss(student, {"a": teacher["a"]}).item()  # the stages are the teacher's found in both
+    assert feature_loss({"a": student["a"]}, teacher).item() == pytest.approx(only_a)
+
+
+def test_matching_features_brings_the_stage_outputs_closer_and_leaves_no_hook(splits: DataSplits) -> None:
+    teacher = small_cnn()
+    images, _ = next(iter(make_loader(splits.val, batch_size=256, shuffle=False)))
+    loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
+
+    def stage_gap(weight: float) -> float:
+        student = copy.deepcopy(teacher)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for param in student.parameters():
+                param.add_(torch.randn_like(param) * 0.5)
+        finetune(student, teacher, loader, device="cpu", steps=40, lr=0.02, stages=["2", "5"], feature_weight=weight)
+        assert not any(module._forward_hooks for net in (student, teacher) for module in net.modules())
+        with torch.no_grad():
+            outputs = {name: student.eval()[: int(name) + 1](images) for name in ("2", "5")}
+            targets = {name: teacher.eval()[: int(name) + 1](images) for name in ("2", "5")}
+        return feature_loss(outputs, targets).item()
+
+    assert stage_gap(10.0) < 0.7 * stage_gap(0.0)
 
 
 def test_teacher_cache_gives_the_same_student_with_one_teacher_pass_per_batch(splits: DataSplits) -> None:

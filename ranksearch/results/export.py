@@ -142,6 +142,8 @@ def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -
     recovered = meta.get("recovered")
     if recovered is not None:
         at = f" at peak lr {recovered['lr']:g}" if "lr" in recovered else ""
+        if recovered.get("feature_weight"):
+            at += f", features matched at {recovered['feature_weight']:g}"
         measured.append((f"test split after {recovered['epochs']} recovery epochs{at}", recovered))
     for what, stored in measured:
         if stored is None:

@@ -15,7 +15,6 @@ study.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -45,8 +44,8 @@ from ranksearch.results.export import export_config
 from ranksearch.results.front import compresses_nothing, front_with_speeds
 from ranksearch.results.record import MODEL, RECOVERED, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
-from ranksearch.study.settings import RecoverySpec, RunSettings
-from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm
+from ranksearch.study.settings import RecoveryRecipe, RecoverySpec, RunSettings
+from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm, stage_names
 from ranksearch.util import atomic_open, describe
 
 __all__ = [
@@ -81,8 +80,7 @@ class RecoveredTrial:
     dense model on the same images, with where the model was saved."""
 
     trial: int
-    epochs: int
-    lr: float
+    recipe: RecoveryRecipe
     steps: int
     seconds: float
     test_accuracy: float
@@ -92,8 +90,9 @@ class RecoveredTrial:
     def to_dict(self) -> dict[str, Any]:
         """The study's :data:`~ranksearch.results.record.RECOVERED` entry."""
         return {
-            "epochs": self.epochs,
-            "lr": self.lr,
+            "epochs": self.recipe.epochs,
+            "lr": self.recipe.lr,
+            "feature_weight": self.recipe.feature_weight,
             "steps": self.steps,
             "seconds": self.seconds,
             "test_accuracy": self.test_accuracy,
@@ -105,8 +104,7 @@ class RecoveredTrial:
     def from_dict(cls, trial: int, stored: Mapping[str, Any]) -> RecoveredTrial:
         return cls(
             trial=trial,
-            epochs=int(stored["epochs"]),
-            lr=float(stored["lr"]),
+            recipe=recorded_recipe(stored),
             steps=int(stored["steps"]),
             seconds=float(stored["seconds"]),
             test_accuracy=float(stored["test_accuracy"]),
@@ -115,12 +113,11 @@ class RecoveredTrial:
         )
 
     def summary(self) -> str:
-        """``trial 5: test accuracy 81.20%, drop 1.10 pp [0.80, 1.40] on 10000 images (2 epochs at peak lr 0.03, 842
-        steps, 95 s)``"""
+        """``trial 5: test accuracy 81.20%, drop 1.10 pp [0.80, 1.40] on 10000 images (2 epochs at peak lr 0.03,
+        features matched at 10, 842 steps, 95 s)``"""
         return (
             f"trial {self.trial}: test accuracy {self.test_accuracy:.2%}, drop {self.drop.label()} on "
-            f"{self.drop.images} images ({self.epochs} epoch{'s' * (self.epochs != 1)} at peak lr {self.lr:g}, "
-            f"{self.steps} steps, {self.seconds:.0f} s)"
+            f"{self.drop.images} images ({self.recipe.describe()}, {self.steps} steps, {self.seconds:.0f} s)"
         )
 
 
@@ -149,23 +146,22 @@ class Recoverer:
         self._dense_correct: torch.Tensor | None = None
         self._teacher_logits: dict[bytes, torch.Tensor] = {}
 
-    def recover(self, trial: int, *, epochs: int, lr: float = RECOVERY_LR) -> RecoveredTrial:
-        """Trial ``trial`` recovered with ``epochs`` epochs (0: BatchNorm recalibrated only) at peak learning rate
-        ``lr``, recorded and saved; one already recovered so is read back, not repeated."""
+    def recover(self, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial:
+        """Trial ``trial`` recovered by ``recipe``, recorded and saved; one already recovered so is read back, not
+        repeated."""
         frozen = _complete_trial(self.study, trial)
-        done = recorded_recovery(self.study, trial, epochs=epochs, lr=lr)
+        done = recorded_recovery(self.study, trial, recipe)
         if done is not None:
             return done
         start = time.perf_counter()
         config = TrialRecord.of(frozen).compression_config()
-        model, steps, device = self.finetuned(config, label=f"recovering trial {trial}", epochs=epochs, lr=lr)
+        model, steps, device = self.finetuned(config, recipe, label=f"recovering trial {trial}")
         correct = correct_predictions(model, self.test_loader(), device=device)
         drop = paired_drop(self.dense_correct(), correct)
         checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
         result = RecoveredTrial(
             trial=trial,
-            epochs=epochs,
-            lr=lr,
+            recipe=recipe,
             steps=steps,
             seconds=time.perf_counter() - start,
             test_accuracy=correct.double().mean().item(),
@@ -186,12 +182,12 @@ class Recoverer:
         return self._dense_correct
 
     def finetuned(
-        self, config: CompressionConfig, *, label: str, epochs: int, lr: float, seed: int | None = None
+        self, config: CompressionConfig, recipe: RecoveryRecipe, *, label: str, seed: int | None = None
     ) -> tuple[nn.Module, int, torch.device]:
-        """``config`` applied to the dense model, BatchNorm recalibrated, distilled for ``epochs`` epochs, its int8
-        layers quantized (on the latency device, a CPU, where they run); with the number of fine-tuning steps and
-        the device the model is on. ``seed`` (default: the study's) seeds the shuffling and augmentation; ``label``
-        heads the progress bar."""
+        """``config`` applied to the dense model, BatchNorm recalibrated, distilled as ``recipe`` says (the outputs
+        of :func:`~ranksearch.training.stage_names` matched at its feature weight), its int8 layers quantized (on the
+        latency device, a CPU, where they run); with the number of fine-tuning steps and the device the model is on.
+        ``seed`` (default: the study's) seeds the shuffling and augmentation; ``label`` heads the progress bar."""
         context, options = self.context, self.options
         seed = self.seed if seed is None else seed
         float_config, int8_layers = config.split_int8()
@@ -200,16 +196,19 @@ class Recoverer:
             model = apply_config(context.model, float_config, calib_inputs=self._calib).to(context.device)
             train = make_loader(context.splits.train, batch_size=options.batch_size, shuffle=True, seed=seed)
             recalibrate_batchnorm(model, train, device=context.device, batches=options.calib_batches)
-            steps = epochs * len(train)
-            with _progress_bar(f"{label} ({epochs} epoch{'s' * (epochs != 1)})", self.console) as update:
+            steps = recipe.epochs * len(train)
+            epochs = f"{recipe.epochs} epoch{'s' * (recipe.epochs != 1)}"
+            with _progress_bar(f"{label} ({epochs})", self.console) as update:
                 finetune(
                     model,
                     context.model,
                     train,
                     device=context.device,
                     steps=steps,
-                    lr=lr,
+                    lr=recipe.lr,
                     warmup_steps=max(1, round(steps * WARMUP_FRACTION)),
+                    stages=stage_names(context.model),  # the dense model's: a compressed layer is a block
+                    feature_weight=recipe.feature_weight,
                     teacher_cache=self._teacher_logits,
                     progress=update,
                 )
@@ -225,12 +224,19 @@ class Recoverer:
         return make_loader(self.test, batch_size=256, shuffle=False)
 
 
-def recorded_recovery(study: optuna.Study, trial: int, *, epochs: int, lr: float) -> RecoveredTrial | None:
-    """Trial ``trial``'s recovery with ``epochs`` epochs at ``lr`` as the study recorded it; None when not done."""
+def recorded_recovery(study: optuna.Study, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial | None:
+    """Trial ``trial``'s recovery by ``recipe`` as the study recorded it; None when not done."""
     stored = RECOVERED.read(study).get(str(trial))
-    if stored is None or stored.get("epochs") != epochs or stored.get("lr") != lr:
+    if stored is None or recorded_recipe(stored) != recipe:
         return None
     return RecoveredTrial.from_dict(trial, stored)
+
+
+def recorded_recipe(stored: Mapping[str, Any]) -> RecoveryRecipe:
+    """The recipe of a recorded recovery (one recorded before recoveries matched features: logits only)."""
+    return RecoveryRecipe(
+        epochs=int(stored["epochs"]), lr=float(stored["lr"]), feature_weight=float(stored.get("feature_weight", 0.0))
+    )
 
 
 def _full_test_split(context: RunContext) -> Dataset:
@@ -275,10 +281,10 @@ class RecoveryPlan:
 
 
 def recovery_plan(
-    study: optuna.Study, top: int, *, epochs: int, lr: float, failed: Collection[int] = ()
+    study: optuna.Study, top: int, recipe: RecoveryRecipe, *, failed: Collection[int] = ()
 ) -> RecoveryPlan:
     """The recovery stage's ``top`` front members that compress something, replayed from the recoveries the study
-    recorded with these ``epochs`` and ``lr`` (``failed``: members whose recovery failed, counted and not retried).
+    recorded with this ``recipe`` (``failed``: members whose recovery failed, counted and not retried).
 
     The search's short fine-tunes understate the fast end most, so the plan looks for the fastest member that
     recovers within :data:`RECOVERY_TARGET_PP` test points of the dense model: the fastest member first, then a
@@ -315,7 +321,7 @@ def recovery_plan(
         if number in failed:
             within[pick] = False
             continue
-        result = recorded_recovery(study, number, epochs=epochs, lr=lr)
+        result = recorded_recovery(study, number, recipe)
         if result is None:
             return RecoveryPlan(recovered=tuple(recovered), next=members[pick])
         within[pick] = result.drop.drop_pp <= RECOVERY_TARGET_PP
@@ -326,7 +332,7 @@ def recovery_plan(
 def recover_front(
     study: optuna.Study, context: RunContext, *, directory: Path, console: Console
 ) -> list[RecoveredTrial]:
-    """The recovery stage of a run (its ``--final-epochs``, ``--final-top`` and ``--final-lr``): the members of
+    """The recovery stage of a run (its ``--final-top`` and ``--final-*`` recipe): the members of
     :func:`recovery_plan` recovered one at a time (those recovered so already are read back), models saved under
     ``directory / "recovered"``; the results in the plan's order. A trial whose recovery fails is reported and
     skipped; nothing is done with ``--final-epochs 0``."""
@@ -336,13 +342,13 @@ def recover_front(
     recoverer: Recoverer | None = None
     failed: set[int] = set()
     while True:
-        plan = recovery_plan(study, spec.final_top, epochs=spec.final_epochs, lr=spec.final_lr, failed=failed)
+        plan = recovery_plan(study, spec.final_top, spec.recipe, failed=failed)
         if plan.next is None:
             return list(plan.recovered)
         number = plan.next.number
         recoverer = recoverer or Recoverer(study=study, context=context, directory=directory, console=console)
         try:
-            result = recoverer.recover(number, epochs=spec.final_epochs, lr=spec.final_lr)
+            result = recoverer.recover(number, spec.recipe)
         except (RanksearchError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -356,8 +362,7 @@ def recover_trial(
     ref: str | Path,
     *,
     trial: int,
-    epochs: int,
-    lr: float = RECOVERY_LR,
+    recipe: RecoveryRecipe,
     results_dir: Path = Path("results"),
     storage: str | None = None,
     trust_checkpoint: bool = False,
@@ -368,13 +373,12 @@ def recover_trial(
     (:func:`load_study_problem`; ``trust_checkpoint`` as ``--trust-checkpoint`` says, never the study's); print its
     test accuracy, drop and checkpoint."""
     console = console or Console(stderr=True)
-    if epochs < 1:
-        raise RanksearchError(f"--epochs {epochs}: must be 1 or more; pass e.g. --epochs 2")
-    if not (math.isfinite(lr) and lr > 0):
-        raise RanksearchError(f"--lr {lr}: must be positive; pass e.g. --lr {RECOVERY_LR}")
+    if recipe.epochs < 1:
+        raise RanksearchError(f"--epochs {recipe.epochs}: must be 1 or more; pass e.g. --epochs 2")
+    recipe.validate(prefix="--")
     study = load_study(ref, results_dir=results_dir, storage=storage)
     _complete_trial(study, trial)
-    result = recorded_recovery(study, trial, epochs=epochs, lr=lr)
+    result = recorded_recovery(study, trial, recipe)
     if result is None:
         path = Path(ref)
         directory = path if (path / STORAGE_FILE).is_file() else results_dir / study.study_name
@@ -382,9 +386,9 @@ def recover_trial(
         with torch_threads(context.settings.infra.threads):
             recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
             try:
-                result = recoverer.recover(trial, epochs=epochs, lr=lr)
+                result = recoverer.recover(trial, recipe)
             except DivergedError as exc:
-                raise RanksearchError(f"trial {trial}: {exc}, e.g. --lr {lr / 10:g}") from None
+                raise RanksearchError(f"trial {trial}: {exc}, e.g. --lr {recipe.lr / 10:g}") from None
     console.print(f"recovered {result.summary()}", soft_wrap=True)
     console.print(f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True)
     return result

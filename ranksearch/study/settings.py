@@ -187,18 +187,49 @@ class RecoverySpec:
     final_lr: float = 0.03
     """The peak learning rate of each recovery fine-tune (a linear warm-up, then cosine decay to 0); chosen on
     validation accuracy by ``benchmarks/recovery_recipe.py`` (docs/search.md, "The recovery's learning rate")."""
+    final_feature_weight: float = 10.0
+    """How much each recovery fine-tune weighs matching the dense model's stage outputs besides its logits (0:
+    logits only); docs/search.md, "Matching the dense model's features"."""
+
+    @property
+    def recipe(self) -> RecoveryRecipe:
+        """How each member is recovered."""
+        return RecoveryRecipe(epochs=self.final_epochs, lr=self.final_lr, feature_weight=self.final_feature_weight)
 
     def validate(self) -> None:
-        if self.final_epochs < 0:
-            raise RanksearchError(
-                f"--final-epochs {self.final_epochs}: must be 0 (no recovery stage) or more; pass e.g. 2"
-            )
-        if not (math.isfinite(self.final_lr) and self.final_lr > 0):
-            raise RanksearchError(f"--final-lr {self.final_lr}: must be positive; pass e.g. {RecoverySpec.final_lr}")
+        self.recipe.validate()
         if self.final_top <= 0:
             raise RanksearchError(
                 f"--final-top {self.final_top}: must be positive; pass e.g. 4, or --final-epochs 0 to skip recovery"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecoveryRecipe:
+    """How one member is recovered: ``epochs`` epochs of distillation from the dense model (0: BatchNorm
+    recalibrated only) at peak learning rate ``lr``, matching its stage outputs at ``feature_weight`` besides its
+    logits. A recovery is recorded with its recipe, and read back only for the same one."""
+
+    epochs: int
+    lr: float = RecoverySpec.final_lr
+    feature_weight: float = RecoverySpec.final_feature_weight
+
+    def validate(self, *, prefix: str = "--final-") -> None:
+        """Each value checked, named by its option: ``prefix`` + ``epochs``, ``lr``, ``feature-weight``."""
+        if self.epochs < 0:
+            raise RanksearchError(f"{prefix}epochs {self.epochs}: must be 0 (no recovery stage) or more; pass e.g. 2")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise RanksearchError(f"{prefix}lr {self.lr}: must be positive; pass e.g. {RecoverySpec.final_lr}")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
+            raise RanksearchError(
+                f"{prefix}feature-weight {self.feature_weight}: must be 0 (logits only) or more; pass e.g. "
+                f"{RecoverySpec.final_feature_weight:g}"
+            )
+
+    def describe(self) -> str:
+        """``2 epochs at peak lr 0.03, features matched at 10``"""
+        features = f", features matched at {self.feature_weight:g}" if self.feature_weight > 0 else ""
+        return f"{self.epochs} epoch{'s' * (self.epochs != 1)} at peak lr {self.lr:g}{features}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from ranksearch.training.loop import (
     to_device,
 )
 
-__all__ = ["EXPLODED", "distillation_loss", "finetune", "warmup_cosine"]
+__all__ = ["EXPLODED", "distillation_loss", "feature_loss", "finetune", "stage_names", "warmup_cosine"]
 
 EXPLODED = 100.0
 """A fine-tune diverged when its loss exceeds this many times max(first loss, 1)."""
@@ -47,6 +48,50 @@ def distillation_loss(
     return alpha * temperature**2 * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The sum over the modules named in ``teacher`` of the mean squared difference of the student's output from the
+    teacher's, each divided by the teacher output's mean square (so that every stage weighs alike, whatever its
+    scale)."""
+    terms = [
+        F.mse_loss(student[name].float(), target.float()) / target.float().pow(2).mean().clamp_min(1e-12)
+        for name, target in teacher.items()
+        if name in student
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The blocks whose outputs a feature-matching fine-tune compares with the dense model's: ``model``'s top-level
+    children made of modules themselves, but the one that gives the output (the last child that holds parameters).
+    For a ResNet: ``layer1`` to ``layer4``; for a MobileNet or a VGG: ``features``. Neither a bare layer (a
+    compressed convolution's raw output, before its BatchNorm) nor the output is matched: either made fine-tunes of
+    a small CNN diverge (docs/search.md, "Matching the dense model's features")."""
+    children = list(model.named_children())
+    output = next((name for name, child in reversed(children) if next(child.parameters(), None) is not None), None)
+    return tuple(name for name, child in children if name != output and next(child.children(), None) is not None)
+
+
+@contextmanager
+def _outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The latest output of each module named in ``names`` (those that return a tensor), by name, while the context
+    is open."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                outputs[name] = output
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
@@ -58,16 +103,23 @@ def finetune(
     temperature: float = 4.0,
     alpha: float = 0.9,
     warmup_steps: int = 0,
+    stages: Sequence[str] = (),
+    feature_weight: float = 0.0,
     teacher_cache: dict[bytes, torch.Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | int]:
     """Distil ``teacher`` into ``student`` for ``steps`` SGD steps (momentum 0.9, Nesterov): the learning rate rises
     linearly to ``lr`` over the first ``warmup_steps``, then decays to 0 along a cosine (:func:`warmup_cosine`).
 
+    With ``stages`` (module names, e.g. from :func:`stage_names`) and a positive ``feature_weight``, the loss adds
+    ``feature_weight`` x :func:`feature_loss` of those modules' outputs: the student learns to reproduce the
+    teacher's intermediate features, not only its logits (FitNets' hints).
+
     ``teacher_cache`` keeps the teacher's logits per batch (keyed by a digest of the images): pass the same dict to
     every fine-tune from one teacher over a seeded loader, and on CPU each batch's teacher pass runs once (on a GPU
-    the teacher pass costs less than hashing the batch, so nothing is cached there). Forward passes on a GPU run in
-    bf16 (:func:`~ranksearch.training.loop.mixed_precision`). ``progress(done, steps)`` is called after each step.
+    the teacher pass costs less than hashing the batch, so nothing is cached there; nor when features are matched,
+    which needs the teacher's stage outputs). Forward passes on a GPU run in bf16
+    (:func:`~ranksearch.training.loop.mixed_precision`). ``progress(done, steps)`` is called after each step.
     Returns ``{"loss": mean loss of the last 10 steps, "steps": steps}``; raises :class:`DivergedError` as soon as the
     loss is NaN or infinite, or above ``EXPLODED`` x max(first loss, 1).
     """
@@ -76,6 +128,9 @@ def finetune(
     teacher.to(device)
     teacher_mode = teacher.training
     teacher.eval()
+    stages = tuple(stages) if feature_weight > 0 else ()
+    if stages:
+        teacher_cache = None
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True)
     if warmup_steps > 0:
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -86,7 +141,12 @@ def finetune(
     recent: list[torch.Tensor] = []
     student.train()
     try:
-        with fast_training(student, device), channels_last(teacher, device):
+        with (
+            fast_training(student, device),
+            channels_last(teacher, device),
+            _outputs(student, stages) as student_features,
+            _outputs(teacher, stages) as teacher_features,
+        ):
             for step, (images, labels) in enumerate(itertools.islice(cycle(loader), steps), start=1):
                 key = _batch_digest(images) if teacher_cache is not None and device.type == "cpu" else None
                 images, labels = to_device(images, device), labels.to(device)
@@ -99,6 +159,8 @@ def finetune(
                             teacher_cache[key] = teacher_logits
                     logits = student(images)
                     loss = distillation_loss(logits, teacher_logits, labels, temperature=temperature, alpha=alpha)
+                    if stages:
+                        loss = loss + feature_weight * feature_loss(student_features, teacher_features)
                 check_finite(loss, f"distillation fine-tuning at step {step}")
                 if step == 1:
                     limit = EXPLODED * loss.detach().clamp_min(1.0)
