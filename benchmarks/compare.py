@@ -139,7 +139,7 @@ class Outcome:
     recovery_epochs: int = 2
     """The epochs its front members were recovered for (``--final-epochs``; runs before it recorded none: 2)."""
     recovery_feature_weight: float = 0.0
-    """The weight its recoveries matched the dense model's stage outputs at (``--final-feature-weight``; runs before
+    """The weight its recoveries matched the dense model's block outputs at (``--final-feature-weight``; runs before
     it: 0, logits only)."""
 
     @classmethod
@@ -197,7 +197,7 @@ def main() -> None:
         "--final-feature-weight",
         type=float,
         default=RecoverySpec.final_feature_weight,
-        help="weight of matching the dense model's stage outputs in every recovery (0: logits only)",
+        help="weight of matching the dense model's block outputs in every recovery (0: logits only)",
     )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument(
@@ -659,7 +659,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
     weights = ", ".join(f"{w:g}" for w in sorted({o.recovery_feature_weight for o in outcomes}))
     lines.append(
         f"Front members recovered for {epochs} epochs (`--final-epochs`) at a peak learning rate of {lrs} "
-        f"(`--final-lr`), matching the dense model's stage outputs at a weight of {weights} "
+        f"(`--final-lr`), matching the dense model's block outputs at a weight of {weights} "
         "(`--final-feature-weight`; 0: logits only); recovery share: the members' recorded recoveries over the wall "
         "time."
     )

@@ -8,7 +8,7 @@ Each ``STUDY_DIR:TRIAL`` names a complete trial of a finished study (its directo
 (its trained dense model and data), and the trial's config is recovered as the recovery stage recovers it
 (:meth:`ranksearch.study.recovery.Recoverer.finetuned`: BatchNorm recalibrated, ``--epochs`` epochs of distillation
 from the dense model, a warm-up then cosine decay, int8 layers quantized) once per recipe (each peak learning rate in
-``--lrs`` with each weight in ``--feature-weights`` of matching the dense model's stage outputs) and fine-tune seed
+``--lrs`` with each weight in ``--feature-weights`` of matching the dense model's block outputs) and fine-tune seed
 in ``--seeds`` (the seed shuffles the training split). Each recovered model is scored against
 the dense model on the same images of the full validation split (what a recipe should be chosen on) and of the test
 split (what the recovery stage reports), each as a paired drop in points with its 95 % interval. Nothing is written

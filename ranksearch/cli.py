@@ -204,7 +204,7 @@ def run(
     ] = RecoverySpec.final_lr,
     final_feature_weight: Annotated[
         float,
-        typer.Option(help="weight of matching the uncompressed model's stage outputs in each recovery; 0: logits only"),
+        typer.Option(help="weight of matching the uncompressed model's block outputs in each recovery; 0: logits only"),
     ] = RecoverySpec.final_feature_weight,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (default: SQLite under results)")
@@ -467,7 +467,7 @@ def finetune(
         float, typer.Option(help="peak learning rate (linear warm-up, then cosine decay to 0)")
     ] = RecoverySpec.final_lr,
     feature_weight: Annotated[
-        float, typer.Option(help="weight of matching the uncompressed model's stage outputs; 0: logits only")
+        float, typer.Option(help="weight of matching the uncompressed model's block outputs; 0: logits only")
     ] = RecoverySpec.final_feature_weight,
     results_dir: ResultsDir = Path("results"),
     storage: Storage = None,

@@ -188,7 +188,7 @@ class RecoverySpec:
     """The peak learning rate of each recovery fine-tune (a linear warm-up, then cosine decay to 0); chosen on
     validation accuracy by ``benchmarks/recovery_recipe.py`` (docs/search.md, "The recovery's learning rate")."""
     final_feature_weight: float = 10.0
-    """How much each recovery fine-tune weighs matching the dense model's stage outputs besides its logits (0:
+    """How much each recovery fine-tune weighs matching the dense model's block outputs besides its logits (0:
     logits only); docs/search.md, "Matching the dense model's features"."""
 
     @property
@@ -207,7 +207,7 @@ class RecoverySpec:
 @dataclass(frozen=True, kw_only=True)
 class RecoveryRecipe:
     """How one member is recovered: ``epochs`` epochs of distillation from the dense model (0: BatchNorm
-    recalibrated only) at peak learning rate ``lr``, matching its stage outputs at ``feature_weight`` besides its
+    recalibrated only) at peak learning rate ``lr``, matching its block outputs at ``feature_weight`` besides its
     logits. A recovery is recorded with its recipe, and read back only for the same one."""
 
     epochs: int

@@ -118,7 +118,7 @@ def finetune(
     ``teacher_cache`` keeps the teacher's logits per batch (keyed by a digest of the images): pass the same dict to
     every fine-tune from one teacher over a seeded loader, and on CPU each batch's teacher pass runs once (on a GPU
     the teacher pass costs less than hashing the batch, so nothing is cached there; nor when features are matched,
-    which needs the teacher's stage outputs). Forward passes on a GPU run in bf16
+    which needs the teacher's block outputs). Forward passes on a GPU run in bf16
     (:func:`~ranksearch.training.loop.mixed_precision`). ``progress(done, steps)`` is called after each step.
     Returns ``{"loss": mean loss of the last 10 steps, "steps": steps}``; raises :class:`DivergedError` as soon as the
     loss is NaN or infinite, or above ``EXPLODED`` x max(first loss, 1).
