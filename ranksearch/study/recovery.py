@@ -5,12 +5,13 @@ fine-tune a user will run. After the search, :func:`recover_front` takes ``--fin
 a bisection for the fastest member that recovers within half a point, then a spread over the latency range:
 :func:`recovery_plan`) and recovers each with a :class:`Recoverer`: the config applied
 to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
-(warm-up to ``--final-lr``, then cosine decay), int8 layers quantized, then every test image classified, and the
-accuracy drop against the dense model on the same images given with its paired 95 % interval. Each result is
-recorded in the study (:data:`~ranksearch.results.record.RECOVERED`, so a rerun with the same epochs and learning
-rate does not repeat it) and the model saved under ``results/<study>/recovered/trial-<N>.pt`` (:func:`load_recovered`
-loads it back). ``ranksearch finetune STUDY --trial N`` (:func:`recover_trial`) recovers any complete trial of a
-study.
+(warm-up to ``--final-lr``, then cosine decay; its block outputs matched at ``--final-feature-weight`` besides its
+logits), int8 layers quantized, then every test image classified, and the accuracy drop against the dense model on
+the same images given with its paired 95 % interval. Each result is recorded in the study with its
+:class:`~ranksearch.study.settings.RecoveryRecipe` (:data:`~ranksearch.results.record.RECOVERED`, so a rerun with
+the same recipe does not repeat it) and the model saved under ``results/<study>/recovered/trial-<N>.pt``
+(:func:`load_recovered` loads it back). ``ranksearch finetune STUDY --trial N`` (:func:`recover_trial`) recovers any
+complete trial of a study.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = [
     "RecoveryPlan",
     "load_recovered",
     "load_study_problem",
+    "recorded_recipe",
     "recorded_recovery",
     "recover_front",
     "recover_trial",
