@@ -82,6 +82,14 @@ class ServerProcess:
     def requests(self, what: str) -> int:
         return sum(what in line for line in self.log)
 
+    def logged(self, what: str, count: int, *, timeout: float = 10.0) -> int:
+        """How many log lines hold ``what``, once ``count`` do or ``timeout`` seconds pass: the server logs a request
+        after its answer is sent, so the client can have it before the line is read."""
+        deadline = time.monotonic() + timeout
+        while self.requests(what) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.requests(what)
+
 
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
@@ -122,9 +130,9 @@ def test_the_server_times_a_pair_as_local_timing_does_without_torch(
     paired = target.speedup(dense, small, EXAMPLE, threads=1, rounds=3, target_seconds=0.3)
     assert len(paired.ratios) == 3 and paired.speedup > 1  # a one-conv model beats a ResNet-18 (by ~40x)
     assert paired.candidate.backend == "onnxruntime" and paired.candidate.threads == 1 and paired.reference.runs >= 30
-    assert server.requests("PUT /models/") == 2  # uploaded once each, on the server's first request for them
+    assert server.logged("PUT /models/", 2) == 2  # uploaded once each, on the server's first request for them
     again = target.speedup(dense, dense, EXAMPLE, threads=1, rounds=2, target_seconds=0.2)
-    assert len(again.ratios) == 2 and server.requests("PUT /models/") == 2  # held: not uploaded again
+    assert len(again.ratios) == 2 and server.logged("PUT /models/", 2) == 2  # held: not uploaded again
     latency = target.latency(onnx_models["small"], EXAMPLE, threads=1, warmup=1, min_runs=5, target_seconds=0.05)
     assert latency.median_ms > 0 and latency.runs >= 5
 
@@ -154,7 +162,7 @@ def test_a_missing_or_wrong_token_is_one_line_and_no_model_is_accepted(
     sha = hashlib.sha256(onnx_models["small"]).hexdigest()
     status, answer = raw(server, "PUT", f"/models/{sha}", onnx_models["small"], Authorization=f"Bearer {sent}")
     assert status == 401 and answer["error"] in ("no token was sent", "the token was refused")
-    assert server.requests('"POST /time HTTP/1.1" 401') == 1 and server.requests('" 201 ') == 0  # nothing stored
+    assert server.logged('"POST /time HTTP/1.1" 401', 1) == 1 and server.requests('" 201 ') == 0  # nothing stored
 
 
 def test_oversized_and_malformed_uploads_are_refused(server: ServerProcess, onnx_models: dict[str, bytes]) -> None:
@@ -246,7 +254,7 @@ def test_a_server_killed_mid_request_and_restarted_is_retried(token: str, onnx_m
         worker.join(timeout=60)
         assert "error" not in answer, (answer.get("error"), first.log, second.log)
         assert answer["paired"].speedup > 1  # type: ignore[union-attr]
-        assert second.requests("PUT /models/") == 2 and second.requests('"POST /time HTTP/1.1" 200') == 1
+        assert second.logged("PUT /models/", 2) == 2 and second.logged('"POST /time HTTP/1.1" 200', 1) == 1
     finally:
         second.kill()
 
@@ -314,7 +322,7 @@ def test_a_search_on_a_remote_target_survives_its_restart(
         for trial in trials:
             attrs = trial.user_attrs
             assert attrs["latency_rounds"] == 4 and attrs["speedup_low"] <= attrs["speedup_high"]
-        assert restarted[0].requests('"POST /time HTTP/1.1" 200') >= 1  # the later trials were timed by the new one
+        assert restarted[0].logged('"POST /time HTTP/1.1" 200', 1) >= 1  # the later trials were timed by the new one
         assert result.study.user_attrs["settings"]["target"] == first.url
         monkeypatch.setenv(TOKEN_ENV, "stale")
         with pytest.raises(rs.RanksearchError, match="token was refused"):
