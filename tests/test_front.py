@@ -4,6 +4,7 @@ borderline members timed again, test drops with paired intervals."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.results import front_rows, front_trials, record, write_results
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import accuracy_statements
+from ranksearch.results.plots.pareto import pareto_info
 from ranksearch.results.plots.rows import StudyRows
 from ranksearch.results.select import select_trial
 from ranksearch.results.show import show_rows, show_study
@@ -355,6 +357,21 @@ def test_a_config_timed_twice_has_one_speedup_pooled_over_its_timings() -> None:
     out = io.StringIO()
     show_study(study, console=Console(file=out, width=250))
     assert "2.40-4.00x (2 timings)" in out.getvalue()
+
+
+def test_the_pareto_plot_puts_a_front_member_at_its_pooled_speedup() -> None:
+    """The plot draws the front the tables show: a promoted config at the speedup pooled over its timings, not at
+    its last trial's own timing (which drew trial 2 behind trial 3, 3.0x at the same accuracy, which it dominates
+    at its pooled 3.06x)."""
+    study = pooled_study()
+    info = pareto_info(StudyRows.of(study))
+    pooled = (3.6 * 2.6) ** 0.5
+    assert info.point(2).latency == pytest.approx(1 / pooled)
+    assert info.point(1).latency == pytest.approx(1 / 3.6)  # the same config's first trial, off the front: its own
+    assert info.point(3).latency == pytest.approx(1 / 3.0)
+    members = [info.point(t) for t in info.front]  # fastest first: slower and more accurate down the line
+    assert all(a.latency < b.latency and a.accuracy <= b.accuracy for a, b in itertools.pairwise(members))
+    assert any("3.06x over its config's 2 timings" in line for line in info.point(2).hover)
 
 
 def test_a_slower_round_in_any_timing_makes_a_config_borderline_and_its_re_timing_decides() -> None:

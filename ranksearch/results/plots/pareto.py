@@ -89,16 +89,17 @@ def pareto_info(rows: StudyRows) -> ParetoInfo:
     floor = None
     if drop is not None and "accuracy" in rows.baseline:
         floor = rows.baseline["accuracy"] - drop / 100
+    front = {r["trial"]: r for r in rows.front}
     return ParetoInfo(
         study_name=rows.study_name,
         points=tuple(
             Point(
                 trial=r["trial"],
                 accuracy=r["accuracy"],
-                latency=rows.latency(r),
+                latency=_plotted_latency(rows, r, front.get(r["trial"])),
                 feasible=bool(r["feasible"]),
                 anchor=r["anchor"] or "",
-                hover=_hover(r, rows.layer_names),
+                hover=_hover(r, rows.layer_names, front.get(r["trial"])),
             )
             for r in rows.complete()
         ),
@@ -109,8 +110,20 @@ def pareto_info(rows: StudyRows) -> ParetoInfo:
     )
 
 
-def _hover(row: Mapping[str, Any], layer_names: Sequence[str]) -> tuple[str, ...]:
-    """Trial, metrics and the layers it compresses (keep layers counted, not listed)."""
+def _plotted_latency(rows: StudyRows, row: Mapping[str, Any], member: Mapping[str, Any] | None) -> float:
+    """Where a trial sits on the latency axis: its own timing, but a front member (``member``: its front row) at
+    1 / its config's speedup pooled over all its timings, which the front was chosen by and the tables show (one
+    trial's own timing can put a member behind a more accurate one)."""
+    if rows.relative and member is not None and member.get("speedup"):
+        return 1.0 / member["speedup"]
+    return rows.latency(row)
+
+
+def _hover(
+    row: Mapping[str, Any], layer_names: Sequence[str], member: Mapping[str, Any] | None = None
+) -> tuple[str, ...]:
+    """Trial, metrics (``member``: its front row, whose pooled speedup is shown too) and the layers it compresses
+    (keep layers counted, not listed)."""
     head = f"trial {row['trial']}" + (f" ({row['anchor']})" if row["anchor"] else "")
     if row.get("rung"):
         head += f" · rung {row['rung']}: promotes trial {row['promotes']}, {row['finetune_steps']} fine-tune steps"
@@ -120,6 +133,8 @@ def _hover(row: Mapping[str, Any], layer_names: Sequence[str]) -> tuple[str, ...
         f"speedup {format_number(row['speedup'], '{:.2f}x')} · drop "
         f"{format_number(row['accuracy_drop_pp'], '{:+.2f} pp')} · params {format_number(row['params'], '{:,.0f}')}",
     ]
+    if member is not None and member.get("speedup_timings", 1) > 1:
+        lines.append(f"front: {member['speedup']:.2f}x over its config's {member['speedup_timings']} timings")
     labels = {name: row[f"layer:{name}"] for name in layer_names}
     changed = [f"{name}: {label}" for name, label in labels.items() if label != "keep"]
     kept = len(labels) - len(changed)
