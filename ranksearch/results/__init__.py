@@ -47,6 +47,48 @@ def baseline(study: optuna.Study) -> dict[str, float]:
     return dict(BASELINE.read(study))
 
 
+DISTURBED_TIMING = 1.5
+"""The dense model's first timing counts as disturbed when it is this many times off the median of its timings
+beside the trials (either way)."""
+
+
+def dense_latency_beside_trials(study: optuna.Study) -> dict[str, float] | None:
+    """The dense model's latency as timed beside each complete trial (its paired reference timing): ``median_ms``,
+    ``min_ms``, ``max_ms`` and ``trials``; None when no trial recorded one (a study of an earlier release, or an
+    evaluator that does not pair its timings). Many timings spread over the run, so steadier than the one taken
+    before the search."""
+    timings = [
+        r.metrics["reference_latency_ms"]
+        for r in records(study, states=(TrialState.COMPLETE,))
+        if r.metrics.get("reference_latency_ms")
+    ]
+    if not timings:
+        return None
+    return {
+        "median_ms": statistics.median(timings),
+        "min_ms": min(timings),
+        "max_ms": max(timings),
+        "trials": float(len(timings)),
+    }
+
+
+def disturbed_baseline_timing(study: optuna.Study) -> str | None:
+    """One line when the dense model's first timing (before the search) is :data:`DISTURBED_TIMING` times off the
+    median of its timings beside the trials: the machine was busy (or idle) then, so that figure is not the dense
+    model's latency. Speedups are unaffected: each was timed against the dense model beside it."""
+    first, beside = baseline(study).get("latency_ms"), dense_latency_beside_trials(study)
+    if not first or beside is None or not beside["median_ms"]:
+        return None
+    ratio = first / beside["median_ms"]
+    if 1 / DISTURBED_TIMING <= ratio <= DISTURBED_TIMING:
+        return None
+    return (
+        f"warning: the dense model's first timing, {first:.3f} ms, is {ratio:.2g}x the median of its "
+        f"{beside['trials']:.0f} timings beside the trials ({beside['median_ms']:.3f} ms): the machine was "
+        "disturbed then; every speedup was timed against the dense model beside it and is unaffected"
+    )
+
+
 NEAR_CHANCE = 0.1
 """A dense model less than this fraction of the way from chance (one over the classes) to perfect accuracy counts as
 untrained: differences between configs' accuracies are then noise."""
@@ -222,6 +264,7 @@ def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str
     document = {
         "study": study.study_name,
         "baseline": dense,
+        "dense_latency_beside_trials": dense_latency_beside_trials(study),
         "front": members,
         "time_per_arithmetic": time_per_arithmetic(front, dense.get("macs")),
     }

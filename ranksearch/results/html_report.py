@@ -15,7 +15,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ranksearch.results import latency_target, load_study, time_per_arithmetic, untrained_baseline
+from ranksearch.results import (
+    dense_latency_beside_trials,
+    disturbed_baseline_timing,
+    latency_target,
+    load_study,
+    time_per_arithmetic,
+    untrained_baseline,
+)
 from ranksearch.results.phases import WALL, phase_seconds
 from ranksearch.results.plots import (
     LayersInfo,
@@ -65,7 +72,12 @@ def render_report(study: optuna.Study) -> str:
         f"{complete} complete trials" + (f", {failed} failed" if failed else "") + f" · written {written}"
     )
     sections = {
-        "baseline": ("Baseline", _baseline_table(rows.baseline) + _warning(untrained_baseline(study))),
+        "baseline": (
+            "Baseline",
+            _baseline_table(rows.baseline, dense_latency_beside_trials(study))
+            + _warning(untrained_baseline(study))
+            + _warning(disturbed_baseline_timing(study)),
+        ),
         "front": ("Pareto front", _front_table(rows)),
         "plots": ("Plots", _plots(infos)),
         "layers": ("Per-layer choices of the front members", _layer_details(rows, layers)),
@@ -105,13 +117,23 @@ def report_study(
     return write_report(study, out.parent, filename=out.name)
 
 
-def _baseline_table(base: Mapping[str, float]) -> str:
+def _baseline_table(base: Mapping[str, float], beside: Mapping[str, float] | None) -> str:
+    """The dense model's measures (``beside``: its timings beside the trials, when recorded)."""
     if not base:
         return '<p class="muted">The baseline has not been measured yet.</p>'
+    latency = [("latency", _fmt(base.get("latency_ms"), "{:.3f} ms"))]
+    if beside is not None:
+        latency = [
+            (
+                f"latency beside the trials (median of {beside['trials']:.0f})",
+                f"{beside['median_ms']:.3f} ms ({beside['min_ms']:.3f}-{beside['max_ms']:.3f})",
+            ),
+            ("latency timed before the search", _fmt(base.get("latency_ms"), "{:.3f} ms")),
+        ]
     items = [
         ("validation accuracy", _pct(base.get("accuracy"))),
         ("test accuracy", _pct(base.get("test_accuracy"))),
-        ("latency", _fmt(base.get("latency_ms"), "{:.3f} ms")),
+        *latency,
         ("parameters", _fmt(base.get("params"), "{:,.0f}")),
         ("MACs", _fmt(base.get("macs"), "{:,.0f}")),
         ("weights", _fmt(None if base.get("size_bytes") is None else base["size_bytes"] / 1e6, "{:.2f} MB")),

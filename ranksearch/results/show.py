@@ -18,6 +18,8 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results import (
     baseline,
     choice_label,
+    dense_latency_beside_trials,
+    disturbed_baseline_timing,
     finite,
     front_rows,
     front_trials,
@@ -143,16 +145,22 @@ _COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 def _table(study: optuna.Study, rows: list[dict[str, Any]], *, all_trials: bool) -> Table:
     """The rows as a rich table (per-layer columns left out), titled by the study and captioned by the baseline."""
     what = f"all {len(rows)} trials" if all_trials else f"Pareto front, {len(rows)} trials, fastest first"
-    base = baseline(study)
+    base, beside = baseline(study), dense_latency_beside_trials(study)
+    latency = (
+        f"{beside['median_ms']:.3f} ms (median of {beside['trials']:.0f} timings beside the trials)"
+        if beside is not None
+        else f"{base.get('latency_ms', math.nan):.3f} ms"
+    )
     caption = (
-        f"baseline: val acc {base['accuracy']:.2%}, {base['latency_ms']:.3f} ms, {base['params'] / 1e6:.3f} M params"
+        f"baseline: val acc {base['accuracy']:.2%}, {latency}, {base['params'] / 1e6:.3f} M params"
         if {"accuracy", "latency_ms", "params"} <= set(base)
         else "baseline not measured yet"
     )
     if not rows:
         caption += "; no complete feasible trial yet" if not all_trials else "; no trial yet"
-    if (warning := untrained_baseline(study)) is not None:
-        caption += f"\n[yellow]{warning}[/]"
+    for warning in (untrained_baseline(study), disturbed_baseline_timing(study)):
+        if warning is not None:
+            caption += f"\n[yellow]{warning}[/]"
     rows = [{**row, **_labels(row)} for row in rows]
     columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)] or list(_COLUMNS[:1])
     table = Table(*(header for _, header, _ in columns), title=f"{study.study_name}: {what}", caption=caption)
