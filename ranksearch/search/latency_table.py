@@ -58,6 +58,10 @@ MIN_FIT_POINTS = 3
 MIN_BYTES_FIT_POINTS = 6
 """Measured configs (calibration configs included) before the weight bytes get a term of their own."""
 
+NEGLIGIBLE_SLOPE = 1e-9
+"""A fitted time slope at or below this counts as 0: non-negative least squares leaves round-off (1e-15 was seen)
+where the exact slope is 0, and the slopes are ratios to the dense model's times, so any that matters is far above."""
+
 CALIBRATION = {"levels": (0.0, 0.2, 0.45, 0.7), "rounds": 5}
 """Whole configs the build times beside the dense model: at each level, every layer takes the variant at that
 quantile of its variants faster than its dense layer (sorted by time; 0: the fastest), once among its float variants
@@ -246,7 +250,7 @@ class LatencyTable:
         for split, with_bytes in dict.fromkeys(attempts):
             times = [floats, int8s] if split else [layers]
             coefficients = _nonnegative_fit([*times, *([byte_sums] if with_bytes else [])], ys)
-            if all(c > 0 for c in coefficients[: len(times)]):
+            if all(c > NEGLIGIBLE_SLOPE for c in coefficients[: len(times)]):
                 break
         else:  # latency not rising with the layer times: proportional to them
             coefficients = [sum(x * y for x, y in zip(layers, ys, strict=True)) / sum(x * x for x in layers), 0.0]
