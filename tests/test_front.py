@@ -192,6 +192,57 @@ def test_export_never_picks_the_dense_model_or_a_slower_config() -> None:
     assert select_trial(only_slower, trial=1).number == 1  # asked for by number: the user's call
 
 
+def recovered_entry(test: tuple[float, float, float], validation: tuple[float, float, float] | None) -> dict:
+    """A :data:`~ranksearch.results.record.RECOVERED` entry with these test and validation drops (none: recorded
+    before the recovery measured the validation split)."""
+    entry = {"epochs": 2, "lr": 0.03, "steps": 842, "seconds": 90.0, "test_accuracy": 0.9 - test[0] / 100}
+    entry |= dict(zip(("drop_pp", "low_pp", "high_pp"), test, strict=True)) | {"images": 10_000}
+    entry["checkpoint"] = "results/paired/recovered/trial.pt"
+    if validation is not None:
+        entry[record.RECOVERED_VALIDATION] = dict(zip(("drop_pp", "low_pp", "high_pp"), validation, strict=True))
+        entry[record.RECOVERED_VALIDATION]["images"] = 6_000
+    return entry
+
+
+def test_the_accuracy_rule_reads_the_recovered_validation_drop_and_never_the_test_split() -> None:
+    study = relative_study()  # front: 7 (4.4x, 6 points down at the search), 4 (3.0x, 5 down), 2, 6, the dense 0
+    assert select_trial(study, max_accuracy_drop=1.0).number == 2
+    record.RECOVERED.write(
+        study,
+        {
+            "4": recovered_entry((0.9, 0.6, 1.2), (0.4, 0.1, 0.7)),  # recovered within 0.5 on validation
+            "7": recovered_entry(
+                (0.1, -0.2, 0.4), None
+            ),  # an earlier release's recovery: its test drop chooses nothing
+        },
+    )
+    assert select_trial(study, max_accuracy_drop=1.0).number == 4
+    assert select_trial(study, max_accuracy_drop=0.5).number == 4
+    assert select_trial(study, max_accuracy_drop=0.3).number == 6  # trial 4 recovered to 0.40 points
+
+    meta = {"metrics": {"accuracy_drop_pp": 5.0}, "recovered": record.RECOVERED.read(study)["4"]}
+    lines = accuracy_statements(meta, 0.5)
+    assert (
+        lines[0] == "the rule (validation drop <= 0.5 pp) read the validation split after the recovery fine-tune, below"
+    )
+    assert lines[1] == (
+        "validation split after 2 recovery epochs at peak lr 0.03: drop 0.40 pp [0.10, 0.70] (paired 95 % interval, "
+        "6000 images); within 0.5 pp at the point estimate only, not with 95 % confidence"
+    )
+    assert lines[2].startswith("test split after 2 recovery epochs") and lines[2].endswith("not within 0.5 pp")
+
+    row = next(r for r in front_rows(study) if r["trial"] == 4)
+    assert (row["recovered_val_drop_pp"], row["recovered_val_drop_low_pp"], row["recovered_val_drop_high_pp"]) == (
+        0.4,
+        0.1,
+        0.7,
+    )
+    assert next(r for r in front_rows(study) if r["trial"] == 7)["recovered_val_drop_pp"] is None
+    out = io.StringIO()
+    show_study(study, console=Console(file=out, width=300))
+    assert "recovered: val drop [95 %]" in out.getvalue() and "+0.40 [+0.10, +0.70]" in out.getvalue()
+
+
 def test_paired_drop_interval() -> None:
     same = torch.tensor([True, False, True, True])
     assert paired_drop(same, same) == DropEstimate(0.0, 0.0, 0.0, 4)

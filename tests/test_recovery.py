@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ranksearch.cli import app
 from ranksearch.data import make_loader
 from ranksearch.results import load_study
-from ranksearch.results.record import RECOVERED, SETTINGS
+from ranksearch.results.record import RECOVERED, RECOVERED_VALIDATION, SETTINGS
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
 from ranksearch.study.recovery import (
     RECOVERY_LR,
@@ -48,6 +48,7 @@ RECORD_KEYS = {
     "low_pp",
     "high_pp",
     "images",
+    "validation",
 }
 
 
@@ -78,6 +79,12 @@ def test_a_recovered_trial_beats_the_same_config_not_fine_tuned(legacy: Path) ->
     dense = recover.dense_correct().double().mean().item()
     assert tuned.drop.drop_pp == pytest.approx(100 * (dense - tuned.test_accuracy))
     assert tuned.drop.low_pp < tuned.drop.drop_pp < tuned.drop.high_pp
+    # the whole validation split too, which the plan and export's rule read
+    validation = recover.validation_loader().dataset
+    assert tuned.validation is not None and tuned.validation.images == len(validation) > 256
+    assert tuned.validation.high_pp < untuned.validation.low_pp
+    dense_val = recover.dense_correct("validation").double().mean().item()
+    assert dense_val > 0.5 and tuned.steering_drop == tuned.validation
 
 
 def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(
@@ -89,6 +96,7 @@ def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(
     stored = RECOVERED.read(load_study("legacy"))
     assert set(stored) == {"7"} and set(stored["7"]) >= RECORD_KEYS
     assert stored["7"]["epochs"] == 1 and stored["7"]["images"] == 10_000
+    assert stored["7"]["validation"] == result.validation.to_dict()
     assert stored["7"]["feature_weight"] == RecoveryRecipe(epochs=1).feature_weight > 0
     checkpoint = (legacy / "results" / "legacy" / "recovered" / "trial-7.pt").resolve()
     assert stored["7"]["checkpoint"] == str(checkpoint) == str(result.checkpoint)
@@ -122,7 +130,7 @@ def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: py
     results = recover_front(study, earlier, directory=directory, console=QUIET)
     # the front is 4, 2, 3, 5 and the dense 0, fastest first: the fastest (4), then, were it outside half a point,
     # halfway between it and one past the slowest (3), else the farthest in speed (the slowest, 5)
-    second = 5 if results[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
+    second = 5 if results[0].steering_drop.drop_pp <= RECOVERY_TARGET_PP else 3
     assert [(r.trial, r.recipe.lr) for r in results] == [(4, 0.01), (second, 0.01)]
     assert set(RECOVERED.read(study)) == {"4", str(second)}
     assert sorted(p.name for p in (directory / "recovered").iterdir()) == sorted(["trial-4.pt", f"trial-{second}.pt"])
@@ -130,7 +138,7 @@ def test_the_recovery_stage_recovers_its_plan_once(legacy: Path, monkeypatch: py
 
     stage = context(study, final_epochs=1, final_top=2)  # today's default recipe: another recovery
     again = recover_front(study, stage, directory=directory, console=QUIET)
-    second = 5 if again[0].drop.drop_pp <= RECOVERY_TARGET_PP else 3
+    second = 5 if again[0].steering_drop.drop_pp <= RECOVERY_TARGET_PP else 3
     assert [(r.trial, r.recipe) for r in again] == [(4, stage.settings.recovery.recipe), (second, again[0].recipe)]
     assert again[0].recipe == RecoveryRecipe(epochs=1, lr=RECOVERY_LR) and RECOVERY_LR != 0.01
     assert {RECOVERED.read(study)[str(r.trial)]["lr"] for r in again} == {RECOVERY_LR}
@@ -201,8 +209,9 @@ def synthetic_front() -> optuna.Study:
 RECIPE = RecoveryRecipe(epochs=2)
 
 
-def record_recovery(study: optuna.Study, trial: int, drop_pp: float) -> None:
-    """Record trial ``trial`` as recovered by :data:`RECIPE` to ``drop_pp`` test points below the dense model."""
+def record_recovery(study: optuna.Study, trial: int, drop_pp: float, validation_pp: float | None = None) -> None:
+    """Record trial ``trial`` as recovered by :data:`RECIPE` to ``drop_pp`` test points below the dense model (and
+    ``validation_pp`` validation points; None: as releases that did not measure it recorded it)."""
     stored = dict(RECOVERED.read(study))
     stored[str(trial)] = {
         "epochs": RECIPE.epochs,
@@ -217,6 +226,13 @@ def record_recovery(study: optuna.Study, trial: int, drop_pp: float) -> None:
         "images": 10_000,
         "checkpoint": f"trial-{trial}.pt",
     }
+    if validation_pp is not None:
+        stored[str(trial)][RECOVERED_VALIDATION] = {
+            "drop_pp": validation_pp,
+            "low_pp": validation_pp - 0.3,
+            "high_pp": validation_pp + 0.3,
+            "images": 6_000,
+        }
     RECOVERED.write(study, stored)
 
 
@@ -250,6 +266,17 @@ def test_the_plan_bisects_the_front_for_the_fastest_member_within_half_a_point()
         found = recovery_plan(study, 4, other)  # are other ones
         assert found.recovered == () and found.next is not None and found.next.number == 8
     assert plan(optuna.create_study(directions=["maximize", "minimize"]), 4) == ([], None)
+
+
+def test_the_plan_steers_by_the_validation_drop_where_the_recovery_measured_it() -> None:
+    study = synthetic_front()
+    record_recovery(study, 8, 0.2, validation_pp=2.0)  # within on test, outside on validation: outside
+    assert plan(study, 4) == ([8], 4)
+    record_recovery(study, 4, 0.8, validation_pp=0.3)  # outside on test, within on validation: within
+    assert plan(study, 4) == ([8, 4], 6)
+    found = recovery_plan(study, 4, RECIPE).recovered
+    assert found[1].validation is not None and found[1].steering_drop.drop_pp == 0.3 and found[1].drop.drop_pp == 0.8
+    assert "; validation drop 0.30 pp [0.00, 0.60]" in found[1].summary()
 
 
 def test_a_recovery_recorded_before_features_were_matched_reads_back_as_logits_only() -> None:

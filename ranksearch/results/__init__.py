@@ -161,6 +161,7 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
         speed = speeds[trial.number]
         key = str(trial.number)
         test_drop, recovered = stored.test_drop.get(key, {}), stored.recovered.get(key, {})
+        recovered_val = stored.recovered_validation_drop(trial.number) or {}
         rows.append(
             {
                 "trial": trial.number,
@@ -177,6 +178,9 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "recovered_drop_pp": recovered.get("drop_pp"),
                 "recovered_drop_low_pp": recovered.get("low_pp"),
                 "recovered_drop_high_pp": recovered.get("high_pp"),
+                "recovered_val_drop_pp": recovered_val.get("drop_pp"),
+                "recovered_val_drop_low_pp": recovered_val.get("low_pp"),
+                "recovered_val_drop_high_pp": recovered_val.get("high_pp"),
                 "recovered_epochs": recovered.get("epochs"),
                 "recovered_checkpoint": recovered.get("checkpoint"),
                 "latency_ms": trial.metrics["latency_ms"],

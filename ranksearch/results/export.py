@@ -27,7 +27,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results import finite
 from ranksearch.results.confidence import DropEstimate
 from ranksearch.results.front import study_speeds
-from ranksearch.results.record import StudyRecord, TrialRecord
+from ranksearch.results.record import RECOVERED_VALIDATION, StudyRecord, TrialRecord
 from ranksearch.results.select import select_trial
 from ranksearch.util import package_version
 
@@ -129,22 +129,28 @@ def export_trial(
 
 
 def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -> list[str]:
-    """What an exported trial's accuracy drops are and, for a "within X points" rule, whether they hold at the point
-    estimate only or with 95 % confidence (the paired interval's upper end on the test split)."""
+    """What an exported trial's accuracy drops are and, for a "within X points" rule, which drop the rule read
+    (:func:`~ranksearch.results.select.rule_drop`) and whether each drop holds at the point estimate only or with
+    95 % confidence (the paired interval's upper end)."""
     metrics = meta["metrics"]
+    recovered = meta.get("recovered")
+    validation = None if recovered is None else recovered.get(RECOVERED_VALIDATION)
     lines = []
     if max_accuracy_drop is not None:
         lines.append(
-            f"the rule (validation drop <= {max_accuracy_drop:g} pp) holds at the point estimate: "
+            f"the rule (validation drop <= {max_accuracy_drop:g} pp) read the validation split after the recovery "
+            "fine-tune, below"
+            if validation is not None
+            else f"the rule (validation drop <= {max_accuracy_drop:g} pp) holds at the point estimate: "
             f"{metrics.get('accuracy_drop_pp') or 0.0:.2f} pp, from a short fine-tune, without an interval"
         )
     measured = [("test split", metrics.get("test_drop"))]
-    recovered = meta.get("recovered")
     if recovered is not None:
         at = f" at peak lr {recovered['lr']:g}" if "lr" in recovered else ""
         if recovered.get("feature_weight"):
             at += f", features matched at {recovered['feature_weight']:g}"
-        measured.append((f"test split after {recovered['epochs']} recovery epochs{at}", recovered))
+        after = f"after {recovered['epochs']} recovery epochs{at}"
+        measured += [(f"validation split {after}", validation), (f"test split {after}", recovered)]
     for what, stored in measured:
         if stored is None:
             continue

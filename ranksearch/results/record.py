@@ -300,8 +300,12 @@ TEST_DROP = StudyField[dict[str, dict[str, float]]]("test_drop", dict)
 points, with its paired 95 % interval: ``drop_pp``, ``low_pp``, ``high_pp``, ``images``."""
 RECOVERED = StudyField[dict[str, dict[str, Any]]]("recovered", dict)
 """Trials fine-tuned after the search (the recovery stage, ``ranksearch finetune``), keyed by trial number as a
-string: ``epochs``, ``steps``, ``seconds``, ``test_accuracy``, ``drop_pp``, ``low_pp``, ``high_pp``, ``images``,
-``checkpoint`` (the path of the recovered model)."""
+string: ``epochs``, ``lr``, ``feature_weight``, ``steps``, ``seconds``, ``test_accuracy``, ``drop_pp``,
+``low_pp``, ``high_pp``, ``images`` (the test split's), ``checkpoint`` (the path of the recovered model) and
+:data:`RECOVERED_VALIDATION`."""
+RECOVERED_VALIDATION = "validation"
+"""The entry of a :data:`RECOVERED` trial that holds its drop on the whole validation split (``drop_pp``, ``low_pp``,
+``high_pp``, ``images``); recoveries by releases before 2026-12-03 have none."""
 
 
 @dataclass(frozen=True)
@@ -345,3 +349,8 @@ class StudyRecord:
 
     def test_accuracy_of(self, trial: int) -> float | None:
         return self.test_accuracy.get(str(trial))
+
+    def recovered_validation_drop(self, trial: int) -> Mapping[str, float] | None:
+        """Trial ``trial``'s drop on the validation split after its recovery (:data:`RECOVERED_VALIDATION`); None
+        when it was not recovered, or recovered before validation was measured."""
+        return self.recovered.get(str(trial), {}).get(RECOVERED_VALIDATION)

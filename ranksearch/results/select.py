@@ -4,7 +4,7 @@ a latency), with an error naming the closest trial when none fits."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import optuna
@@ -14,7 +14,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results.front import compresses_nothing, front_with_speeds
 from ranksearch.results.record import StudyRecord, TrialRecord
 
-__all__ = ["select_trial"]
+__all__ = ["rule_drop", "select_trial"]
 
 TOLERANCE = 1e-9
 """Slack in the rules' comparisons, so a bound equal to a printed metric includes it despite rounding."""
@@ -30,8 +30,9 @@ def select_trial(
     """One complete trial: ``trial`` by number, or by rule among the complete feasible trials (in a study with paired
     latency, among the front's: the dense model and the trials measurably faster than it).
 
-    ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points) picks the fastest
-    trial within it (by the speedup measured beside the dense model; never the dense model itself);
+    ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points: after its recovery
+    fine-tune where one measured it, :func:`rule_drop`) picks the fastest trial within it (by the speedup measured
+    beside the dense model; never the dense model itself);
     ``max_latency_ms`` alone picks the most accurate trial within it; both pick the fastest trial within both (the
     drop is the accuracy floor, the latency a ceiling). Ties go to the better other objective, then the earlier
     trial. When no trial fits, the error names the closest one (the smallest overshoot, each bound's overshoot
@@ -66,13 +67,14 @@ def select_trial(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
     speeds = {number: speed.speedup or 0.0 for number, speed in pooled.items()}
+    drops = {t.number: rule_drop(stored, t) for t in pool}
 
     def slowness(trial: TrialRecord) -> float:
         """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier
         releases' studies)."""
         return 1.0 / speeds[trial.number] if relative else _latency(trial)
 
-    overshoot = _overshoot(max_accuracy_drop, max_latency_ms)
+    overshoot = _overshoot(drops, max_accuracy_drop, max_latency_ms)
     fits = [t for t in pool if overshoot(t) == 0]
     if relative and max_accuracy_drop is not None:  # never recommend the dense model, or anything not faster
         fits = [t for t in fits if not compresses_nothing(t)]
@@ -86,7 +88,7 @@ def select_trial(
             return candidates[min(fits, key=lambda t: (slowness(t), -_accuracy(t), t.number)).number]
         return candidates[min(fits, key=lambda t: (-_accuracy(t), slowness(t), t.number)).number]
     closest = min(pool, key=lambda t: (overshoot(t), t.number))
-    drop, latency = _drop(closest), _latency(closest)
+    drop, latency = drops[closest.number], _latency(closest)
     needs = []
     if max_accuracy_drop is not None and drop > max_accuracy_drop + TOLERANCE:
         needs.append(f"--max-accuracy-drop {math.ceil(drop * 100 - 1e-6) / 100:.2f}")
@@ -128,7 +130,13 @@ def _accuracy(trial: TrialRecord) -> float:
     return float(trial.metrics["accuracy"])
 
 
-def _drop(trial: TrialRecord) -> float:
+def rule_drop(stored: StudyRecord, trial: TrialRecord) -> float:
+    """The validation drop an accuracy rule reads for ``trial`` (in points): after its recovery fine-tune where that
+    measured the validation split (what the user's training will reach, on every validation image), else the search's
+    (a short fine-tune, which understates the fast end)."""
+    recovered = stored.recovered_validation_drop(trial.number)
+    if recovered is not None:
+        return float(recovered["drop_pp"])
     return float(cast(float, trial.accuracy_drop_pp))  # the pool holds trials with a finite drop only
 
 
@@ -136,13 +144,16 @@ def _latency(trial: TrialRecord) -> float:
     return float(trial.metrics["latency_ms"])
 
 
-def _overshoot(max_drop: float | None, max_latency: float | None) -> Callable[[TrialRecord], float]:
-    """How far a trial is outside the bounds, each overshoot relative to its bound (0 when within both)."""
+def _overshoot(
+    drops: Mapping[int, float], max_drop: float | None, max_latency: float | None
+) -> Callable[[TrialRecord], float]:
+    """How far a trial is outside the bounds (its drop from ``drops``), each overshoot relative to its bound (0 when
+    within both)."""
 
     def overshoot(trial: TrialRecord) -> float:
         total = 0.0
         if max_drop is not None:
-            total += max(_drop(trial) - max_drop - TOLERANCE, 0.0) / max(max_drop, 1.0)
+            total += max(drops[trial.number] - max_drop - TOLERANCE, 0.0) / max(max_drop, 1.0)
         if max_latency is not None:
             total += max(_latency(trial) - max_latency - TOLERANCE, 0.0) / max_latency
         return total

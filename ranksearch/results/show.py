@@ -86,7 +86,7 @@ def show_study(
 
 
 def _labels(row: Mapping[str, Any]) -> dict[str, str]:
-    """Intervals as one cell each: the paired test drop, the recovered accuracy and drop, the rounds' speedups."""
+    """Intervals as one cell each: the paired test drop, the recovered accuracy and drops, the rounds' speedups."""
     labels = {}
     if row.get("test_drop_pp") is not None:
         labels["test_drop"] = (
@@ -96,6 +96,11 @@ def _labels(row: Mapping[str, Any]) -> dict[str, str]:
         labels["recovered"] = (
             f"{100 * row['recovered_test_accuracy']:.2f} ({row['recovered_drop_pp']:+.2f} "
             f"[{row['recovered_drop_low_pp']:+.2f}, {row['recovered_drop_high_pp']:+.2f}])"
+        )
+    if row.get("recovered_val_drop_pp") is not None:
+        labels["recovered_val"] = (
+            f"{row['recovered_val_drop_pp']:+.2f} "
+            f"[{row['recovered_val_drop_low_pp']:+.2f}, {row['recovered_val_drop_high_pp']:+.2f}]"
         )
     if row.get("speedup_low") is not None and row.get("speedup_high") is not None:
         notes = ["re-timed"] if row.get("retimed") else []
@@ -131,6 +136,7 @@ _COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("accuracy_drop_pp", "drop pp", _number("{:+.2f}")),
     ("test_drop", "test drop pp [95 %]", str),
     ("recovered", "recovered: test acc % (drop [95 %])", str),
+    ("recovered_val", "recovered: val drop [95 %]", str),
     ("latency_ms", "latency ms", _number("{:.3f}")),
     ("speedup", "speedup", _number("{:.2f}x")),
     ("speedup_rounds", "rounds", str),

@@ -6,10 +6,11 @@ a bisection for the fastest member that recovers within half a point, then a spr
 :func:`recovery_plan`) and recovers each with a :class:`Recoverer`: the config applied
 to the trained dense model, BatchNorm recalibrated, ``--final-epochs`` epochs of distillation from the dense model
 (warm-up to ``--final-lr``, then cosine decay; its block outputs matched at ``--final-feature-weight`` besides its
-logits), int8 layers quantized, then every test image classified, and the accuracy drop against the dense model on
-the same images given with its paired 95 % interval. Each result is recorded in the study with its
-:class:`~ranksearch.study.settings.RecoveryRecipe` (:data:`~ranksearch.results.record.RECOVERED`, so a rerun with
-the same recipe does not repeat it) and the model saved under ``results/<study>/recovered/trial-<N>.pt``
+logits), int8 layers quantized, then every validation and test image classified, and the accuracy drops against the
+dense model on the same images given with their paired 95 % intervals: the validation drop is what the plan and
+``export``'s accuracy rule go by, the test drop is reported and chooses nothing. Each result is recorded in the
+study with its :class:`~ranksearch.study.settings.RecoveryRecipe` (:data:`~ranksearch.results.record.RECOVERED`, so a
+rerun with the same recipe does not repeat it) and the model saved under ``results/<study>/recovered/trial-<N>.pt``
 (:func:`load_recovered` loads it back). ``ranksearch finetune STUDY --trial N`` (:func:`recover_trial`) recovers any
 complete trial of a study.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -43,7 +44,7 @@ from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
 from ranksearch.results.front import compresses_nothing, front_with_speeds
-from ranksearch.results.record import MODEL, RECOVERED, SETTINGS, TrialRecord
+from ranksearch.results.record import MODEL, RECOVERED, RECOVERED_VALIDATION, SETTINGS, TrialRecord
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RecoveryRecipe, RecoverySpec, RunSettings
 from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm, stage_names
@@ -70,8 +71,8 @@ RECOVERY_LR = RecoverySpec.final_lr
 WARMUP_FRACTION = 0.05
 """The share of a recovery's steps over which the learning rate rises linearly to its peak (at least one step)."""
 RECOVERY_TARGET_PP = 0.5
-"""The recovery stage looks for the fastest front member that recovers within this many test points of the dense
-model (:func:`recovery_plan`)."""
+"""The recovery stage looks for the fastest front member that recovers within this many validation points of the
+dense model (:func:`recovery_plan`)."""
 CHECKPOINT_FORMAT = "ranksearch-recovered/1"
 """The ``format`` entry of a recovered model's file (:func:`load_recovered`)."""
 
@@ -79,7 +80,8 @@ CHECKPOINT_FORMAT = "ranksearch-recovered/1"
 @dataclass(frozen=True)
 class RecoveredTrial:
     """One trial after the recovery fine-tune: its test accuracy on the full test split and its drop against the
-    dense model on the same images, with where the model was saved."""
+    dense model on the same images, its drop on the whole validation split (None: recovered by a release that did
+    not measure it), with where the model was saved."""
 
     trial: int
     recipe: RecoveryRecipe
@@ -88,6 +90,13 @@ class RecoveredTrial:
     test_accuracy: float
     drop: DropEstimate
     checkpoint: Path
+    validation: DropEstimate | None = None
+
+    @property
+    def steering_drop(self) -> DropEstimate:
+        """The drop :func:`recovery_plan` goes by: on the validation split, or on the test split for a recovery
+        recorded before validation was measured (so a stage begun by an earlier release resumes as it began)."""
+        return self.drop if self.validation is None else self.validation
 
     def to_dict(self) -> dict[str, Any]:
         """The study's :data:`~ranksearch.results.record.RECOVERED` entry."""
@@ -100,6 +109,7 @@ class RecoveredTrial:
             "test_accuracy": self.test_accuracy,
             **self.drop.to_dict(),
             "checkpoint": str(self.checkpoint),
+            **({} if self.validation is None else {RECOVERED_VALIDATION: self.validation.to_dict()}),
         }
 
     @classmethod
@@ -112,22 +122,25 @@ class RecoveredTrial:
             test_accuracy=float(stored["test_accuracy"]),
             drop=DropEstimate.from_dict(stored),
             checkpoint=Path(stored["checkpoint"]),
+            validation=DropEstimate.from_dict(stored[RECOVERED_VALIDATION]) if RECOVERED_VALIDATION in stored else None,
         )
 
     def summary(self) -> str:
         """``trial 5: test accuracy 81.20%, drop 1.10 pp [0.80, 1.40] on 10000 images (2 epochs at peak lr 0.03,
         features matched at 10, 842 steps, 95 s)``"""
+        validation = "" if self.validation is None else f"; validation drop {self.validation.label()}"
         return (
             f"trial {self.trial}: test accuracy {self.test_accuracy:.2%}, drop {self.drop.label()} on "
-            f"{self.drop.images} images ({self.recipe.describe()}, {self.steps} steps, {self.seconds:.0f} s)"
+            f"{self.drop.images} images{validation} ({self.recipe.describe()}, {self.steps} steps, "
+            f"{self.seconds:.0f} s)"
         )
 
 
 class Recoverer:
     """Recovers trials of one study on its loaded problem (see the module).
 
-    The full test split, the dense model's per-image correctness on it, the calibration batch and the dense
-    model's logits per training batch are shared by every trial it recovers. Models are saved under
+    The full validation and test splits, the dense model's per-image correctness on them, the calibration batch and
+    the dense model's logits per training batch are shared by every trial it recovers. Models are saved under
     ``directory / "recovered"``.
     """
 
@@ -142,10 +155,12 @@ class Recoverer:
         self.options = settings.evaluation
         self.seed = settings.problem.seed
         self.test = _full_test_split(context)
+        splits = context.splits
+        self.validation = splits.val if splits.full_val is None else splits.full_val
         self._calib = calibration_batch(
             context.splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=self.seed
         ).to(context.device)
-        self._dense_correct: torch.Tensor | None = None
+        self._dense_correct: dict[str, torch.Tensor] = {}
         self._teacher_logits: dict[bytes, torch.Tensor] = {}
 
     def recover(self, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial:
@@ -160,6 +175,9 @@ class Recoverer:
         model, steps, device = self.finetuned(config, recipe, label=f"recovering trial {trial}")
         correct = correct_predictions(model, self.test_loader(), device=device)
         drop = paired_drop(self.dense_correct(), correct)
+        validation = paired_drop(
+            self.dense_correct("validation"), correct_predictions(model, self.validation_loader(), device=device)
+        )
         checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
         result = RecoveredTrial(
             trial=trial,
@@ -169,6 +187,7 @@ class Recoverer:
             test_accuracy=correct.double().mean().item(),
             drop=drop,
             checkpoint=checkpoint,
+            validation=validation,
         )
         _save_recovered(model, export_config(self.study, frozen), checkpoint, recovery=result.to_dict())
         recovered = dict(RECOVERED.read(self.study))
@@ -176,12 +195,12 @@ class Recoverer:
         RECOVERED.write(self.study, recovered)
         return result
 
-    def dense_correct(self) -> torch.Tensor:
-        """Whether the dense model classifies each test image right (measured once)."""
-        if self._dense_correct is None:
-            dense = self.context.model
-            self._dense_correct = correct_predictions(dense, self.test_loader(), device=self.context.device)
-        return self._dense_correct
+    def dense_correct(self, split: Literal["test", "validation"] = "test") -> torch.Tensor:
+        """Whether the dense model classifies each image of ``split`` right (measured once per split)."""
+        if split not in self._dense_correct:
+            loader = self.test_loader() if split == "test" else self.validation_loader()
+            self._dense_correct[split] = correct_predictions(self.context.model, loader, device=self.context.device)
+        return self._dense_correct[split]
 
     def finetuned(
         self, config: CompressionConfig, recipe: RecoveryRecipe, *, label: str, seed: int | None = None
@@ -224,6 +243,10 @@ class Recoverer:
     def test_loader(self) -> DataLoader:
         """The full test split in order, as every recovery is tested on."""
         return make_loader(self.test, batch_size=256, shuffle=False)
+
+    def validation_loader(self) -> DataLoader:
+        """The whole validation split in order, as every recovery is validated on."""
+        return make_loader(self.validation, batch_size=256, shuffle=False)
 
 
 def recorded_recovery(study: optuna.Study, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial | None:
@@ -289,7 +312,8 @@ def recovery_plan(
     recorded with this ``recipe`` (``failed``: members whose recovery failed, counted and not retried).
 
     The search's short fine-tunes understate the fast end most, so the plan looks for the fastest member that
-    recovers within :data:`RECOVERY_TARGET_PP` test points of the dense model: the fastest member first, then a
+    recovers within :data:`RECOVERY_TARGET_PP` points of the dense model (on the validation split:
+    :attr:`RecoveredTrial.steering_drop`): the fastest member first, then a
     bisection of the front (by speed) between the slowest member found outside and the fastest found within, where
     none found within stands for one past the slowest member (so the slowest, the most accurate, is recovered only
     if every faster member tried misses); then, one at a time, the member whose speedup (pooled over its timings)
@@ -326,7 +350,7 @@ def recovery_plan(
         result = recorded_recovery(study, number, recipe)
         if result is None:
             return RecoveryPlan(recovered=tuple(recovered), next=members[pick])
-        within[pick] = result.drop.drop_pp <= RECOVERY_TARGET_PP
+        within[pick] = result.steering_drop.drop_pp <= RECOVERY_TARGET_PP
         recovered.append(result)
     return RecoveryPlan(recovered=tuple(recovered), next=None)
 
