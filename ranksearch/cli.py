@@ -473,7 +473,7 @@ def finetune(
     storage: Storage = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
-    """Fine-tune one trial for real and test it on the full test split; save it under results/<study>/recovered/."""
+    """Fine-tune a trial for real; measure it on the validation and test splits; save it in results/STUDY/recovered/."""
     from ranksearch.study.recovery import recover_trial
 
     recover_trial(
