@@ -119,9 +119,9 @@ def export_trial(
     metrics = config.meta["metrics"]
     console = console or Console(stderr=True)
     console.print(
-        f"wrote {path}: trial {chosen.number}, val accuracy {metrics['accuracy']:.2%}, "
-        f"{metrics['latency_ms']:.3f} ms ({metrics.get('speedup') or math.nan:.2f}x), "
-        f"drop {metrics.get('accuracy_drop_pp') or 0.0:.2f} pp"
+        f"wrote {path}: trial {chosen.number}, {metrics['latency_ms']:.3f} ms "
+        f"({metrics.get('speedup') or math.nan:.2f}x), val accuracy {metrics['accuracy']:.2%} and drop "
+        f"{metrics.get('accuracy_drop_pp') or 0.0:.2f} pp after the search's fine-tune"
     )
     for line in accuracy_statements(config.meta, max_accuracy_drop):
         console.print(line)
