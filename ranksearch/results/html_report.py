@@ -172,21 +172,7 @@ def _front_table(rows: StudyRows) -> str:
             f"{r['rung']}" + (f" ({r['finetune_steps']})" if r.get("finetune_steps") else ""),
             _pct(r["test_accuracy"]),
             _interval(r["test_drop_pp"], r["test_drop_low_pp"], r["test_drop_high_pp"]),
-            (
-                f"{_pct(r['recovered_test_accuracy'])}, "
-                f"{_interval(r['recovered_drop_pp'], r['recovered_drop_low_pp'], r['recovered_drop_high_pp'])}"
-                f" ({r['recovered_epochs']} epochs)"
-                + (
-                    "; val "
-                    + _interval(
-                        r["recovered_val_drop_pp"], r["recovered_val_drop_low_pp"], r["recovered_val_drop_high_pp"]
-                    )
-                    if r["recovered_val_drop_pp"] is not None
-                    else ""
-                )
-                if r["recovered_test_accuracy"] is not None
-                else "—"
-            ),
+            _recovered_cell(r),
             _pct(r["accuracy"]),
             _fmt(r["latency_ms"], "{:.3f}"),
             _fmt(r["speedup"], "{:.2f}x")
@@ -217,6 +203,21 @@ def _front_table(rows: StudyRows) -> str:
             f"{arithmetic['min']:.2f}, max {arithmetic['max']:.2f}), in {escape(latency_target(rows.settings))}.</p>"
         )
     return _table(header, body, text_columns={0, 1, 3, 4, 7, 11}) + note
+
+
+def _recovered_cell(row: Mapping[str, Any]) -> str:
+    """A front member after recovery: test accuracy, test drop and, where measured, validation drop."""
+    if row["recovered_test_accuracy"] is None:
+        return "—"
+    cell = (
+        f"{_pct(row['recovered_test_accuracy'])}, "
+        f"{_interval(row['recovered_drop_pp'], row['recovered_drop_low_pp'], row['recovered_drop_high_pp'])}"
+        f" ({row['recovered_epochs']} epochs)"
+    )
+    if row["recovered_val_drop_pp"] is not None:
+        drops = (row["recovered_val_drop_pp"], row["recovered_val_drop_low_pp"], row["recovered_val_drop_high_pp"])
+        cell += f"; val {_interval(*drops)}"
+    return cell
 
 
 def _interval(drop: float | None, low: float | None, high: float | None) -> str:
