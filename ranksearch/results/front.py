@@ -4,7 +4,8 @@ In a study with paired latency (:data:`~ranksearch.results.record.OBJECTIVES`), 
 and another trial is a member only when it is measurably faster than the dense model: every round of its paired
 timing measured it faster (a sign test: a config no faster than dense passes 4 rounds with probability 1/16 at most,
 10 rounds with 1/1024). Borderline members, and members whose rounds disagree by more than
-:data:`MAX_ROUND_SPREAD`, are timed again after the search (:data:`RETIMED`); the re-timing then decides.
+:data:`MAX_ROUND_SPREAD`, are timed again after the search (:data:`RETIMED`); the re-timing then decides, the
+speedup as well as the verdict.
 A config timed more than once (before a promotion cut, :data:`~ranksearch.results.record.CUT_TIMINGS`, and by the
 promotion at each rung) has one speedup, pooled over all its timings (:func:`config_speeds`): on a 2-core host one
 config measured 3.61x, then 2.58x minutes later.
@@ -46,15 +47,16 @@ class Speed:
     """What is known of a config's speedup against the dense model."""
 
     speedup: float | None
-    """Pooled over the config's timings: their rounds-weighted geometric mean."""
+    """Pooled over the config's timings that decide: their rounds-weighted geometric mean."""
     low: float | None
-    """The slowest round's speedup, over the timings that decide (None when the evaluator timed no rounds)."""
+    """The slowest round's speedup, over the same timings (None when the evaluator timed no rounds)."""
     high: float | None
     retimed: bool
-    """Whether the config was timed again after the search; ``low``/``high`` are then the re-timing's alone."""
+    """Whether the config was timed again after the search; its re-timings alone then decide ``speedup``, ``low``
+    and ``high``: the timings before were found not faster in some round or too far apart to mean much."""
     timings: int = 1
-    """How many timings ``speedup`` pools: the config's trials (at every rung), its timings before promotion cuts and
-    its re-timings."""
+    """How many timings ``speedup`` pools: its re-timings after the search where there are any, else the config's
+    trials (at every rung) and its timings before promotion cuts."""
 
     @property
     def measurably_faster(self) -> bool:
@@ -93,11 +95,11 @@ def config_speeds(
     pool: bool = True,
     cut_timings: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[int, Speed]:
-    """Each record's :class:`Speed`, the same for every record of one config: the speedup pooled over every timing
-    of the config (each of its trials, at whatever rung, each timing before a promotion cut, ``cut_timings``, and
-    each re-timing after the search, ``retimed``), weighted by rounds; the slowest and fastest rounds from its
-    re-timings after the search where there are any (they decide), else from its other timings. A record without a
-    config (a custom study's), and with ``pool=False`` every record, is a config of its own."""
+    """Each record's :class:`Speed`, the same for every record of one config: the speedup pooled over the config's
+    re-timings after the search (``retimed``) where there are any (they decide), else over every other timing of
+    the config (each of its trials, at whatever rung, and each timing before a promotion cut, ``cut_timings``),
+    weighted by rounds, with the slowest and fastest rounds of the same timings. A record without a config (a
+    custom study's), and with ``pool=False`` every record, is a config of its own."""
     groups: defaultdict[str, list[TrialRecord]] = defaultdict(list)
     for record in records:
         groups[config_key(record) if pool and record.config else f"trial {record.number}"].append(record)
@@ -115,7 +117,7 @@ def config_speeds(
         ]
         measured += _stored_timings(group, cut_timings or {})
         again = _stored_timings(group, retimed)
-        speed = _pooled(measured + again, deciding=again or measured, retimed=bool(again))
+        speed = _pooled(again or measured, retimed=bool(again))
         speeds.update({r.number: speed for r in group})
     return speeds
 
@@ -127,7 +129,7 @@ def _stored_timings(group: Sequence[TrialRecord], stored: Mapping[str, Mapping[s
     ]
 
 
-def _pooled(timings: Sequence[_Timing], *, deciding: Sequence[_Timing], retimed: bool) -> Speed:
+def _pooled(timings: Sequence[_Timing], *, retimed: bool) -> Speed:
     if not timings:
         return Speed(None, None, None, retimed=retimed, timings=0)
     weight = sum(t.rounds for t in timings)
@@ -136,8 +138,8 @@ def _pooled(timings: Sequence[_Timing], *, deciding: Sequence[_Timing], retimed:
         if len(timings) == 1
         else math.exp(sum(t.rounds * math.log(t.speedup) for t in timings) / weight)
     )
-    lows = [t.low for t in deciding if t.low is not None]
-    highs = [t.high for t in deciding if t.high is not None]
+    lows = [t.low for t in timings if t.low is not None]
+    highs = [t.high for t in timings if t.high is not None]
     return Speed(
         speedup,
         min(lows) if lows else None,

@@ -78,8 +78,10 @@ def retime_trial(
     target_seconds: float = RETIME_SECONDS,
 ) -> None:
     """Time ``record``'s config again beside the dense model and say so on ``console``. After the search it is
-    recorded in ``RETIMED`` (it then decides the config's slowest and fastest rounds); ``before_cut``, the rung a
-    promotion cut is about to promote to, records it in ``CUT_TIMINGS`` instead, as one more timing of the config."""
+    recorded in ``RETIMED`` (it then decides the config's speedup and its slowest and fastest rounds); ``before_cut``,
+    the rung a promotion cut is about to promote to, records it in ``CUT_TIMINGS`` instead, as one more timing of the
+    config."""
+    earlier = study_speeds(study)[record.number]
     paired = timer.time_beside_dense(record.compression_config(), rounds=rounds, target_seconds=target_seconds)
     timing = {
         "speedup": paired.speedup,
@@ -95,11 +97,19 @@ def retime_trial(
     verdict = "measurably faster" if speed.measurably_faster else "not measurably faster"
     when = "" if before_cut is None else f" before the cut to rung {before_cut}"
     predicted = f", predicted {record.predicted_speedup:.2f}x" if before_cut and record.predicted_speedup else ""
+    if speed.retimed and earlier.speedup is not None and not earlier.retimed:
+        pooled = f"; it replaces the {earlier.speedup:.2f}x of its {_timings(earlier.timings)} in the search"
+    else:
+        pooled = f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else ""
     console.print(
         f"re-timed trial {record.number}{when}: {paired.speedup:.2f}x "
         f"(rounds {paired.speedup_low:.2f}-{paired.speedup_high:.2f}x{predicted}), {verdict} than the dense model"
-        + (f"; {speed.speedup:.2f}x over its {speed.timings} timings" if speed.timings > 1 else "")
+        + pooled
     )
+
+
+def _timings(count: int) -> str:
+    return "timing" if count == 1 else f"{count} timings"
 
 
 def measure_front_test_accuracy(study: optuna.Study, evaluator: Evaluator, console: Console) -> None:
