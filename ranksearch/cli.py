@@ -399,11 +399,11 @@ def export(
     storage: Storage = None,
 ) -> None:
     """Export one trial's config with its model spec and provenance (both rules: fastest within both)."""
-    from ranksearch.results import load_study, locate_study
+    from ranksearch.results import load_study, locate_study, study_directory
     from ranksearch.results.export import export_trial
 
     loaded = load_study(study, results_dir=results_dir, storage=storage)
-    url, _ = locate_study(study, results_dir=results_dir, storage=storage)
+    url, name = locate_study(study, results_dir=results_dir, storage=storage)
     export_trial(
         loaded,
         trial=trial,
@@ -411,6 +411,7 @@ def export(
         max_latency_ms=max_latency_ms,
         out=out,
         storage_url=url,
+        directory=study_directory(study, name=name, results_dir=results_dir),
         console=_console(stderr=True),
     )
 

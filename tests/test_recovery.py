@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ranksearch.cli import app
+from ranksearch.config import CompressionConfig
 from ranksearch.data import make_loader
 from ranksearch.results import load_study
-from ranksearch.results.record import RECOVERED, RECOVERED_VALIDATION, SETTINGS
+from ranksearch.results.record import RECOVERED, RECOVERED_VALIDATION, SETTINGS, recovered_checkpoint
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
 from ranksearch.study.recovery import (
     RECOVERY_LR,
@@ -160,6 +162,20 @@ def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legac
     again = runner.invoke(app, ["finetune", "legacy", "--trial", "5", "--epochs", "1"])
     assert again.exit_code == 0 and again.stderr == result.stderr
     assert RECOVERED.read(load_study("legacy"))["5"] == stored
+
+    # the results directory moved (or copied to another machine): the model is found where the study now is
+    moved = legacy / "elsewhere" / "legacy"
+    shutil.move(legacy / "results" / "legacy", moved)
+    assert not Path(stored["checkpoint"]).exists()
+    found = (moved / "recovered" / "trial-5.pt").resolve()
+    third = runner.invoke(app, ["finetune", str(moved), "--trial", "5", "--epochs", "1"])
+    assert third.exit_code == 0, third.output
+    assert f"model: {found} (load it" in third.stderr
+    exported = runner.invoke(app, ["export", str(moved), "--trial", "5", "--out", "trial-5.yaml"])
+    assert exported.exit_code == 0, exported.output
+    assert CompressionConfig.load("trial-5.yaml").meta["recovered"]["checkpoint"] == str(found)
+    assert f"recovered model: {found}" in exported.stderr
+    assert RECOVERED.read(load_study(moved))["5"] == stored  # the record keeps where the model was saved
 
 
 @pytest.mark.parametrize(
@@ -309,6 +325,19 @@ def test_the_member_beside_the_fastest_is_recovered_when_the_fastest_misses_half
     for trial, recovered_drop in [(5, 0.85), (1, -0.09), (3, 0.14)]:
         record_recovery(study, trial, recovered_drop)
     assert plan(study, 4) == ([5, 3], 4)  # the bisection from the fastest reaches 3.64x, then 4.26x
+
+
+def test_a_recovered_model_is_where_it_was_saved_or_else_in_the_studys_directory(tmp_path: Path) -> None:
+    saved, moved = tmp_path / "results" / "s" / "recovered" / "trial-3.pt", tmp_path / "moved" / "s"
+    saved.parent.mkdir(parents=True)
+    saved.touch()
+    stored = {"checkpoint": str(saved)}
+    assert recovered_checkpoint(stored, moved) == saved  # still there: where it was saved, wherever the study is
+    assert recovered_checkpoint(stored, None) == saved
+    shutil.move(tmp_path / "results" / "s", moved)
+    assert recovered_checkpoint(stored, moved) == (moved / "recovered" / "trial-3.pt").resolve()
+    assert recovered_checkpoint(stored, None) == saved  # no directory to look in: the recorded path, stale
+    assert recovered_checkpoint(stored, tmp_path / "other") == saved  # nor is it there
 
 
 def test_the_recovery_schedule_warms_up_then_decays_to_zero() -> None:

@@ -24,7 +24,15 @@ from ranksearch.errors import RanksearchError
 from ranksearch.measure.backends import latency_backend_title
 from ranksearch.results.front import compresses_nothing, config_speeds, front_with_speeds
 from ranksearch.results.front import front_trials as front_trials  # re-exported: the front is read from here
-from ranksearch.results.record import BASELINE, MODEL, SETTINGS, StudyRecord, TrialRecord, records
+from ranksearch.results.record import (
+    BASELINE,
+    MODEL,
+    SETTINGS,
+    StudyRecord,
+    TrialRecord,
+    records,
+    recovered_checkpoint,
+)
 from ranksearch.util import atomic_write_text, first_line, sqlite_url, storage_for
 
 STORAGE_FILE = "study.db"
@@ -152,8 +160,9 @@ def trial_rows(study: optuna.Study, layer_names: list[str] | None = None) -> lis
     return rows
 
 
-def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The Pareto front (feasible trials), fastest first, with test accuracy where measured."""
+def front_rows(study: optuna.Study, *, directory: Path | None = None) -> list[dict[str, Any]]:
+    """The Pareto front (feasible trials), fastest first, with test accuracy where measured; a recovered member's
+    model is looked for in ``directory`` (the study's results directory) too (:func:`recovered_checkpoint`)."""
     stored, (front, speeds) = StudyRecord.of(study), front_with_speeds(study)
     rows = []
     for trial in map(TrialRecord.of, front):
@@ -182,7 +191,7 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "recovered_val_drop_low_pp": recovered_val.get("low_pp"),
                 "recovered_val_drop_high_pp": recovered_val.get("high_pp"),
                 "recovered_epochs": recovered.get("epochs"),
-                "recovered_checkpoint": recovered.get("checkpoint"),
+                "recovered_checkpoint": str(recovered_checkpoint(recovered, directory)) if recovered else None,
                 "latency_ms": trial.metrics["latency_ms"],
                 "speedup": speed.speedup,
                 "speedup_low": speed.low,
@@ -260,7 +269,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def write_results(study: optuna.Study, directory: Path, *, layer_names: list[str] | None = None) -> None:
     """``trials.csv``, ``pareto.csv``, ``pareto.json`` and ``settings.json`` in ``directory``, written atomically."""
     write_csv(trial_rows(study, layer_names), directory / "trials.csv")
-    front = front_rows(study)
+    front = front_rows(study, directory=directory)
     write_csv(front, directory / "pareto.csv")
     configs = trial_configs(study, (row["trial"] for row in front))
     members = [{**row, "config": configs[row["trial"]].to_dict()} for row in front]
@@ -295,7 +304,7 @@ def locate_study(
     when given) or the path of a ``results/<study>/`` directory."""
     path = Path(ref)
     if storage is None:
-        directory = path if (path / STORAGE_FILE).is_file() else results_dir / str(ref)
+        directory = study_directory(ref, name=str(ref), results_dir=results_dir)
         if not (directory / STORAGE_FILE).is_file():
             raise RanksearchError(
                 f"study {str(ref)!r}: no {STORAGE_FILE} in {directory}; pass a study name under --results-dir, "
@@ -303,6 +312,13 @@ def locate_study(
             )
         return sqlite_url(directory / STORAGE_FILE), directory.name
     return storage, path.name if (path / STORAGE_FILE).is_file() else str(ref)
+
+
+def study_directory(ref: str | Path, *, name: str, results_dir: Path = Path("results")) -> Path:
+    """The results directory of the study ``ref`` named ``name`` (``ref`` as in :func:`locate_study`): ``ref`` itself
+    when it is a ``results/<study>/`` directory, else ``results_dir / name``."""
+    path = Path(ref)
+    return path if (path / STORAGE_FILE).is_file() else results_dir / name
 
 
 def load_study(ref: str | Path, *, results_dir: Path = Path("results"), storage: str | None = None) -> optuna.Study:

@@ -11,6 +11,7 @@ from it alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from ranksearch.errors import RanksearchError
 from ranksearch.results import finite
 from ranksearch.results.confidence import DropEstimate
 from ranksearch.results.front import study_speeds
-from ranksearch.results.record import RECOVERED_VALIDATION, StudyRecord, TrialRecord
+from ranksearch.results.record import RECOVERED_VALIDATION, StudyRecord, TrialRecord, recovered_checkpoint
 from ranksearch.results.select import select_trial
 from ranksearch.util import package_version
 
@@ -36,11 +37,14 @@ __all__ = ["CONFIG_SUFFIXES", "accuracy_statements", "export_config", "export_tr
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str | None = None) -> CompressionConfig:
+def export_config(
+    study: optuna.Study, trial: FrozenTrial, *, storage_url: str | None = None, directory: Path | None = None
+) -> CompressionConfig:
     """``trial``'s configuration with the study's ``model`` section and provenance in ``meta``.
 
     ``storage_url`` is the URL the study was opened with (:func:`~ranksearch.results.locate_study`), recorded with
-    its password hidden; None records none (e.g. an in-memory study).
+    its password hidden; None records none (e.g. an in-memory study). ``directory``: the study's results directory,
+    where a recovered model is looked for too (:func:`~ranksearch.results.record.recovered_checkpoint`).
     """
     name = study.study_name
     record, stored = TrialRecord.of(trial), StudyRecord.of(study)
@@ -78,7 +82,7 @@ def export_config(study: optuna.Study, trial: FrozenTrial, *, storage_url: str |
         **({"anchor": record.anchor} if record.anchor else {}),
         **({"rung": record.rung, "finetune_steps": record.finetune_steps} if record.rung else {}),
         "metrics": metrics,
-        **({"recovered": dict(stored.recovered[key])} if key in stored.recovered else {}),
+        **({"recovered": _recovered(stored.recovered[key], directory)} if key in stored.recovered else {}),
         "baseline": dict(stored.baseline),
         "settings": dict(stored.settings),
         "versions": {
@@ -100,17 +104,18 @@ def export_trial(
     max_latency_ms: float | None = None,
     out: str | Path | None = None,
     storage_url: str | None = None,
+    directory: Path | None = None,
     console: Console | None = None,
 ) -> Path:
     """:func:`select_trial` -> :func:`export_config` -> ``out`` (JSON, or YAML for ``.yaml``/``.yml``), atomically.
 
     ``out`` defaults to ``<study>-trial<N>.yaml`` in the working directory; ``storage_url`` (the study's, recorded in
-    the provenance) is as in :func:`export_config`. Returns the path written.
+    the provenance) and ``directory`` are as in :func:`export_config`. Returns the path written.
     """
     if out is not None and Path(out).suffix not in CONFIG_SUFFIXES:
         raise RanksearchError(f"--out {out}: use a file name ending in {', '.join(CONFIG_SUFFIXES)}")
     chosen = select_trial(study, trial=trial, max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms)
-    config = export_config(study, chosen, storage_url=storage_url)
+    config = export_config(study, chosen, storage_url=storage_url, directory=directory)
     path = Path(out) if out is not None else Path(f"{study.study_name}-trial{chosen.number}.yaml")
     try:
         config.save(path)
@@ -167,6 +172,11 @@ def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -
     if recovered is not None:
         lines.append(f"recovered model: {recovered['checkpoint']}")
     return lines
+
+
+def _recovered(stored: Mapping[str, Any], directory: Path | None) -> dict[str, Any]:
+    """A :data:`~ranksearch.results.record.RECOVERED` entry with its model where it is now."""
+    return {**stored, "checkpoint": str(recovered_checkpoint(stored, directory))}
 
 
 def _hide_password(url: str | None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import optuna
@@ -306,6 +307,21 @@ string: ``epochs``, ``lr``, ``feature_weight``, ``steps``, ``seconds``, ``test_a
 RECOVERED_VALIDATION = "validation"
 """The entry of a :data:`RECOVERED` trial that holds its drop on the whole validation split (``drop_pp``, ``low_pp``,
 ``high_pp``, ``images``); recoveries by releases before 2026-12-03 have none."""
+RECOVERED_FOLDER = "recovered"
+"""The folder of a study's results directory that its recovered models are saved in (``trial-<N>.pt``)."""
+
+
+def recovered_checkpoint(stored: Mapping[str, Any], directory: Path | None) -> Path:
+    """Where the model of a :data:`RECOVERED` entry is: the path recorded when it was saved or, when no file is there
+    any more (the study's results directory was moved or copied elsewhere), the file of that name in
+    ``directory``'s :data:`RECOVERED_FOLDER` if one is there. ``directory``: the study's results directory, where
+    known."""
+    recorded = Path(stored["checkpoint"])
+    if directory is not None and not recorded.is_file():
+        moved = directory / RECOVERED_FOLDER / recorded.name
+        if moved.is_file():
+            return moved.resolve()
+    return recorded
 
 
 @dataclass(frozen=True)

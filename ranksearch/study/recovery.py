@@ -39,12 +39,20 @@ from ranksearch.data import make_loader
 from ranksearch.errors import RanksearchError
 from ranksearch.evaluate.classification import calibration_batch
 from ranksearch.measure.latency import torch_threads
-from ranksearch.results import STORAGE_FILE, load_study
+from ranksearch.results import load_study, study_directory
 from ranksearch.results.build import build_from_config
 from ranksearch.results.confidence import DropEstimate, paired_drop
 from ranksearch.results.export import export_config
 from ranksearch.results.front import compresses_nothing, front_with_speeds
-from ranksearch.results.record import MODEL, RECOVERED, RECOVERED_VALIDATION, SETTINGS, TrialRecord
+from ranksearch.results.record import (
+    MODEL,
+    RECOVERED,
+    RECOVERED_FOLDER,
+    RECOVERED_VALIDATION,
+    SETTINGS,
+    TrialRecord,
+    recovered_checkpoint,
+)
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RecoveryRecipe, RecoverySpec, RunSettings
 from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm, stage_names
@@ -113,7 +121,9 @@ class RecoveredTrial:
         }
 
     @classmethod
-    def from_dict(cls, trial: int, stored: Mapping[str, Any]) -> RecoveredTrial:
+    def from_dict(cls, trial: int, stored: Mapping[str, Any], *, directory: Path | None = None) -> RecoveredTrial:
+        """A recorded recovery (``directory``: the study's results directory, where its model is looked for too, as
+        :func:`~ranksearch.results.record.recovered_checkpoint` says)."""
         return cls(
             trial=trial,
             recipe=recorded_recipe(stored),
@@ -121,7 +131,7 @@ class RecoveredTrial:
             seconds=float(stored["seconds"]),
             test_accuracy=float(stored["test_accuracy"]),
             drop=DropEstimate.from_dict(stored),
-            checkpoint=Path(stored["checkpoint"]),
+            checkpoint=recovered_checkpoint(stored, directory),
             validation=DropEstimate.from_dict(stored[RECOVERED_VALIDATION]) if RECOVERED_VALIDATION in stored else None,
         )
 
@@ -167,7 +177,7 @@ class Recoverer:
         """Trial ``trial`` recovered by ``recipe``, recorded and saved; one already recovered so is read back, not
         repeated."""
         frozen = _complete_trial(self.study, trial)
-        done = recorded_recovery(self.study, trial, recipe)
+        done = recorded_recovery(self.study, trial, recipe, directory=self.directory)
         if done is not None:
             return done
         start = time.perf_counter()
@@ -178,7 +188,7 @@ class Recoverer:
         validation = paired_drop(
             self.dense_correct("validation"), correct_predictions(model, self.validation_loader(), device=device)
         )
-        checkpoint = (self.directory / "recovered" / f"trial-{trial}.pt").resolve()
+        checkpoint = (self.directory / RECOVERED_FOLDER / f"trial-{trial}.pt").resolve()
         result = RecoveredTrial(
             trial=trial,
             recipe=recipe,
@@ -249,12 +259,15 @@ class Recoverer:
         return make_loader(self.validation, batch_size=256, shuffle=False)
 
 
-def recorded_recovery(study: optuna.Study, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial | None:
-    """Trial ``trial``'s recovery by ``recipe`` as the study recorded it; None when not done."""
+def recorded_recovery(
+    study: optuna.Study, trial: int, recipe: RecoveryRecipe, *, directory: Path | None = None
+) -> RecoveredTrial | None:
+    """Trial ``trial``'s recovery by ``recipe`` as the study recorded it (``directory`` as in
+    :meth:`RecoveredTrial.from_dict`); None when not done."""
     stored = RECOVERED.read(study).get(str(trial))
     if stored is None or recorded_recipe(stored) != recipe:
         return None
-    return RecoveredTrial.from_dict(trial, stored)
+    return RecoveredTrial.from_dict(trial, stored, directory=directory)
 
 
 def recorded_recipe(stored: Mapping[str, Any]) -> RecoveryRecipe:
@@ -404,10 +417,9 @@ def recover_trial(
     recipe.validate(prefix="--")
     study = load_study(ref, results_dir=results_dir, storage=storage)
     _complete_trial(study, trial)
-    result = recorded_recovery(study, trial, recipe)
+    directory = study_directory(ref, name=study.study_name, results_dir=results_dir)
+    result = recorded_recovery(study, trial, recipe, directory=directory)
     if result is None:
-        path = Path(ref)
-        directory = path if (path / STORAGE_FILE).is_file() else results_dir / study.study_name
         context = load_study_problem(study, console, trust_checkpoint=trust_checkpoint)
         with torch_threads(context.settings.infra.threads):
             recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
