@@ -394,6 +394,13 @@ def export(
         float | None, typer.Option(help="the fastest trial within this val accuracy drop (points)")
     ] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="the most accurate trial within this latency")] = None,
+    confident: Annotated[
+        bool,
+        typer.Option(
+            help="--max-accuracy-drop holds with 95 % confidence (the upper end of the recovered validation drop's "
+            "interval; recovered trials only)"
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option(help=".yaml/.yml/.json (default: <study>-trial<N>.yaml)")] = None,
     results_dir: ResultsDir = Path("results"),
     storage: Storage = None,
@@ -409,6 +416,7 @@ def export(
         trial=trial,
         max_accuracy_drop=max_accuracy_drop,
         max_latency_ms=max_latency_ms,
+        confident=confident,
         out=out,
         storage_url=url,
         directory=study_directory(study, name=name, results_dir=results_dir),

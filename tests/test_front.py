@@ -243,6 +243,35 @@ def test_the_accuracy_rule_reads_the_recovered_validation_drop_and_never_the_tes
     assert "recovered: val drop [95 %]" in out.getvalue() and "+0.40 [+0.10, +0.70]" in out.getvalue()
 
 
+def test_a_confident_accuracy_rule_reads_the_upper_end_of_the_recovered_validation_interval() -> None:
+    study = relative_study()  # front: 7 (4.4x), 4 (3.0x), 2, 6, the dense 0
+    with pytest.raises(rs.RanksearchError, match=r"--confident: no trial of study 'paired' has a validation drop"):
+        select_trial(study, max_accuracy_drop=1.0, confident=True)  # nothing recovered: no interval to read
+    with pytest.raises(rs.RanksearchError, match="--confident applies to --max-accuracy-drop"):
+        select_trial(study, max_latency_ms=5.0, confident=True)
+    record.RECOVERED.write(
+        study,
+        {
+            "7": recovered_entry((0.5, 0.2, 0.8), (0.4, 0.1, 0.7)),  # the fastest: within 0.5 at the point estimate
+            "2": recovered_entry((0.1, -0.2, 0.4), (0.0, -0.3, 0.3)),  # within 0.5 with 95 % confidence
+        },
+    )
+    assert select_trial(study, max_accuracy_drop=0.5).number == 7
+    assert select_trial(study, max_accuracy_drop=0.5, confident=True).number == 2
+    assert select_trial(study, max_accuracy_drop=0.7, confident=True).number == 7
+    assert select_trial(study, max_accuracy_drop=10.0, confident=True).number == 7  # trial 4 was never recovered
+    with pytest.raises(rs.RanksearchError, match=r"within a validation drop of 0\.2 pp with 95 % confidence is"):
+        select_trial(study, max_accuracy_drop=0.2, confident=True)
+
+    meta = {"metrics": {"accuracy_drop_pp": 1.0}, "recovered": record.RECOVERED.read(study)["2"]}
+    lines = accuracy_statements(meta, 0.5, confident=True)
+    assert lines[0] == (
+        "the rule (validation drop <= 0.5 pp with 95 % confidence) read the validation split after the recovery "
+        "fine-tune, below"
+    )
+    assert lines[1].endswith("within 0.5 pp with 95 % confidence")
+
+
 def test_paired_drop_interval() -> None:
     same = torch.tensor([True, False, True, True])
     assert paired_drop(same, same) == DropEstimate(0.0, 0.0, 0.0, 4)

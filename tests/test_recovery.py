@@ -175,6 +175,12 @@ def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legac
     assert exported.exit_code == 0, exported.output
     assert CompressionConfig.load("trial-5.yaml").meta["recovered"]["checkpoint"] == str(found)
     assert f"recovered model: {found}" in exported.stderr
+    confident = runner.invoke(
+        app, ["export", str(moved), "--max-accuracy-drop", "100", "--confident", "--out", "confident.yaml"]
+    )
+    assert confident.exit_code == 0, confident.output  # the one trial with a recovered interval
+    assert CompressionConfig.load("confident.yaml").meta["trial"] == 5
+    assert "the rule (validation drop <= 100 pp with 95 % confidence) read the validation split" in confident.stderr
     assert RECOVERED.read(load_study(moved))["5"] == stored  # the record keeps where the model was saved
 
 

@@ -102,6 +102,7 @@ def export_trial(
     trial: int | None = None,
     max_accuracy_drop: float | None = None,
     max_latency_ms: float | None = None,
+    confident: bool = False,
     out: str | Path | None = None,
     storage_url: str | None = None,
     directory: Path | None = None,
@@ -110,11 +111,18 @@ def export_trial(
     """:func:`select_trial` -> :func:`export_config` -> ``out`` (JSON, or YAML for ``.yaml``/``.yml``), atomically.
 
     ``out`` defaults to ``<study>-trial<N>.yaml`` in the working directory; ``storage_url`` (the study's, recorded in
-    the provenance) and ``directory`` are as in :func:`export_config`. Returns the path written.
+    the provenance) and ``directory`` are as in :func:`export_config`; the rules and ``confident`` as in
+    :func:`select_trial`. Returns the path written.
     """
     if out is not None and Path(out).suffix not in CONFIG_SUFFIXES:
         raise RanksearchError(f"--out {out}: use a file name ending in {', '.join(CONFIG_SUFFIXES)}")
-    chosen = select_trial(study, trial=trial, max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms)
+    chosen = select_trial(
+        study,
+        trial=trial,
+        max_accuracy_drop=max_accuracy_drop,
+        max_latency_ms=max_latency_ms,
+        confident=confident,
+    )
     config = export_config(study, chosen, storage_url=storage_url, directory=directory)
     path = Path(out) if out is not None else Path(f"{study.study_name}-trial{chosen.number}.yaml")
     try:
@@ -128,23 +136,23 @@ def export_trial(
         f"({metrics.get('speedup') or math.nan:.2f}x), val accuracy {metrics['accuracy']:.2%} and drop "
         f"{metrics.get('accuracy_drop_pp') or 0.0:.2f} pp after the search's fine-tune"
     )
-    for line in accuracy_statements(config.meta, max_accuracy_drop):
+    for line in accuracy_statements(config.meta, max_accuracy_drop, confident=confident):
         console.print(line)
     return path
 
 
-def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None) -> list[str]:
-    """What an exported trial's accuracy drops are and, for a "within X points" rule, which drop the rule read
-    (:func:`~ranksearch.results.select.rule_drop`) and whether each drop holds at the point estimate only or with
-    95 % confidence (the paired interval's upper end)."""
+def accuracy_statements(meta: dict[str, Any], max_accuracy_drop: float | None, *, confident: bool = False) -> list[str]:
+    """What an exported trial's accuracy drops are and, for a "within X points" rule (``confident``: with 95 %
+    confidence), which drop the rule read (:func:`~ranksearch.results.select.rule_drop`) and whether each drop holds
+    at the point estimate only or with 95 % confidence (the paired interval's upper end)."""
     metrics = meta["metrics"]
     recovered = meta.get("recovered")
     validation = None if recovered is None else recovered.get(RECOVERED_VALIDATION)
     lines = []
     if max_accuracy_drop is not None:
+        bound = f"validation drop <= {max_accuracy_drop:g} pp" + (" with 95 % confidence" if confident else "")
         lines.append(
-            f"the rule (validation drop <= {max_accuracy_drop:g} pp) read the validation split after the recovery "
-            "fine-tune, below"
+            f"the rule ({bound}) read the validation split after the recovery fine-tune, below"
             if validation is not None
             else f"the rule (validation drop <= {max_accuracy_drop:g} pp) holds at the point estimate: "
             f"{metrics.get('accuracy_drop_pp') or 0.0:.2f} pp, from a short fine-tune, without an interval"

@@ -26,13 +26,15 @@ def select_trial(
     trial: int | None = None,
     max_accuracy_drop: float | None = None,
     max_latency_ms: float | None = None,
+    confident: bool = False,
 ) -> FrozenTrial:
     """One complete trial: ``trial`` by number, or by rule among the complete feasible trials (in a study with paired
     latency, among the front's: the dense model and the trials measurably faster than it).
 
     ``max_accuracy_drop`` (validation accuracy drop against the baseline, in percentage points: after its recovery
     fine-tune where one measured it, :func:`rule_drop`) picks the fastest trial within it (by the speedup measured
-    beside the dense model; never the dense model itself);
+    beside the dense model; never the dense model itself); ``confident``: within it with 95 % confidence (the upper
+    end of the drop's paired interval), which only recovered trials measured;
     ``max_latency_ms`` alone picks the most accurate trial within it; both pick the fastest trial within both (the
     drop is the accuracy floor, the latency a ceiling). Ties go to the better other objective, then the earlier
     trial. When no trial fits, the error names the closest one (the smallest overshoot, each bound's overshoot
@@ -44,6 +46,8 @@ def select_trial(
         raise RanksearchError(f"--trial {trial} and a rule (--max-accuracy-drop/--max-latency-ms) given; pass one")
     if trial is None and not rules:
         raise RanksearchError("no trial chosen; pass --trial N, --max-accuracy-drop D or --max-latency-ms L")
+    if confident and max_accuracy_drop is None:
+        raise RanksearchError("--confident applies to --max-accuracy-drop; pass one, or leave --confident out")
     if trial is not None:
         return _trial_by_number(study, trial)
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
@@ -66,8 +70,15 @@ def select_trial(
         raise RanksearchError(
             f"study {name!r} has no complete feasible trial yet; run the search longer or relax its constraints"
         )
+    if confident:  # the dense model stays: it is the reference, and the closest-trial message may name it
+        pool = [t for t in pool if compresses_nothing(t) or stored.recovered_validation_drop(t.number) is not None]
+        if all(map(compresses_nothing, pool)):
+            raise RanksearchError(
+                f"--confident: no trial of study {name!r} has a validation drop with an interval (only recoveries "
+                f"measure one); recover some with `ranksearch finetune {name} --trial N`, or leave --confident out"
+            )
     speeds = {number: speed.speedup or 0.0 for number, speed in pooled.items()}
-    drops = {t.number: rule_drop(stored, t) for t in pool}
+    drops = {t.number: rule_drop(stored, t, confident=confident) for t in pool}
 
     def slowness(trial: TrialRecord) -> float:
         """What "fastest" minimises: 1 / the speedup measured beside the dense model, or milliseconds (earlier
@@ -80,8 +91,9 @@ def select_trial(
         fits = [t for t in fits if not compresses_nothing(t)]
         if not fits:
             raise RanksearchError(
-                f"no config of study {name!r} within a validation drop of {max_accuracy_drop:g} pp is measurably "
-                "faster than the dense model; keep the dense model, raise --max-accuracy-drop, or search longer"
+                f"no config of study {name!r} within a validation drop of {max_accuracy_drop:g} pp"
+                f"{' with 95 % confidence' if confident else ''} is measurably faster than the dense model; keep the "
+                "dense model, raise --max-accuracy-drop, or search longer"
             )
     if fits:
         if max_accuracy_drop is not None:
@@ -130,13 +142,14 @@ def _accuracy(trial: TrialRecord) -> float:
     return float(trial.metrics["accuracy"])
 
 
-def rule_drop(stored: StudyRecord, trial: TrialRecord) -> float:
+def rule_drop(stored: StudyRecord, trial: TrialRecord, *, confident: bool = False) -> float:
     """The validation drop an accuracy rule reads for ``trial`` (in points): after its recovery fine-tune where that
     measured the validation split (what the user's training will reach, on every validation image), else the search's
-    (a short fine-tune, which understates the fast end)."""
+    (a short fine-tune, which understates the fast end). ``confident``: the upper end of the recovered drop's paired
+    95 % interval (the search's drop, which has none, is read as it is)."""
     recovered = stored.recovered_validation_drop(trial.number)
     if recovered is not None:
-        return float(recovered["drop_pp"])
+        return float(recovered["high_pp" if confident else "drop_pp"])
     return float(cast(float, trial.accuracy_drop_pp))  # the pool holds trials with a finite drop only
 
 
