@@ -15,7 +15,7 @@ from torch import nn
 from ranksearch.compress import compress_layer
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import RanksearchError
-from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer, cpu_name
+from ranksearch.measure.timers import InModelTiming, ModuleTimer, OnnxRuntimeTimer, TorchTimer, cpu_name, processor_name
 from ranksearch.search import SearchSpace, latency_table
 from ranksearch.search.latency_table import (
     LatencyTable,
@@ -263,6 +263,25 @@ def test_a_table_file_names_the_processor_it_was_timed_on() -> None:
     slug = "".join(c if c.isalnum() or c == "." else "-" for c in name).lower()
     assert cache_name(CPU).startswith(f"latency-cpu-{slug}-threads1-torch")
     assert slug in cache_name(OnnxRuntimeTimer(threads=1))
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "name"),
+    [
+        (
+            "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n",
+            "AMD EPYC family 25 model 17",
+        ),
+        (
+            "cpu family\t: 6\nmodel\t\t: 106\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\n",
+            "Intel Xeon Platinum 8375C family 6 model 106",
+        ),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n", ""),  # no model name (an ARM host)
+    ],
+)
+def test_a_processor_is_named_with_its_family_and_model_where_given(cpuinfo: str, name: str) -> None:
+    """Virtual machines of several generations all say "AMD EPYC": the family and model numbers tell them apart."""
+    assert processor_name(cpuinfo) == name
 
 
 def test_choice_outside_the_table_is_named(problem) -> None:

@@ -29,18 +29,31 @@ if TYPE_CHECKING:
 
 @cache
 def cpu_name() -> str:
-    """This machine's processor model, as latency tables' file names give it (Linux's ``/proc/cpuinfo``, else
-    :func:`platform.processor`, else the architecture): hosts of one cloud instance type differ (an AVX2 AMD, an
-    AVX-512 Intel), and a table timed on one predicts the other badly."""
+    """This machine's processor model, as latency tables' file names give it: :func:`processor_name` of Linux's
+    ``/proc/cpuinfo``, else :func:`platform.processor`, else the architecture."""
     try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        lines = []
-    names = [line.split(":", 1)[1] for line in lines if line.startswith("model name") and ":" in line]
-    name = (names[0] if names else "") or platform.processor() or platform.machine()
+        cpuinfo = ""
+    fallback = f"model name: {platform.processor() or platform.machine()}"
+    return processor_name(cpuinfo) or processor_name(fallback) or "unknown"
+
+
+def processor_name(cpuinfo: str) -> str:
+    """The first processor's model name in ``cpuinfo`` (``/proc/cpuinfo``'s text), trademarks and clock left out,
+    with the x86 family and model numbers where it gives them: hosts of one cloud instance type differ (an AVX2 AMD,
+    an AVX-512 Intel), virtual machines often name only the vendor's line ("AMD EPYC" for several generations), and a
+    table timed on one predicts another badly. Empty without a model name."""
+    first: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()):
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name", "")
     for mark in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
         name = name.replace(mark, "")
-    return " ".join(name.split("@")[0].split()) or "unknown"
+    name = " ".join(name.split("@")[0].split())
+    if name and first.get("cpu family", "").isdigit() and first.get("model", "").isdigit():
+        name += f" family {first['cpu family']} model {first['model']}"
+    return name
 
 
 class ModuleTimer(ABC):
