@@ -435,6 +435,31 @@ def test_calibration_configs_run_from_the_slowest_to_the_fastest(problem) -> Non
     assert table.layers_ms(configs[0]) >= table.layers_ms(configs[-1])
 
 
+def test_the_last_calibration_config_is_every_layer_at_its_fastest_where_levels_repeat(problem) -> None:
+    """Times a loaded machine gave (CI saw the last config keep int8 layers): a float variant is each layer's fastest
+    and fewer than five float variants beat the dense layer, so the float-only level 0.2 already gives the fastest
+    config, and int8 variants make the levels between it and the fastest level differ from it."""
+    _, slots, _, _ = problem
+    faster = {
+        "1": {("tucker2", 0.25, False): 0.13, ("keep", None, True): 0.22, ("tucker2", 0.5, False): 0.23},
+        "3": {("tucker2", 0.25, False): 0.13, ("keep", None, True): 0.21, ("tucker2", 0.5, False): 0.22},
+        "4": {("svd", 0.25, False): 0.1},
+    }
+    faster["1"] |= {("svd", 0.5, False): 0.24, ("svd", 0.5, True): 0.241, ("svd", 0.25, False): 0.25}
+    faster["3"] |= {("svd", 0.5, False): 0.23, ("svd", 0.5, True): 0.231, ("svd", 0.25, False): 0.24}
+    layer_ms = {}
+    for name, slot in slots.items():
+        times = {variant_key(v): 2.0 for v in variants(slot)} | {variant_key(LayerChoice("keep")): 1.0}
+        layer_ms[name] = times | {json.dumps(list(key)): ms for key, ms in faster[name].items()}
+    table = LatencyTable(layer_ms=layer_ms)
+    configs = latency_table.calibration_configs(table, slots, 8)
+    fastest = {name: LayerChoice("tucker2", 0.25) for name in ("1", "3")} | {"4": LayerChoice("svd", 0.25)}
+    assert {name: variant_key(c) for name, c in configs[-1].layers.items()} == {
+        name: variant_key(c) for name, c in fastest.items()
+    }
+    assert any(c.int8 for config in configs for c in config.layers.values())  # the int8 levels are there, before it
+
+
 def test_the_build_is_fitted_on_its_calibration_configs(problem, tmp_path: Path, monkeypatch) -> None:
     """The whole configs are timed beside the dense model once (cached with the layers), and the built table is its
     layer times fitted on them."""

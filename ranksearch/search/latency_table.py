@@ -408,7 +408,8 @@ def _layer_bytes(
 def calibration_configs(
     table: LatencyTable, slots: Mapping[str, LayerSlot], rank_multiple: int
 ) -> list[CompressionConfig]:
-    """The distinct whole configs of :data:`CALIBRATION`'s levels, from the slowest level to the fastest."""
+    """The distinct whole configs of :data:`CALIBRATION`'s levels, from the slowest level to the fastest; a config
+    that several levels give stands at the fastest of them, so the last is every layer at its fastest."""
     configs: dict[str, CompressionConfig] = {}
     for level in sorted(CALIBRATION["levels"], reverse=True):
         for with_int8 in (False, True):
@@ -419,7 +420,9 @@ def calibration_configs(
                 if usable:
                     layers[name] = usable[min(int(level * len(usable)), len(usable) - 1)]
             config = CompressionConfig(layers=layers, rank_multiple=rank_multiple)
-            configs.setdefault(json.dumps(config.to_dict(), sort_keys=True), config)
+            key = json.dumps(config.to_dict(), sort_keys=True)
+            configs.pop(key, None)  # e.g. the fastest level's config, given by a slower float-only level already
+            configs[key] = config
     return [config for config in configs.values() if config.layers]
 
 
