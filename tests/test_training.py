@@ -6,6 +6,7 @@ import contextlib
 import copy
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ranksearch.training import (
     CpuConvGrads,
     DivergedError,
     Recipe,
+    TeacherCache,
     distillation_loss,
     evaluate_accuracy,
     feature_loss,
@@ -188,29 +190,56 @@ def test_matching_features_brings_the_stage_outputs_closer_and_leaves_no_hook(sp
     assert stage_gap(10.0) < 0.7 * stage_gap(0.0)
 
 
-def test_teacher_cache_gives_the_same_student_with_one_teacher_pass_per_batch(splits: DataSplits) -> None:
+def teacher_and_student_after(splits: DataSplits) -> tuple[nn.Module, list[int], Callable[..., list[torch.Tensor]]]:
+    """A teacher that counts its forward passes, and a function giving the parameters of a perturbed copy of it
+    after 12 fine-tuning steps (its keywords go to :func:`finetune`)."""
     teacher = small_cnn()
     calls: list[int] = []
     teacher.register_forward_hook(lambda module, args, output: calls.append(len(output)) if module is teacher else None)
 
-    def student_after(cache: dict | None) -> list[torch.Tensor]:
+    def student_after(**options: object) -> list[torch.Tensor]:
         student = copy.deepcopy(teacher)
         torch.manual_seed(1)
         with torch.no_grad():
             for param in student.parameters():
                 param.add_(torch.randn_like(param) * 0.1)
         loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
-        finetune(student, teacher, loader, device="cpu", steps=12, lr=0.05, teacher_cache=cache)
+        finetune(student, teacher, loader, device="cpu", steps=12, lr=0.05, **options)
         return [p.detach().clone() for p in student.parameters()]
 
-    plain = student_after(None)
+    return teacher, calls, student_after
+
+
+@pytest.mark.parametrize("features", [{}, {"stages": ["2", "5"], "feature_weight": 10.0}], ids=["logits", "features"])
+def test_teacher_cache_gives_the_same_student_with_one_teacher_pass_per_batch(
+    splits: DataSplits, features: dict[str, object]
+) -> None:
+    _, calls, student_after = teacher_and_student_after(splits)
+    plain = student_after(**features)
     assert len(calls) == 12
-    cache: dict = {}
-    first, second = student_after(cache), student_after(cache)
+    cache = TeacherCache()
+    first, second = student_after(teacher_cache=cache, **features), student_after(teacher_cache=cache, **features)
     assert len(calls) == 12 + 12  # the first cached fine-tune fills the cache, the second runs no teacher pass
     assert len(cache) == 12
     for a, b, c in zip(plain, first, second, strict=True):
         assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_teacher_cache_keeps_logits_and_features_apart_and_stops_at_its_size(splits: DataSplits) -> None:
+    _, calls, student_after = teacher_and_student_after(splits)
+    cache = TeacherCache()
+    student_after(teacher_cache=cache)
+    logits_bytes = cache.bytes
+    matched = student_after(teacher_cache=cache, stages=["2", "5"], feature_weight=10.0)
+    assert len(calls) == 24 and len(cache) == 24  # logits alone do not serve a fine-tune that matches features
+    assert all(torch.equal(a, b) for a, b in zip(matched, student_after(stages=["2", "5"], feature_weight=10.0)))
+    calls.clear()
+    batch = (cache.bytes - logits_bytes) // 12
+    small = TeacherCache(max_bytes=5 * batch)
+    student_after(teacher_cache=small, stages=["2", "5"], feature_weight=10.0)
+    student_after(teacher_cache=small, stages=["2", "5"], feature_weight=10.0)
+    assert len(small) == 5 and small.bytes <= small.max_bytes
+    assert len(calls) == 12 + 7  # the second fine-tune runs the teacher on the 7 batches that did not fit
 
 
 def test_finetune_divergence_raises(splits: DataSplits) -> None:

@@ -33,7 +33,7 @@ from ranksearch.measure.deployed import fold_batchnorm
 from ranksearch.measure.remote import RemoteTarget
 from ranksearch.measure.timers import ModuleTimer
 from ranksearch.measure.timing import PairedLatency
-from ranksearch.training import correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
+from ranksearch.training import TeacherCache, correct_predictions, evaluate_accuracy, finetune, recalibrate_batchnorm
 from ranksearch.training.loop import channels_last
 
 ZERO_SHOT_IMAGES = 512
@@ -179,7 +179,7 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
         self._dense_log_probs: torch.Tensor | None = None  # the uncompressed model's outputs on the divergence set
         self._recalibrated: _Recalibrated | None = None
         self._finetuned: list[_Finetuned] = []
-        self._teacher_logits: dict[bytes, torch.Tensor] = {}  # the seeded fine-tuning batches repeat every trial
+        self._teacher_outputs = TeacherCache()  # the seeded fine-tuning batches repeat every trial
         calib = calibration_batch(
             splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=seed
         )
@@ -232,7 +232,7 @@ class ClassificationEvaluator(Evaluator, ZeroShotScorer, DivergenceScorer, Layer
                     device=self.device,
                     steps=finetune_steps,
                     lr=options.finetune_lr,
-                    teacher_cache=self._teacher_logits,
+                    teacher_cache=self._teacher_outputs,
                 )
         int8_layers = config.split_int8()[1]
         with _phase(phases, "quantize" if int8_layers else "latency"):

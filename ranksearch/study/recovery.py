@@ -55,7 +55,14 @@ from ranksearch.results.record import (
 )
 from ranksearch.study.problem import RunContext, check_fingerprint, load_problem, load_splits, problem_fingerprint
 from ranksearch.study.settings import RecoveryRecipe, RecoverySpec, RunSettings
-from ranksearch.training import DivergedError, correct_predictions, finetune, recalibrate_batchnorm, stage_names
+from ranksearch.training import (
+    DivergedError,
+    TeacherCache,
+    correct_predictions,
+    finetune,
+    recalibrate_batchnorm,
+    stage_names,
+)
 from ranksearch.util import atomic_open, describe
 
 __all__ = [
@@ -149,13 +156,20 @@ class RecoveredTrial:
 class Recoverer:
     """Recovers trials of one study on its loaded problem (see the module).
 
-    The full validation and test splits, the dense model's per-image correctness on them, the calibration batch and
-    the dense model's logits per training batch are shared by every trial it recovers. Models are saved under
-    ``directory / "recovered"``.
+    The full validation and test splits, the dense model's per-image correctness on them and the calibration batch
+    are shared by every trial it recovers, and so are the dense model's outputs per training batch (its logits and
+    block outputs) where a ``teacher_cache`` is given: pass one where several trials are to be recovered. Models are
+    saved under ``directory / "recovered"``.
     """
 
     def __init__(
-        self, *, study: optuna.Study, context: RunContext, directory: Path, console: Console | None = None
+        self,
+        *,
+        study: optuna.Study,
+        context: RunContext,
+        directory: Path,
+        console: Console | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.study = study
         self.context = context
@@ -171,7 +185,7 @@ class Recoverer:
             context.splits.train, batch_size=self.options.batch_size, batches=self.options.calib_batches, seed=self.seed
         ).to(context.device)
         self._dense_correct: dict[str, torch.Tensor] = {}
-        self._teacher_logits: dict[bytes, torch.Tensor] = {}
+        self.teacher_cache = teacher_cache
 
     def recover(self, trial: int, recipe: RecoveryRecipe) -> RecoveredTrial:
         """Trial ``trial`` recovered by ``recipe``, recorded and saved; one already recovered so is read back, not
@@ -240,7 +254,7 @@ class Recoverer:
                     warmup_steps=max(1, round(steps * WARMUP_FRACTION)),
                     stages=stage_names(context.model),  # the dense model's: a compressed layer is a block
                     feature_weight=recipe.feature_weight,
-                    teacher_cache=self._teacher_logits,
+                    teacher_cache=self.teacher_cache,
                     progress=update,
                 )
         model.eval()
@@ -385,7 +399,9 @@ def recover_front(
         if plan.next is None:
             return list(plan.recovered)
         number = plan.next.number
-        recoverer = recoverer or Recoverer(study=study, context=context, directory=directory, console=console)
+        recoverer = recoverer or Recoverer(
+            study=study, context=context, directory=directory, console=console, teacher_cache=TeacherCache()
+        )
         try:
             result = recoverer.recover(number, spec.recipe)
         except (RanksearchError, KeyboardInterrupt):

@@ -14,7 +14,14 @@ Modules: ``baseline`` (:func:`train_baseline` and its :class:`Recipe`), ``finetu
 from ranksearch.training.baseline import DEFAULT_RECIPE, Recipe, train_baseline
 from ranksearch.training.conv_grad import CpuConvGrads
 from ranksearch.training.evaluation import correct_predictions, evaluate_accuracy, recalibrate_batchnorm
-from ranksearch.training.finetune import distillation_loss, feature_loss, finetune, stage_names, warmup_cosine
+from ranksearch.training.finetune import (
+    TeacherCache,
+    distillation_loss,
+    feature_loss,
+    finetune,
+    stage_names,
+    warmup_cosine,
+)
 from ranksearch.training.loop import DivergedError
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "CpuConvGrads",
     "DivergedError",
     "Recipe",
+    "TeacherCache",
     "correct_predictions",
     "distillation_loss",
     "evaluate_accuracy",
