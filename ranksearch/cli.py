@@ -468,7 +468,13 @@ def apply(
 @user_errors
 def finetune(
     study: StudyRef,
-    trial: Annotated[int, typer.Option(help="the complete trial to fine-tune (`ranksearch show STUDY --all`)")],
+    trial: Annotated[
+        list[int],
+        typer.Option(
+            help="a complete trial to fine-tune (`ranksearch show STUDY --all`); repeat for several, which share "
+            "the uncompressed model's outputs"
+        ),
+    ],
     epochs: Annotated[
         int, typer.Option(help="epochs of distillation from the uncompressed model")
     ] = RecoverySpec.final_epochs,
@@ -482,12 +488,13 @@ def finetune(
     storage: Storage = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
-    """Fine-tune a trial for real; measure it on the validation and test splits; save it in results/STUDY/recovered/."""
-    from ranksearch.study.recovery import recover_trial
+    """Fine-tune trials for real; measure them on the validation and test splits; save them in
+    results/STUDY/recovered/."""
+    from ranksearch.study.recovery import recover_trials
 
-    recover_trial(
+    recover_trials(
         study,
-        trial=trial,
+        trials=trial,
         recipe=RecoveryRecipe(epochs=epochs, lr=lr, feature_weight=feature_weight),
         results_dir=results_dir,
         storage=storage,

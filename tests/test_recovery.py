@@ -36,7 +36,7 @@ from ranksearch.study.recovery import (
 )
 from ranksearch.study.settings import RecoveryRecipe
 from ranksearch.techniques.int8 import Int8Module
-from ranksearch.training import correct_predictions, warmup_cosine
+from ranksearch.training import TeacherCache, correct_predictions, finetune, warmup_cosine
 
 QUIET = Console(file=io.StringIO())
 RECORD_KEYS = {
@@ -182,6 +182,39 @@ def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legac
     assert CompressionConfig.load("confident.yaml").meta["trial"] == 5
     assert "the rule (validation drop <= 100 pp with 95 % confidence) read the validation split" in confident.stderr
     assert RECOVERED.read(load_study(moved))["5"] == stored  # the record keeps where the model was saved
+
+
+def test_ranksearch_finetune_of_several_trials_shares_the_dense_models_outputs(
+    legacy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caches: list[tuple[int, int]] = []  # (the cache's id, how many batches it held) at each fine-tune's start
+
+    def finetune_noting_the_cache(*args: object, teacher_cache: TeacherCache | None = None, **kwargs: object) -> object:
+        assert teacher_cache is not None
+        caches.append((id(teacher_cache), len(teacher_cache)))
+        return finetune(*args, teacher_cache=teacher_cache, **kwargs)
+
+    monkeypatch.setattr(recovery, "finetune", finetune_noting_the_cache)
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", "legacy", "--trial", "4", "--trial", "5", "--trial", "4", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    # one fine-tune a trial; the second runs on the batches the first ran the dense model on (64 steps of each)
+    assert len(caches) == 2 and caches[0][0] == caches[1][0] and [held for _, held in caches] == [0, 64]
+    stored = RECOVERED.read(load_study("legacy"))
+    assert set(stored) == {"4", "5"}
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("recovered", "model: "))]
+    assert [line.split(":")[0] for line in lines] == ["recovered trial 4", "model", "recovered trial 5", "model"]
+
+    monkeypatch.setattr(recovery, "finetune", refuse_to_finetune)
+    again = runner.invoke(app, ["finetune", "legacy", "--trial", "5", "--trial", "4", "--epochs", "1"])
+    assert again.exit_code == 0, again.output  # both read back, in the order asked
+    assert [line.split(":")[0] for line in again.stderr.splitlines() if line.startswith("recovered")] == [
+        "recovered trial 5",
+        "recovered trial 4",
+    ]
+    bad = runner.invoke(app, ["finetune", "legacy", "--trial", "4", "--trial", "8", "--epochs", "2"])
+    assert bad.exit_code == 2 and "--trial 8: trial 8 of study 'legacy' is PRUNED" in bad.stderr
+    assert RECOVERED.read(load_study("legacy")) == stored  # checked before anything was fine-tuned
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,15 @@ dense model on the same images given with their paired 95 % intervals: the valid
 ``export``'s accuracy rule go by, the test drop is reported and chooses nothing. Each result is recorded in the
 study with its :class:`~ranksearch.study.settings.RecoveryRecipe` (:data:`~ranksearch.results.record.RECOVERED`, so a
 rerun with the same recipe does not repeat it) and the model saved under ``results/<study>/recovered/trial-<N>.pt``
-(:func:`load_recovered` loads it back). ``ranksearch finetune STUDY --trial N`` (:func:`recover_trial`) recovers any
-complete trial of a study.
+(:func:`load_recovered` loads it back). ``ranksearch finetune STUDY --trial N [--trial M ...]``
+(:func:`recover_trials`) recovers any complete trials of a study.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,7 +77,7 @@ __all__ = [
     "recorded_recipe",
     "recorded_recovery",
     "recover_front",
-    "recover_trial",
+    "recover_trials",
     "recovery_plan",
 ]
 
@@ -413,39 +413,51 @@ def recover_front(
         console.print(f"recovered {result.summary()}", soft_wrap=True)
 
 
-def recover_trial(
+def recover_trials(
     ref: str | Path,
     *,
-    trial: int,
+    trials: Sequence[int],
     recipe: RecoveryRecipe,
     results_dir: Path = Path("results"),
     storage: str | None = None,
     trust_checkpoint: bool = False,
     console: Console | None = None,
-) -> RecoveredTrial:
-    """``ranksearch finetune``: recover trial ``trial`` of the study ``ref`` (as in
-    :func:`~ranksearch.results.load_study`) on the study's problem, rebuilt from its stored settings
-    (:func:`load_study_problem`; ``trust_checkpoint`` as ``--trust-checkpoint`` says, never the study's); print its
-    test accuracy, drop and checkpoint."""
+) -> list[RecoveredTrial]:
+    """``ranksearch finetune``: recover the trials ``trials`` of the study ``ref`` (as in
+    :func:`~ranksearch.results.load_study`) in turn on the study's problem, rebuilt from its stored settings
+    (:func:`load_study_problem`; ``trust_checkpoint`` as ``--trust-checkpoint`` says, never the study's); print each
+    one's test accuracy, drop and checkpoint. Every trial is checked before the first is fine-tuned; several share
+    the dense model's outputs per training batch (:class:`~ranksearch.training.TeacherCache`)."""
     console = console or Console(stderr=True)
     if recipe.epochs < 1:
         raise RanksearchError(f"--epochs {recipe.epochs}: must be 1 or more; pass e.g. --epochs 2")
     recipe.validate(prefix="--")
     study = load_study(ref, results_dir=results_dir, storage=storage)
-    _complete_trial(study, trial)
+    numbers = list(dict.fromkeys(trials))
+    for number in numbers:
+        _complete_trial(study, number)
     directory = study_directory(ref, name=study.study_name, results_dir=results_dir)
-    result = recorded_recovery(study, trial, recipe, directory=directory)
-    if result is None:
+    done = {number: recorded_recovery(study, number, recipe, directory=directory) for number in numbers}
+    missing = [number for number, result in done.items() if result is None]
+    if missing:
         context = load_study_problem(study, console, trust_checkpoint=trust_checkpoint)
+        cache = TeacherCache() if len(missing) > 1 else None
         with torch_threads(context.settings.infra.threads):
-            recoverer = Recoverer(study=study, context=context, directory=directory, console=console)
-            try:
-                result = recoverer.recover(trial, recipe)
-            except DivergedError as exc:
-                raise RanksearchError(f"trial {trial}: {exc}, e.g. --lr {recipe.lr / 10:g}") from None
-    console.print(f"recovered {result.summary()}", soft_wrap=True)
-    console.print(f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True)
-    return result
+            recoverer = Recoverer(
+                study=study, context=context, directory=directory, console=console, teacher_cache=cache
+            )
+            for number in missing:
+                try:
+                    done[number] = recoverer.recover(number, recipe)
+                except DivergedError as exc:
+                    raise RanksearchError(f"trial {number}: {exc}, e.g. --lr {recipe.lr / 10:g}") from None
+    results = [result for result in done.values() if result is not None]
+    for result in results:
+        console.print(f"recovered {result.summary()}", soft_wrap=True)
+        console.print(
+            f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True
+        )
+    return results
 
 
 def load_study_problem(study: optuna.Study, console: Console, *, trust_checkpoint: bool = False) -> RunContext:
