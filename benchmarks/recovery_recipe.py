@@ -12,7 +12,8 @@ from the dense model, a warm-up then cosine decay, int8 layers quantized) once p
 in ``--seeds`` (the seed shuffles the training split). Each recovered model is scored against
 the dense model on the same images of the full validation split (what a recipe should be chosen on) and of the test
 split (what the recovery stage reports), each as a paired drop in points with its 95 % interval. Nothing is written
-to the studies.
+to the studies. The runs of one trial share the dense model's outputs per batch, as the recovery stage's members do,
+so a seed's first run pays the dense model's passes and its later runs' seconds do not.
 
 It prints one row per trial and recipe (the median drop over the seeds, and their range) and, per recipe, the median
 over the trials; ``--out`` also writes every run as JSON.
@@ -39,7 +40,7 @@ from ranksearch.results.confidence import paired_drop
 from ranksearch.results.record import TrialRecord
 from ranksearch.study.recovery import Recoverer, load_study_problem
 from ranksearch.study.settings import RecoveryRecipe, RecoverySpec
-from ranksearch.training import correct_predictions
+from ranksearch.training import TeacherCache, correct_predictions
 from ranksearch.util import atomic_write_text
 
 
@@ -108,7 +109,9 @@ def recover_target(
     """Trial ``number`` of the study in ``directory`` recovered by every recipe with every seed."""
     study = load_study(directory)
     context = load_study_problem(study, console)
-    recoverer = Recoverer(study=study, context=context, directory=scratch, console=console)
+    recoverer = Recoverer(  # the recipes of one seed fine-tune on the same batches: one teacher pass each
+        study=study, context=context, directory=scratch, console=console, teacher_cache=TeacherCache()
+    )
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials) or trials[number].state != TrialState.COMPLETE:
         raise SystemExit(f"{directory}:{number}: not a complete trial of that study; pick one from `ranksearch show`")

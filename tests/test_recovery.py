@@ -36,7 +36,7 @@ from ranksearch.study.recovery import (
 )
 from ranksearch.study.settings import RecoveryRecipe
 from ranksearch.techniques.int8 import Int8Module
-from ranksearch.training import TeacherCache, correct_predictions, finetune, warmup_cosine
+from ranksearch.training import DivergedError, TeacherCache, correct_predictions, finetune, warmup_cosine
 
 QUIET = Console(file=io.StringIO())
 RECORD_KEYS = {
@@ -187,11 +187,11 @@ def test_ranksearch_finetune_recovers_a_trial_and_reads_it_back_on_a_rerun(legac
 def test_ranksearch_finetune_of_several_trials_shares_the_dense_models_outputs(
     legacy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caches: list[tuple[int, int]] = []  # (the cache's id, how many batches it held) at each fine-tune's start
+    caches: list[tuple[TeacherCache, int]] = []  # each fine-tune's cache and how many batches it held at the start
 
     def finetune_noting_the_cache(*args: object, teacher_cache: TeacherCache | None = None, **kwargs: object) -> object:
         assert teacher_cache is not None
-        caches.append((id(teacher_cache), len(teacher_cache)))
+        caches.append((teacher_cache, len(teacher_cache)))
         return finetune(*args, teacher_cache=teacher_cache, **kwargs)
 
     monkeypatch.setattr(recovery, "finetune", finetune_noting_the_cache)
@@ -199,7 +199,8 @@ def test_ranksearch_finetune_of_several_trials_shares_the_dense_models_outputs(
     result = runner.invoke(app, ["finetune", "legacy", "--trial", "4", "--trial", "5", "--trial", "4", "--epochs", "1"])
     assert result.exit_code == 0, result.output
     # one fine-tune a trial; the second runs on the batches the first ran the dense model on (64 steps of each)
-    assert len(caches) == 2 and caches[0][0] == caches[1][0] and [held for _, held in caches] == [0, 64]
+    assert len(caches) == 2 and caches[0][0] is caches[1][0] and [held for _, held in caches] == [0, 64]
+    assert len(caches[1][0]) == 64  # the second found every batch there: no teacher pass
     stored = RECOVERED.read(load_study("legacy"))
     assert set(stored) == {"4", "5"}
     lines = [line for line in result.stderr.splitlines() if line.startswith(("recovered", "model: "))]
@@ -215,6 +216,25 @@ def test_ranksearch_finetune_of_several_trials_shares_the_dense_models_outputs(
     bad = runner.invoke(app, ["finetune", "legacy", "--trial", "4", "--trial", "8", "--epochs", "2"])
     assert bad.exit_code == 2 and "--trial 8: trial 8 of study 'legacy' is PRUNED" in bad.stderr
     assert RECOVERED.read(load_study("legacy")) == stored  # checked before anything was fine-tuned
+
+
+def test_ranksearch_finetune_reports_the_trials_done_before_one_that_diverges(
+    legacy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = itertools.count()
+
+    def second_diverges(*args: object, **kwargs: object) -> object:
+        if next(calls) == 1:
+            raise DivergedError("distillation fine-tuning at step 3: loss is nan")
+        return finetune(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "finetune", second_diverges)
+    result = CliRunner().invoke(app, ["finetune", "legacy", "--trial", "4", "--trial", "5", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("recovered trial 4: ") and lines[1].startswith("model: ")
+    assert lines[-1].startswith("error: trial 5: distillation fine-tuning at step 3: loss is nan, e.g. --lr 0.003")
+    assert set(RECOVERED.read(load_study("legacy"))) == {"4"}
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -439,24 +439,28 @@ def recover_trials(
     directory = study_directory(ref, name=study.study_name, results_dir=results_dir)
     done = {number: recorded_recovery(study, number, recipe, directory=directory) for number in numbers}
     missing = [number for number, result in done.items() if result is None]
-    if missing:
-        context = load_study_problem(study, console, trust_checkpoint=trust_checkpoint)
-        cache = TeacherCache() if len(missing) > 1 else None
-        with torch_threads(context.settings.infra.threads):
-            recoverer = Recoverer(
-                study=study, context=context, directory=directory, console=console, teacher_cache=cache
-            )
-            for number in missing:
+    recoverer: Recoverer | None = None
+    results = []
+    with ExitStack() as stack:
+        for number in numbers:
+            result = done[number]
+            if result is None:
+                if recoverer is None:
+                    context = load_study_problem(study, console, trust_checkpoint=trust_checkpoint)
+                    stack.enter_context(torch_threads(context.settings.infra.threads))
+                    cache = TeacherCache() if len(missing) > 1 else None
+                    recoverer = Recoverer(
+                        study=study, context=context, directory=directory, console=console, teacher_cache=cache
+                    )
                 try:
-                    done[number] = recoverer.recover(number, recipe)
+                    result = recoverer.recover(number, recipe)
                 except DivergedError as exc:
                     raise RanksearchError(f"trial {number}: {exc}, e.g. --lr {recipe.lr / 10:g}") from None
-    results = [result for result in done.values() if result is not None]
-    for result in results:
-        console.print(f"recovered {result.summary()}", soft_wrap=True)
-        console.print(
-            f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True
-        )
+            console.print(f"recovered {result.summary()}", soft_wrap=True)
+            console.print(
+                f"model: {result.checkpoint} (load it with ranksearch.study.recovery.load_recovered)", soft_wrap=True
+            )
+            results.append(result)
     return results
 
 

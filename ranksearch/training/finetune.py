@@ -8,7 +8,8 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ class TeacherCache:
     by a digest of the images and the stage names. Fine-tunes from one teacher over a seeded loader see the same
     batches, so with one cache shared by them each batch's teacher pass runs once.
 
-    It holds at most ``max_bytes`` of tensors (default: a quarter of the machine's memory, at most 4 GiB); the
-    batches past that are not kept, and their teacher pass runs every time. Two epochs of ResNet-18's block outputs
+    It holds at most ``max_bytes`` of tensors (default: a quarter of the memory this process may use, at most 4 GiB);
+    the batches past that are not kept, and their teacher pass runs every time. Two epochs of ResNet-18's block outputs
     at 28x28 take 2.9 GB.
     """
 
@@ -196,7 +197,7 @@ def finetune(
                     if cached is None:
                         with torch.no_grad():
                             teacher_logits = teacher(images).float()
-                        targets = {name: teacher_features[name] for name in stages if name in teacher_features}
+                        targets = dict(teacher_features)  # in the order the hooks ran, as uncached
                         if key is not None:
                             teacher_cache.put(key, stages, teacher_logits, targets)
                     else:
@@ -234,12 +235,24 @@ def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
 
 
 def _default_cache_bytes() -> int:
-    """A quarter of the machine's memory, at most 4 GiB (1 GiB where the memory size cannot be read)."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return 1 << 30
-    return min(memory // 4, 4 << 30)
+    """A quarter of the memory this process may use (the machine's, or its control group's limit where lower), at
+    most 4 GiB; 1 GiB where neither can be read."""
+    limits = [_cgroup_memory_limit()]
+    with suppress(AttributeError, OSError, ValueError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    known = [limit for limit in limits if limit is not None and limit > 0]
+    return min(min(known) // 4, 4 << 30) if known else 1 << 30
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's control group (cgroup v2, else v1) in bytes, or None where there is none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None
+    return None
 
 
 def _batch_digest(images: torch.Tensor) -> bytes:
