@@ -137,6 +137,28 @@ def cache_limit_bytes() -> int:
     return int(gigabytes * 1e9)
 
 
+CGROUP_MEMORY_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+"""Where Linux gives a process's control-group memory limit: cgroup v2, then v1."""
+
+
+def memory_limit_bytes(*, cgroup_files: tuple[Path, ...] = CGROUP_MEMORY_FILES) -> int | None:
+    """The memory this process may use: the machine's, or its control group's limit where lower (the first of
+    ``cgroup_files`` that exists; "max" or no file: no limit); None where neither can be read."""
+    limits = []
+    for path in cgroup_files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+        break
+    with suppress(AttributeError, OSError, ValueError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    known = [limit for limit in limits if limit > 0]
+    return min(known) if known else None
+
+
 @dataclass(frozen=True)
 class CachedFile:
     """A file of a cache directory: its size and when it was last used (its modification time)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from ranksearch.training import (
     stage_names,
     train_baseline,
 )
+from ranksearch.util import memory_limit_bytes
 
 TINY_RECIPE = Recipe(epochs=2, batch_size=32, lr=0.1)
 
@@ -240,6 +242,27 @@ def test_teacher_cache_keeps_logits_and_features_apart_and_stops_at_its_size(spl
     student_after(teacher_cache=small, stages=["2", "5"], feature_weight=10.0)
     assert len(small) == 5 and small.bytes <= small.max_bytes
     assert len(calls) == 12 + 7  # the second fine-tune runs the teacher on the 7 batches that did not fit
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "2147483648\n", "memory.limit_in_bytes": "1024\n"}, 2 << 30),  # v2 before v1
+        ({"memory.max": "max\n", "memory.limit_in_bytes": "1024\n"}, None),  # v2 unlimited: v1 is not read
+        ({"memory.limit_in_bytes": "3221225472\n"}, 3 << 30),  # v1 only
+        ({"memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "unlimited" is above the machine's
+        ({}, None),  # no control group
+    ],
+)
+def test_memory_limit_reads_the_control_group_and_the_machine(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    paths = (tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes")
+    assert memory_limit_bytes(cgroup_files=paths) == min(machine, expected or machine)
+    assert TeacherCache().max_bytes == min(memory_limit_bytes() // 4, 4 << 30)
 
 
 def test_finetune_divergence_raises(splits: DataSplits) -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from ranksearch.training.loop import (
     mixed_precision,
     to_device,
 )
+from ranksearch.util import memory_limit_bytes
 
 __all__ = [
     "EXPLODED",
@@ -235,24 +234,10 @@ def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
 
 
 def _default_cache_bytes() -> int:
-    """A quarter of the memory this process may use (the machine's, or its control group's limit where lower), at
-    most 4 GiB; 1 GiB where neither can be read."""
-    limits = [_cgroup_memory_limit()]
-    with suppress(AttributeError, OSError, ValueError):
-        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    known = [limit for limit in limits if limit is not None and limit > 0]
-    return min(min(known) // 4, 4 << 30) if known else 1 << 30
-
-
-def _cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's control group (cgroup v2, else v1) in bytes, or None where there is none."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        return int(text) if text.isdigit() else None
-    return None
+    """A quarter of the memory this process may use (:func:`~ranksearch.util.memory_limit_bytes`), at most 4 GiB;
+    1 GiB where it cannot be read."""
+    limit = memory_limit_bytes()
+    return min(limit // 4, 4 << 30) if limit is not None else 1 << 30
 
 
 def _batch_digest(images: torch.Tensor) -> bytes:
