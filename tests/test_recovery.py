@@ -354,6 +354,16 @@ def test_the_plan_steers_by_the_validation_drop_where_the_recovery_measured_it()
     assert "; validation drop 0.30 pp [0.00, 0.60]" in found[1].summary()
 
 
+def test_the_plan_finds_the_models_of_a_moved_study_in_its_directory(tmp_path: Path) -> None:
+    study = synthetic_front()
+    record_recovery(study, 8, 2.0)  # recorded as "trial-8.pt", a path that is not there
+    moved = tmp_path / "recovered" / "trial-8.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(b"model")
+    assert recovery_plan(study, 4, RECIPE).recovered[0].checkpoint == Path("trial-8.pt")
+    assert recovery_plan(study, 4, RECIPE, directory=tmp_path).recovered[0].checkpoint == moved.resolve()
+
+
 def test_a_recovery_recorded_before_features_were_matched_reads_back_as_logits_only() -> None:
     study = synthetic_front()
     record_recovery(study, 8, 2.0)

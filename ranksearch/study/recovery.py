@@ -333,10 +333,16 @@ class RecoveryPlan:
 
 
 def recovery_plan(
-    study: optuna.Study, top: int, recipe: RecoveryRecipe, *, failed: Collection[int] = ()
+    study: optuna.Study,
+    top: int,
+    recipe: RecoveryRecipe,
+    *,
+    failed: Collection[int] = (),
+    directory: Path | None = None,
 ) -> RecoveryPlan:
     """The recovery stage's ``top`` front members that compress something, replayed from the recoveries the study
-    recorded with this ``recipe`` (``failed``: members whose recovery failed, counted and not retried).
+    recorded with this ``recipe`` (``failed``: members whose recovery failed, counted and not retried; ``directory``:
+    the study's results directory, where their models are looked for, as in :meth:`RecoveredTrial.from_dict`).
 
     The search's short fine-tunes understate the fast end most, so the plan looks for the fastest member that
     recovers within :data:`RECOVERY_TARGET_PP` points of the dense model (on the validation split:
@@ -374,7 +380,7 @@ def recovery_plan(
         if number in failed:
             within[pick] = False
             continue
-        result = recorded_recovery(study, number, recipe)
+        result = recorded_recovery(study, number, recipe, directory=directory)
         if result is None:
             return RecoveryPlan(recovered=tuple(recovered), next=members[pick])
         within[pick] = result.steering_drop.drop_pp <= RECOVERY_TARGET_PP
@@ -395,7 +401,7 @@ def recover_front(
     recoverer: Recoverer | None = None
     failed: set[int] = set()
     while True:
-        plan = recovery_plan(study, spec.final_top, spec.recipe, failed=failed)
+        plan = recovery_plan(study, spec.final_top, spec.recipe, failed=failed, directory=directory)
         if plan.next is None:
             return list(plan.recovered)
         number = plan.next.number
