@@ -1,6 +1,6 @@
 """Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
-    python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 2] [--final-lr 0.03]
+    python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 3] [--final-lr 0.03]
                                  [--methods ranksearch with-greedy fill-gaps nsga2 previous random random-time
                                             uniform greedy]
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]

@@ -114,7 +114,7 @@ class SearchSpec:
     promote_steps: str = "300"
     """Fine-tune steps of the promotion rungs after the budget, comma-separated ("0": no promotion). One rung by
     default: in a default run (2026-11-29) rungs of 300 then 1,500 steps took 1,215 s of 3,557, the 1,500-step rung
-    alone ~600 s for 2 configs, more steps than the recovery stage's 2 epochs (842) gives each of its configs."""
+    alone ~600 s for 2 configs, more steps than the recovery stage's 2 epochs then (842) gave each of its configs."""
     promote_fraction: float = 0.2
     """The share of each rung promoted to the next."""
 
@@ -180,8 +180,10 @@ class RecoverySpec:
     :mod:`ranksearch.study.recovery`). Not part of the study's identity: it reads the front, it does not change what
     the search measures."""
 
-    final_epochs: int = 2
-    """Epochs of distillation per recovered member; 0 turns the stage off."""
+    final_epochs: int = 3
+    """Epochs of distillation per recovered member; 0 turns the stage off. A third epoch brought a config with 6.6x
+    fewer MACs 0.25 validation points closer to the dense model than two (docs/search.md, "The recovery's third
+    epoch"); the dense model's outputs shared by the members pay for most of it."""
     final_top: int = 4
     """How many front members are recovered."""
     final_lr: float = 0.03
