@@ -35,8 +35,7 @@ def cpu_name() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         cpuinfo = ""
-    fallback = f"model name: {platform.processor() or platform.machine()}"
-    return processor_name(cpuinfo) or processor_name(fallback) or "unknown"
+    return processor_name(cpuinfo) or _plain_name(platform.processor() or platform.machine()) or "unknown"
 
 
 def processor_name(cpuinfo: str) -> str:
@@ -47,13 +46,17 @@ def processor_name(cpuinfo: str) -> str:
     first: dict[str, str] = {}
     for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()):
         first.setdefault(key.strip(), value.strip())
-    name = first.get("model name", "")
-    for mark in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
-        name = name.replace(mark, "")
-    name = " ".join(name.split("@")[0].split())
+    name = _plain_name(first.get("model name", ""))
     if name and first.get("cpu family", "").isdigit() and first.get("model", "").isdigit():
         name += f" family {first['cpu family']} model {first['model']}"
     return name
+
+
+def _plain_name(name: str) -> str:
+    """A processor's name with its trademarks and clock left out."""
+    for mark in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
+        name = name.replace(mark, "")
+    return " ".join(name.split("@")[0].split())
 
 
 class ModuleTimer(ABC):
