@@ -7,7 +7,7 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -242,6 +242,25 @@ def test_teacher_cache_keeps_logits_and_features_apart_and_stops_at_its_size(spl
     student_after(teacher_cache=small, stages=["2", "5"], feature_weight=10.0)
     assert len(small) == 5 and small.bytes <= small.max_bytes
     assert len(calls) == 12 + 7  # the second fine-tune runs the teacher on the 7 batches that did not fit
+
+
+def test_teacher_cache_holds_the_stage_outputs_in_bf16_and_the_logits_in_float32(splits: DataSplits) -> None:
+    _, _, student_after = teacher_and_student_after(splits)
+    kept: list[tuple[torch.dtype, dict[str, torch.dtype]]] = []
+
+    class NotingCache(TeacherCache):
+        def put(
+            self, images: bytes, stages: tuple[str, ...], logits: torch.Tensor, features: Mapping[str, torch.Tensor]
+        ) -> None:
+            kept.append((logits.dtype, {name: tensor.dtype for name, tensor in features.items()}))
+            super().put(images, stages, logits, features)
+
+    cache = NotingCache()
+    student_after(teacher_cache=cache, stages=["2", "5"], feature_weight=10.0)
+    assert len(kept) == 12
+    assert all(
+        logits == torch.float32 and features == {"2": torch.bfloat16, "5": torch.bfloat16} for logits, features in kept
+    )
 
 
 @pytest.mark.parametrize(
