@@ -11,11 +11,17 @@ import re
 import optuna
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from ranksearch.config import CompressionConfig, LayerChoice
-from ranksearch.results.record import WARM_START
-from ranksearch.search import SearchSpace, sample_config
+from ranksearch.results.record import ANCHOR, WARM_START
+from ranksearch.search import (
+    SearchSpace,
+    default_space_path,
+    sample_config,
+    uniform_config,
+)
 from ranksearch.search.knapsack import (
     KNAPSACK_BUDGETS,
     budgets_within_reach,
@@ -234,6 +240,43 @@ def test_enqueue_starts_queues_distinct_knapsack_configs_within_their_budgets(pr
         assert sum(cost(name, choice) for name, choice in config.layers.items()) <= float(found[1]) / 100 * dense
     expected = knapsack_configs(sensitivity, slots, cost, rank_multiple=space.rank_multiple, max_drop=50.0)
     assert [c for _, c in starts] == [c for c in expected.values() if c not in anchors]
+
+
+def test_the_anchors_reach_the_shipped_spaces_fastest_uniform_config() -> None:
+    """On ResNet-18 with its shipped space the study starts with the baseline and five uniform configs, the last
+    Tucker-2 at 0.125 of full rank on every searched layer (the fastest the space offers uniformly)."""
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=10)
+        shapes = record_input_shapes(model, torch.empty(1, 3, 64, 64, device="meta"))
+    space = SearchSpace.load(default_space_path("resnet"))
+    slots = space.layers(model, shapes)
+    context = RunContext(
+        settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
+    )
+    search = PreparedSearch(
+        RunSettings.of(model="resnet18"), context, space, slots, None, None, {}, {}, None, None, (), None
+    )
+    study = optuna.create_study()
+    search.enqueue_starts(study)
+    labels = [trial.user_attrs[ANCHOR] for trial in study.get_trials(deepcopy=False)]
+    assert labels == [
+        "baseline",
+        "uniform svd@0.5",
+        "uniform tucker2@0.5",
+        "uniform svd@0.25",
+        "uniform tucker2@0.25",
+        "uniform tucker2@0.125",
+    ]
+    queued: list[CompressionConfig] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        queued.append(sample_config(trial, slots, rank_multiple=space.rank_multiple))
+        return 0.0
+
+    study.optimize(objective, n_trials=len(labels))
+    fastest = uniform_config(slots, "tucker2", 0.125, rank_multiple=space.rank_multiple)
+    assert queued[-1] == fastest
+    assert {choice.technique for choice in fastest.layers.values()} == {"tucker2"}
 
 
 @pytest.mark.parametrize("kind", ["greedy", "none"])
