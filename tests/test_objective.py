@@ -19,7 +19,7 @@ from ranksearch.compress import dense_model_cost
 from ranksearch.config import CompressionConfig, LayerChoice
 from ranksearch.errors import CompressionError, RanksearchError
 from ranksearch.evaluate import Evaluator, Metrics, ZeroShotScorer
-from ranksearch.results.record import Outcome, TrialRecord, anchor_attrs
+from ranksearch.results.record import RETRY_OF, Outcome, TrialRecord, anchor_attrs
 from ranksearch.search import SearchSpace, config_to_params, record_input_shapes
 from ranksearch.search.latency_table import variant_key
 from ranksearch.search.screens import HopelessVariant, ZeroShotDrop
@@ -134,6 +134,13 @@ def test_anchors_pass_the_screens(search) -> None:
     record = run(search, {"0": LayerChoice("svd", 0.25), "2": LayerChoice("keep")}, **anchor_attrs("uniform"))
     assert record.outcome == Outcome.COMPLETE and record.anchor == "uniform"
     assert not search.evaluator.scored  # nor is an anchor rejected at zero shot
+
+
+def test_a_retry_of_a_dead_processs_trial_passes_the_screens(search) -> None:
+    """The screens admitted the trial it repeats: a retry is evaluated whatever they say now."""
+    record = run(search, {"0": LayerChoice("svd", 0.25), "2": LayerChoice("keep")}, **{RETRY_OF: 3})
+    assert record.outcome == Outcome.COMPLETE and record.screen == ""
+    assert search.evaluator.evaluated and not search.evaluator.scored
 
 
 def test_a_zero_shot_rejection_is_pruned_before_evaluation_and_counts(search) -> None:

@@ -30,7 +30,7 @@ from ranksearch import util
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
 from ranksearch.results import front_trials
-from ranksearch.results.record import records
+from ranksearch.results.record import TrialRecord, records
 from ranksearch.study import heartbeat
 from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.storage import open_storage
@@ -145,7 +145,8 @@ def check_budget_and_retry(study: optuna.Study, killed: FrozenTrial) -> None:
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[killed.number].state == TrialState.FAIL
     retries = [t for t in trials if t.user_attrs.get(heartbeat.RETRY_OF) == killed.number]
-    assert [t.state for t in retries].count(TrialState.COMPLETE) == 1
+    outcomes = [(r.outcome, r.reason) for r in map(TrialRecord.of, retries)]
+    assert [t.state for t in retries].count(TrialState.COMPLETE) == 1, outcomes
     assert all(t.params == trials[killed.number].params for t in retries)
 
 

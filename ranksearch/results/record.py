@@ -134,13 +134,19 @@ class TrialRecord:
 
     @property
     def protected(self) -> bool:
-        """Anchors and warm starts are evaluated whatever the screens say."""
+        """Anchors and warm starts are evaluated whatever the screens say (so are promotions and retries)."""
         return self.is_protected({ANCHOR: self.anchor, WARM_START: self.warm_start})
 
     @staticmethod
     def is_protected(user_attrs: Mapping[str, Any]) -> bool:
         """Whether a trial with these user attributes (a running one's) is an anchor or a warm start."""
         return bool(user_attrs.get(ANCHOR) or user_attrs.get(WARM_START))
+
+    @staticmethod
+    def is_retry(user_attrs: Mapping[str, Any]) -> bool:
+        """Whether a trial with these user attributes (a waiting or running one's) repeats a trial whose process
+        died (:data:`RETRY_OF`)."""
+        return user_attrs.get(RETRY_OF) is not None
 
     @property
     def counts_toward_budget(self) -> bool:

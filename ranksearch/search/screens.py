@@ -2,8 +2,8 @@
 
 Each screen is a small object with one method, :meth:`Screen.screen`, in the spirit of Optuna's
 ``BasePruner.prune``: given a :class:`Candidate`, it returns a :class:`Verdict` (which screen, and why) or None.
-The search asks its screens in order and prunes the trial on the first verdict. Anchors and warm starts are
-``protected``: only a hard limit (``--max-latency-ms``) screens them.
+The search asks its screens in order and prunes the trial on the first verdict. Anchors, warm starts, promotions
+and retries are ``protected``: only a hard limit (``--max-latency-ms``) screens them.
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ class Objective:
     order (the first verdict prunes the trial, which does not count towards the budget) -> with early rejection,
     measure its zero-shot accuracy and ask the zero-shot screen (a verdict prunes the trial, which counts) ->
     evaluate -> record the metrics, the accuracy drop, the speedup and the constraints -> return the accuracy and the
-    latency relative to the dense model timed beside it (1 / speedup; exactly 1 for the dense model). Anchors and
-    warm starts are protected from all but hard limits. An evaluator exception fails the trial with its first line as
-    the reason; a user error (:class:`~ranksearch.errors.RanksearchError`) stops the search.
+    latency relative to the dense model timed beside it (1 / speedup; exactly 1 for the dense model). Anchors, warm
+    starts, promotions and retries of a dead process's trials are protected from all but hard limits. An evaluator
+    exception fails the trial with its first line as the reason; a user error
+    (:class:`~ranksearch.errors.RanksearchError`) stops the search.
     """
 
     def __init__(self, search: PreparedSearch, *, max_screened_in_a_row: int = MAX_SCREENED_IN_A_ROW) -> None:
@@ -56,7 +57,11 @@ class Objective:
             cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
             writer.sampled(config, {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes})
             promotion = TrialRecord.is_promotion(trial.user_attrs)
-            protected = promotion or TrialRecord.is_protected(trial.user_attrs)
+            # a retry repeats a trial the screens had admitted: screened again against the refitted latency table,
+            # whether a killed worker's trial is ever completed would hang on timing noise
+            protected = (
+                promotion or TrialRecord.is_protected(trial.user_attrs) or TrialRecord.is_retry(trial.user_attrs)
+            )
             candidate = Candidate(config, protected=protected, prediction=self.predict(trial.study, config))
             if candidate.prediction is not None:
                 writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
