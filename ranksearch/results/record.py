@@ -134,7 +134,7 @@ class TrialRecord:
 
     @property
     def protected(self) -> bool:
-        """Anchors and warm starts are evaluated whatever the screens say (so are promotions and retries)."""
+        """An anchor or a warm start: a config the study chose to evaluate, not one it sampled."""
         return self.is_protected({ANCHOR: self.anchor, WARM_START: self.warm_start})
 
     @staticmethod
@@ -143,10 +143,16 @@ class TrialRecord:
         return bool(user_attrs.get(ANCHOR) or user_attrs.get(WARM_START))
 
     @staticmethod
-    def is_retry(user_attrs: Mapping[str, Any]) -> bool:
-        """Whether a trial with these user attributes (a waiting or running one's) repeats a trial whose process
-        died (:data:`RETRY_OF`)."""
-        return user_attrs.get(RETRY_OF) is not None
+    def passes_soft_screens(user_attrs: Mapping[str, Any]) -> bool:
+        """Whether a trial with these user attributes (a waiting or running one's) faces only the hard limits: an
+        anchor, a warm start, a promotion, or the retry of a trial whose process died (:data:`RETRY_OF`; the
+        screens admitted the trial it repeats, and asking them again, against a latency table refitted since,
+        could turn it away on timing noise alone)."""
+        return (
+            TrialRecord.is_protected(user_attrs)
+            or TrialRecord.is_promotion(user_attrs)
+            or user_attrs.get(RETRY_OF) is not None
+        )
 
     @property
     def counts_toward_budget(self) -> bool:

@@ -56,12 +56,7 @@ class Objective:
         try:
             cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
             writer.sampled(config, {"params": cost.params, "macs": cost.macs, "size_bytes": cost.size_bytes})
-            promotion = TrialRecord.is_promotion(trial.user_attrs)
-            # a retry repeats a trial the screens had admitted: screened again against the refitted latency table,
-            # whether a killed worker's trial is ever completed would hang on timing noise
-            protected = (
-                promotion or TrialRecord.is_protected(trial.user_attrs) or TrialRecord.is_retry(trial.user_attrs)
-            )
+            protected = TrialRecord.passes_soft_screens(trial.user_attrs)
             candidate = Candidate(config, protected=protected, prediction=self.predict(trial.study, config))
             if candidate.prediction is not None:
                 writer.predicted(candidate.prediction.latency_ms, candidate.prediction.speedup)
