@@ -436,12 +436,16 @@ def apply(
     latency_backend: Annotated[
         list[str] | None,
         typer.Option(
-            help="time both models here, repeatable: torch, onnxruntime or compile (default: torch, and onnxruntime "
-            "with --onnx)"
+            help="time both models here, repeatable: torch, onnxruntime or compile (default: the search's, and "
+            "onnxruntime with --onnx)"
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="threads of the latency measurement")] = None,
-    batch: Annotated[int, typer.Option(help="batch size of the ONNX check and latency measurement")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="threads of the latency measurement (default: the search's)")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="batch size of the ONNX check and latency measurement (default: the search's)")
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="int8/data-aware calibration data (default: the study's)")] = None,
     data_root: Annotated[Path | None, typer.Option(help="dataset directory (default: the study's)")] = None,
     trust_checkpoint: TrustCheckpoint = False,

@@ -30,7 +30,14 @@ from ranksearch.measure.onnx import (
 )
 from ranksearch.measure.timing import Latency, PairedLatency
 from ranksearch.models import build_model
-from ranksearch.results.apply import APPLY_ROUNDS, ApplyResult, BackendTiming, apply_to_checkpoint, print_apply
+from ranksearch.results.apply import (
+    APPLY_ROUNDS,
+    ApplyResult,
+    BackendTiming,
+    apply_to_checkpoint,
+    print_apply,
+    searched_timing,
+)
 from ranksearch.study import RunSettings, run_search
 from ranksearch.techniques.int8 import int8_available
 
@@ -215,6 +222,27 @@ def test_apply_times_each_backend_in_paired_rounds(apply_files: Path, tmp_path: 
     assert result.params["compressed"] < result.params["uncompressed"]
     shown = console.export_text()
     assert "eager torch" in shown and "torch.compile: compile_graph_breaks 0," in shown
+
+
+def test_apply_times_as_the_search_did_unless_told_otherwise(apply_files: Path, tmp_path: Path) -> None:
+    """Threads, batch and backend left out are those the config's search timed its trials with (so its speedup
+    compares with the config's), and the table says so; an option given wins and is not claimed as the search's."""
+    config = json.loads((apply_files / "config.json").read_text())
+    config["layers"] = {"layer1.0.conv1": {"technique": "svd", "rank": 0.5}}
+    config["meta"]["settings"].update(threads=1, latency_batch=2, latency_backend="torch")
+    path = tmp_path / "searched.json"
+    path.write_text(json.dumps(config))
+    console = Console(record=True, width=300)
+    result = apply_to_checkpoint(path, apply_files / "weights.pt", tmp_path / "a.pt", console=console)
+    assert result.batch == 2 and [t.backend for t in result.timings] == ["torch"]
+    assert result.timings[0].paired is not None and result.timings[0].paired.reference.threads == 1
+    assert result.from_search == ("backend torch", "threads 1", "batch 2")
+    shown = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "latency at batch 2, 1 thread(s)" in shown
+    assert "timed as the search timed its trials (backend torch, threads 1, batch 2: the config's settings)" in shown
+    told = apply_to_checkpoint(path, apply_files / "weights.pt", tmp_path / "b.pt", batch=1, console=console)
+    assert told.batch == 1 and told.from_search == ("backend torch", "threads 1")
+    assert searched_timing(rs.CompressionConfig.coerce(apply_files / "config.json")) == (None, None, None)
 
 
 def test_apply_says_when_rounds_disagree_too_much_to_trust_the_speedup(tmp_path: Path) -> None:

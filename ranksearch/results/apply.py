@@ -55,6 +55,8 @@ class ApplyResult:
     timings: list[BackendTiming]
     folded: bool = True
     """Whether both models were timed with BatchNorm folded (as the search times them)."""
+    from_search: tuple[str, ...] = ()
+    """The timing settings taken from the search that the config came from (e.g. ``threads 4``), none asked for."""
 
 
 def apply_to_checkpoint(
@@ -65,7 +67,7 @@ def apply_to_checkpoint(
     onnx: str | Path | None = None,
     backends: Sequence[str] | None = None,
     threads: int | None = None,
-    batch: int = 1,
+    batch: int | None = None,
     dataset: str | None = None,
     data_root: str | Path | None = None,
     trust_checkpoint: bool = False,
@@ -84,13 +86,29 @@ def apply_to_checkpoint(
     model is written there after checking ONNX Runtime's output against torch's. Both models are then timed as the
     search times them, in their deployed form (BatchNorm folded into the layer before it:
     :func:`~ranksearch.measure.deployed.fold_batchnorm`), at batch ``batch`` on ``threads`` threads, by each of the
-    latency ``backends`` (:mod:`ranksearch.measure.backends`; default: torch, and ONNX Runtime with ``onnx``) in
-    :data:`APPLY_ROUNDS` alternating rounds; the table goes to ``console``.
+    latency ``backends`` (:mod:`ranksearch.measure.backends`) in :data:`APPLY_ROUNDS` alternating rounds; the table
+    goes to ``console``. What is not given is timed as the search that the config came from timed its trials (its
+    ``meta.settings``: :func:`searched_timing`), so the speedup is comparable with the one the config records; else
+    eager torch, the backend's own thread count and batch 1. ONNX Runtime is added with ``onnx``.
     """
     from ranksearch.results.build import build_from_config
 
     config = CompressionConfig.coerce(config)
-    names = list(backends) if backends else ["torch", *(["onnxruntime"] if onnx is not None else [])]
+    searched = searched_timing(config)
+    from_search = tuple(
+        f"{name} {value}"
+        for name, value, given in (
+            ("backend", searched.backend, bool(backends)),
+            ("threads", searched.threads, threads is not None),
+            ("batch", searched.batch, batch is not None),
+        )
+        if value is not None and not given
+    )
+    threads = threads if threads is not None else searched.threads
+    batch = batch if batch is not None else searched.batch or 1
+    names = (
+        list(backends) if backends else [searched.backend or "torch", *(["onnxruntime"] if onnx is not None else [])]
+    )
     chosen = [latency_backend(name) for name in dict.fromkeys(names)]  # an unknown name lists the others
     if onnx is not None:
         require_onnxruntime()
@@ -143,9 +161,29 @@ def apply_to_checkpoint(
             continue
         timings.append(BackendTiming(backend.name, result.paired, result.extra))
     params = {"uncompressed": _param_count(dense), "compressed": _param_count(compressed)}
-    applied = ApplyResult(out, exported, batch, params, timings, folded=timed is not None)
+    applied = ApplyResult(out, exported, batch, params, timings, folded=timed is not None, from_search=from_search)
     print_apply(applied, console or Console())
     return applied
+
+
+class SearchedTiming(NamedTuple):
+    """How the search that a config came from timed its trials; None where the config does not record it."""
+
+    backend: str | None
+    threads: int | None
+    batch: int | None
+
+
+def searched_timing(config: CompressionConfig) -> SearchedTiming:
+    """The latency backend, threads and batch recorded in ``config``'s ``meta.settings`` (``ranksearch export`` writes
+    them; a hand-written config has none, and a search left to torch's own thread count records none)."""
+    settings = dict(config.meta.get("settings") or {})
+    backend, threads, batch = (settings.get(key) for key in ("latency_backend", "threads", "latency_batch"))
+    return SearchedTiming(
+        backend=None if backend is None else str(backend),
+        threads=None if threads is None else int(threads),
+        batch=None if batch is None else int(batch),
+    )
 
 
 class _Deployed(NamedTuple):
@@ -246,6 +284,11 @@ def print_apply(result: ApplyResult, console: Console) -> None:
         for t in result.timings
         if t.paired is not None and t.paired.speedup_high > MAX_ROUND_SPREAD * t.paired.speedup_low
     ]
+    if result.from_search:
+        written.append(
+            f"timed as the search timed its trials ({', '.join(result.from_search)}: the config's settings); "
+            "--latency-backend, --threads and --batch time it otherwise"
+        )
     written += [
         f"params: {params['uncompressed'] / 1e6:.3f} M uncompressed, {params['compressed'] / 1e6:.3f} M compressed",
         f"wrote {result.out} (load: torch.load(path, weights_only=False))",
