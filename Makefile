@@ -29,8 +29,12 @@ system-run system-test:
 		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
 	fi
 
+# The suite on TEST_WORKERS processes (pytest-xdist, one module per process at a time), then the tests timed against the
+# wall clock (marked serial) alone
+TEST_WORKERS ?= 2
 test: setup system-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not serial"
+	$(PY) -m pytest -q -p no:xdist -m serial
 
 run: setup system-run
 	$(VENV)/bin/ranksearch run $(ARGS)

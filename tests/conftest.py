@@ -27,6 +27,7 @@ from ranksearch.evaluate import ClassificationEvaluator, EvaluatorOptions
 from ranksearch.models import build_model, load_checkpoint
 from ranksearch.study import RunSettings, SearchResult, run_search
 
+os.environ.pop("COLUMNS", None)  # pytest-xdist's workers get COLUMNS=80: print as wide as a plain run (160 when piped)
 torch.set_num_threads(1)  # tiny tensors run fastest (and steadiest on a busy 2-core machine) on one thread
 rs.set_default_store(rs.FactorStore())  # module-scoped fixtures run before factor_store: never the user's cache either
 
@@ -38,6 +39,36 @@ def factor_store() -> rs.FactorStore:
     store = rs.FactorStore()
     rs.set_default_store(store)
     return store
+
+
+# -- running in parallel (pytest-xdist: `make test` runs `pytest -n 2 --dist loadgroup`) ----------------------------
+
+SHARED_SEARCH_MODULES = frozenset({"test_export", "test_front", "test_plots", "test_promotion", "test_report"})
+"""The modules that read the session's one tiny search (:func:`tiny_search`): one group, so it runs once."""
+
+LONGEST_FIRST = ("test_workers", "tiny search", "test_study", "test_deploy", "test_bad_input", "test_legacy")
+"""The groups that take longest on one core, started first so that neither worker is left alone with one at the end."""
+
+
+def _parallel_group(item: pytest.Item) -> str:
+    module = item.path.stem
+    return "tiny search" if module in SHARED_SEARCH_MODULES else module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which names each test's group in its id
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test of the shared tiny search may be the one that runs it: 900 s. On a pytest-xdist worker, each module is
+    one group that one worker runs whole (its module fixtures built once), the modules sharing the tiny search one
+    group, and the longest groups come first; a plain run keeps its order."""
+    for item in items:
+        if "tiny_search" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(900))  # after the test's own marks: one of its own still wins
+    if not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_parallel_group(item)))
+    order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(_parallel_group(item), len(order)))
 
 
 # -- the tiny problem's search space --------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ class WithSpare(nn.Module):
         return self.used(x)
 
 
+@pytest.mark.serial
 def test_layers_are_timed_inside_the_models_in_alternation() -> None:
     """Each named layer's own time inside each model, whatever runs around it."""
     first = nn.Sequential(nn.Conv2d(1, 4, 3), Sleep(0.004), Sleep(0.0))
@@ -181,6 +182,7 @@ def test_layers_are_timed_inside_the_models_in_alternation() -> None:
         CPU.layers_in_models_ms([WithSpare()], torch.randn(1), ["spare"], runs=1, warmup=0)
 
 
+@pytest.mark.serial
 def test_the_rest_of_the_model_is_the_overhead() -> None:
     """Timed inside the model, the layers outside the search (here a 3 ms one) make the table's overhead, which a
     compressed config does not shrink."""

@@ -347,6 +347,7 @@ def test_silent_trials_through_the_server_fail_once_and_retry(storage_server: st
     assert trials[alive.number].state == TrialState.RUNNING
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_trial_that_never_beat_is_failed_and_retried_after_the_grace(
     backend: str, tmp_path: Path, request, monkeypatch
@@ -377,6 +378,7 @@ def test_a_trial_that_never_beat_is_failed_and_retried_after_the_grace(
     optuna.delete_study(study_name="orphans", storage=url)
 
 
+@pytest.mark.serial
 def test_a_beating_trial_records_its_heartbeat_until_it_ends(storage_server: str) -> None:
     study = optuna.create_study(study_name="beating", storage=storage_for(storage_server))
     trial = study.ask()

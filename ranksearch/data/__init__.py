@@ -30,7 +30,7 @@ from ranksearch.data.folder import (
     skipped_message,
 )
 from ranksearch.errors import RanksearchError
-from ranksearch.util import first_line
+from ranksearch.util import atomic_open, first_line
 
 __all__ = [
     "DATASETS",
@@ -415,13 +415,11 @@ def _as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _copy_system_fashion_mnist(raw: Path) -> None:
-    """Un-gzip the Debian ``dataset-fashion-mnist`` files into ``raw`` when they are missing there."""
+    """Un-gzip the Debian ``dataset-fashion-mnist`` files into ``raw`` when they are missing there (each through a
+    temporary file of its own, so processes doing it at once each replace the file whole)."""
     for source in sorted(SYSTEM_FASHION_MNIST.glob("*-ubyte.gz")):
         target = raw / source.name[:-3]
         if target.exists():
             continue
-        raw.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        with gzip.open(source, "rb") as src, partial.open("wb") as dst:
+        with gzip.open(source, "rb") as src, atomic_open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        partial.replace(target)
