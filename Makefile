@@ -33,7 +33,7 @@ system-run system-test:
 # wall clock (marked serial) alone
 TEST_WORKERS ?= 2
 test: setup system-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not serial"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not serial"
 	$(PY) -m pytest -q -p no:xdist -m serial
 
 run: setup system-run

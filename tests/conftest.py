@@ -41,7 +41,7 @@ def factor_store() -> rs.FactorStore:
     return store
 
 
-# -- running in parallel (pytest-xdist: `make test` runs `pytest -n 2 --dist loadgroup`) ----------------------------
+# -- running in parallel (pytest-xdist: `make test` runs `pytest -n 2 --dist loadscope`) ----------------------------
 
 SHARED_SEARCH_MODULES = frozenset({"test_export", "test_front", "test_plots", "test_promotion", "test_report"})
 """The modules that read the session's one tiny search (:func:`tiny_search`): one group, so it runs once."""
@@ -50,25 +50,37 @@ LONGEST_FIRST = ("test_workers", "tiny search", "test_study", "test_deploy", "te
 """The groups that take longest on one core, started first so that neither worker is left alone with one at the end."""
 
 
-def _parallel_group(item: pytest.Item) -> str:
-    module = item.path.stem
+def _parallel_group(module_path: str) -> str:
+    """The group a test module's path (``tests/test_x.py``) runs in: its own, or the tiny search's."""
+    module = Path(module_path).stem
     return "tiny search" if module in SHARED_SEARCH_MODULES else module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which names each test's group in its id
+@pytest.hookimpl(optionalhook=True)  # a plain run (`-p no:xdist`) has no such hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduling by module (``--dist loadscope``), with the modules of the tiny search one unit: each
+    unit runs whole in one worker, so its module fixtures (and the session's tiny search) are built once. (xdist's
+    own ``xdist_group`` marks went unheeded with pytest 9.2 and xdist 3.8: the tests of one group ran on both.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _parallel_group(nodeid.split("::", 1)[0])
+
+    return ModuleGroups(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test of the shared tiny search may be the one that runs it: 900 s. On a pytest-xdist worker, each module is
-    one group that one worker runs whole (its module fixtures built once), the modules sharing the tiny search one
-    group, and the longest groups come first; a plain run keeps its order."""
+    """A test of the shared tiny search may be the one that runs it: 900 s. On a pytest-xdist worker the longest
+    groups come first (the scheduler hands out units in this order); a plain run keeps its order."""
     for item in items:
         if "tiny_search" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(900))  # after the test's own marks: one of its own still wins
     if not hasattr(config, "workerinput"):
         return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_parallel_group(item)))
     order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(_parallel_group(item), len(order)))
+    items.sort(key=lambda item: order.get(_parallel_group(str(item.path)), len(order)))
 
 
 # -- the tiny problem's search space --------------------------------------------------------------------------------
