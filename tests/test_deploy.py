@@ -275,6 +275,18 @@ def test_apply_unknown_latency_backend_is_one_line_exit_2(apply_files: Path, tmp
     assert code == 2 and lines == ["error: --latency-backend 'tvm' is unknown; choose torch, onnxruntime or compile"]
 
 
+def test_apply_config_with_a_bad_recorded_thread_count_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:
+    config = json.loads((apply_files / "config.json").read_text())
+    config["meta"]["settings"]["threads"] = "four"
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(config))
+    code, stderr = bad_apply(tmp_path, path, apply_files / "weights.pt")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and lines == [
+        "error: the config's meta.settings.threads 'four' is not a positive whole number; fix it there (or remove it)"
+    ], stderr
+
+
 def test_apply_missing_config_is_one_line_exit_2(apply_files: Path, tmp_path: Path) -> None:
     code, stderr = bad_apply(tmp_path, tmp_path / "missing.yaml", apply_files / "weights.pt")
     lines = stderr.strip().splitlines()

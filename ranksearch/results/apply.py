@@ -176,14 +176,26 @@ class SearchedTiming(NamedTuple):
 
 def searched_timing(config: CompressionConfig) -> SearchedTiming:
     """The latency backend, threads and batch recorded in ``config``'s ``meta.settings`` (``ranksearch export`` writes
-    them; a hand-written config has none, and a search left to torch's own thread count records none)."""
+    them; a hand-written config has none, and a search left to torch's own thread count records none). A value that
+    is not a positive count (an edited config) is a :class:`RanksearchError` naming it."""
     settings = dict(config.meta.get("settings") or {})
-    backend, threads, batch = (settings.get(key) for key in ("latency_backend", "threads", "latency_batch"))
+    backend = settings.get("latency_backend")
     return SearchedTiming(
         backend=None if backend is None else str(backend),
-        threads=None if threads is None else int(threads),
-        batch=None if batch is None else int(batch),
+        threads=_recorded_count(settings, "threads"),
+        batch=_recorded_count(settings, "latency_batch"),
     )
+
+
+def _recorded_count(settings: dict[str, object], key: str) -> int | None:
+    value = settings.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RanksearchError(
+            f"the config's meta.settings.{key} {value!r} is not a positive whole number; fix it there (or remove it)"
+        )
+    return value
 
 
 class _Deployed(NamedTuple):
