@@ -227,6 +227,7 @@ TRAINED = Path(__file__).parent / "fixtures" / "legacy"
 nothing (the tiny ResNet-18's 1-epoch baseline is near chance, and retraining is not bitwise reproducible)."""
 
 
+@pytest.mark.serial  # compares the cached sensitivity phase's wall time with the first's (about 0.5 s each)
 def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     """With --max-zero-shot-drop 8 on a trained model: knapsack warm starts are queued after the anchors;
     configs using a variant hopeless alone are pruned before any evaluation; hopeless configs are rejected at zero
