@@ -1,7 +1,7 @@
 """Which recipe should the recovery fine-tune use? Finished trials recovered by several, scored twice.
 
     python benchmarks/recovery_recipe.py STUDY_DIR:TRIAL [STUDY_DIR:TRIAL ...] [--lrs 0.01 0.03 0.1]
-        [--feature-weights 0] [--epochs 2] [--seeds 0 1] [--threads 2] [--out FILE]
+        [--feature-weights 0] [--epochs 2] [--seeds 0 1] [--threads 2] [--continue-recovered] [--out FILE]
 
 Each ``STUDY_DIR:TRIAL`` names a complete trial of a finished study (its directory, e.g.
 ``results/compare-s0-new/seed-0/compare-ranksearch:56``). The study's problem is rebuilt from its stored settings
@@ -9,7 +9,10 @@ Each ``STUDY_DIR:TRIAL`` names a complete trial of a finished study (its directo
 (:meth:`ranksearch.study.recovery.Recoverer.finetuned`: BatchNorm recalibrated, ``--epochs`` epochs of distillation
 from the dense model, a warm-up then cosine decay, int8 layers quantized) once per recipe (each peak learning rate in
 ``--lrs`` with each weight in ``--feature-weights`` of matching the dense model's block outputs) and fine-tune seed
-in ``--seeds`` (the seed shuffles the training split). Each recovered model is scored against
+in ``--seeds`` (the seed shuffles the training split). ``--continue-recovered`` starts each run from the model the
+study's recovery saved for the trial instead (its recorded drops printed first) and distils it ``--epochs`` more, a
+second warm-up and cosine decay: what more epochs for a member already recovered would buy. Each recovered model is
+scored against
 the dense model on the same images of the full validation split (what a recipe should be chosen on) and of the test
 split (what the recovery stage reports), each as a paired drop in points with its 95 % interval. Nothing is written
 to the studies. The runs of one trial share the dense model's outputs per batch, as the recovery stage's members do,
@@ -29,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
@@ -37,8 +41,8 @@ from ranksearch.data import make_loader
 from ranksearch.measure.latency import torch_threads
 from ranksearch.results import load_study
 from ranksearch.results.confidence import paired_drop
-from ranksearch.results.record import TrialRecord
-from ranksearch.study.recovery import Recoverer, load_study_problem
+from ranksearch.results.record import RECOVERED, TrialRecord
+from ranksearch.study.recovery import RecoveredTrial, Recoverer, load_recovered, load_study_problem
 from ranksearch.study.settings import RecoveryRecipe, RecoverySpec
 from ranksearch.training import TeacherCache, correct_predictions
 from ranksearch.util import atomic_write_text
@@ -52,6 +56,7 @@ class Run:
     lr: float
     feature_weight: float
     seed: int
+    continued: bool
     val_drop_pp: float
     test_drop_pp: float
     test_high_pp: float
@@ -74,6 +79,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--continue-recovered",
+        action="store_true",
+        help="start from the trial's recovered model (the study's recovery stage or `ranksearch finetune` saved it)",
+    )
     parser.add_argument("--out", type=Path, help="also write every run as JSON")
     args = parser.parse_args()
     if args.epochs < 1 or not args.seeds or min(args.lrs) <= 0 or min(args.feature_weights) < 0:
@@ -89,10 +99,17 @@ def main() -> None:
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as scratch:
         for directory, number in args.targets:
             runs += recover_target(
-                directory, number, recipes=recipes, seeds=args.seeds, scratch=Path(scratch), console=console
+                directory,
+                number,
+                recipes=recipes,
+                seeds=args.seeds,
+                scratch=Path(scratch),
+                console=console,
+                continue_recovered=args.continue_recovered,
             )
     print_tables(runs, recipes=recipes, console=Console(width=160))
-    print(f"{len(runs)} recoveries of {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
+    more = " more" if args.continue_recovered else ""
+    print(f"{len(runs)} recoveries of {args.epochs}{more} epochs in {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         atomic_write_text(args.out, json.dumps([asdict(run) for run in runs], indent=1) + "\n")
 
@@ -105,8 +122,10 @@ def recover_target(
     seeds: list[int],
     scratch: Path,
     console: Console,
+    continue_recovered: bool = False,
 ) -> list[Run]:
-    """Trial ``number`` of the study in ``directory`` recovered by every recipe with every seed."""
+    """Trial ``number`` of the study in ``directory`` recovered by every recipe with every seed (from its recorded
+    recovery's model where ``continue_recovered``)."""
     study = load_study(directory)
     context = load_study_problem(study, console)
     recoverer = Recoverer(  # the recipes of one seed fine-tune on the same batches: one teacher pass each
@@ -121,12 +140,14 @@ def recover_target(
     dense_val = correct_predictions(context.model, val, device=context.device)
     test = recoverer.test_loader()
     target = f"{directory.parent.name}/{directory.name}:{number}"
+    checkpoint = recorded_model(study, number, directory) if continue_recovered else None
     runs = []
     for recipe in recipes:
         for seed in seeds:
             began = time.perf_counter()
             label = f"{target} {_label(recipe)}"
-            model, _, device = recoverer.finetuned(config, recipe, label=label, seed=seed)
+            start = None if checkpoint is None else load_recovered(checkpoint)
+            model, _, device = recoverer.finetuned(config, recipe, label=label, seed=seed, start=start)
             val_drop = paired_drop(dense_val, correct_predictions(model, val, device=device))
             test_drop = paired_drop(recoverer.dense_correct(), correct_predictions(model, test, device=device))
             run = Run(
@@ -134,6 +155,7 @@ def recover_target(
                 lr=recipe.lr,
                 feature_weight=recipe.feature_weight,
                 seed=seed,
+                continued=checkpoint is not None,
                 val_drop_pp=val_drop.drop_pp,
                 test_drop_pp=test_drop.drop_pp,
                 test_high_pp=test_drop.high_pp,
@@ -145,6 +167,20 @@ def recover_target(
             )
             runs.append(run)
     return runs
+
+
+def recorded_model(study: optuna.Study, number: int, directory: Path) -> Path:
+    """Where the model of trial ``number``'s recorded recovery is, its recorded drops printed."""
+    stored = RECOVERED.read(study).get(str(number))
+    if stored is None:
+        raise SystemExit(f"{directory}:{number}: never recovered; drop --continue-recovered or recover it first")
+    recovered = RecoveredTrial.from_dict(number, stored, directory=directory)
+    validation = "-" if recovered.validation is None else recovered.validation.label()
+    print(
+        f"{directory.name}:{number} as recorded ({recovered.recipe.describe()}): validation drop {validation}, "
+        f"test drop {recovered.drop.label()}"
+    )
+    return recovered.checkpoint
 
 
 def _label(recipe: RecoveryRecipe) -> str:

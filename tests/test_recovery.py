@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 from ranksearch.cli import app
 from ranksearch.config import CompressionConfig
 from ranksearch.data import make_loader
+from ranksearch.errors import RanksearchError
 from ranksearch.results import load_study
-from ranksearch.results.record import RECOVERED, RECOVERED_VALIDATION, SETTINGS, recovered_checkpoint
+from ranksearch.results.record import RECOVERED, RECOVERED_VALIDATION, SETTINGS, TrialRecord, recovered_checkpoint
 from ranksearch.study import RunContext, RunSettings, load_problem, recovery
 from ranksearch.study.recovery import (
     RECOVERY_LR,
@@ -87,6 +88,23 @@ def test_a_recovered_trial_beats_the_same_config_not_fine_tuned(legacy: Path) ->
     assert tuned.validation.high_pp < untuned.validation.low_pp
     dense_val = recover.dense_correct("validation").double().mean().item()
     assert dense_val > 0.5 and tuned.steering_drop == tuned.validation
+
+
+def test_a_recovered_model_distils_further_unless_it_holds_int8_layers(legacy: Path) -> None:
+    study = load_study("legacy")
+    recover = recoverer(study, legacy)
+    untuned = recover.recover(4, RecoveryRecipe(epochs=0))  # BatchNorm recalibrated only
+    start = load_recovered(untuned.checkpoint)
+    config = TrialRecord.of(study.trials[4]).compression_config()
+    model, steps, _ = recover.finetuned(config, RecoveryRecipe(epochs=1), label="trial 4 further", start=start)
+    assert model is start and steps == 32
+    accuracy = correct_predictions(model, recover.test_loader(), device="cpu").double().mean().item()
+    assert accuracy > untuned.test_accuracy + 0.05  # as far as one epoch from the dense model goes (above)
+    with_int8 = TrialRecord.of(study.trials[7]).compression_config()
+    with pytest.raises(RanksearchError, match=r"trial 7: its config has int8 layers \(conv1, conv2\)"):
+        recover.finetuned(
+            with_int8, RecoveryRecipe(epochs=1), label="trial 7", start=load_recovered(untuned.checkpoint)
+        )
 
 
 def test_a_recovery_is_recorded_saved_loads_back_and_is_not_repeated(

@@ -227,20 +227,35 @@ class Recoverer:
         return self._dense_correct[split]
 
     def finetuned(
-        self, config: CompressionConfig, recipe: RecoveryRecipe, *, label: str, seed: int | None = None
+        self,
+        config: CompressionConfig,
+        recipe: RecoveryRecipe,
+        *,
+        label: str,
+        seed: int | None = None,
+        start: nn.Module | None = None,
     ) -> tuple[nn.Module, int, torch.device]:
         """``config`` applied to the dense model, BatchNorm recalibrated, distilled as ``recipe`` says (the outputs
         of :func:`~ranksearch.training.stage_names` matched at its feature weight), its int8 layers quantized (on the
         latency device, a CPU, where they run); with the number of fine-tuning steps and the device the model is on.
-        ``seed`` (default: the study's) seeds the shuffling and augmentation; ``label`` heads the progress bar."""
+        ``seed`` (default: the study's) seeds the shuffling and augmentation; ``label`` heads the progress bar.
+        ``start``: a model of ``config`` to distil further instead (a recovered one, as :func:`load_recovered` gives
+        it; its BatchNorm is not recalibrated), a second warm-up and decay; ``config`` must have no int8 layer."""
         context, options = self.context, self.options
         seed = self.seed if seed is None else seed
         float_config, int8_layers = config.split_int8()
+        if start is not None and int8_layers:
+            raise RanksearchError(
+                f"{label}: its config has int8 layers ({', '.join(int8_layers)}), which a recovered model holds "
+                "quantized and cannot train further; recover it from the dense model instead"
+            )
         with torch.random.fork_rng(devices=[]):  # augmentation draws from the global RNG: seeded, and left as it was
             torch.manual_seed(seed)
-            model = apply_config(context.model, float_config, calib_inputs=self._calib).to(context.device)
+            model = apply_config(context.model, float_config, calib_inputs=self._calib) if start is None else start
+            model = model.to(context.device)
             train = make_loader(context.splits.train, batch_size=options.batch_size, shuffle=True, seed=seed)
-            recalibrate_batchnorm(model, train, device=context.device, batches=options.calib_batches)
+            if start is None:
+                recalibrate_batchnorm(model, train, device=context.device, batches=options.calib_batches)
             steps = recipe.epochs * len(train)
             epochs = f"{recipe.epochs} epoch{'s' * (recipe.epochs != 1)}"
             with _progress_bar(f"{label} ({epochs})", self.console) as update:
