@@ -135,6 +135,8 @@ def recover_target(
     if not 0 <= number < len(trials) or trials[number].state != TrialState.COMPLETE:
         raise SystemExit(f"{directory}:{number}: not a complete trial of that study; pick one from `ranksearch show`")
     config = TrialRecord.of(trials[number]).compression_config()
+    if continue_recovered and config.split_int8()[1]:
+        raise SystemExit(f"{directory}:{number}: has int8 layers, held quantized in its recovered model; drop it")
     splits = context.splits
     val = make_loader(splits.val if splits.full_val is None else splits.full_val, batch_size=256, shuffle=False)
     dense_val = correct_predictions(context.model, val, device=context.device)
