@@ -6,6 +6,7 @@
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]
                                  [--results-dir results/compare]
                                  [--merge docs/compare/*/compare.json] [--speedups-from OLD/compare.json]
+                                 [--pool OLD/compare.json ...]
 
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
@@ -40,7 +41,11 @@ wall time then counts the new recoveries' time instead of the first's), and
 again. ``--merge`` adds
 the outcomes of earlier runs' ``compare.json`` files (a method and seed run here replaces the same pair read from
 them), so the methods over three seeds can be run a few at a time (``--seeds`` with no seed only merges);
-the table names every processor it was timed on.
+the table names every processor it was timed on. Two re-timings of the same members hours apart can differ by 30 %
+where each one's sweeps agree within 7 %: ``--pool`` earlier runs' ``compare.json`` files, and each member's speedup
+becomes the median over every re-timing of it (this run's and theirs, on one host and target; the fastest uniform
+config's likewise). Rerunning finished studies costs only a new re-timing, so ``--seeds 0 --methods ranksearch uniform
+--pool OLD/compare.json`` adds one to the pool.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -113,6 +119,29 @@ class Point:
     """The speedup its study measured, where ``speedup`` is a side-by-side re-timing's (:func:`retime_side_by_side`)."""
 
 
+@dataclass(frozen=True)
+class Retiming:
+    """One side-by-side re-timing of a seed's members (:func:`retime_side_by_side`): each member's speedup, the
+    median of that re-timing's sweeps, and the fastest uniform config's (``None`` where the uniform sweep was not
+    timed in it)."""
+
+    session: str
+    """What tells one re-timing from another: when it ran (one from before this record: its seed and its sweeps'
+    spread, which every method timed in it shares)."""
+    host: str
+    speedups: tuple[tuple[int, float], ...]
+    """(trial, speedup) for each member it timed."""
+    fastest_uniform: float | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Retiming:
+        pairs = tuple((int(trial), float(speedup)) for trial, speedup in data["speedups"])  # type: ignore[attr-defined]
+        return cls(**{**data, "speedups": pairs})  # type: ignore[arg-type]
+
+    def speedup_of(self, trial: int) -> float | None:
+        return dict(self.speedups).get(trial)
+
+
 @dataclass
 class Outcome:
     """One method on one seed."""
@@ -141,12 +170,28 @@ class Outcome:
     recovery_feature_weight: float = 0.0
     """The weight its recoveries matched the dense model's block outputs at (``--final-feature-weight``; runs before
     it: 0, logits only)."""
+    retimings: list[Retiming] = field(default_factory=list)
+    """The side-by-side re-timings its members' speedups are the median of (:func:`pool_retimings`); none: its
+    study's own timings."""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Outcome:
-        """An outcome as :func:`report` wrote it to ``compare.json``."""
+        """An outcome as :func:`report` wrote it to ``compare.json``. One re-timed before re-timings were recorded
+        gets its one re-timing back from its speedups."""
         front = [Point(**point) for point in data["front"]]  # type: ignore[attr-defined]
-        return cls(**{**data, "front": front})  # type: ignore[arg-type]
+        retimings = [Retiming.from_json(r) for r in data.get("retimings", [])]  # type: ignore[attr-defined]
+        outcome = cls(**{**data, "front": front, "retimings": retimings})  # type: ignore[arg-type]
+        spread = outcome.extra.get("retimed_spread_pct")
+        if not retimings and spread is not None:
+            outcome.retimings = [
+                Retiming(
+                    session=f"seed {outcome.seed}, sweeps {spread!r} % apart",
+                    host=outcome.host,
+                    speedups=tuple((p.trial, p.speedup) for p in front),
+                    fastest_uniform=outcome.fastest_uniform,
+                )
+            ]
+        return outcome
 
     @property
     def search_seconds(self) -> float:
@@ -229,6 +274,14 @@ def main() -> None:
         "re-timed (to recover finished studies again, e.g. at another --final-lr, with nothing timed)",
     )
     parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="earlier runs' compare.json whose side-by-side re-timings of the same studies' members are pooled with "
+        "this run's: each member's speedup is the median over the re-timings (on one host, in one target)",
+    )
+    parser.add_argument(
         "--retime-sweeps",
         type=int,
         default=3,
@@ -278,7 +331,12 @@ def main() -> None:
         if args.speedups_from:
             take_speedups(found, timed, source=args.speedups_from)
         outcomes += found
-    report(merged([*earlier, *outcomes]), results_dir, console)
+    final = merged([*earlier, *outcomes])
+    for path in args.pool:
+        pooled = [Outcome.from_json(data) for data in json.loads(path.read_text())]
+        for line in pool_retimings(final, pooled, source=str(path)):
+            console.print(f"--pool {path}: not pooled, {line}")
+    report(final, results_dir, console)
 
 
 def merged(outcomes: Sequence[Outcome]) -> list[Outcome]:
@@ -385,6 +443,8 @@ def retime_side_by_side(
                 bar.advance(task)
     retimed = {key: statistics.median(values) for key, values in samples.items()}
     spread = statistics.median((max(v) - min(v)) / statistics.median(v) for v in samples.values())
+    fastest = max((retimed[key] for (method, _), key in keys.items() if method == "uniform"), default=None)
+    session, host = datetime.now(UTC).isoformat(), cpu_name()
     for method, outcome in outcomes.items():
         outcome.front = [
             replace(p, speedup=retimed[keys[(method, p.trial)]], study_speedup=p.speedup) for p in outcome.front
@@ -393,9 +453,15 @@ def retime_side_by_side(
         outcome.extra["retimed_sweeps"] = float(sweeps)
         outcome.extra["retimed_spread_pct"] = 100 * spread
         outcome.timed_in = backend
-    if "uniform" in outcomes:
-        fastest = max((retimed[key] for (method, _), key in keys.items() if method == "uniform"), default=None)
-        for outcome in outcomes.values():
+        outcome.retimings = [
+            Retiming(
+                session=session,
+                host=host,
+                speedups=tuple((p.trial, p.speedup) for p in outcome.front),
+                fastest_uniform=fastest,
+            )
+        ]
+        if "uniform" in outcomes:
             outcome.fastest_uniform = fastest
     console.print(
         f"re-timed {len(configs)} configs side by side in {sweeps} sweeps of {RETIME_ROUNDS} paired rounds each; "
@@ -424,8 +490,60 @@ def take_speedups(outcomes: Sequence[Outcome], timed: Sequence[Outcome], *, sour
         outcome.front = [replace(p, speedup=speeds[p.trial], study_speedup=p.speedup) for p in outcome.front]
         outcome.fastest_uniform = earlier.fastest_uniform
         outcome.timed_in = earlier.timed_in
+        outcome.retimings = earlier.retimings
         outcome.extra.update({k: v for k, v in earlier.extra.items() if k.startswith("retimed_")})
         outcome.extra["speedups_reused"] = 1.0
+
+
+def pool_retimings(outcomes: Sequence[Outcome], earlier: Sequence[Outcome], *, source: str) -> list[str]:
+    """Each re-timed outcome's members take the median speedup of every side-by-side re-timing of them: its own and
+    those of the same method and seed in ``earlier`` (``source``'s outcomes), on the same host and target, each
+    counted once however many files hold it. Each seed's fastest uniform config takes the median of the seed's
+    re-timings that timed the uniform sweep. The members must be the same configs (the same trials, params and
+    MACs: the same studies), or the run ends. Returns what it skipped, one line each."""
+    skipped: list[str] = []
+    for outcome in outcomes:
+        if not outcome.retimings:
+            continue
+        host = outcome.retimings[0].host
+        costs = {p.trial: (p.params, p.macs) for p in outcome.front}
+        sessions = {r.session: r for r in outcome.retimings}
+        for other in earlier:
+            if (other.method, other.seed) != (outcome.method, outcome.seed) or not other.retimings:
+                continue
+            changed = [p.trial for p in other.front if costs.get(p.trial, (p.params, p.macs)) != (p.params, p.macs)]
+            if changed:
+                sys.exit(
+                    f"--pool {source}: {other.method} on seed {other.seed}: trials {changed} are other configs there "
+                    "(another study); pool only re-timings of the same studies"
+                )
+            if other.timed_in != outcome.timed_in:
+                skipped.append(f"{other.method}, seed {other.seed}: a re-timing in {other.timed_in}")
+                continue
+            for retiming in other.retimings:
+                if retiming.host != host:
+                    skipped.append(f"{other.method}, seed {other.seed}: a re-timing on {retiming.host}")
+                else:
+                    sessions.setdefault(retiming.session, retiming)
+        outcome.retimings = sorted(sessions.values(), key=lambda r: r.session)
+        pooled = []
+        for point in outcome.front:
+            timed = [s for r in outcome.retimings if (s := r.speedup_of(point.trial)) is not None]
+            pooled.append(replace(point, speedup=statistics.median(timed)))
+        outcome.front = pooled
+    for seed in {o.seed for o in outcomes}:
+        fastest = {
+            r.session: r.fastest_uniform
+            for o in outcomes
+            if o.seed == seed
+            for r in o.retimings
+            if r.fastest_uniform is not None
+        }
+        if fastest:
+            for outcome in outcomes:
+                if outcome.seed == seed:
+                    outcome.fastest_uniform = statistics.median(fastest.values())
+    return sorted(set(skipped))
 
 
 def plain(settings: RunSettings) -> RunSettings:
@@ -681,6 +799,21 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
             f"Speedups of seed(s) {seeds} re-timed side by side after all their methods ran (every recovered member "
             f"and the uniform sweep's fastest configs, the median of {sweeps} shuffled sweeps of paired timings, "
             f"which differ by a median {spread:.0f} % per config); the others are their studies' own timings."
+        )
+    pooled = {o.seed: len({r.session for s in outcomes if s.seed == o.seed for r in s.retimings}) for o in outcomes}
+    if any(count > 1 for count in pooled.values()):
+        moved = [
+            (max(timed) - min(timed)) / statistics.median(timed)
+            for o in outcomes
+            for p in o.front
+            if len(timed := [s for r in o.retimings if (s := r.speedup_of(p.trial)) is not None]) > 1
+        ]
+        counts = ", ".join(f"seed {seed}: {count}" for seed, count in sorted(pooled.items()))
+        lines.append(
+            f"Speedups pooled over side-by-side re-timings ({counts}; `--pool`): each member's is the median of the "
+            "re-timings that timed it (each the median of its sweeps), each seed's fastest uniform config's the median "
+            "of those that timed the uniform sweep; a member timed more than once moved by a median "
+            f"{100 * statistics.median(moved):.0f} % between its re-timings (largest over smallest)."
         )
     reused = sorted({o.seed for o in outcomes if o.extra.get("speedups_reused")})
     if reused:
