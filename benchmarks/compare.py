@@ -1,7 +1,7 @@
 """Does the search beat what a user would do by hand, after the fine-tune the user will run? Against baselines.
 
     python benchmarks/compare.py [--budget 50] [--seeds 0 1 2] [--threads 2] [--final-epochs 3] [--final-lr 0.03]
-                                 [--methods ranksearch with-greedy fill-gaps nsga2 previous random random-time
+                                 [--methods ranksearch knapsack with-greedy fill-gaps nsga2 previous random random-time
                                             uniform greedy]
                                  [--latency-backend torch|onnxruntime] [--retime-backend torch|onnxruntime]
                                  [--results-dir results/compare]
@@ -10,13 +10,15 @@
 
 On the default problem (resnet18, Fashion-MNIST, CPU latency, the default search space and evaluator), per seed:
 
-- ranksearch: ``ranksearch run`` as shipped (TPE, knapsack warm starts, promotion rungs, recovery);
-- with-greedy: the same with ``--warm-starts knapsack+greedy``: the equal-sensitivity greedy levels queued beside
-  the knapsack's warm starts;
+- ranksearch: ``ranksearch run`` as shipped (TPE, knapsack and greedy warm starts, promotion rungs, recovery);
+- knapsack: the same with ``--warm-starts knapsack``: the knapsack's warm starts alone (the default from 2026-12-01
+  to 2026-12-04, when ``ranksearch`` outcomes were this);
+- with-greedy: the same with ``--warm-starts knapsack+greedy``, named: the default since 2026-12-05 (earlier runs'
+  ``ranksearch`` studies, read as they are, were the knapsack's alone);
 - fill-gaps: the same with ``--fill-gaps``: after the warm starts, the knapsack configs in the measured front's widest
   gaps instead of TPE's trials;
 - nsga2: the same with NSGA-II, its first population seeded by the same warm starts;
-- previous: the previous default (TPE, equal-sensitivity greedy warm starts, no promotion);
+- previous: the default before 2026-12-01 (TPE, equal-sensitivity greedy warm starts, no promotion);
 - random: random sampling with none of the screens, at the same trial count;
 - random-time: the same at ranksearch's wall-clock time instead (its trial time as ``--timeout``);
 - uniform: one technique at one fraction of full rank on every layer, swept over techniques and fractions;
@@ -91,8 +93,19 @@ from ranksearch.util import atomic_write_text, file_digest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-METHODS = ("ranksearch", "with-greedy", "fill-gaps", "nsga2", "previous", "random", "random-time", "uniform", "greedy")
-DEFAULT_METHODS = tuple(method for method in METHODS if method not in ("with-greedy", "fill-gaps"))
+METHODS = (
+    "ranksearch",
+    "knapsack",
+    "with-greedy",
+    "fill-gaps",
+    "nsga2",
+    "previous",
+    "random",
+    "random-time",
+    "uniform",
+    "greedy",
+)
+DEFAULT_METHODS = tuple(method for method in METHODS if method not in ("knapsack", "with-greedy", "fill-gaps"))
 """What a plain run compares (``--fill-gaps`` is off by default; pass ``--methods ... fill-gaps`` to add it)."""
 UNIFORM_TECHNIQUES = ("svd", "spatial_svd", "tucker2", "spatial_tucker2")
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
@@ -361,6 +374,7 @@ def run_seed(
     studies: dict[str, optuna.Study] = {}
     searches: dict[str, Callable[[], tuple[Outcome, optuna.Study]]] = {
         "ranksearch": lambda: study_outcome("ranksearch", base, console),
+        "knapsack": lambda: study_outcome("knapsack", base.replace(warm_starts="knapsack"), console),
         "with-greedy": lambda: study_outcome("with-greedy", base.replace(warm_starts="knapsack+greedy"), console),
         "fill-gaps": lambda: study_outcome("fill-gaps", base.replace(fill_gaps=True), console),
         "nsga2": lambda: study_outcome("nsga2", base.replace(sampler="nsga2"), console),

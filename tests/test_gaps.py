@@ -109,7 +109,7 @@ def test_after_the_warm_starts_each_trial_fills_a_gap_until_none_is_left(problem
     context = RunContext(
         settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
     )
-    settings = RunSettings.of(model="resnet18", max_zero_shot_drop=50.0, fill_gaps=fill_gaps)
+    settings = RunSettings.of(model="resnet18", warm_starts="knapsack", max_zero_shot_drop=50.0, fill_gaps=fill_gaps)
     table, sensitivity = table_of(slots), sensitivity_of(slots)
     search = PreparedSearch(settings, context, space, slots, None, None, {}, {}, table, sensitivity, (), None)
     dense = sum(table.variant_ms(name, LayerChoice("keep")) for name in slots)

@@ -212,7 +212,7 @@ def test_enqueue_starts_queues_distinct_knapsack_configs_within_their_budgets(pr
     context = RunContext(
         settings=None, model=model, splits=None, device=torch.device("cpu"), example=None, input_shapes=shapes
     )
-    settings = RunSettings.of(model="resnet18", max_zero_shot_drop=50.0)
+    settings = RunSettings.of(model="resnet18", warm_starts="knapsack", max_zero_shot_drop=50.0)
     table = table_of(slots) if with_table else None
     sensitivity = sensitivity_of(slots)
     search = PreparedSearch(settings, context, space, slots, None, None, {}, {}, table, sensitivity, (), None)
