@@ -206,6 +206,10 @@ class Outcome:
             ]
         return outcome
 
+    def retimed_speedups(self, trial: int) -> list[float]:
+        """``trial``'s speedup in each of its re-timings that timed it."""
+        return [s for r in self.retimings if (s := r.speedup_of(trial)) is not None]
+
     @property
     def search_seconds(self) -> float:
         """Wall time without training the dense model (a seed that trains it pays that once, for every method)."""
@@ -540,11 +544,9 @@ def pool_retimings(outcomes: Sequence[Outcome], earlier: Sequence[Outcome], *, s
                 else:
                     sessions.setdefault(retiming.session, retiming)
         outcome.retimings = sorted(sessions.values(), key=lambda r: r.session)
-        pooled = []
-        for point in outcome.front:
-            timed = [s for r in outcome.retimings if (s := r.speedup_of(point.trial)) is not None]
-            pooled.append(replace(point, speedup=statistics.median(timed)))
-        outcome.front = pooled
+        outcome.front = [
+            replace(point, speedup=statistics.median(outcome.retimed_speedups(point.trial))) for point in outcome.front
+        ]
     for seed in {o.seed for o in outcomes}:
         fastest = {
             r.session: r.fastest_uniform
@@ -820,7 +822,7 @@ def report(outcomes: list[Outcome], out: Path, console: Console) -> None:
             (max(timed) - min(timed)) / statistics.median(timed)
             for o in outcomes
             for p in o.front
-            if len(timed := [s for r in o.retimings if (s := r.speedup_of(p.trial)) is not None]) > 1
+            if len(timed := o.retimed_speedups(p.trial)) > 1
         ]
         counts = ", ".join(f"seed {seed}: {count}" for seed, count in sorted(pooled.items()))
         lines.append(
