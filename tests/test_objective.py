@@ -193,3 +193,21 @@ def test_time_saved_and_observations_read_the_complete_trials(search) -> None:
     assert time_saved(study) == 2.0  # finetune 1.5 + latency 0.5, median over both
     seen = observations(study)
     assert [o.reference_ms for o in seen] == [2.2, 2.2] and all(not math.isnan(o.latency_ms) for o in seen)
+
+
+def test_queued_configs_form_a_genetic_samplers_first_generations(search) -> None:
+    """NSGA-II breeds from the anchors and warm starts: each queued trial takes its place in a generation, and the
+    first sampled trial is a child of theirs, not a draw of a random first generation."""
+    sampler = optuna.samplers.NSGAIISampler(seed=0, population_size=2)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for layers in (
+        {"0": LayerChoice("svd", 0.5)},
+        {"2": LayerChoice("svd", 0.5)},
+        {"0": LayerChoice("svd", 0.5), "2": LayerChoice("svd", 0.5)},
+        {"0": LayerChoice("keep"), "2": LayerChoice("keep")},
+    ):
+        study.enqueue_trial(config_to_params(CompressionConfig(layers=layers), search.slots))
+    study.optimize(Objective(search), n_trials=5)
+    generations = [sampler.get_trial_generation(study, trial) for trial in study.trials]
+    assert generations == [0, 0, 1, 1, 2]
+    assert len(sampler.get_parent_population(study, 2)) == 2  # bred from the queued configs' elite

@@ -52,6 +52,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float] | float:
         search = self.search
         writer = TrialWriter(trial)
+        join_generation(trial)
         config = sample_config(trial, search.slots, rank_multiple=search.rank_multiple)
         try:
             cost = model_cost(search.context.model, config, search.context.input_shapes, dense=search.dense)
@@ -153,6 +154,20 @@ class Objective:
         """Fail the trial with the exception's first line as its reason (Optuna fails a NaN result)."""
         writer.ended(Outcome.FAILED, describe(exc)[:500])
         return math.nan
+
+
+def join_generation(trial: optuna.Trial) -> None:
+    """Under a genetic sampler (NSGA-II), give ``trial`` its generation before it samples anything.
+
+    Optuna assigns a generation when a trial samples relative parameters, which a queued trial (an anchor, a warm
+    start, a gap fill: every parameter fixed) never does; without this the queued configs would stay outside the
+    sampler's populations, and its first generation would be drawn at random, which the screens may reject on and on.
+    """
+    study = trial.study
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.BaseGASampler):
+        frozen = next(frozen for frozen in study.get_trials(deepcopy=False) if frozen.number == trial.number)
+        sampler.get_trial_generation(study, frozen)
 
 
 def time_saved(study: optuna.Study) -> float:

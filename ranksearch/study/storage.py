@@ -152,6 +152,11 @@ def open_study(settings: RunSettings, directory: Path) -> optuna.Study:
     return study
 
 
+NSGA2_POPULATION = 10
+"""NSGA-II's population: about half of what a default run queues (anchors and warm starts, which join the populations
+as they complete), so that its first generations are the queued configs and their children rather than random draws."""
+
+
 def sampler(settings: RunSettings) -> optuna.samplers.BaseSampler:
     """The Optuna sampler ``--sampler`` names, seeded by ``--seed``."""
     seed = settings.problem.seed
@@ -159,7 +164,7 @@ def sampler(settings: RunSettings) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
     return optuna.samplers.RandomSampler(seed=seed)
