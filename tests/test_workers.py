@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import multiprocessing
@@ -30,7 +31,8 @@ from ranksearch import util
 from ranksearch.errors import RanksearchError
 from ranksearch.models import build_model
 from ranksearch.results import front_trials
-from ranksearch.results.record import TrialRecord, records
+from ranksearch.results.phases import WALL, phase_seconds
+from ranksearch.results.record import WENT_SILENT, TrialRecord, records
 from ranksearch.study import heartbeat
 from ranksearch.study.budget import optimize_to_budget
 from ranksearch.study.storage import open_storage
@@ -376,6 +378,40 @@ def test_a_trial_that_never_beat_is_failed_and_retried_after_the_grace(
     }
     assert [study.trials[t.number].state for t in (young, beating)] == [TrialState.RUNNING] * 2
     optuna.delete_study(study_name="orphans", storage=url)
+
+
+def test_a_trial_failed_as_silent_counts_only_until_its_last_beat(tmp_path: Path, monkeypatch) -> None:
+    """A trial whose process was killed is failed when another process (or a resumed run, hours later) finds it
+    silent: its time counts to its last heartbeat, or not at all without one, never the downtime; a trial that
+    failed in its own process counts whole. `show` and the phase table read these records."""
+    url = f"sqlite:///{tmp_path / 'silent.db'}"
+    study = optuna.create_study(study_name="silent", storage=open_storage(url))
+    start = datetime.datetime.now() - datetime.timedelta(hours=2)
+    beat = [start.timestamp() + 40, 10]
+
+    def failed(seconds: float, **attrs: object) -> int:
+        trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        trial.datetime_start, trial.datetime_complete = start, start + datetime.timedelta(seconds=seconds)
+        study.add_trial(trial)
+        return study.trials[-1].number
+
+    killed = failed(7200, **{heartbeat.HEARTBEAT: beat})  # found silent two hours later
+    stopped = failed(45, **{heartbeat.HEARTBEAT: beat})  # a user error stopped it in its own process
+    diverged = failed(7200, **{heartbeat.HEARTBEAT: beat, "fail_reason": "loss diverged (nan)"})
+    monkeypatch.setattr(heartbeat, "UNSIGNED_GRACE_S", 0.5)
+    unbeating = study.ask()  # a single-process run killed before its first beat: no heartbeat, retried on resume
+    time.sleep(0.6)
+    assert heartbeat.fail_silent_trials(study) == [unbeating.number]
+    by_number = {r.number: r for r in records(study)}
+    silent = [by_number[n].went_silent for n in (killed, stopped, diverged, unbeating.number)]
+    assert silent == [True, False, False, True]
+    assert by_number[killed].duration_s == pytest.approx(40)
+    assert by_number[stopped].duration_s == pytest.approx(45)
+    assert by_number[diverged].duration_s == pytest.approx(7200)
+    assert by_number[unbeating.number].duration_s is None
+    assert by_number[killed].reason == by_number[unbeating.number].reason == WENT_SILENT
+    assert phase_seconds(study)[WALL] == pytest.approx(40 + 45 + 7200)
+    assert [r.went_silent for r in records(study, states=(TrialState.FAIL,))] == [True, False, False, True]
 
 
 @pytest.mark.serial

@@ -67,6 +67,8 @@ RETRY_OF = "retry_of"
 """A retried trial (through a storage server): the number of the trial whose worker died."""
 RETRIES = "retries"
 """A retried trial (through a storage server): how many times its config was retried."""
+WENT_SILENT = "its process went silent (killed, or its machine lost) and another process failed it"
+"""The reason of a trial failed because its process died: Optuna stores none for it."""
 BOOKKEEPING |= {RUNG, PROMOTES, FINETUNE_STEPS, HEARTBEAT, RETRY_OF, RETRIES}
 """Trial attributes that are not the evaluator's metrics."""
 
@@ -97,6 +99,9 @@ class TrialRecord:
     seconds_saved: float | None
     constraints: Mapping[str, float]
     duration_s: float | None
+    """Seconds from its start to its end; for a trial whose process died (:attr:`went_silent`), to its last
+    heartbeat, or None without one: the time until the kill is not known, and the time until another process
+    failed it (a resume hours later, say) was not spent on it."""
     worker: str
     rung: int = 0
     """0 for a trial the sampler proposed (or an anchor, a warm start); r for its promotion to the r-th rung."""
@@ -104,15 +109,22 @@ class TrialRecord:
     """The trial a promotion re-evaluates with a longer fine-tune."""
     finetune_steps: int | None = None
     """The fine-tune steps of a promotion (None: the study's ``--finetune-steps``)."""
+    went_silent: bool = False
+    """Failed because its process died, by another process or a resumed run that found it silent: failed with no
+    stored reason, and retried (:data:`RETRY_OF`) or failed more than two beats after its last :data:`HEARTBEAT`
+    (a trial that fails in its own process ends within a beat of its last)."""
 
     @classmethod
-    def of(cls, trial: FrozenTrial) -> TrialRecord:
+    def of(cls, trial: FrozenTrial, *, retried: bool = False) -> TrialRecord:
+        """The record of ``trial``; ``retried``: the study holds a retry of it (:data:`RETRY_OF`)."""
         attrs = trial.user_attrs
+        reason = str(attrs.get(FAIL_REASON, ""))
+        went_silent = trial.state == TrialState.FAIL and not reason and (retried or _beats_before_its_end(trial) > 2)
         return cls(
             number=trial.number,
             state=trial.state,
             outcome=_outcome(trial),
-            reason=str(attrs.get(FAIL_REASON, "")),
+            reason=WENT_SILENT if went_silent else reason,
             screen=str(attrs.get(SCREEN, "")),
             config=dict(attrs.get(CONFIG) or {}),
             anchor=str(attrs.get(ANCHOR, "")),
@@ -125,11 +137,12 @@ class TrialRecord:
             predicted_speedup=attrs.get(PREDICTED_SPEEDUP),
             seconds_saved=attrs.get(SECONDS_SAVED),
             constraints=dict(trial.constraints),
-            duration_s=None if trial.duration is None else trial.duration.total_seconds(),
+            duration_s=_duration_s(trial, went_silent=went_silent),
             worker=str(attrs.get(WORKER, "")),
             rung=int(attrs.get(RUNG, 0)),
             promotes=attrs.get(PROMOTES),
             finetune_steps=attrs.get(FINETUNE_STEPS),
+            went_silent=went_silent,
         )
 
     @property
@@ -197,9 +210,38 @@ def _outcome(trial: FrozenTrial) -> Outcome | None:
     return Outcome.SCREENED if reason.startswith(Outcome.SCREENED.prefix) else Outcome.NOT_EVALUATED
 
 
+def _last_beat(trial: FrozenTrial) -> float | None:
+    """The unix time of the trial's last :data:`HEARTBEAT`, if it beat."""
+    beat = trial.user_attrs.get(HEARTBEAT)
+    return float(beat[0]) if isinstance(beat, list) and len(beat) == 2 else None
+
+
+def _beats_before_its_end(trial: FrozenTrial) -> float:
+    """How many heartbeat intervals passed between the trial's last beat and its end (0 without either)."""
+    beat, end = trial.user_attrs.get(HEARTBEAT), trial.datetime_complete
+    if not (isinstance(beat, list) and len(beat) == 2 and beat[1]) or end is None:
+        return 0.0
+    return (end.timestamp() - float(beat[0])) / float(beat[1])
+
+
+def _duration_s(trial: FrozenTrial, *, went_silent: bool) -> float | None:
+    """:attr:`TrialRecord.duration_s`."""
+    if trial.duration is None or trial.datetime_start is None:
+        return None
+    seconds = trial.duration.total_seconds()
+    if not went_silent:
+        return seconds
+    last_beat = _last_beat(trial)
+    return None if last_beat is None else min(seconds, max(0.0, last_beat - trial.datetime_start.timestamp()))
+
+
 def records(study: optuna.Study, *, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
     """Every trial of ``study`` (or those in ``states``) as a record, by number."""
-    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states)]
+    if states is not None and TrialState.FAIL not in states:  # only failed trials can have been retried
+        return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states)]
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials} - {None}
+    return [TrialRecord.of(t, retried=t.number in retried) for t in trials if states is None or t.state in states]
 
 
 class TrialWriter:
