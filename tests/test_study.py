@@ -20,8 +20,9 @@ from ranksearch.models import build_model
 from ranksearch.results import front_trials
 from ranksearch.results.record import PHASES, TrialRecord, records
 from ranksearch.search import SearchSpace, config_to_params, record_input_shapes
-from ranksearch.search.latency_table import LatencyTable, variant_key, variants
+from ranksearch.search.latency_table import LatencyTable, variants
 from ranksearch.study import RunSettings, run_search
+from ranksearch.study.objective import observations
 from ranksearch.study.progress import latency_prediction
 
 pytestmark = pytest.mark.timeout(900)  # each test runs a search (the first one also trains the baseline)
@@ -125,9 +126,9 @@ def test_constraints_mark_infeasible_trials(workdir) -> None:
     assert all(t.constraints for t in result.study.get_trials(states=(TrialState.COMPLETE,)))
 
 
-def table_config(settings: RunSettings, *, slowest: bool) -> tuple[rs.CompressionConfig, dict[str, object]]:
-    """The config of each searched layer's slowest variant in the run's latency table (``slowest``), or of its
-    fastest low-rank float variant, and its trial params. The table is rebuilt from its cache: nothing is timed."""
+def slowest_config(settings: RunSettings, study: optuna.Study) -> tuple[rs.CompressionConfig, dict[str, object]]:
+    """The config of each searched layer's slowest variant, as the screens see it (the run's latency table refitted on
+    ``study``'s trials), and its trial params. The table is rebuilt from its cache: nothing is timed."""
     model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28).eval()
     example = torch.zeros(1, 1, 28, 28)  # the run's latency batch: one image
     shapes = record_input_shapes(model, example)
@@ -139,15 +140,12 @@ def table_config(settings: RunSettings, *, slowest: bool) -> tuple[rs.Compressio
     timer = TorchTimer(device=cpu, threads=1)
     table = LatencyTable.build(model, slots, shapes, example, timer=timer, rank_multiple=multiple, cache_file=cache)
     assert cache.read_bytes() == before, "variants timed anew: the table is not the run's"
-    layers = {}
-    for name, slot in slots.items():
-        candidates = [v for v in variants(slot) if slowest or (v.technique != "keep" and not v.int8)]
-        times = {variant_key(v): v for v in candidates}
-        pick = (max if slowest else min)(times, key=table.layer_ms[name].__getitem__)
-        layers[name] = times[pick]
+    fitted = table.fitted(observations(study))  # what the resumed run's first trial, this one, is predicted with
+    layers = {
+        name: max(variants(slot), key=lambda v, name=name: fitted.variant_ms(name, v)) for name, slot in slots.items()
+    }
     config = rs.CompressionConfig(layers=layers, rank_multiple=multiple)
-    predicted, dense = table.layers_ms(config), table.dense_layers_ms
-    assert predicted > dense if slowest else predicted < dense, f"predicted {predicted:.3f} ms, dense {dense:.3f} ms"
+    assert fitted.speedup(config) < 1, f"predicted {fitted.speedup(config):.2f}x the dense model"
     return config, config_to_params(config, slots)
 
 
@@ -155,7 +153,7 @@ def test_latency_table_predicts_every_trial_and_rejects_slow_configs(first_run, 
     """Every trial is predicted; a sampled config predicted slower than the dense model (the slowest one, queued
     on a resumed run) is pruned before evaluation, and those predicted faster are evaluated."""
     settings, result = first_run
-    slowest, params = table_config(settings, slowest=True)
+    slowest, params = slowest_config(settings, result.study)
     result.study.enqueue_trial(params)
     complete = len(result.study.get_trials(states=(TrialState.COMPLETE,)))
     later_stages_off = {"promote_steps": "0", "final_epochs": 0}  # the screens are what this rerun checks
@@ -229,7 +227,6 @@ TRAINED = Path(__file__).parent / "fixtures" / "legacy"
 nothing (the tiny ResNet-18's 1-epoch baseline is near chance, and retraining is not bitwise reproducible)."""
 
 
-@pytest.mark.serial  # compares the cached sensitivity phase's wall time with the first's (about 0.5 s each)
 def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     """With --max-zero-shot-drop 8 on a trained model: knapsack warm starts are queued after the anchors;
     configs using a variant hopeless alone are pruned before any evaluation; hopeless configs are rejected at zero
@@ -262,7 +259,6 @@ def test_sensitivity_warm_starts_and_zero_shot_rejection(workdir) -> None:
     first_run = len(result.study.trials)
     result.study.enqueue_trial(config_to_params(harsh, slots))
     again = run_search(settings.replace(budget=21))
-    assert again.phase_seconds["sensitivity"] < result.phase_seconds["sensitivity"]
     stored = PHASES.read(again.study)  # summed over both runs; each run's summary shows its own
     assert stored["load"] == pytest.approx(result.phase_seconds["load"] + again.phase_seconds["load"])
     assert stored["sensitivity"] == pytest.approx(
