@@ -210,18 +210,19 @@ def _outcome(trial: FrozenTrial) -> Outcome | None:
     return Outcome.SCREENED if reason.startswith(Outcome.SCREENED.prefix) else Outcome.NOT_EVALUATED
 
 
-def _last_beat(trial: FrozenTrial) -> float | None:
-    """The unix time of the trial's last :data:`HEARTBEAT`, if it beat."""
-    beat = trial.user_attrs.get(HEARTBEAT)
-    return float(beat[0]) if isinstance(beat, list) and len(beat) == 2 else None
+def last_heartbeat(user_attrs: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A trial's :data:`HEARTBEAT`: the unix time of its last beat and the seconds between beats (None: it never
+    beat)."""
+    beat = user_attrs.get(HEARTBEAT)
+    return (float(beat[0]), float(beat[1])) if isinstance(beat, list) and len(beat) == 2 else None
 
 
 def _beats_before_its_end(trial: FrozenTrial) -> float:
     """How many heartbeat intervals passed between the trial's last beat and its end (0 without either)."""
-    beat, end = trial.user_attrs.get(HEARTBEAT), trial.datetime_complete
-    if not (isinstance(beat, list) and len(beat) == 2 and beat[1]) or end is None:
+    beat = last_heartbeat(trial.user_attrs)
+    if beat is None or not beat[1] or trial.datetime_complete is None:
         return 0.0
-    return (end.timestamp() - float(beat[0])) / float(beat[1])
+    return (trial.datetime_complete.timestamp() - beat[0]) / beat[1]
 
 
 def _duration_s(trial: FrozenTrial, *, went_silent: bool) -> float | None:
@@ -231,8 +232,8 @@ def _duration_s(trial: FrozenTrial, *, went_silent: bool) -> float | None:
     seconds = trial.duration.total_seconds()
     if not went_silent:
         return seconds
-    last_beat = _last_beat(trial)
-    return None if last_beat is None else min(seconds, max(0.0, last_beat - trial.datetime_start.timestamp()))
+    beat = last_heartbeat(trial.user_attrs)
+    return None if beat is None else min(seconds, max(0.0, beat[0] - trial.datetime_start.timestamp()))
 
 
 def records(study: optuna.Study, *, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:

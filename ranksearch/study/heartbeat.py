@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.results.record import HEARTBEAT, RETRIES, RETRY_OF, WORKER
+from ranksearch.results.record import HEARTBEAT, RETRIES, RETRY_OF, WORKER, last_heartbeat
 
 STALE_HEARTBEATS = 3
 """A running trial whose last heartbeat is this many intervals old is failed and retried."""
@@ -89,7 +89,7 @@ def is_silent(trial: FrozenTrial, now: float) -> bool:
     or it has none ``UNSIGNED_GRACE_S`` after it started: its process died between creating it and its first beat
     (such a trial held the last slot of the budget forever), or an earlier release, whose trials beat in Optuna's
     table, left it running when it was killed."""
-    beat = trial.user_attrs.get(HEARTBEAT)
-    if isinstance(beat, list) and len(beat) == 2:
+    beat = last_heartbeat(trial.user_attrs)
+    if beat is not None:
         return now - beat[0] > STALE_HEARTBEATS * beat[1]
     return trial.datetime_start is not None and now - trial.datetime_start.timestamp() > UNSIGNED_GRACE_S
